@@ -1,0 +1,1 @@
+"""napari-hrmedseg: the napari plugin (Qt and napari only, over the hrmedseg API)."""

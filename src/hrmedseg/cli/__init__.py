@@ -1,0 +1,54 @@
+"""The ``hrmedseg`` command line.
+
+Core subcommands live in this package; other parts of the distribution (the training
+subpackage) add theirs through the ``hrmedseg.commands`` entry-point group, so the core never
+imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from importlib.metadata import entry_points
+
+from ..errors import HRMedSegError
+
+CORE_COMMANDS = ("weights", "segment", "export_onnx", "info")
+ENTRY_POINT_GROUP = "hrmedseg.commands"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hrmedseg", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in CORE_COMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except HRMedSegError as err:
+        print(f"hrmedseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hrmedseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sample images that ship with the package (see README.md here for sources and terms)."""

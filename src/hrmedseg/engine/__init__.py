@@ -1,0 +1,1 @@
+"""Box-prompted segmentation of images of any size at native resolution."""

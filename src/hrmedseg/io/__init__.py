@@ -1,0 +1,1 @@
+"""Lazy reading and atomic writing of large images."""

@@ -1,0 +1,42 @@
+"""HRMedSeg models: the LGViT + neck encoder, the ECM-Decoder model, and SAM/SAM2 hybrids.
+
+Public API (imported lazily, so ``import hrmedseg.models`` stays cheap):
+
+- ``build_encoder(config=None)`` / ``load_encoder(path)``: LGViT + neck,
+  normalised (B, 3, H, W) -> (B, 256, H/16, W/16).
+- ``build_hrmedseg(num_classes)`` / ``load_hrmedseg(path)``: prompt-free HRMedSeg,
+  (B, 3, H, W) -> (B, num_classes, H, W) logits.
+- ``build_hrmedseg_sam(...)``: segment-anything's ``Sam`` with our encoder.
+- ``build_hrmedseg_sam2(...)``: sam2's ``SAM2Base`` with our encoder.
+- ``load_model(name_or_path)``: any of the above from a registry name or a file.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EncoderConfig": ".neck",
+    "HRMedSegEncoder": ".neck",
+    "LGViT": ".lgvit",
+    "Preprocessing": ".preprocessing",
+    "build_encoder": ".encoder_loading",
+    "load_encoder": ".encoder_loading",
+    "save_encoder": ".encoder_loading",
+    "HRMedSeg": ".hrmedseg_model",
+    "ECMDecoder": ".ecm_decoder",
+    "build_hrmedseg": ".hrmedseg_model",
+    "load_hrmedseg": ".hrmedseg_model",
+    "build_hrmedseg_sam": ".sam",
+    "build_hrmedseg_sam2": ".sam2",
+    "load_model": ".loading",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hrmedseg.models' has no attribute '{name}'")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -1,0 +1,80 @@
+"""Our own weights file: tensors plus the metadata needed to rebuild and trust them.
+
+A bundle is a ``torch.save``'d dict, loadable with ``weights_only=True``::
+
+    {"format": "hrmedseg-bundle", "format_version": 1,
+     "architecture": "lgvit_neck" | "hrmedseg" | "sam_prompt_decoder" | ...,
+     "config": {...}, "preprocessing": {"pixel_mean": [...], "pixel_std": [...]},
+     "provenance": {"source": ..., "source_sha256": ..., "licence": ..., ...},
+     "state_dict": {name: tensor}}
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_path
+from ..errors import WeightsError
+
+BUNDLE_FORMAT = "hrmedseg-bundle"
+BUNDLE_VERSION = 1
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load`` a file on the CPU, turning every failure into an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise WeightsError(
+            f"cannot read weights file {path} ({path.stat().st_size} bytes): it is corrupt, truncated "
+            f"or not a PyTorch checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from err
+
+
+def is_bundle(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT
+
+
+def save_bundle(
+    path: str | os.PathLike,
+    architecture: str,
+    state_dict: dict[str, torch.Tensor],
+    config: dict | None = None,
+    preprocessing: dict | None = None,
+    provenance: dict | None = None,
+) -> Path:
+    """Write a bundle atomically (an existing file is replaced only once the new one is complete)."""
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "architecture": architecture,
+        "config": config or {},
+        "preprocessing": preprocessing or {},
+        "provenance": provenance or {},
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(bundle, tmp)
+    return Path(path)
+
+
+def load_bundle(path: str | os.PathLike, architecture: str | tuple[str, ...] | None = None) -> dict:
+    """Read a bundle; with ``architecture`` given, refuse a bundle of another kind."""
+    obj = read_checkpoint(path)
+    if not is_bundle(obj):
+        raise WeightsError(f"{path} is not an hrmedseg bundle (no 'format': '{BUNDLE_FORMAT}' entry)")
+    wanted = (architecture,) if isinstance(architecture, str) else architecture
+    if wanted and obj["architecture"] not in wanted:
+        raise WeightsError(
+            f"{path} holds weights for architecture '{obj['architecture']}', expected {' or '.join(wanted)}"
+        )
+    return obj

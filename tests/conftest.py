@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+GOLDEN = SHARED / "reference" / "lgvit_neck_golden.pt"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads():
+    # CI has 2 cores; more threads than cores only adds contention.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    if not GOLDEN.exists():
+        pytest.skip(f"golden file missing: {GOLDEN}")
+    return torch.load(GOLDEN, map_location="cpu", weights_only=True)
