@@ -1,0 +1,231 @@
+"""HRMedSegSAM: segment-anything's ``Sam`` with the LGViT + neck encoder in place of its ViT.
+
+SAM's prompt encoder and mask decoder have the same shapes in every SAM variant (prompt width
+256, a 64 x 64 image embedding, 1024 x 1024 input), so they come from any SAM ViT-H/L/B file
+(``sam_vit_h_4b8939.pth`` ...) or from our compact "sam_prompt_decoder" bundle. The result is a
+plain ``segment_anything.modeling.Sam``: ``segment_anything.SamPredictor(model)`` works as is,
+and the model normalises pixels with the statistics its encoder weights were trained with.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..weights.bundle import WeightsError, is_bundle, read_checkpoint, save_bundle
+from .encoder_loading import build_encoder, load_encoder, unwrap_state_dict
+from .neck import EncoderConfig, HRMedSegEncoder
+from .preprocessing import Preprocessing
+from .state_dict import load_matching
+
+SAM_DECODER_ARCHITECTURE = "sam_prompt_decoder"
+HRMEDSEG_SAM_ARCHITECTURE = "hrmedseg_sam"
+SAM_DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
+
+# Width of SAM's ViT patch embedding, which tells the variant of a full SAM checkpoint.
+_SAM_VARIANT_BY_WIDTH = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}
+
+# SAM's fixed prompt/decoder geometry (segment_anything.build_sam._build_sam).
+PROMPT_EMBED_DIM = 256
+IMAGE_SIZE = 1024
+EMBEDDING_SIZE = IMAGE_SIZE // 16
+
+
+def build_sam_prompt_decoder() -> tuple[nn.Module, nn.Module]:
+    """SAM's ``PromptEncoder`` and ``MaskDecoder``, randomly initialised, as ``_build_sam`` makes them."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    prompt_encoder = PromptEncoder(
+        embed_dim=PROMPT_EMBED_DIM,
+        image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
+        input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+        mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+        transformer_dim=PROMPT_EMBED_DIM,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return prompt_encoder, mask_decoder
+
+
+def _decoder_container(prompt_encoder: nn.Module, mask_decoder: nn.Module) -> nn.Module:
+    """A module whose state-dict keys are ``prompt_encoder.*`` and ``mask_decoder.*``, as in SAM files."""
+    return nn.ModuleDict({"prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder})
+
+
+def sam_variant(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """'vit_h', 'vit_l' or 'vit_b' for a full SAM checkpoint; None if its image encoder is absent or unknown."""
+    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
+    return None if weight is None else _SAM_VARIANT_BY_WIDTH.get(int(weight.shape[0]))
+
+
+def _describe_foreign(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Name what a checkpoint is when it is clearly not a SAM one (for error messages)."""
+    if any(k.startswith("sam_mask_decoder.") for k in state_dict):
+        return "a SAM2 checkpoint (use build_hrmedseg_sam2 for SAM2 decoders)"
+    if any(k.startswith("image_encoder.layers.") for k in state_dict) and "neck.0.weight" in state_dict:
+        return "an LGViT + neck encoder checkpoint (pass it as the encoder, not the decoder)"
+    return None
+
+
+def extract_sam_decoder_state(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Keep the ``prompt_encoder.*`` and ``mask_decoder.*`` tensors of a SAM checkpoint.
+
+    Args:
+        state_dict: a full SAM state dict (ViT-H/L/B, e.g. ``sam_vit_h_4b8939.pth``), with or
+            without DataParallel's ``module.`` prefix, or one that already holds only the decoder.
+        source: the file (or name) it came from, for error messages.
+
+    Returns:
+        {name: tensor} for exactly the keys of SAM's prompt encoder and mask decoder.
+
+    Raises:
+        WeightsError: naming ``source`` when it is another kind of checkpoint, or when a decoder
+            tensor is missing or has another shape than SAM's.
+    """
+    state_dict = unwrap_state_dict(state_dict, source)
+    foreign = _describe_foreign(state_dict)
+    if foreign:
+        raise WeightsError(f"{source} is {foreign}; expected a SAM checkpoint such as sam_vit_h_4b8939.pth")
+    expected = _decoder_container(*build_sam_prompt_decoder()).state_dict()
+    decoder = {k: v for k, v in state_dict.items() if k.startswith(SAM_DECODER_PREFIXES)}
+    if not decoder:
+        raise WeightsError(
+            f"{source} holds no SAM prompt encoder / mask decoder ('prompt_encoder.*', 'mask_decoder.*'); "
+            f"expected a SAM checkpoint such as sam_vit_h_4b8939.pth (first keys: {', '.join(list(state_dict)[:3])})"
+        )
+    missing = [k for k in expected if k not in decoder]
+    mismatched = [
+        f"{k}: file {tuple(decoder[k].shape)} vs SAM {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in decoder and decoder[k].shape != v.shape
+    ]
+    if missing or mismatched:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})")
+        if mismatched:
+            detail.append(f"{len(mismatched)} of another shape (e.g. {'; '.join(mismatched[:3])})")
+        raise WeightsError(f"{source} does not hold SAM's prompt encoder and mask decoder: " + ", ".join(detail))
+    return {k: decoder[k] for k in expected}
+
+
+def read_sam_decoder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The SAM prompt encoder + mask decoder tensors of a SAM checkpoint or a "sam_prompt_decoder" bundle."""
+    source = str(path)
+    obj = read_checkpoint(path)
+    if is_bundle(obj):
+        architecture = obj["architecture"]
+        if architecture == HRMEDSEG_SAM_ARCHITECTURE:
+            # A complete HRMedSegSAM also carries a SAM decoder; reuse it.
+            return extract_sam_decoder_state(obj["state_dict"], source)
+        if architecture != SAM_DECODER_ARCHITECTURE:
+            raise WeightsError(
+                f"{source} holds a '{architecture}' bundle; expected a SAM decoder "
+                f"('{SAM_DECODER_ARCHITECTURE}' bundle or a SAM checkpoint such as sam_vit_h_4b8939.pth)"
+            )
+        return extract_sam_decoder_state(obj["state_dict"], source)
+    return extract_sam_decoder_state(obj, source)
+
+
+def _resolve_encoder(encoder: HRMedSegEncoder | str | os.PathLike | None) -> HRMedSegEncoder:
+    if encoder is None:
+        return build_encoder()
+    if isinstance(encoder, HRMedSegEncoder):
+        return encoder
+    if isinstance(encoder, (str, os.PathLike)):
+        return load_encoder(encoder)
+    raise TypeError(f"encoder must be an HRMedSegEncoder, a path or None, not {type(encoder).__name__}")
+
+
+def build_hrmedseg_sam(
+    encoder: HRMedSegEncoder | str | os.PathLike | None = None,
+    decoder: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+    device: str | torch.device = "cpu",
+):
+    """HRMedSegSAM: SAM with our LGViT + neck as its image encoder, in eval mode.
+
+    Args:
+        encoder: an ``HRMedSegEncoder``, a path to its weights (authors' checkpoint or our
+            "lgvit_neck" bundle), or None for a random paper-size encoder.
+        decoder: a SAM checkpoint (ViT-H/L/B, plain state dict), a "sam_prompt_decoder" bundle,
+            an already extracted decoder state dict, or None for a random decoder.
+        device: where the model goes.
+
+    Returns:
+        ``segment_anything.modeling.Sam`` whose ``pixel_mean``/``pixel_std`` are the encoder's
+        normalisation; ``SamPredictor(model)`` maps an HWC uint8 image to a (1, 256, 64, 64)
+        embedding and box prompts to masks.
+    """
+    from segment_anything.modeling import Sam
+
+    image_encoder = _resolve_encoder(encoder)
+    prompt_encoder, mask_decoder = build_sam_prompt_decoder()
+    if decoder is not None:
+        if isinstance(decoder, Mapping):
+            state = extract_sam_decoder_state(decoder, "the given decoder state dict")
+            source = "the given decoder state dict"
+        else:
+            state, source = read_sam_decoder(decoder), str(decoder)
+        load_matching(_decoder_container(prompt_encoder, mask_decoder), state, source)
+    preprocessing = image_encoder.preprocessing
+    model = Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
+        pixel_mean=list(preprocessing.pixel_mean),
+        pixel_std=list(preprocessing.pixel_std),
+    )
+    return model.eval().to(device)
+
+
+def save_hrmedseg_sam(model, path: str | os.PathLike, provenance: dict | None = None) -> Path:
+    """Save a complete HRMedSegSAM (encoder + SAM prompt encoder/decoder) as one "hrmedseg_sam" bundle.
+
+    The bundle keeps the encoder's architecture and pixel normalisation, so
+    ``load_hrmedseg_sam``/``load_model`` rebuild the same model with nothing else to know.
+    """
+    encoder = model.image_encoder
+    if not isinstance(encoder, HRMedSegEncoder):
+        raise TypeError(f"not an HRMedSegSAM: its image encoder is a {type(encoder).__name__}")
+    return save_bundle(
+        path,
+        HRMEDSEG_SAM_ARCHITECTURE,
+        model.state_dict(),
+        config={"encoder": encoder.config.to_dict()},
+        preprocessing=encoder.preprocessing.to_dict(),
+        provenance=provenance,
+    )
+
+
+def hrmedseg_sam_from_bundle(bundle: dict, source: str, device: str | torch.device = "cpu"):
+    """Rebuild an HRMedSegSAM from a read "hrmedseg_sam" bundle."""
+    config = EncoderConfig.from_dict(bundle["config"].get("encoder", {}))
+    preprocessing = Preprocessing.from_dict(bundle["preprocessing"]) if bundle["preprocessing"] else Preprocessing.sam()
+    model = build_hrmedseg_sam(HRMedSegEncoder(config, preprocessing))
+    load_matching(model, bundle["state_dict"], source)
+    return model.eval().to(device)
+
+
+def load_hrmedseg_sam(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Load an "hrmedseg_sam" bundle written by ``save_hrmedseg_sam``."""
+    from ..weights.bundle import load_bundle
+
+    return hrmedseg_sam_from_bundle(load_bundle(path, HRMEDSEG_SAM_ARCHITECTURE), str(path), device)
+
+
+__all__ = [
+    "build_hrmedseg_sam",
+    "extract_sam_decoder_state",
+    "read_sam_decoder",
+    "sam_variant",
+    "save_hrmedseg_sam",
+    "load_hrmedseg_sam",
+]
