@@ -1,0 +1,69 @@
+"""Copy what a GPU run needs into the git-ignored device_payload/ folder (it travels with `carry`).
+
+- wheels/: dependencies the GPU image lacks, for Python 3.12 (pip download; needs PyPI).
+- data/<dataset>_{train,val}/{images,masks}: the real annotated images of ../shared/data with a
+  fixed held-out split (every image whose name hashes into the last 15% goes to val), fundus
+  photos downscaled so their long side is at most --fundus-size (they never enter the repo).
+
+Usage: python scripts/prepare_device_payload.py [--shared ../shared] [--out device_payload]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+VAL_FRACTION = 0.15
+
+
+def is_val(name: str) -> bool:
+    """Deterministic split by name, independent of file order and machine."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF >= 1 - VAL_FRACTION
+
+
+def copy_split(src: Path, dest: Path, resize_long_side: int | None) -> dict[str, list[str]]:
+    manifest = json.loads((src / "manifest.json").read_text())
+    split: dict[str, list[str]] = {"train": [], "val": []}
+    for item in manifest["items"]:
+        part = "val" if is_val(item["name"]) else "train"
+        split[part].append(item["name"])
+        out = dest.parent / f"{dest.name}_{part}"
+        for kind in ("images", "masks"):
+            (out / kind).mkdir(parents=True, exist_ok=True)
+        image_src, mask_src = src / item["image"], src / item["mask"]
+        if resize_long_side is None:
+            shutil.copy2(image_src, out / "images" / image_src.name)
+            shutil.copy2(mask_src, out / "masks" / mask_src.name)
+            continue
+        image, mask = Image.open(image_src), Image.open(mask_src)
+        scale = resize_long_side / max(image.size)
+        size = (round(image.width * scale), round(image.height * scale))
+        image.resize(size, Image.BICUBIC).save(out / "images" / image_src.name, quality=92)
+        Image.fromarray(np.asarray(mask)).resize(size, Image.NEAREST).save(out / "masks" / mask_src.name)
+    return split
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    parser.add_argument("--out", type=Path, default=Path("device_payload"))
+    parser.add_argument("--fundus-size", type=int, default=1024)
+    args = parser.parse_args()
+    data = args.out / "data"
+    splits = {
+        "nuclei": copy_split(args.shared / "data" / "nuclei_dsb2018", data / "nuclei", None),
+        "fundus": copy_split(args.shared / "data" / "fundus_drishtigs", data / "fundus", args.fundus_size),
+    }
+    (data / "splits.json").write_text(json.dumps(splits, indent=1))
+    for name, split in splits.items():
+        print(f"{name}: {len(split['train'])} train, {len(split['val'])} val")
+
+
+if __name__ == "__main__":
+    main()
