@@ -117,22 +117,26 @@ def extract_sam_decoder_state(state_dict: Mapping[str, torch.Tensor], source: st
     return {k: decoder[k] for k in expected}
 
 
-def read_sam_decoder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The SAM prompt encoder + mask decoder tensors of a SAM checkpoint or a "sam_prompt_decoder" bundle."""
-    source = str(path)
-    obj = read_checkpoint(path)
+def sam_decoder_from_checkpoint(obj: Mapping, source: str) -> dict[str, torch.Tensor]:
+    """The SAM prompt encoder + mask decoder tensors of a loaded SAM checkpoint or bundle.
+
+    Accepts a SAM state dict, a "sam_prompt_decoder" bundle or an "hrmedseg_sam" bundle (whose
+    decoder is reused); anything else raises a WeightsError naming ``source``.
+    """
     if is_bundle(obj):
         architecture = obj["architecture"]
-        if architecture == HRMEDSEG_SAM_ARCHITECTURE:
-            # A complete HRMedSegSAM also carries a SAM decoder; reuse it.
-            return extract_sam_decoder_state(obj["state_dict"], source)
-        if architecture != SAM_DECODER_ARCHITECTURE:
+        if architecture not in (SAM_DECODER_ARCHITECTURE, HRMEDSEG_SAM_ARCHITECTURE):
             raise WeightsError(
                 f"{source} holds a '{architecture}' bundle; expected a SAM decoder "
                 f"('{SAM_DECODER_ARCHITECTURE}' bundle or a SAM checkpoint such as sam_vit_h_4b8939.pth)"
             )
         return extract_sam_decoder_state(obj["state_dict"], source)
     return extract_sam_decoder_state(obj, source)
+
+
+def read_sam_decoder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The SAM prompt encoder + mask decoder tensors of a SAM checkpoint or a "sam_prompt_decoder" bundle."""
+    return sam_decoder_from_checkpoint(read_checkpoint(path), str(path))
 
 
 def _resolve_encoder(encoder: HRMedSegEncoder | str | os.PathLike | None) -> HRMedSegEncoder:
@@ -164,17 +168,25 @@ def build_hrmedseg_sam(
         normalisation; ``SamPredictor(model)`` maps an HWC uint8 image to a (1, 256, 64, 64)
         embedding and box prompts to masks.
     """
+    if decoder is None:
+        state, source = None, ""
+    elif isinstance(decoder, Mapping):
+        source = "the given decoder state dict"
+        state = sam_decoder_from_checkpoint(decoder, source)
+    else:
+        state, source = read_sam_decoder(decoder), str(decoder)
+    return assemble_hrmedseg_sam(_resolve_encoder(encoder), state, source).to(device)
+
+
+def assemble_hrmedseg_sam(
+    image_encoder: HRMedSegEncoder, decoder_state: Mapping[str, torch.Tensor] | None, source: str = ""
+):
+    """Sam from an encoder and extracted decoder tensors (None: random), in eval mode on the CPU."""
     from segment_anything.modeling import Sam
 
-    image_encoder = _resolve_encoder(encoder)
     prompt_encoder, mask_decoder = build_sam_prompt_decoder()
-    if decoder is not None:
-        if isinstance(decoder, Mapping):
-            state = extract_sam_decoder_state(decoder, "the given decoder state dict")
-            source = "the given decoder state dict"
-        else:
-            state, source = read_sam_decoder(decoder), str(decoder)
-        load_matching(_decoder_container(prompt_encoder, mask_decoder), state, source)
+    if decoder_state is not None:
+        load_matching(_decoder_container(prompt_encoder, mask_decoder), decoder_state, source)
     preprocessing = image_encoder.preprocessing
     model = Sam(
         image_encoder=image_encoder,
@@ -183,7 +195,7 @@ def build_hrmedseg_sam(
         pixel_mean=list(preprocessing.pixel_mean),
         pixel_std=list(preprocessing.pixel_std),
     )
-    return model.eval().to(device)
+    return model.eval()
 
 
 def save_hrmedseg_sam(model, path: str | os.PathLike, provenance: dict | None = None) -> Path:
@@ -225,6 +237,8 @@ __all__ = [
     "build_hrmedseg_sam",
     "extract_sam_decoder_state",
     "read_sam_decoder",
+    "sam_decoder_from_checkpoint",
+    "assemble_hrmedseg_sam",
     "sam_variant",
     "save_hrmedseg_sam",
     "load_hrmedseg_sam",

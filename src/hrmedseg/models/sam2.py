@@ -331,10 +331,12 @@ def extract_sam2_decoder_state(
     return {k: state_dict[k] for k in wanted}, {"sam2_config": config_name, "memory": include_memory}
 
 
-def read_sam2_decoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Decoder tensors and config from a SAM2 checkpoint (memory included) or a "sam2_prompt_decoder" bundle."""
-    source = str(path)
-    obj = read_checkpoint(path)
+def sam2_decoder_from_checkpoint(obj: Mapping, source: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Decoder tensors and config of a loaded SAM2 checkpoint (memory included) or bundle.
+
+    Accepts ``{"model": state_dict}`` of SAM2/SAM2.1, a "sam2_prompt_decoder" bundle or an
+    "hrmedseg_sam2" bundle (whose heads are reused); anything else raises a WeightsError naming ``source``.
+    """
     if not is_bundle(obj):
         return extract_sam2_decoder_state(obj, source, include_memory=True)
     architecture = obj["architecture"]
@@ -352,6 +354,11 @@ def read_sam2_decoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         f"{source} holds a '{architecture}' bundle; expected a SAM2 decoder "
         f"('{SAM2_DECODER_ARCHITECTURE}' bundle or a SAM2 checkpoint such as sam2.1_hiera_large.pt)"
     )
+
+
+def read_sam2_decoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Decoder tensors and config from a SAM2 checkpoint (memory included) or a "sam2_prompt_decoder" bundle."""
+    return sam2_decoder_from_checkpoint(read_checkpoint(path), str(path))
 
 
 def _load_decoder_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -412,17 +419,35 @@ def build_hrmedseg_sam2(
         records the sam2 config, the neck widths and whether video memory weights were loaded.
     """
     state, found = (None, {}) if decoder is None else read_sam2_decoder(decoder)
-    config_name = config or found.get("sam2_config", DEFAULT_SAM2_CONFIG)
-    image_encoder = HRMedSegSam2ImageEncoder(_resolve_encoder(encoder), neck_config)
+    return assemble_hrmedseg_sam2(
+        _resolve_encoder(encoder), state, found, str(decoder), config=config, neck_config=neck_config
+    ).to(device)
+
+
+def assemble_hrmedseg_sam2(
+    encoder: HRMedSegEncoder,
+    decoder_state: Mapping[str, torch.Tensor] | None,
+    decoder_config: dict | None = None,
+    source: str = "",
+    config: str | None = None,
+    neck_config: Sam2NeckConfig | None = None,
+):
+    """SAM2Base from an encoder and extracted decoder tensors (None: random), in eval mode on the CPU.
+
+    ``decoder_config`` is what ``sam2_decoder_from_checkpoint`` returned with the tensors.
+    """
+    decoder_config = decoder_config or {}
+    config_name = config or decoder_config.get("sam2_config", DEFAULT_SAM2_CONFIG)
+    image_encoder = HRMedSegSam2ImageEncoder(encoder, neck_config)
     model = build_sam2_base(image_encoder, config_name)
-    if state is not None:
-        _load_decoder_state(model, state, str(decoder))
+    if decoder_state is not None:
+        _load_decoder_state(model, decoder_state, source)
     model.hrmedseg_config = {
         "sam2_config": _config_path(config_name)[0],
-        "memory": bool(found.get("memory", False)),
+        "memory": bool(decoder_config.get("memory", False)),
         "neck": image_encoder.neck.config.to_dict(),
     }
-    return model.eval().to(device)
+    return model.eval()
 
 
 def save_hrmedseg_sam2(model, path: str | os.PathLike, provenance: dict | None = None) -> Path:
@@ -479,6 +504,8 @@ __all__ = [
     "build_sam2_base",
     "extract_sam2_decoder_state",
     "read_sam2_decoder",
+    "sam2_decoder_from_checkpoint",
+    "assemble_hrmedseg_sam2",
     "sam2_config_of",
     "save_hrmedseg_sam2",
     "load_hrmedseg_sam2",
