@@ -1,0 +1,191 @@
+"""``hrmedseg train finetune|distill``: the training command line.
+
+Also runnable as ``python -m hrmedseg.training.cli finetune ...`` (the form the GPU machine,
+torchrun and the napari Train widget use). With ``--events`` every progress event is printed to
+stdout as one line ``@hrmedseg-event {json}``, which the widget parses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import fields
+
+EVENT_PREFIX = "@hrmedseg-event "
+
+
+def print_event(event: dict) -> None:
+    """One machine-readable progress line (NaN/inf written as null, so it stays JSON)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in event.items()}
+    print(EVENT_PREFIX + json.dumps(clean, default=str), flush=True)
+
+
+def _log_event(event: dict) -> None:
+    kind = event.get("event")
+    if kind == "baseline":
+        print(f"before training: val Dice {event['val_dice']:.4f} on {event.get('val_masks', 0)} held-out masks", file=sys.stderr)
+    elif kind == "epoch":
+        print(
+            f"epoch {event['epoch']}: train loss {event['train_loss']:.4f}, val loss {event['val_loss']:.4f}, "
+            f"val Dice {event['val_dice']:.4f}{' (best, saved)' if event['improved'] else ''}, "
+            f"{event['images_per_s']:.1f} images/s",
+            file=sys.stderr,
+        )
+    elif kind == "done":
+        print(
+            f"done ({event['stopped']}, {event['epochs']} epochs, {event['minutes']:.1f} min): val Dice "
+            f"{event['val_dice_before']:.4f} before -> {event['best_val_dice']:.4f} best; weights: {event['out']}",
+            file=sys.stderr,
+        )
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=["hrmedseg-sam", "hrmedseg"], default="hrmedseg",
+                   help="hrmedseg-sam: box-prompted HRMedSegSAM; hrmedseg: prompt-free HRMedSeg (ECM-Decoder)")
+    p.add_argument("--data", required=True, help="folder of images/ + masks/ (same names), with manifest.json, "
+                   "or an annotation store")
+    p.add_argument("--val-data", help="a separate folder of held-out pairs (default: split --data by image)")
+    p.add_argument("--out", required=True, help="weights file to write (the best model); the resumable state "
+                   "goes to <out stem>.state.pt, the log to <out stem>.log.csv")
+    p.add_argument("--classes", help="class channels from label values, e.g. 'disc:>=1,cup:2'; default: every "
+                   "instance label is an object (box model) / one foreground class (prompt-free)")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr-decay", type=float, default=0.98, help="exponential decay per epoch")
+    p.add_argument("--img-size", type=int, default=1024, help="network input size, a multiple of 16")
+    p.add_argument("--input-mode", choices=["crop", "fit"], help="crop: native-resolution crops (default for "
+                   "hrmedseg); fit: whole image resized to --img-size (default for hrmedseg-sam, as SamPredictor)")
+    p.add_argument("--scale", type=float, default=1.0, help="rescale images by this factor before cropping")
+    p.add_argument("--repeats", type=int, default=1, help="crops per image per epoch")
+    p.add_argument("--max-boxes", type=int, default=16, help="box prompts per image per step")
+    p.add_argument("--box-jitter", type=float, default=0.1, help="box side jitter as a fraction of its size")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--patience", type=int, default=20, help="early stopping after this many epochs without a better "
+                   "val Dice (0: never)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on GPUs that have it)")
+    p.add_argument("--amp-dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--num-workers", type=int, help="data loading processes (default: CPUs - 1, at most 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <out stem>.state.pt if it exists")
+    p.add_argument("--time-limit-min", type=float, help="stop (validate, save) after this many minutes")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--init", help="a whole model to start from (hrmedseg_sam or hrmedseg bundle)")
+    p.add_argument("--init-encoder", help="LGViT + neck weights (authors' SAM_PFD_10K.pth or our bundle)")
+    p.add_argument("--init-decoder", help="hrmedseg-sam: SAM checkpoint (sam_vit_h_4b8939.pth ...) for its "
+                   "prompt encoder and mask decoder")
+    p.add_argument("--encoder-preset", choices=["paper", "small", "tiny"], default="paper",
+                   help="architecture of a new random encoder (paper: C 96, L 10)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between progress events")
+    p.add_argument("--note", dest="provenance_note", help="free text kept in the model's provenance")
+    p.add_argument("--events", action="store_true", help="print machine-readable progress lines to stdout")
+
+
+def add_distill_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="SAM ViT-H/L/B checkpoint (sam_vit_h_4b8939.pth ...)")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively), any sizes")
+    p.add_argument("--out", required=True, help="encoder weights to write (lgvit_neck bundle)")
+    p.add_argument("--cache-dir", help="teacher-embedding cache (default: <out stem>.teacher_cache/); 'none' to "
+                   "run the teacher every step")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-decay", type=float, default=0.98)
+    p.add_argument("--img-size", type=int, default=1024)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--amp-dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--device")
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--init-encoder", help="start from these LGViT + neck weights")
+    p.add_argument("--encoder-preset", choices=["paper", "small", "tiny"], default="paper")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--events", action="store_true")
+
+
+def _config_from(args: argparse.Namespace, cls):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    cfg = _config_from(args, FinetuneConfig)
+    events = [print_event] if args.events else []
+
+    def on_event(event: dict) -> None:
+        for fn in events:
+            fn(event)
+        _log_event(event)
+
+    finetune(cfg, on_event)
+    return 0
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from .distill import DistillConfig, distill
+
+    cfg = _config_from(args, DistillConfig)
+    events = [print_event] if args.events else []
+
+    def on_event(event: dict) -> None:
+        for fn in events:
+            fn(event)
+        if event.get("event") == "epoch":
+            print(f"epoch {event['epoch']}: distillation MSE {event['train_loss']:.5f}, "
+                  f"{event['images_per_s']:.1f} images/s", file=sys.stderr)
+
+    distill(cfg, on_event)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``hrmedseg train`` (called through the 'hrmedseg.commands' entry point)."""
+    p = sub.add_parser("train", help="fine-tune HRMedSeg / HRMedSegSAM, or distil an encoder from SAM")
+    train_sub = p.add_subparsers(dest="train_command", required=True, metavar="TRAIN_COMMAND")
+    ft = train_sub.add_parser("finetune", help="fine-tune on image/mask pairs or an annotation store")
+    add_finetune_arguments(ft)
+    ft.set_defaults(func=run_finetune)
+    di = train_sub.add_parser("distill", help="distil LGViT + neck from a SAM image encoder (no labels)")
+    add_distill_arguments(di)
+    di.set_defaults(func=run_distill)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hrmedseg.training.cli finetune|distill ...``, with the core CLI's error handling."""
+    from hrmedseg.errors import HRMedSegError
+
+    parser = argparse.ArgumentParser(prog="python -m hrmedseg.training.cli")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    # "finetune ..." and "train finetune ..." both work.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("finetune", "distill"):
+        argv = ["train"] + argv
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except HRMedSegError as err:
+        print(f"hrmedseg train: error: {err}", file=sys.stderr)
+        if getattr(args, "events", False):
+            print_event({"event": "error", "message": str(err)})
+        return 2
+    except KeyboardInterrupt:
+        print("hrmedseg train: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

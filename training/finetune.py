@@ -1,0 +1,543 @@
+"""Fine-tuning of HRMedSegSAM (box prompts) and HRMedSeg (prompt-free, C2 classes).
+
+The paper's recipe by default: Adam lr 1e-4, exponential decay 0.98 per epoch, loss
+0.8 * Dice + 0.2 * focal. Each epoch ends with a validation pass on held-out images; the best
+model is written to ``out`` (an hrmedseg bundle that ``hrmedseg segment`` and the annotator
+load), the resumable state to ``<out stem>.state.pt`` and a line to ``<out stem>.log.csv``.
+
+Runs on one GPU, several (``torchrun --nproc-per-node N -m hrmedseg.training.cli finetune``) or
+the CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from hrmedseg.errors import HRMedSegError, InputError
+from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
+from hrmedseg.models.preprocessing import Preprocessing
+
+from . import distributed as dist_utils
+from .checkpointing import load_state, log_path_for, save_state, state_path_for, unwrap
+from .data import CropSettings, DatasetInfo, SegmentationCrops, collate, discover_samples, parse_classes, split_samples
+from .losses import segmentation_loss
+from .metrics import dice_per_mask
+
+log = logging.getLogger(__name__)
+
+MODELS = ("hrmedseg-sam", "hrmedseg")
+ENCODER_PRESETS = {
+    "paper": EncoderConfig(),
+    "small": EncoderConfig(embed_dim=48, depths=(2, 2), num_heads=(3, 6)),
+    "tiny": EncoderConfig(embed_dim=48, conv_depth=1, depths=(1, 1), num_heads=(3, 6)),
+}
+
+Event = dict[str, Any]
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run (stored in the state file and the model's provenance)."""
+
+    model: str = "hrmedseg"
+    data: str = ""
+    out: str = "model.pt"
+    val_data: str | None = None
+    classes: str | None = None  # e.g. "disc:>=1,cup:2"; None: instances / foreground
+    epochs: int = 200
+    batch_size: int = 16
+    lr: float = 1e-4
+    lr_decay: float = 0.98
+    weight_decay: float = 0.0
+    img_size: int = 1024
+    input_mode: str | None = None  # 'crop' (native resolution) or 'fit'; default by model
+    scale: float = 1.0
+    repeats: int = 1
+    max_boxes: int = 16
+    box_jitter: float = 0.1
+    val_fraction: float = 0.15
+    patience: int = 20
+    amp: bool = False
+    amp_dtype: str = "bf16"
+    grad_checkpointing: bool = False
+    freeze_encoder: bool = False
+    device: str | None = None
+    num_workers: int | None = None
+    seed: int = 0
+    resume: bool = False
+    time_limit_min: float | None = None
+    init: str | None = None
+    init_encoder: str | None = None
+    init_decoder: str | None = None
+    encoder_preset: str = "paper"
+    log_every: int = 10
+    max_steps: int | None = None  # stop after this many optimiser steps (tests, benchmarks)
+    provenance_note: str | None = None
+
+    def check(self) -> None:
+        if self.model not in MODELS:
+            raise InputError(f"--model must be one of {', '.join(MODELS)}, not '{self.model}'")
+        if self.img_size % 16 or self.img_size < 64:
+            raise InputError(f"--img-size must be a multiple of 16 and at least 64, got {self.img_size}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise InputError("--batch-size and --epochs must be at least 1")
+        if self.input_mode not in (None, "crop", "fit"):
+            raise InputError(f"--input-mode must be 'crop' or 'fit', not '{self.input_mode}'")
+        if self.encoder_preset not in ENCODER_PRESETS:
+            raise InputError(f"--encoder-preset must be one of {', '.join(ENCODER_PRESETS)}")
+        if self.amp_dtype not in ("bf16", "fp16"):
+            raise InputError("--amp-dtype must be bf16 or fp16")
+        if self.model == "hrmedseg" and self.init_decoder:
+            raise InputError("--init-decoder applies to hrmedseg-sam (a SAM checkpoint); use --init for a whole HRMedSeg")
+
+    @property
+    def task(self) -> str:
+        return "box" if self.model == "hrmedseg-sam" else "semantic"
+
+    @property
+    def resolved_input_mode(self) -> str:
+        # The box model is used through SamPredictor, which resizes the longest side to its input
+        # size; the prompt-free model runs on native-resolution tiles.
+        return self.input_mode or ("fit" if self.task == "box" else "crop")
+
+
+# --------------------------------------------------------------------------------------------
+# Models as the training loop sees them
+# --------------------------------------------------------------------------------------------
+
+
+class BoxPromptedSegmenter(nn.Module):
+    """HRMedSegSAM for training: normalised images and per-image boxes -> low-res mask logits.
+
+    forward(images (B, 3, S, S), boxes [ (K_i, 4) xyxy in input pixels ]) ->
+    [ (K_i, 1, S/4, S/4) logits ] (SAM's mask decoder output, single-mask mode).
+    The prompt encoder's geometry is set to S; the saved model keeps SAM's 1024 (only buffers
+    derived from S change, no weights).
+    """
+
+    def __init__(self, sam: nn.Module, input_size: int) -> None:
+        super().__init__()
+        self.sam = sam
+        self.input_size = input_size
+
+    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+        pe = self.sam.prompt_encoder
+        grid = self.input_size // 16
+        pe.input_image_size = (self.input_size, self.input_size)
+        pe.image_embedding_size = (grid, grid)
+        embeddings = self.sam.image_encoder(images)
+        dense_pe = pe.get_dense_pe()
+        outputs = []
+        for i, image_boxes in enumerate(boxes):
+            if len(image_boxes) == 0:
+                outputs.append(embeddings.new_zeros((0, 1, 4 * grid, 4 * grid)))
+                continue
+            sparse, dense = pe(points=None, boxes=image_boxes, masks=None)
+            # SAM's decoder repeats one image's embedding for each prompt, hence one image at a time.
+            low_res, _ = self.sam.mask_decoder(
+                image_embeddings=embeddings[i : i + 1],
+                image_pe=dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            outputs.append(low_res)
+        return outputs
+
+
+def _find_encoder(model: nn.Module) -> HRMedSegEncoder:
+    for m in model.modules():
+        if isinstance(m, HRMedSegEncoder):
+            return m
+    raise TypeError("the model has no HRMedSegEncoder")
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int, class_names: list[str] | None) -> nn.Module:
+    """The model to train, from scratch or from --init / --init-encoder / --init-decoder files."""
+    encoder_config = ENCODER_PRESETS[cfg.encoder_preset]
+    if cfg.model == "hrmedseg-sam":
+        from hrmedseg.models.sam import build_hrmedseg_sam, load_hrmedseg_sam
+
+        if cfg.init:
+            sam = load_hrmedseg_sam(cfg.init)
+        else:
+            encoder = cfg.init_encoder or HRMedSegEncoder(encoder_config)
+            sam = build_hrmedseg_sam(encoder=encoder, decoder=cfg.init_decoder)
+        return BoxPromptedSegmenter(sam.train(), cfg.img_size)
+    from hrmedseg.models.hrmedseg_model import HRMedSeg, build_hrmedseg, load_hrmedseg
+
+    if cfg.init:
+        model = load_hrmedseg(cfg.init)
+        if model.num_classes != num_classes:
+            # Keep the encoder, start a new decoder for the new classes.
+            log.warning("%s has %d classes, the data %d: its decoder is replaced", cfg.init, model.num_classes, num_classes)
+            model = HRMedSeg(num_classes, model.encoder, model.decoder.pool_sizes, class_names)
+        elif class_names:
+            model.class_names = tuple(class_names)
+        return model.train()
+    return build_hrmedseg(
+        num_classes,
+        encoder_config=None if cfg.init_encoder else encoder_config,
+        encoder_weights=cfg.init_encoder,
+        class_names=class_names,
+    )
+
+
+def save_model(model: nn.Module, cfg: FinetuneConfig, path: str | os.PathLike, provenance: dict) -> Path:
+    model = unwrap(model)
+    if isinstance(model, BoxPromptedSegmenter):
+        from hrmedseg.models.sam import IMAGE_SIZE, save_hrmedseg_sam
+
+        pe = model.sam.prompt_encoder
+        geometry = pe.input_image_size, pe.image_embedding_size
+        pe.input_image_size, pe.image_embedding_size = (IMAGE_SIZE, IMAGE_SIZE), (IMAGE_SIZE // 16,) * 2
+        try:
+            return save_hrmedseg_sam(model.sam, path, provenance=provenance)
+        finally:
+            pe.input_image_size, pe.image_embedding_size = geometry
+    from hrmedseg.models.hrmedseg_model import save_hrmedseg
+
+    return save_hrmedseg(model, path, provenance=provenance)
+
+
+# --------------------------------------------------------------------------------------------
+# One step
+# --------------------------------------------------------------------------------------------
+
+
+def normalize(images: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> normalised float32 on the same device."""
+    return preprocessing.normalize(images.float())
+
+
+def batch_loss(model: nn.Module, batch: dict, preprocessing: Preprocessing, device: torch.device
+               ) -> tuple[torch.Tensor | None, int]:
+    """Loss of one batch and the number of masks it covered (None when it has no object)."""
+    images = normalize(batch["image"].to(device, non_blocking=True), preprocessing)
+    if "target" in batch:
+        logits = model(images)
+        target = batch["target"].to(device, non_blocking=True)
+        return segmentation_loss(logits.flatten(0, 1), target.flatten(0, 1)), target.shape[0] * target.shape[1]
+    boxes = [b.to(device) for b in batch["boxes"]]
+    if sum(len(b) for b in boxes) == 0:
+        return None, 0
+    outputs = model(images, boxes)
+    logits = torch.cat([o for o in outputs if len(o)])
+    # Loss at the decoder's 1/4 resolution: soft (area-averaged) targets, cheap for many masks.
+    masks = torch.cat([m for m in batch["masks"] if len(m)]).to(device, non_blocking=True)
+    target = F.adaptive_avg_pool2d(masks[:, None].float(), logits.shape[-2:])
+    return segmentation_loss(logits, target), len(masks)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, preprocessing: Preprocessing, device: torch.device,
+             autocast: Callable) -> dict[str, float]:
+    """Mean validation loss and Dice (per object for box prompts; per image and class otherwise)."""
+    model.eval()
+    losses, dices, per_class = [], [], []
+    for batch in loader:
+        images = normalize(batch["image"].to(device), preprocessing)
+        if "target" in batch:
+            target = batch["target"].to(device)
+            with autocast():
+                logits = model(images)
+            losses.append((segmentation_loss(logits.flatten(0, 1), target.flatten(0, 1)).item(), target[:, 0].numel()))
+            d = dice_per_mask((logits > 0).flatten(0, 1), target.flatten(0, 1)).view(target.shape[:2])
+            per_class.append(d.cpu())
+            dices.append(d.flatten().cpu())
+            continue
+        boxes = [b.to(device) for b in batch["boxes"]]
+        if sum(len(b) for b in boxes) == 0:
+            continue
+        with autocast():
+            outputs = model(images, boxes)
+        for logits, masks in zip(outputs, batch["masks"]):
+            if len(masks) == 0:
+                continue
+            masks = masks.to(device)
+            low_target = F.adaptive_avg_pool2d(masks[:, None].float(), logits.shape[-2:])
+            losses.append((segmentation_loss(logits, low_target).item(), len(masks)))
+            up = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            dices.append(dice_per_mask(up[:, 0] > 0, masks).cpu())
+    model.train()
+    result: dict = {"val_loss": float("nan"), "val_dice": float("nan"), "val_masks": 0}
+    if dices:
+        all_dice = torch.cat(dices)
+        total = sum(n for _, n in losses)
+        result = {"val_loss": sum(v * n for v, n in losses) / max(total, 1), "val_dice": all_dice.mean().item(),
+                  "val_masks": int(all_dice.numel())}
+    if per_class:
+        result["val_dice_per_class"] = torch.cat(per_class).mean(0).tolist()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    best_val_dice: float
+    val_dice_before: float
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+    stopped: str = "epochs"
+
+
+def _amp_settings(cfg: FinetuneConfig, device: torch.device) -> tuple[Callable, torch.amp.GradScaler | None]:
+    if not cfg.amp:
+        return (lambda: torch.autocast(device.type, enabled=False)), None
+    dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and dtype == torch.float16) else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def _oom_message(cfg: FinetuneConfig) -> str:
+    hints = [f"--batch-size (now {cfg.batch_size})", f"--img-size (now {cfg.img_size})"]
+    if not cfg.amp:
+        hints.append("add --amp")
+    if not cfg.grad_checkpointing:
+        hints.append("add --grad-checkpointing")
+    if cfg.task == "box":
+        hints.append(f"--max-boxes (now {cfg.max_boxes})")
+    return "out of GPU memory while training; lower " + ", ".join(hints)
+
+
+def _load_data(cfg: FinetuneConfig) -> tuple[DatasetInfo, list, list]:
+    info = discover_samples(cfg.data)
+    if cfg.val_data:
+        val = discover_samples(cfg.val_data).samples
+        train = info.samples
+    else:
+        train, val = split_samples(info.samples, cfg.val_fraction, cfg.seed)
+        if not val:
+            log.warning("only %d annotated image(s): validating on the training images (no held-out Dice)",
+                        len(info.samples))
+            val = list(train)
+    return info, train, val
+
+
+def finetune(cfg: FinetuneConfig, on_event: Callable[[Event], None] | None = None) -> FinetuneResult:
+    """Train, validate every epoch, keep the best model at ``cfg.out``; see the module docstring."""
+    cfg.check()
+    emit = on_event or (lambda e: None)
+    env, device = dist_utils.init_distributed(cfg.device)
+    try:
+        return _finetune(cfg, env, device, emit)
+    except torch.OutOfMemoryError as err:
+        raise HRMedSegError(_oom_message(cfg)) from err
+    finally:
+        dist_utils.cleanup(env)
+
+
+def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device, emit: Callable) -> FinetuneResult:
+    torch.manual_seed(cfg.seed + env.rank)
+    out = Path(cfg.out)
+    state_file, log_file = state_path_for(out), log_path_for(out)
+    rules = parse_classes(cfg.classes)
+    class_names = [r.name for r in rules] if rules else None
+    num_classes = len(rules) if rules else 1
+    info, train_samples, val_samples = _load_data(cfg)
+
+    model = build_model(cfg, num_classes, class_names).to(device)
+    encoder = _find_encoder(model)
+    preprocessing = encoder.preprocessing
+    if cfg.grad_checkpointing:
+        (model.set_grad_checkpointing if hasattr(model, "set_grad_checkpointing") else encoder.set_grad_checkpointing)(True)
+    if cfg.freeze_encoder:
+        encoder.requires_grad_(False)
+    if cfg.task == "box":
+        unwrap(model).sam.prompt_encoder.requires_grad_(False)  # boxes keep SAM's prompt embedding
+
+    crop = CropSettings(size=cfg.img_size, mode=cfg.resolved_input_mode, scale=cfg.scale,
+                        pad_value=tuple(int(round(v)) for v in preprocessing.pixel_mean))
+    common = dict(task=cfg.task, crop=crop, classes=rules, max_boxes=cfg.max_boxes, seed=cfg.seed)
+    train_set = SegmentationCrops(train_samples, train=True, repeats=cfg.repeats, box_jitter=cfg.box_jitter, **common)
+    val_set = SegmentationCrops(val_samples, train=False, **common)
+    workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+    sampler = DistributedSampler(train_set, env.world_size, env.rank, seed=cfg.seed) if env.enabled else None
+    loader_kw = dict(num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                     persistent_workers=workers > 0)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                              drop_last=len(train_set) >= cfg.batch_size * env.world_size, **loader_kw)
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, **loader_kw)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
+    autocast, scaler = _amp_settings(cfg, device)
+
+    start_epoch, best, before, bad_epochs, history, step = 0, -math.inf, float("nan"), 0, [], 0
+    if cfg.resume and state_file.exists():
+        state = load_state(state_file)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, best, before = state["epoch"], state["best_val_dice"], state["val_dice_before"]
+        bad_epochs, history, step = state["bad_epochs"], state["history"], state.get("step", 0)
+        log.info("resuming %s at epoch %d (best val Dice %.4f)", state_file, start_epoch, best)
+        emit({"event": "resumed", "epoch": start_epoch, "best_val_dice": best})
+    elif cfg.resume:
+        log.info("no state at %s: starting a new run", state_file)
+
+    train_model: nn.Module = model
+    if env.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # SAM's decoder has outputs unused in single-mask mode (other mask tokens, IoU head).
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=cfg.task == "box")
+
+    emit({"event": "start", "model": cfg.model, "train_images": len(train_samples), "val_images": len(val_samples),
+          "epochs": cfg.epochs, "steps_per_epoch": len(train_loader), "device": str(device),
+          "world_size": env.world_size})
+    if start_epoch == 0 and env.is_main:
+        first = evaluate(model, val_loader, preprocessing, device, autocast)
+        before = first["val_dice"]
+        emit({"event": "baseline", "val_dice": before, **{k: v for k, v in first.items() if k != "val_dice"}})
+    dist_utils.barrier(env)
+
+    t_start = time.monotonic()
+    deadline = t_start + cfg.time_limit_min * 60 if cfg.time_limit_min else None
+    stopped = "epochs"
+    epoch = start_epoch
+    pbar = _progress_bar(env, (cfg.epochs - start_epoch) * len(train_loader))
+    for epoch in range(start_epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        train_model.train()
+        loss_sum, n_loss, images_seen, t_epoch = 0.0, 0, 0, time.monotonic()
+        for batch in train_loader:
+            with autocast():
+                loss, _ = batch_loss(train_model, batch, preprocessing, device)
+            if loss is None:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            step += 1
+            value = loss.item()
+            if not math.isfinite(value):
+                raise HRMedSegError(f"the training loss became {value} at epoch {epoch + 1}, step {step}: lower --lr "
+                                    f"(now {cfg.lr}) or use --amp-dtype bf16")
+            loss_sum, n_loss, images_seen = loss_sum + value, n_loss + 1, images_seen + len(batch["image"])
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}")
+            if step % cfg.log_every == 0:
+                emit({"event": "step", "epoch": epoch + 1, "step": step, "loss": value,
+                      "lr": optimizer.param_groups[0]["lr"]})
+            if (deadline and time.monotonic() > deadline) or (cfg.max_steps and step >= cfg.max_steps):
+                break
+        scheduler.step()
+        train_loss = dist_utils.all_reduce_mean(loss_sum / max(n_loss, 1), env, device)
+        epoch_time = time.monotonic() - t_epoch
+        row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+               "images_per_s": images_seen * env.world_size / max(epoch_time, 1e-9), "time_s": epoch_time}
+        if env.is_main:
+            row.update(evaluate(model, val_loader, preprocessing, device, autocast))
+            score = row["val_dice"] if math.isfinite(row["val_dice"]) else -math.inf
+            improved = score > best or not out.exists() or (best == -math.inf and epoch == start_epoch)
+            if improved:
+                best, bad_epochs = max(score, best), 0
+                save_model(model, cfg, out, _provenance(cfg, info, len(train_samples), len(val_samples), row, before))
+            else:
+                bad_epochs += 1
+            row["best_val_dice"] = best
+            history.append(row)
+            _append_csv(log_file, row)
+            save_state(state_file, {
+                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "epoch": epoch + 1, "step": step, "best_val_dice": best, "val_dice_before": before,
+                "bad_epochs": bad_epochs, "history": history, "config": asdict(cfg),
+            })
+            emit({"event": "epoch", **row, "improved": improved})
+        stop = torch.tensor([0], device=device)
+        if env.is_main:
+            if cfg.patience and bad_epochs >= cfg.patience:
+                stopped, stop[0] = "early stopping", 1
+            elif deadline and time.monotonic() > deadline:
+                stopped, stop[0] = "time limit", 1
+            elif cfg.max_steps and step >= cfg.max_steps:
+                stopped, stop[0] = "max steps", 1
+        if env.enabled:
+            torch.distributed.broadcast(stop, 0)
+        if stop.item():
+            break
+    if pbar is not None:
+        pbar.close()
+    epochs_run = len(history)
+    result = FinetuneResult(out, best, before, epochs_run, history, stopped)
+    if env.is_main:
+        emit({"event": "done", "out": str(out), "best_val_dice": best, "val_dice_before": before,
+              "epochs": epochs_run, "stopped": stopped, "minutes": (time.monotonic() - t_start) / 60})
+    return result
+
+
+def _progress_bar(env: dist_utils.DistEnv, total: int):
+    if not env.is_main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="fine-tuning", unit="step", dynamic_ncols=True)
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    flat = {k: (";".join(f"{x:.4f}" for x in v) if isinstance(v, list) else v) for k, v in row.items()}
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(flat)
+
+
+def _provenance(cfg: FinetuneConfig, info: DatasetInfo, n_train: int, n_val: int, row: dict, before: float) -> dict:
+    """What the model card needs: data, licence, recipe, input geometry and validation scores."""
+    return {
+        "source": "hrmedseg.training finetune",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": cfg.model,
+        "data": str(cfg.data),
+        "data_layout": info.layout,
+        "data_licence": info.licence,
+        "data_citation": info.citation,
+        "note": cfg.provenance_note,
+        "train_images": n_train,
+        "val_images": n_val,
+        "classes": cfg.classes,
+        "img_size": cfg.img_size,
+        "input_mode": cfg.resolved_input_mode,
+        "scale": cfg.scale,
+        "epoch": row["epoch"],
+        "val_dice": row["val_dice"],
+        "val_dice_before": before,
+        "recipe": {k: getattr(cfg, k) for k in ("lr", "lr_decay", "batch_size", "amp", "amp_dtype", "box_jitter",
+                                                "init", "init_encoder", "init_decoder", "encoder_preset")},
+    }
