@@ -18,17 +18,22 @@ Reading of the paper, and sizes (one class, 1024 x 1024 input, 64 x 64 grid):
   only, a final token-to-image attention + LayerNorm, output upscaling 256 -> 64 -> 32 channels
   (ConvTranspose 2x2 stride 2, LayerNorm2d + GELU, ConvTranspose 2x2 stride 2, GELU), a 3-layer
   hypernetwork MLP 256 -> 256 -> 256 -> 32 per query, and no IoU head (nothing to rank).
-- MACs: ``torch.utils.flop_counter.FlopCounterMode`` gives 1.75 G for this decoder (8.20 G for
-  the whole model); the paper's 9.39 G - 6.43 G = 2.96 G is reproduced (2.955 G) only when each
-  transposed convolution is charged ``output pixels x in_channels x k^2`` MACs, which is what
-  thop 0.1.1 (``thop.profile``, common in medical segmentation papers) does. For a 2x2 stride-2
-  transposed convolution that is 4x the real work (each output pixel receives one kernel tap per
-  input channel), so the paper's figure over-counts the upscaling by 1.21 G. We keep SAM's real
-  upscaling and report both counts (``bench/model_sizes.py``, ``docs/parts/bench_sizes.md``).
+  Readings that miss 3.53 M: adding SAM's IoU head 3,635,281 (+3.0 %); upscaling to 128 -> 64
+  channels 3,602,000 (+2.0 %); a 2-layer hypernetwork 3,437,648 (-2.6 %); 4x4 transposed
+  convolutions (which would match the paper's MACs for real) 3,724,624 (+5.5 %).
+- MACs: ``torch.utils.flop_counter.FlopCounterMode`` gives 1.755 G for this decoder and 8.207 G
+  for the whole model. The paper's 9.39 G (decoder 9.39 - 6.43 = 2.96 G) comes out only when each
+  transposed convolution is charged ``output elements x in_channels x k^2`` MACs, as thop 0.1.1
+  (``thop.profile``) does: 9.415 G with that rule, and ``thop.profile`` itself gives 9.389 G
+  (and 6.426 G for LGViT + neck, the paper's 6.43 G). For a 2x2 stride-2 transposed convolution
+  that rule is 4x the real work (each output pixel gets one kernel tap per input channel), so
+  the paper over-counts the upscaling by 1.21 G. We keep SAM's upscaling as it is and report
+  both counts (``bench/model_sizes.py``, ``docs/parts/bench_sizes.md``).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -233,7 +238,10 @@ class ECMDecoder(nn.Module):
         Computed in float32 outside autocast: sin/cos of 2 pi x (coords @ Gaussian) loses its
         phase in bfloat16. Coordinates are normalised per axis, so any h x w grid works.
         """
-        with torch.autocast(self.pe_layer.positional_encoding_gaussian_matrix.device.type, enabled=False):
+        device_type = self.pe_layer.positional_encoding_gaussian_matrix.device.type
+        # Only real devices have an autocast state to switch off (not e.g. "meta").
+        guard = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else nullcontext()
+        with guard:
             pe = self.pe_layer(grid)  # (C, h, w)
         return pe.flatten(1).transpose(0, 1).to(dtype).unsqueeze(0).expand(batch, -1, -1)
 
