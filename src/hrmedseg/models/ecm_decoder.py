@@ -216,7 +216,7 @@ class ECMDecoder(nn.Module):
     def pool_sizes(self) -> tuple[int, ...]:
         return self.delta.pool_sizes
 
-    def config(self) -> dict:
+    def config_dict(self) -> dict:
         """Constructor arguments, for checkpoint metadata."""
         return {
             "num_classes": self.num_classes,

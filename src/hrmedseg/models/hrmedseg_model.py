@@ -77,9 +77,9 @@ class HRMedSeg(nn.Module):
         """x: normalised (B, 3, H, W) -> logits (B, C2, H, W)."""
         return self.decoder(self.encoder(x), output_size=tuple(x.shape[-2:]))
 
-    def config(self) -> dict:
+    def config_dict(self) -> dict:
         """What ``load_hrmedseg`` needs to rebuild this model."""
-        decoder = self.decoder.config()
+        decoder = self.decoder.config_dict()
         return {
             "encoder": self.encoder.config.to_dict(),
             "num_classes": self.num_classes,
@@ -125,7 +125,7 @@ def save_hrmedseg(
     class_names: Sequence[str] | None = None,
 ) -> Path:
     """Save ``model`` as an hrmedseg bundle (atomic). ``class_names`` overrides the model's."""
-    config = model.config()
+    config = model.config_dict()
     if class_names is not None:
         if len(class_names) != model.num_classes:
             raise ValueError(f"{len(class_names)} class names given for a {model.num_classes}-class model")
