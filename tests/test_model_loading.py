@@ -140,3 +140,19 @@ def test_registry_names(files, tmp_path):
         load_model("hrmedseg_pfd_10k", weights_dir=weights_dir)
     model = load_model("hrmedseg_pfd_10k", weights_dir=weights_dir, decoder=files / "sam_decoder.pt")
     assert model.pixel_std.flatten().tolist() == pytest.approx(list(Preprocessing.hrmedseg_release().pixel_std))
+
+
+def test_bundles_made_by_the_importer_load(files, tmp_path):
+    """The weights importer's compact decoder bundles pair with an encoder through load_model."""
+    importing = pytest.importorskip("hrmedseg.weights.importing")
+    from sam2.modeling.sam2_base import SAM2Base
+    from segment_anything.modeling import Sam
+
+    sam_decoder = importing.import_checkpoint(files / "sam_vit_b_01ec64.pth", tmp_path / "sam_dec.pt")
+    sam2_decoder = importing.import_checkpoint(files / "sam2.1_hiera_tiny.pt", tmp_path / "sam2_dec.pt")
+    assert isinstance(load_model(files / "encoder.pt", decoder=sam_decoder), Sam)
+    sam2 = load_model(files / "encoder.pt", decoder=sam2_decoder)
+    assert isinstance(sam2, SAM2Base)
+    assert sam2.hrmedseg_config["sam2_config"] == "sam2.1_hiera_t" and sam2.hrmedseg_config["memory"] is False
+    file_state = torch.load(files / "sam2.1_hiera_tiny.pt", weights_only=True)["model"]
+    assert torch.equal(sam2.no_mem_embed, file_state["no_mem_embed"])
