@@ -32,7 +32,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap keeps a 2.5 GB SAM file out of memory until its tensors are touched.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise WeightsError(
             f"cannot read weights file {path} ({path.stat().st_size} bytes): it is corrupt, truncated "
