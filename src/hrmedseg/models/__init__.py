@@ -28,8 +28,13 @@ _EXPORTS = {
     "ECMDecoder": ".ecm_decoder",
     "build_hrmedseg": ".hrmedseg_model",
     "load_hrmedseg": ".hrmedseg_model",
+    "save_hrmedseg": ".hrmedseg_model",
     "build_hrmedseg_sam": ".sam",
     "build_hrmedseg_sam2": ".sam2",
+    "save_hrmedseg_sam": ".sam",
+    "load_hrmedseg_sam": ".sam",
+    "save_hrmedseg_sam2": ".sam2",
+    "load_hrmedseg_sam2": ".sam2",
     "load_model": ".loading",
 }
 
