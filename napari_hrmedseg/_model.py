@@ -1,0 +1,121 @@
+"""Model choices of the dock and loading them (runs in a worker thread; torch is imported here only)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._state import ModelInfo
+
+#: the choice that builds a randomly initialised HRMedSegSAM (tests, layout screenshots)
+UNTRAINED_CHOICE = "untrained (random weights: testing only)"
+DEVICES = ("auto", "cuda", "mps", "cpu")
+UNTRAINED_BANNER = "untrained weights: masks are meaningless"
+
+# registry kinds that hold something BoxPredictor can run on its own; decoders and bare
+# encoders are parts of such models
+_RUNNABLE_KINDS = {"sam", "sam2", "hrmedseg_sam", "hrmedseg_sam2", "model", "box_model"}
+
+
+def registry_choices() -> list[str]:
+    """Registry names a box model can be loaded from (empty if the registry is unavailable)."""
+    try:
+        from hrmedseg.weights.registry import list_weights
+    except ImportError:
+        return []
+    try:
+        entries = list_weights()
+    except Exception:  # a broken registry file must not break the dock; the CLI reports it
+        return []
+    runnable = [e.name for e in entries if getattr(e, "kind", None) in _RUNNABLE_KINDS]
+    return runnable or [e.name for e in entries]
+
+
+@dataclass
+class MissingWeights:
+    """A registry name whose file is not on this computer (what the dock offers to fix)."""
+
+    name: str
+    file: str
+    message: str
+    can_download: bool
+
+
+def check_weights(name: str) -> MissingWeights | None:
+    """None if ``name`` resolves to a local verified file; otherwise what is missing (no download)."""
+    from hrmedseg.errors import WeightsError
+    from hrmedseg.weights import registry
+
+    try:
+        registry.resolve(name, download=False)
+    except WeightsError as err:
+        entry = registry.get_entry(name)
+        return MissingWeights(name, entry.file, str(err), can_download=entry.url is not None)
+    return None
+
+
+def download_weights(name: str) -> Path:
+    """Download ``name`` into the cache (WeightsError explains an offline or failed download)."""
+    from hrmedseg.weights import registry
+
+    return registry.fetch(name)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def provenance_says_untrained(provenance: Any) -> bool:
+    """True for weights recorded as random / untrained (bundle provenance), False otherwise."""
+    if not isinstance(provenance, dict):
+        return False
+    if provenance.get("trained") is False or provenance.get("untrained") is True:
+        return True
+    source = str(provenance.get("source", "")).lower()
+    return any(word in source for word in ("random", "untrained"))
+
+
+def _find_provenance(obj: Any) -> Any:
+    for holder in (obj, getattr(obj, "model", None)):
+        for attr in ("provenance", "hrmedseg_provenance"):
+            value = getattr(holder, attr, None) if holder is not None else None
+            if isinstance(value, dict):
+                return value
+    return None
+
+
+def load_predictor(choice: str | os.PathLike | Any, device: str = "auto") -> tuple[Any, ModelInfo]:
+    """A BoxPredictor for a dock choice: a registry name, a file path, ``UNTRAINED_CHOICE`` or a model.
+
+    Returns (predictor, ModelInfo). Raises hrmedseg's WeightsError when weights are missing.
+    """
+    from hrmedseg.engine import BoxPredictor
+
+    if isinstance(choice, str) and choice == UNTRAINED_CHOICE:
+        from hrmedseg.models import build_hrmedseg_sam
+
+        return BoxPredictor(build_hrmedseg_sam(), device=device), ModelInfo(name="untrained-random", untrained=True)
+    if isinstance(choice, (str, os.PathLike)) and (os.sep in str(choice) or Path(choice).is_file()):
+        path = Path(choice).expanduser().resolve()
+        predictor = BoxPredictor(str(path), device=device)
+        info = ModelInfo(name=path.name, path=str(path), sha256=_sha256(path))
+    elif isinstance(choice, str):
+        from hrmedseg.weights import registry
+
+        path = registry.resolve(choice, download=False)
+        predictor = BoxPredictor(choice, device=device)
+        info = ModelInfo(name=choice, path=str(path), sha256=_sha256(Path(path)))
+    else:  # a model object (tests, notebooks)
+        predictor = BoxPredictor(choice, device=device)
+        info = ModelInfo(name=getattr(choice, "name", type(choice).__name__))
+    provenance = _find_provenance(predictor)
+    if provenance is not None:
+        info.untrained = info.untrained or provenance_says_untrained(provenance)
+    return predictor, info

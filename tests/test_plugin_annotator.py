@@ -1,0 +1,243 @@
+"""The annotator dock in a real napari viewer (run under xvfb-run): boxes -> masks, undo, commit/reopen.
+
+Masks come from the real engine (``hrmedseg.engine.BoxPredictor``) with a small randomly
+initialised HRMedSegSAM; each expectation is recomputed with the same predictor, so the tests
+check the plumbing (which object, where, undo, store), not mask quality.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hrmedseg.data import load_sample
+from napari.utils._test_utils import read_only_mouse_event
+from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
+
+pytestmark = pytest.mark.gui
+
+
+# ----------------------------------------------------------------------------- helpers
+def _drag(layer, start, end, steps=4):
+    """Press at ``start``, move to ``end`` and release, as a mouse on the canvas does (data coords)."""
+    start, end = np.asarray(start, float), np.asarray(end, float)
+    mouse_press_callbacks(layer, read_only_mouse_event(type="mouse_press", position=tuple(start), is_dragging=True))
+    for t in np.linspace(0, 1, steps):
+        pos = tuple(start + t * (end - start))
+        mouse_move_callbacks(layer, read_only_mouse_event(type="mouse_move", position=pos, is_dragging=True))
+    mouse_release_callbacks(layer, read_only_mouse_event(type="mouse_release", position=tuple(end), is_dragging=True))
+
+
+def _click(layer, pos):
+    mouse_press_callbacks(layer, read_only_mouse_event(type="mouse_press", position=tuple(pos)))
+    mouse_release_callbacks(layer, read_only_mouse_event(type="mouse_release", position=tuple(pos)))
+
+
+def _expected_labels(predictor, image, boxes_by_id, shape):
+    """Labels the annotator should show: each box's mask pasted in id order (new wins)."""
+    from hrmedseg.engine import paste_object
+    from napari_hrmedseg._layer_image import LayerImage
+
+    labels = np.zeros(shape, np.uint32)
+    for oid, box in sorted(boxes_by_id.items()):
+        paste_object(labels, predictor.predict_box(LayerImage(image), box), oid, overlap="new_wins")
+    return labels
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    import torch
+
+    from hrmedseg.engine import BoxPredictor
+    from hrmedseg.models import EncoderConfig, build_encoder, build_hrmedseg_sam
+
+    torch.manual_seed(0)
+    encoder = build_encoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6)))
+    return BoxPredictor(build_hrmedseg_sam(encoder=encoder).eval(), device="cpu")
+
+
+@pytest.fixture
+def annotator(make_napari_viewer, predictor, qtbot):
+    from napari_hrmedseg._state import ModelInfo
+    from napari_hrmedseg._widget import AnnotatorWidget
+
+    viewer = make_napari_viewer()
+    image = load_sample("nuclei_fluorescence")[:192, :256]
+    viewer.add_image(image, name="nuclei")
+    widget = AnnotatorWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    ann = widget.annotator
+    ann.use_predictor(predictor, ModelInfo(name="random-test", untrained=True))
+    ann.test_image = image
+    ann.widget = widget
+    yield ann
+    ann.cancel()
+    qtbot.waitUntil(lambda: not ann.is_busy, timeout=60_000)
+
+
+def _wait(qtbot, ann):
+    qtbot.waitUntil(lambda: not ann.is_busy and not ann._queue, timeout=120_000)
+
+
+# ----------------------------------------------------------------------------- tests
+def test_layers_and_rectangle_mode(annotator):
+    ann = annotator
+    assert ann.labels_layer.name.startswith("nuclei masks")
+    assert ann.boxes_layer.name == "nuclei boxes"
+    assert ann.boxes_layer.mode == "add_rectangle"
+    assert ann.labels_layer.data.shape == ann.test_image.shape
+    # untrained weights are labelled where the masks are shown
+    assert "UNTRAINED" in ann.labels_layer.name
+    assert ann.widget.banner.isVisibleTo(ann.widget)
+
+
+def test_draw_move_delete_boxes_change_labels(annotator, predictor, qtbot):
+    ann = annotator
+    boxes, image = ann.boxes_layer, ann.test_image
+    # draw two boxes with the mouse in rectangle mode ((y, x) data coordinates)
+    _drag(boxes, (20, 30), (70, 90))
+    _drag(boxes, (100, 140), (170, 230))
+    _wait(qtbot, ann)
+    assert list(boxes.features["object_id"]) == [1, 2]
+    box1, box2 = ann.state.objects[1].box, ann.state.objects[2].box
+    expected = _expected_labels(predictor, image, {1: box1, 2: box2}, image.shape)
+    assert set(np.unique(expected)) == {0, 1, 2}, "test precondition: both random-weight masks non-empty"
+    np.testing.assert_array_equal(ann.labels_layer.data, expected)
+
+    # move box 1 with the mouse (select mode: click it, then drag it 15 px down, 25 px right)
+    boxes.mode = "select"
+    centre = np.mean(boxes.data[0], axis=0)
+    _click(boxes, centre)
+    _drag(boxes, centre, centre + (15, 25))
+    _wait(qtbot, ann)
+    moved = ann.state.objects[1].box
+    assert moved == pytest.approx((box1[0] + 25, box1[1] + 15, box1[2] + 25, box1[3] + 15))
+    expected = _expected_labels(predictor, image, {1: moved, 2: box2}, image.shape)
+    np.testing.assert_array_equal(ann.labels_layer.data, expected)
+
+    # resize box 2 (what dragging a corner handle ends in: new vertices + a "changed" event)
+    from napari_hrmedseg._state import rectangle_from_box
+
+    bigger = (box2[0] - 10, box2[1] - 10, box2[2], box2[3])
+    data = list(boxes.data)
+    data[1] = rectangle_from_box(bigger)
+    boxes.data = data
+    _wait(qtbot, ann)
+    assert list(boxes.features["object_id"]) == [1, 2]
+    expected = _expected_labels(predictor, image, {1: moved, 2: bigger}, image.shape)
+    np.testing.assert_array_equal(ann.labels_layer.data, expected)
+
+    # delete box 1: object 1 disappears, object 2 stays as it was
+    boxes.selected_data = {0}
+    boxes.remove_selected()
+    _wait(qtbot, ann)
+    assert 1 not in ann.state.objects
+    assert not np.any(ann.labels_layer.data == 1)
+    np.testing.assert_array_equal(ann.labels_layer.data == 2, expected == 2)
+
+
+def test_undo_redo_restore_masks(annotator, qtbot):
+    ann = annotator
+    labels = ann.labels_layer
+    _drag(ann.boxes_layer, (20, 30), (80, 100))
+    _wait(qtbot, ann)
+    after_first = labels.data.copy()
+    assert np.any(after_first == 1)
+    _drag(ann.boxes_layer, (90, 120), (160, 200))
+    _wait(qtbot, ann)
+    after_second = labels.data.copy()
+    assert np.any(after_second == 2)
+    # napari's own history (what Ctrl+Z / Ctrl+Shift+Z on the labels layer call)
+    labels.undo()
+    np.testing.assert_array_equal(labels.data, after_first)
+    labels.undo()
+    assert not labels.data.any()
+    labels.redo()
+    labels.redo()
+    np.testing.assert_array_equal(labels.data, after_second)
+
+
+def test_commit_and_reopen_round_trip(annotator, qtbot, tmp_path, make_napari_viewer):
+    from hrmedseg.store import AnnotationStore
+
+    ann = annotator
+    _drag(ann.boxes_layer, (20, 30), (80, 100))
+    _drag(ann.boxes_layer, (100, 140), (170, 230))
+    _wait(qtbot, ann)
+    # a person corrects: paints part of object 1 away and adds a hand-painted object 7
+    ys, xs = np.nonzero(ann.labels_layer.data == 1)
+    painted = (ys[: len(ys) // 2], xs[: len(xs) // 2])
+    ann.labels_layer.data_setitem(painted, 0)
+    ann.labels_layer.data_setitem((np.array([5, 5, 6]), np.array([5, 6, 5])), 7)
+    assert ann.state.dirty
+    project = tmp_path / "project"
+    ann.widget.project_edit.setText(str(project))
+    ann.widget.commit()
+    _wait(qtbot, ann)
+    assert not ann.state.dirty
+
+    store = AnnotationStore.open(project)
+    assert store.image_keys() == [ann.image_key()]
+    saved = store.load(ann.image_key())
+    np.testing.assert_array_equal(saved.labels, ann.labels_layer.data)
+    by_id = {o.id: o for o in saved.objects}
+    assert set(by_id) == {1, 2, 7}
+    assert by_id[1].edited and not by_id[2].edited and by_id[7].edited
+    assert by_id[1].prompt["type"] == "box" and by_id[7].prompt["type"] == "paint"
+    assert by_id[2].box_xyxy == pytest.approx(ann.state.objects[2].box)
+    assert by_id[2].model["name"] == "random-test" and by_id[2].model.get("untrained") is True
+
+    # a fresh viewer with the same image reopens the project: layers come back
+    from napari_hrmedseg._widget import AnnotatorWidget
+
+    viewer2 = make_napari_viewer()
+    viewer2.add_image(ann.test_image, name="nuclei")
+    widget2 = AnnotatorWidget(viewer2)
+    widget2.project_edit.setText(str(project))
+    assert widget2.open_project()
+    ann2 = widget2.annotator
+    np.testing.assert_array_equal(ann2.labels_layer.data, saved.labels)
+    assert sorted(ann2.boxes_layer.features["object_id"]) == [1, 2]
+    assert ann2.state.objects[1].box == pytest.approx(by_id[1].box_xyxy)
+    # new boxes after reopening get fresh ids
+    assert ann2.next_object() == 8
+    widget2.close()
+
+
+def test_segment_all_with_progress_and_cancel(annotator, predictor, qtbot):
+    from napari_hrmedseg._state import rectangle_from_box
+
+    ann = annotator
+    image = ann.test_image
+    boxes = {i + 1: (10.0 + 40 * (i % 5), 10.0 + 60 * (i // 5), 45.0 + 40 * (i % 5), 60.0 + 60 * (i // 5)) for i in range(10)}
+    ann.predictor = None  # add boxes first, segment them all at once
+    ann.boxes_layer.add_rectangles([rectangle_from_box(b) for b in boxes.values()])
+    assert sorted(ann.state.objects) == list(boxes)
+    ann.predictor = predictor
+    seen = []
+    ann.progress.connect(lambda done, total: seen.append((done, total)))
+    ann.segment_all()
+    _wait(qtbot, ann)
+    assert seen[0] == (0, 10) and seen[-1] == (10, 10)
+    assert [d for d, _ in seen] == list(range(11))
+    expected = _expected_labels(predictor, image, boxes, image.shape)
+    np.testing.assert_array_equal(ann.labels_layer.data, expected)
+
+    # cancel: stops early, keeps what was written, leaves no worker behind
+    ann.labels_layer.data = np.zeros_like(ann.labels_layer.data)
+    seen.clear()
+    ann.progress.connect(lambda done, total: ann.cancel() if done == 3 else None)
+    ann.segment_all()
+    _wait(qtbot, ann)
+    assert 3 <= seen[-1][0] < 10
+    assert len(set(np.unique(ann.labels_layer.data)) - {0}) <= seen[-1][0]
+
+
+def test_shortcuts_are_bound_and_documented(annotator):
+    from napari_hrmedseg._widget import SHORTCUTS
+
+    widget = annotator.widget
+    keymap = {str(k) for k in annotator.viewer.keymap}
+    for key in SHORTCUTS:
+        assert key.replace("-", "+") in widget.toolTip()
+    assert len(widget._bound) == len(SHORTCUTS), keymap
