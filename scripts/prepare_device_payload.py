@@ -4,6 +4,10 @@
 - data/<dataset>_{train,val}/{images,masks}: the real annotated images of ../shared/data with a
   fixed held-out split (every image whose name hashes into the last 15% goes to val), fundus
   photos downscaled so their long side is at most --fundus-size (they never enter the repo).
+- data/box_{train,val}/manifest.json: both datasets as box-prompt training pairs for one model:
+  nuclei masks as they are (one object per label), and per fundus photo two binary masks, the
+  optic disc (label >= 1) and the cup (label 2), since the cup lies inside the disc and one label
+  image cannot hold both objects.
 
 Usage: python scripts/prepare_device_payload.py [--shared ../shared] [--out device_payload]
 """
@@ -49,6 +53,24 @@ def copy_split(src: Path, dest: Path, resize_long_side: int | None) -> dict[str,
     return split
 
 
+def write_box_manifests(data: Path, splits: dict[str, dict[str, list[str]]]) -> None:
+    for part in ("train", "val"):
+        root = data / f"box_{part}"
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        items = []
+        for name in splits["nuclei"][part]:
+            items.append({"name": name, "image": f"../nuclei_{part}/images/{name}.png",
+                          "mask": f"../nuclei_{part}/masks/{name}.png"})
+        for name in splits["fundus"][part]:
+            labels = np.asarray(Image.open(data / f"fundus_{part}" / "masks" / f"{name}.png"))
+            for target, binary in (("disc", labels >= 1), ("cup", labels == 2)):
+                mask_name = f"{name}_{target}.png"
+                Image.fromarray(binary.astype(np.uint8)).save(root / "masks" / mask_name)
+                items.append({"name": f"{name}_{target}", "image": f"../fundus_{part}/images/{name}.jpg",
+                              "mask": f"masks/{mask_name}"})
+        (root / "manifest.json").write_text(json.dumps({"items": items}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
@@ -61,6 +83,7 @@ def main() -> None:
         "fundus": copy_split(args.shared / "data" / "fundus_drishtigs", data / "fundus", args.fundus_size),
     }
     (data / "splits.json").write_text(json.dumps(splits, indent=1))
+    write_box_manifests(data, splits)
     for name, split in splits.items():
         print(f"{name}: {len(split['train'])} train, {len(split['val'])} val")
 
