@@ -1,4 +1,9 @@
-"""A 2D plane of a napari image layer's data, read crop by crop (lazy and multiscale data stay on disk)."""
+"""A 2D plane of a napari image layer as an ``hrmedseg.io.LazyImage``, read crop by crop.
+
+numpy, dask, zarr and tifffile-zarr arrays and napari's multiscale lists (level 0 = full
+resolution) all work; only the windows the engine asks for are indexed, so lazy data reads just
+the chunks (or tiles) under each box's crop.
+"""
 
 from __future__ import annotations
 
@@ -6,81 +11,74 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hrmedseg.io import LazyImage
+from hrmedseg.io.readers import check_dtype, object_token
 
-class LayerImage:
-    """One (H, W) or (H, W, C) plane of layer data, for the engine's ``read(y0, y1, x0, x1, level)``.
 
-    Works with numpy, dask, zarr and tifffile-zarr arrays and with napari's multiscale lists
-    (level 0 = full resolution). Only the requested crop is indexed, so a lazy array reads just
-    those chunks. For nD data (..., Y, X[, C]) ``slice_index`` picks the leading indices at full
-    resolution; coarser levels get them scaled.
+class LayerImage(LazyImage):
+    """One plane of layer data: (..., Y, X) grey or (..., Y, X, C) RGB(A).
 
-    Attributes:
-        shape_yx: (H, W) of level 0.
-        levels: (H, W) of every level, finest first.
-        channels: 1 for grey planes, C for RGB(A) / channel-last planes.
+    For nD data ``slice_index`` gives the leading indices at full resolution (the slice on
+    screen); coarser pyramid levels get them scaled. Reads return (h, w, C) like every LazyImage.
     """
 
-    def __init__(self, data: Any, rgb: bool = False, slice_index: Sequence[int] = (), multiscale: bool | None = None) -> None:
+    def __init__(
+        self,
+        data: Any,
+        rgb: bool = False,
+        slice_index: Sequence[int] = (),
+        multiscale: bool | None = None,
+        name: str = "napari layer",
+        channel: int | Sequence[int] | None = None,
+    ) -> None:
         if multiscale is None:
             multiscale = isinstance(data, (list, tuple))
         self._arrays = list(data) if multiscale else [data]
         self.rgb = bool(rgb)
-        spatial_end = -1 if self.rgb else None
-        full = tuple(self._arrays[0].shape)
-        self._lead_full = full[: len(full) - (3 if self.rgb else 2)]
+        self.name = name
+        full = tuple(int(s) for s in self._arrays[0].shape)
+        n_lead = len(full) - (3 if self.rgb else 2)
+        if n_lead < 0:
+            raise ValueError(f"{name}: data of shape {full} is not an image")
+        self._lead_full = full[:n_lead]
         slice_index = tuple(int(i) for i in slice_index)
-        if len(slice_index) != len(self._lead_full):
-            raise ValueError(
-                f"data of shape {full} needs {len(self._lead_full)} leading indices, got {slice_index}"
-            )
+        if len(slice_index) != n_lead:
+            raise ValueError(f"{name}: data of shape {full} needs {n_lead} leading indices, got {slice_index}")
         for axis, (i, n) in enumerate(zip(slice_index, self._lead_full)):
             if not 0 <= i < n:
-                raise IndexError(f"slice index {i} is outside axis {axis} of size {n}")
+                raise IndexError(f"{name}: slice index {i} is outside axis {axis} of size {n}")
         self.slice_index = slice_index
-        self.levels = [tuple(int(s) for s in a.shape[len(self._lead_full) :][:spatial_end][-2:]) for a in self._arrays]
+        self.dtype = check_dtype(self._arrays[0].dtype, name)
+        self.levels = [tuple(int(s) for s in a.shape[n_lead : n_lead + 2]) for a in self._arrays]
         self.shape_yx = self.levels[0]
-        self.channels = int(full[-1]) if self.rgb else 1
-        self.dtype = np.dtype(self._arrays[0].dtype)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.shape_yx + ((self.channels,) if self.rgb else ())
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
+        self.n_source_channels = full[-1] if self.rgb else 1
+        self.channels = self._select_channels(channel)
+        # same array + same plane -> same key: the engine's embedding cache is reused across boxes
+        self.source_key = f"napari:{object_token(self._arrays[0])}:{slice_index}"
 
     def _lead_at(self, level: int) -> tuple[int, ...]:
         shape = self._arrays[level].shape
-        return tuple(
-            min(int(i * shape[a] / self._lead_full[a]), shape[a] - 1) for a, i in enumerate(self.slice_index)
-        )
+        return tuple(min(int(i * shape[a] / self._lead_full[a]), shape[a] - 1) for a, i in enumerate(self.slice_index))
 
-    def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
-        """The crop [y0:y1, x0:x1] of ``level`` (coordinates of that level), as numpy."""
-        h, w = self.levels[level]
-        y0, y1 = max(0, int(y0)), min(h, int(y1))
-        x0, x1 = max(0, int(x0)), min(w, int(x1))
-        key = self._lead_at(level) + (slice(y0, y1), slice(x0, x1))
-        return np.asarray(self._arrays[level][key])
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        """numpy-style access to level 0 (``image[y0:y1, x0:x1]``), for code that slices arrays."""
-        if not isinstance(key, tuple):
-            key = (key,)
-        return np.asarray(self._arrays[0][self.slice_index + key])
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        # Reads the whole plane: only for small images (the engine reads crops).
-        out = np.asarray(self._arrays[0][self.slice_index])
-        return out.astype(dtype) if dtype is not None else out
+    def _read_raw(self, y0: int, y1: int, x0: int, x1: int, level: int) -> np.ndarray:
+        window = self._arrays[level][self._lead_at(level) + (slice(y0, y1), slice(x0, x1))]
+        if hasattr(window, "compute"):
+            window = window.compute()
+        window = np.asarray(window)
+        if not self.rgb:
+            window = window[..., None]
+        return window[:, :, list(self.channels)]
 
 
 def layer_plane(layer: Any, slice_index: Sequence[int]) -> LayerImage:
     """The plane of a napari Image layer at ``slice_index`` (leading data indices)."""
-    return LayerImage(layer.data, rgb=bool(getattr(layer, "rgb", False)), slice_index=slice_index,
-                      multiscale=bool(getattr(layer, "multiscale", False)))
+    return LayerImage(
+        layer.data,
+        rgb=bool(getattr(layer, "rgb", False)),
+        slice_index=slice_index,
+        multiscale=bool(getattr(layer, "multiscale", False)),
+        name=f"layer '{layer.name}'",
+    )
 
 
 def spatial_shape(layer: Any) -> tuple[int, ...]:
