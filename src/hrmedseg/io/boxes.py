@@ -1,0 +1,205 @@
+"""Box prompts: reading box files and checking boxes against an image.
+
+Boxes are ``(N, 4)`` float arrays ``x0, y0, x1, y1`` in full-resolution image pixels, with
+continuous coordinates (pixel ``(r, c)`` covers ``[c, c+1) x [r, r+1)``), as in SAM.
+
+File formats (chosen by content, not only by extension):
+- CSV with a header ``x0,y0,x1,y1`` (also ``xmin,ymin,xmax,ymax``; other columns are ignored),
+  or 4 numeric columns without header;
+- napari Shapes layer CSV export (``index,shape-type,vertex-index,axis-0,axis-1``): each shape's
+  bounding rectangle (axis-0 = y, axis-1 = x);
+- JSON: a list of ``[x0, y0, x1, y1]``, a list of objects with x0/y0/x1/y1 keys, ``{"boxes": [...]}``,
+  or GeoJSON (Feature / FeatureCollection of Polygons, coordinates ``[x, y]``): each polygon's
+  bounding rectangle.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+HEADER_ALIASES = (("x0", "y0", "x1", "y1"), ("xmin", "ymin", "xmax", "ymax"), ("x_min", "y_min", "x_max", "y_max"))
+NAPARI_COLUMNS = ("index", "shape-type", "vertex-index", "axis-0", "axis-1")
+
+
+class BoxClippedWarning(UserWarning):
+    """A box overhangs the image and was clipped to it."""
+
+
+def _float(value: str, where: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise InputError(f"{where}: {value!r} is not a number") from None
+
+
+def _read_csv(text: str, name: str) -> np.ndarray:
+    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise InputError(f"box file {name} has no rows")
+    header = [c.strip().lower() for c in rows[0]]
+    is_header = any(not _is_number(c) for c in header)
+    if is_header and {"index", "axis-0", "axis-1"} <= set(header):
+        return _napari_shapes(rows, header, name)
+    if is_header:
+        for cols in HEADER_ALIASES:
+            if set(cols) <= set(header):
+                idx = [header.index(c) for c in cols]
+                break
+        else:
+            raise InputError(
+                f"box file {name}: columns {rows[0]} do not name a box; expected x0,y0,x1,y1 "
+                f"(or xmin,ymin,xmax,ymax), or napari's Shapes CSV export"
+            )
+        body, first_line = rows[1:], 2
+    else:
+        idx, body, first_line = [0, 1, 2, 3], rows, 1
+    boxes = []
+    for i, row in enumerate(body):
+        where = f"box file {name}, line {first_line + i}"
+        if len(row) <= max(idx):
+            raise InputError(f"{where}: expected 4 values x0,y0,x1,y1, found {len(row)}: {row}")
+        if not is_header and len(row) != 4:
+            raise InputError(f"{where}: expected 4 values x0,y0,x1,y1 (or a header naming the columns), found {len(row)}: {row}")
+        boxes.append([_float(row[j].strip(), where) for j in idx])
+    return np.asarray(boxes, np.float64).reshape(-1, 4)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _napari_shapes(rows: list[list[str]], header: list[str], name: str) -> np.ndarray:
+    ci = header.index("index")
+    # napari exports nD shapes with more axes; the last two are (y, x)
+    axis_cols = sorted((c for c in header if c.startswith("axis-")), key=lambda c: int(c.split("-")[1]))
+    cy, cx = header.index(axis_cols[-2]), header.index(axis_cols[-1])
+    shapes: dict[int, list[tuple[float, float]]] = {}
+    for i, row in enumerate(rows[1:]):
+        where = f"box file {name}, line {i + 2}"
+        shapes.setdefault(int(_float(row[ci], where)), []).append((_float(row[cy], where), _float(row[cx], where)))
+    boxes = []
+    for k in sorted(shapes):
+        pts = np.asarray(shapes[k])
+        boxes.append([pts[:, 1].min(), pts[:, 0].min(), pts[:, 1].max(), pts[:, 0].max()])
+    return np.asarray(boxes, np.float64).reshape(-1, 4)
+
+
+def _read_json(text: str, name: str) -> np.ndarray:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"box file {name} is not valid JSON: {err}") from err
+    if isinstance(obj, dict) and obj.get("type") in ("FeatureCollection", "Feature"):
+        features = obj["features"] if obj["type"] == "FeatureCollection" else [obj]
+        boxes = []
+        for i, f in enumerate(features):
+            geom = (f or {}).get("geometry") or {}
+            if geom.get("type") not in ("Polygon", "MultiPolygon"):
+                raise InputError(f"box file {name}, feature {i}: geometry type {geom.get('type')!r} is not a Polygon")
+            pts = np.asarray(_flatten_coords(geom["coordinates"]), np.float64).reshape(-1, 2)
+            boxes.append([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
+        return np.asarray(boxes, np.float64).reshape(-1, 4)
+    if isinstance(obj, dict):
+        if "boxes" not in obj:
+            raise InputError(f"box file {name}: JSON object has no 'boxes' key (keys: {sorted(obj)[:8]})")
+        obj = obj["boxes"]
+    if not isinstance(obj, list):
+        raise InputError(f"box file {name}: expected a list of boxes")
+    boxes = []
+    for i, b in enumerate(obj):
+        where = f"box file {name}, box {i}"
+        if isinstance(b, dict):
+            keys = next((k for k in HEADER_ALIASES if set(k) <= set(b)), None)
+            if keys is None:
+                raise InputError(f"{where}: keys {sorted(b)} do not name a box (x0, y0, x1, y1)")
+            b = [b[k] for k in keys]
+        if not isinstance(b, (list, tuple)) or len(b) != 4:
+            raise InputError(f"{where}: expected [x0, y0, x1, y1], got {b!r}")
+        try:
+            boxes.append([float(v) for v in b])
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: {b!r} holds a value that is not a number") from None
+    return np.asarray(boxes, np.float64).reshape(-1, 4)
+
+
+def _flatten_coords(c: Any) -> list:
+    if isinstance(c, (list, tuple)) and c and isinstance(c[0], (int, float)):
+        return [c]
+    out: list = []
+    for item in c:
+        out.extend(_flatten_coords(item))
+    return out
+
+
+def read_boxes(path: str | os.PathLike) -> np.ndarray:
+    """Read a box file (CSV, napari Shapes CSV, JSON or GeoJSON) into an (N, 4) xyxy array."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"box file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (UnicodeDecodeError, OSError) as err:
+        raise InputError(f"cannot read box file {path}: {err}") from err
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")) or path.suffix.lower() in (".json", ".geojson"):
+        boxes = _read_json(text, str(path))
+    else:
+        boxes = _read_csv(text, str(path))
+    if len(boxes) == 0:
+        raise InputError(f"box file {path} holds no boxes")
+    return boxes
+
+
+def check_boxes(boxes: Any, shape_yx: tuple[int, int], source: str = "boxes") -> np.ndarray:
+    """Validate boxes against an image; returns float64 (N, 4) boxes clipped to the image.
+
+    Raises InputError naming the first bad box (wrong shape, NaN/inf, zero or negative size,
+    wholly outside the image). Boxes that only overhang the image are clipped, with a
+    :class:`BoxClippedWarning` listing them.
+    """
+    try:
+        arr = np.asarray(boxes, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{source} must be numbers in an (N, 4) array x0, y0, x1, y1 ({err})") from None
+    if arr.ndim == 1 and arr.shape[0] == 4:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise InputError(f"{source} must have shape (N, 4) as x0, y0, x1, y1; got shape {arr.shape}")
+    h, w = shape_yx
+    clipped_ids = []
+    out = arr.copy()
+    for i, (x0, y0, x1, y1) in enumerate(arr):
+        desc = f"box {i} ({x0:g}, {y0:g}, {x1:g}, {y1:g})"
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            raise InputError(f"{source}: {desc} holds NaN or infinity")
+        if x1 <= x0 or y1 <= y0:
+            raise InputError(f"{source}: {desc} has zero or negative size (need x1 > x0 and y1 > y0)")
+        if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+            raise InputError(f"{source}: {desc} lies outside the image (width {w}, height {h})")
+        c = (max(x0, 0.0), max(y0, 0.0), min(x1, float(w)), min(y1, float(h)))
+        if c != (x0, y0, x1, y1):
+            clipped_ids.append(i)
+            out[i] = c
+    if clipped_ids:
+        shown = ", ".join(map(str, clipped_ids[:10])) + (" ..." if len(clipped_ids) > 10 else "")
+        warnings.warn(
+            f"{source}: {len(clipped_ids)} box(es) overhang the image ({w} x {h}) and were clipped: {shown}",
+            BoxClippedWarning,
+            stacklevel=2,
+        )
+    return out

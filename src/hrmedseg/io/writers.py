@@ -1,0 +1,88 @@
+"""Atomic writing of label images as tiled, compressed TIFF and of per-object tables."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..atomic import atomic_path
+
+TILE = 256
+BIGTIFF_BYTES = 2**31
+
+
+def label_dtype(max_id: int) -> np.dtype:
+    """The smallest unsigned type napari and Fiji read that holds ``max_id``."""
+    return np.dtype(np.uint16) if max_id < 2**16 else np.dtype(np.uint32)
+
+
+def _tiles(shape_yx: tuple[int, int], tile: int, read: Callable[[int, int, int, int], np.ndarray], dtype) -> Iterator[np.ndarray]:
+    h, w = shape_yx
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+            block = np.zeros((tile, tile), dtype)
+            block[: y1 - y0, : x1 - x0] = read(y0, y1, x0, x1)
+            yield block
+
+
+def write_label_tiff(
+    path: str | os.PathLike,
+    labels: Any,
+    shape_yx: tuple[int, int] | None = None,
+    max_id: int | None = None,
+    tile: int = TILE,
+    compression: str = "zlib",
+) -> Path:
+    """Write a label image as a tiled, compressed TIFF, atomically.
+
+    ``labels`` is an array-like of shape (H, W) (numpy, zarr, memmap), or an object with
+    ``shape_yx`` and ``read(y0, y1, x0, x1)`` (e.g. ``hrmedseg.engine.SparseLabels``), which is
+    rendered tile by tile so the full label image is never in memory.
+    """
+    import tifffile
+
+    if hasattr(labels, "read") and hasattr(labels, "shape_yx"):
+        shape = tuple(labels.shape_yx)
+        read = labels.read
+        top = max_id if max_id is not None else int(getattr(labels, "max_id", 2**32 - 1))
+    else:
+        shape = tuple(labels.shape) if shape_yx is None else tuple(shape_yx)
+        if len(shape) != 2:
+            raise ValueError(f"labels must be 2D (H, W), got shape {shape}")
+        read = lambda y0, y1, x0, x1: np.asarray(labels[y0:y1, x0:x1])  # noqa: E731
+        top = max_id if max_id is not None else int(np.max(labels)) if np.prod(shape) else 0
+    dtype = label_dtype(top)
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        tifffile.imwrite(
+            tmp,
+            _tiles(shape, tile, lambda *w: read(*w).astype(dtype, copy=False), dtype),
+            shape=shape,
+            dtype=dtype,
+            tile=(tile, tile),
+            compression=compression,
+            bigtiff=shape[0] * shape[1] * dtype.itemsize > BIGTIFF_BYTES,
+            photometric="minisblack",
+            metadata=None,
+        )
+    return target
+
+
+def write_object_table(path: str | os.PathLike, records: Iterable[Any]) -> Path:
+    """CSV with one row per box: id, x0, y0, x1, y1 (clipped box), area, score, empty, note."""
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "box_index", "x0", "y0", "x1", "y1", "area", "score", "empty", "note"])
+            for r in records:
+                x0, y0, x1, y1 = r.box
+                writer.writerow(
+                    [r.id, r.box_index, f"{x0:.2f}", f"{y0:.2f}", f"{x1:.2f}", f"{y1:.2f}", r.area, f"{r.score:.4f}", int(r.empty), r.note]
+                )
+    return target
