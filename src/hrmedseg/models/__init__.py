@@ -34,6 +34,10 @@ _EXPORTS = {
     "save_hrmedseg_sam": ".sam",
     "load_hrmedseg_sam": ".sam",
     "save_hrmedseg_sam2": ".sam2",
+    "Sam2Neck": ".sam2",
+    "HRMedSegSam2ImageEncoder": ".sam2",
+    "extract_sam_decoder_state": ".sam",
+    "extract_sam2_decoder_state": ".sam2",
     "load_hrmedseg_sam2": ".sam2",
     "load_model": ".loading",
 }

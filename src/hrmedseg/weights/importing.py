@@ -184,7 +184,7 @@ def import_checkpoint(
             ) from err
         kept, config = extract_sam2_decoder_state(obj["model"], str(src))
         dest = destination(config)
-        holds = f"SAM2 {config.get('variant', '')} prompt encoder + mask decoder (image encoder and memory dropped)".replace("  ", " ")
+        holds = f"SAM2 {config.get('sam2_config', '')} prompt encoder + mask decoder (image encoder and memory dropped)".replace("  ", " ")
         save_bundle(
             dest, SAM2_PROMPT_DECODER, kept, config=config,
             provenance=_source_provenance(src, digest, holds, SAM_LICENCE),
