@@ -79,3 +79,14 @@ def load_bundle(path: str | os.PathLike, architecture: str | tuple[str, ...] | N
             f"{path} holds weights for architecture '{obj['architecture']}', expected {' or '.join(wanted)}"
         )
     return obj
+
+
+def convert_bundle_dtype(src: str | os.PathLike, dest: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
+    """Re-save a bundle with its floating-point tensors in ``dtype`` (half the size for fp16).
+
+    Models load such a file as usual: ``load_state_dict`` casts back to the model's own dtype.
+    """
+    bundle = load_bundle(src)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in bundle["state_dict"].items()}
+    provenance = dict(bundle["provenance"], stored_dtype=str(dtype).removeprefix("torch."))
+    return save_bundle(dest, bundle["architecture"], state, bundle["config"], bundle["preprocessing"], provenance)

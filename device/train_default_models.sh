@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Trains the product's default models on one GPU from the real annotated images carried in
+# device_payload/data (made by scripts/prepare_device_payload.py) and writes half-precision
+# bundles plus training logs to $OUT. Usage: device/train_default_models.sh box|semantic [MINUTES]
+#   box:      one HRMedSegSAM for nuclei and the fundus optic disc and cup (box prompts)
+#   semantic: prompt-free HRMedSeg for nuclei foreground, then for optic disc + cup
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=$1; minutes=${2:-8}
+OUT=${OUT:-outputs}; mkdir -p "$OUT" runs
+D=device_payload/data
+train() {  # name, then finetune arguments
+  local name=$1; shift
+  python3 -m hrmedseg.training.cli finetune --out "runs/$name.pt" --amp --time-limit-min "$minutes" \
+    --note "default model trained by device/train_default_models.sh" "$@" 2>&1 | tr '\r' '\n' | grep -v "step/s" || true
+  python3 -c "from hrmedseg.weights.bundle import convert_bundle_dtype as c; c('runs/$name.pt', '$OUT/$name.pt')"
+  cp "runs/$name.log.csv" "$OUT/$name.log.csv"
+}
+case $what in
+  box)
+    train hrmedseg-sam-default --model hrmedseg-sam --data $D/box_train --val-data $D/box_val \
+      --img-size 1024 --scale 2 --batch-size 16 --max-boxes 16 --lr 4e-4 --lr-decay 0.99 --epochs 400 --patience 400 ;;
+  semantic)
+    train hrmedseg-nuclei --model hrmedseg --data $D/nuclei_train --val-data $D/nuclei_val --classes "nucleus:>=1" \
+      --img-size 1024 --scale 2 --batch-size 16 --lr 4e-4 --lr-decay 0.99 --epochs 400 --patience 400
+    train hrmedseg-fundus --model hrmedseg --data $D/fundus_train --val-data $D/fundus_val --classes "disc:>=1,cup:2" \
+      --img-size 1024 --input-mode fit --batch-size 8 --repeats 8 --lr 4e-4 --lr-decay 0.99 --epochs 400 --patience 400 ;;
+  *) echo "usage: $0 box|semantic [MINUTES]" >&2; exit 2 ;;
+esac
+nvidia-smi --query-gpu=name,memory.used --format=csv
