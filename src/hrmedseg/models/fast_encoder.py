@@ -1,0 +1,309 @@
+"""Inference-only LGViT + neck, built from a reference ``HRMedSegEncoder``'s weights.
+
+Same function as ``hrmedseg.models.neck.HRMedSegEncoder`` (the plain reference, which keeps
+the authors' state-dict names and stays the model for training and tests), computed with
+fewer passes over memory:
+
+- tokens stay channels-last, (B, N, C), from the patch embedding to the neck; 1x1 convs are
+  matrix products and the 3x3 (depthwise) convs run on channels-last views, so no layout copies;
+- BatchNorm is folded into the MBConv convolutions;
+- per attention block, ``act_proj``, ``qk`` and ``up_proj`` are one matrix product (they all
+  read ``norm1``'s output);
+- RoPE is never materialised: with ``q_rot = q * cos + swap(q * sin')`` (``swap`` exchanges the
+  channels of each rotation pair, ``sin'`` carries the signs), the swap moves into the small
+  per-head ``kv`` matrices, so q and k are multiplied once by one precomputed interleaved
+  cos/sin table and each head's two products are single matrix products;
+- the neck's 1x1 conv and first LayerNorm2d fold into its 3x3 conv: the 1x1 conv has only C = 96
+  inputs, so the normalised 256-channel map is an affine function of ``x / sigma(x)`` and the
+  3x3 conv runs on 96 channels instead of 256 (0.91 instead of 2.5 GMACs at 1024 x 1024); zero
+  padding of the 3x3 conv is honoured by a precomputed bias map.
+
+The fp32 result equals the reference to rounding (relative L2 error about 1e-6). ``bf16=True``
+runs the matrix products and convolutions in bfloat16 (AMX on recent Xeons, tensor cores on
+GPUs) with a measured relative error of about 1e-2 (docs/parts/speed.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lgvit import LinearAttentionBlock, MBConv
+from .neck import HRMedSegEncoder
+from .rope import rope_angles
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one convolution equal to ``bn(conv(x))`` in eval mode."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return weight.detach().clone(), bias.detach().clone()
+
+
+def rope_tables(height: int, width: int, dim: int) -> torch.Tensor:
+    """Interleaved cos/sin table for RoPE on (N, C) tokens.
+
+    Returns:
+        (N, 2, C) float32: ``[:, 0]`` is the cosine of each channel's pair angle, ``[:, 1]`` is
+        ``sin'``, the sine with the sign of the pair-swapped channel (``+sin`` on even channels,
+        ``-sin`` on odd ones), so that ``rope(q) = q * cos + swap(q * sin')``.
+    """
+    angles = rope_angles(height, width, dim).reshape(height * width, dim // 2)
+    cos = angles.cos().repeat_interleave(2, dim=-1)
+    sin = angles.sin().repeat_interleave(2, dim=-1)
+    sign = torch.tensor([1.0, -1.0]).repeat(dim // 2)
+    return torch.stack((cos, sin * sign), dim=1)  # (N, 2, C)
+
+
+def swap_pairs(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Exchange entries 2i and 2i+1 along ``dim`` (the channels of each rotation pair)."""
+    dim = dim % t.dim()
+    shape = t.shape
+    return t.unflatten(dim, (shape[dim] // 2, 2)).flip(dim + 1).flatten(dim, dim + 1)
+
+
+def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    """``ELU(x) + 1 = exp(min(x, 0)) + max(x, 0)``, a few times faster than ``F.elu`` (which uses expm1)."""
+    pos = F.relu(x)
+    return torch.sub(x, pos).exp_().add_(pos)
+
+
+def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """(..., k, r, c) blocks -> (..., k * r, k * c) block-diagonal matrices."""
+    *lead, k, r, c = blocks.shape
+    eye = torch.eye(k, dtype=blocks.dtype, device=blocks.device)
+    # (..., k, r, k, c): block i in row band i and column band i, zeros elsewhere.
+    full = blocks.unsqueeze(-2) * eye.view(k, 1, k, 1)
+    return full.reshape(*lead, k * r, k * c)
+
+
+class FastMBConv(nn.Module):
+    """MBConv with BatchNorm folded in, on channels-last tokens (B, H, W, C) -> (B, H, W, C)."""
+
+    def __init__(self, block: MBConv) -> None:
+        super().__init__()
+        w1, b1 = fold_conv_bn(block.conv1.c, block.conv1.bn)
+        w2, b2 = fold_conv_bn(block.conv2.c, block.conv2.bn)
+        w3, b3 = fold_conv_bn(block.conv3.c, block.conv3.bn)
+        self.register_buffer("w1", w1.flatten(1))
+        self.register_buffer("b1", b1)
+        self.register_buffer("w2", w2)
+        self.register_buffer("b2", b2)
+        self.register_buffer("w3", w3.flatten(1))
+        self.register_buffer("b3", b3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(F.linear(x, self.w1, self.b1))
+        # A (B, H, W, C) tensor is a channels-last (B, C, H, W) one: no copy either way.
+        y = F.conv2d(y.permute(0, 3, 1, 2), self.w2, self.b2, padding=1, groups=self.w2.shape[0])
+        y = F.gelu(y.permute(0, 2, 3, 1))
+        out = F.linear(y, self.w3, self.b3)
+        return F.gelu(out.add_(x))
+
+
+class FastAttentionBlock(nn.Module):
+    """A ``LinearAttentionBlock`` (gated DGLA + MLP) on (B, N, C) tokens of an (H, W) grid."""
+
+    def __init__(self, block: LinearAttentionBlock) -> None:
+        super().__init__()
+        attn = block.attn
+        dim = block.norm1.normalized_shape[0]
+        self.dim = dim
+        self.num_heads = attn.num_heads
+        self.head_dim = dim // attn.num_heads
+        for name, norm in (("norm1", block.norm1), ("norm2", block.norm2)):
+            self.register_buffer(f"{name}_w", norm.weight.detach().clone())
+            self.register_buffer(f"{name}_b", norm.bias.detach().clone())
+        self.eps1, self.eps2 = block.norm1.eps, block.norm2.eps
+        # One product for everything that reads norm1's output: [gate | q | k | up].
+        w_in = torch.cat([block.act_proj.weight, attn.qk.weight, attn.up_proj.weight])
+        b_in = torch.cat([block.act_proj.bias, attn.qk.bias, attn.up_proj.bias])
+        self.register_buffer("w_in", w_in.detach().clone())
+        self.register_buffer("b_in", b_in.detach().clone())
+        self.register_buffer("w_down", attn.down_proj.weight.detach().clone())
+        self.register_buffer("b_down", attn.down_proj.bias.detach().clone())
+        self.register_buffer("w_lepe", attn.lepe.weight.detach().clone())
+        self.register_buffer("b_lepe", attn.lepe.bias.detach().clone())
+        self.register_buffer("w_out", block.out_proj.weight.detach().clone())
+        self.register_buffer("b_out", block.out_proj.bias.detach().clone())
+        self.register_buffer("w_fc1", block.mlp.fc1.weight.detach().clone())
+        self.register_buffer("b_fc1", block.mlp.fc1.bias.detach().clone())
+        self.register_buffer("w_fc2", block.mlp.fc2.weight.detach().clone())
+        self.register_buffer("b_fc2", block.mlp.fc2.bias.detach().clone())
+
+    def attention(self, h: torch.Tensor, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """DGLA(h) * gate for normalised tokens h (B, N, C); ``table`` (N, 2, C) from ``rope_tables``."""
+        b, n, c = h.shape
+        heads, hd = self.num_heads, self.head_dim
+        proj = F.linear(h, self.w_in, self.b_in)
+        gate = F.silu(proj[..., :c])
+        qk = elu_plus_one(proj[..., c : 3 * c])  # (B, N, 2C): [q | k]
+        v = F.linear(F.silu(proj[..., 3 * c :]), self.w_down, self.b_down)  # (B, N, C)
+
+        # [[q cos, q sin'], [k cos, k sin']] in one pass: (B, N, 2, 2, C).
+        rot = qk.view(b, n, 2, 1, c) * table.view(1, n, 1, 2, c)
+
+        # kv = rope(k)^T v / n = (k cos)^T v + swap_rows((k sin')^T v), per head (tiny products).
+        v_heads = v.view(b, n, heads, hd).transpose(1, 2)  # (B, heads, N, hd)
+        k_cos = rot[:, :, 1, 0].view(b, n, heads, hd).permute(0, 2, 3, 1)  # (B, heads, hd, N)
+        k_sin = rot[:, :, 1, 1].view(b, n, heads, hd).permute(0, 2, 3, 1)
+        kv = torch.matmul(k_cos, v_heads) + swap_pairs(torch.matmul(k_sin, v_heads), -2)
+        kv = kv.div_(n)  # (B, heads, hd, hd)
+
+        # rope(q) kv = [q cos | q sin'] @ [kv ; swap_rows(kv)], as one dense product with
+        # block-diagonal (per-head) weights: contiguous output, no head transposes.
+        blocks = torch.cat([kv, swap_pairs(kv, -2)], dim=-2)  # (B, heads, 2hd, hd)
+        weight = block_diagonal(blocks.view(b, heads, 2, hd, hd).transpose(1, 2))  # (B, 2, C, C)
+        out = torch.matmul(rot[:, :, 0].reshape(b, n, 2 * c), weight.reshape(b, 2 * c, c))
+
+        # Normaliser from the un-rotated kernels, z = 1 / (q . mean(k) + 1e-6) per head, as a
+        # product with a block-diagonal matrix so it comes out already spread over each head.
+        k_mean = qk[..., c:].mean(dim=1)  # (B, C)
+        spread = block_diagonal(k_mean.view(b, heads, hd, 1).expand(b, heads, hd, hd))
+        z_den = torch.matmul(qk[..., :c], spread).add_(1e-6)  # (B, N, C)
+
+        lepe = F.conv2d(v.view(b, *grid, c).permute(0, 3, 1, 2), self.w_lepe, self.b_lepe, padding=1, groups=c)
+        y = torch.addcdiv(lepe.permute(0, 2, 3, 1).reshape(b, n, c), out, z_den)
+        return y.mul_(gate)
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """x: (B, N, C) -> (B, N, C)."""
+        c = self.dim
+        h = F.layer_norm(x, (c,), self.norm1_w, self.norm1_b, self.eps1)
+        x = x + F.linear(self.attention(h, table, grid), self.w_out, self.b_out)
+        h = F.layer_norm(x, (c,), self.norm2_w, self.norm2_b, self.eps2)
+        return x.add_(F.linear(F.gelu(F.linear(h, self.w_fc1, self.b_fc1)), self.w_fc2, self.b_fc2))
+
+
+class FastNeck(nn.Module):
+    """SAM neck (1x1 conv, LN2d, 3x3 conv, LN2d) with the first two folded into the 3x3 conv.
+
+    With ``y = W1 x`` (no bias), LayerNorm over y's channels is ``g * (W1c x) / sigma + b`` where
+    ``W1c = W1 - mean_rows(W1)`` and ``sigma^2 = x^T (W1c^T W1c / out) x + eps``. A 3x3 conv of that
+    is a 3x3 conv with weight ``W3 g W1c`` of ``x / sigma`` (C_in = 96 channels) plus the 3x3 conv
+    of the constant map ``b`` under zero padding (a bias that differs on the border).
+    """
+
+    def __init__(self, neck: nn.Sequential) -> None:
+        super().__init__()
+        conv1, norm1, conv3, norm2 = neck
+        w1 = conv1.weight.detach().flatten(1).double()  # (out, C)
+        w1c = w1 - w1.mean(dim=0, keepdim=True)
+        self.out_chans = w1.shape[0]
+        self.register_buffer("var_form", (w1c.T @ w1c / self.out_chans).float())  # (C, C)
+        w3 = conv3.weight.detach().double()  # (out, out, 3, 3)
+        fused = torch.einsum("okyx,k,kc->ocyx", w3, norm1.weight.detach().double(), w1c)
+        self.register_buffer("w_fused", fused.float())
+        self.register_buffer("w3", conv3.weight.detach().clone())
+        self.register_buffer("b_norm1", norm1.bias.detach().clone())
+        self.register_buffer("norm2_w", norm2.weight.detach().clone())
+        self.register_buffer("norm2_b", norm2.bias.detach().clone())
+        self.eps1, self.eps2 = norm1.eps, norm2.eps
+        self._bias_maps: dict[tuple, torch.Tensor] = {}
+
+    def bias_map(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(H, W, out) contribution of norm1's bias through the zero-padded 3x3 conv (cached)."""
+        key = (grid, device, dtype)
+        if key not in self._bias_maps:
+            const = self.b_norm1.view(1, -1, 1, 1).expand(1, -1, *grid).float()
+            bias = F.conv2d(const, self.w3.float(), padding=1)[0].permute(1, 2, 0)
+            self._bias_maps[key] = bias.to(device=device, dtype=dtype).contiguous()
+        return self._bias_maps[key]
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """x: (B, N, C) tokens -> (B, N, out) normalised embedding tokens."""
+        b, n, c = x.shape
+        var = torch.linalg.vecdot(x @ self.var_form.to(x.dtype), x)  # (B, N)
+        x_scaled = x * torch.rsqrt(var.float().add_(self.eps1)).to(x.dtype).unsqueeze(-1)
+        y = F.conv2d(x_scaled.view(b, *grid, c).permute(0, 3, 1, 2), self.w_fused, padding=1)
+        y = y.permute(0, 2, 3, 1).reshape(b, n, self.out_chans)
+        y = y + self.bias_map(grid, x.device, y.dtype).view(n, self.out_chans)
+        return F.layer_norm(y, (self.out_chans,), self.norm2_w, self.norm2_b, self.eps2)
+
+
+class FastHRMedSegEncoder(nn.Module):
+    """Inference-only twin of ``HRMedSegEncoder``: (B, 3, H, W) -> (B, 256, H/16, W/16).
+
+    Build it with ``FastHRMedSegEncoder.from_reference(encoder)``; it copies (and folds) the
+    reference's weights, so later changes to the reference are not seen. The output is a
+    channels-last (B, 256, h, w) tensor (``.contiguous()`` gives NCHW memory if needed).
+
+    Args of ``from_reference``:
+        bf16: run matrix products and convolutions in bfloat16 (autocast) — several times faster
+            on CPUs with AMX and on GPUs, relative error about 1e-2 instead of 1e-6.
+    """
+
+    def __init__(self, reference: HRMedSegEncoder, bf16: bool = False) -> None:
+        super().__init__()
+        lgvit = reference.image_encoder
+        self.config = reference.config
+        self.preprocessing = reference.preprocessing
+        self.img_size = reference.img_size
+        self.patch_size = lgvit.patch_size
+        self.embed_dim = lgvit.embed_dim
+        self.bf16 = bf16
+        proj = lgvit.patch_embed.proj
+        self.register_buffer("w_patch", proj.weight.detach().flatten(1).clone())  # (C, 3 * p * p)
+        self.register_buffer("b_patch", proj.bias.detach().clone())
+        self.conv_blocks = nn.ModuleList(FastMBConv(blk) for blk in lgvit.layers[0].blocks)
+        self.attn_blocks = nn.ModuleList(
+            FastAttentionBlock(blk) for stage in lgvit.layers[1:] for blk in stage.blocks
+        )
+        self.neck = FastNeck(reference.neck)
+        self._tables: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_reference(cls, reference: HRMedSegEncoder, bf16: bool = False) -> "FastHRMedSegEncoder":
+        param = next(reference.parameters())
+        with torch.no_grad():
+            fast = cls(reference.float().cpu() if param.device.type != "cpu" else reference.float(), bf16=bf16)
+        return fast.to(param.device).eval()
+
+    def rope_table(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (grid, device, dtype)
+        if key not in self._tables:
+            self._tables[key] = rope_tables(*grid, self.embed_dim).to(device=device, dtype=dtype)
+        return self._tables[key]
+
+    def patch_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, h, w, C) tokens: a matrix product of the unfolded patches."""
+        b, ch, height, width = x.shape
+        p = self.patch_size
+        h, w = height // p, width // p
+        patches = x.view(b, ch, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h, w, ch * p * p)
+        return F.linear(patches, self.w_patch, self.b_patch)
+
+    def _autocast(self, x: torch.Tensor):
+        if self.bf16:
+            return torch.autocast(x.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, height, width = x.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"LGViT input height and width must be multiples of {self.patch_size}, got {height} x {width}"
+            )
+        with self._autocast(x):
+            tokens = self.patch_embed(x)
+            for block in self.conv_blocks:
+                tokens = block(tokens)
+            b, h, w, c = tokens.shape
+            grid = (h, w)
+            tokens = tokens.reshape(b, h * w, c)
+            table = self.rope_table(grid, x.device, tokens.dtype)
+            for block in self.attn_blocks:
+                tokens = block(tokens, table, grid)
+            out = self.neck(tokens, grid)
+        return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+__all__ = ["FastHRMedSegEncoder", "fold_conv_bn", "rope_tables"]
