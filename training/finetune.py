@@ -16,6 +16,7 @@ import datetime as _dt
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -256,9 +257,11 @@ def evaluate(model: nn.Module, loader: DataLoader, preprocessing: Preprocessing,
             with autocast():
                 logits = model(images)
             losses.append((segmentation_loss(logits.flatten(0, 1), target.flatten(0, 1)).item(), target[:, 0].numel()))
-            d = dice_per_mask((logits > 0).flatten(0, 1), target.flatten(0, 1)).view(target.shape[:2])
-            per_class.append(d.cpu())
-            dices.append(d.flatten().cpu())
+            # A class absent from both the crop and the prediction says nothing: NaN, left out of means.
+            d = dice_per_mask((logits > 0).flatten(0, 1), target.flatten(0, 1), empty_score=float("nan"))
+            d = d.view(target.shape[:2]).cpu()
+            per_class.append(d)
+            dices.append(d.flatten()[~d.flatten().isnan()])
             continue
         boxes = [b.to(device) for b in batch["boxes"]]
         if sum(len(b) for b in boxes) == 0:
@@ -275,13 +278,13 @@ def evaluate(model: nn.Module, loader: DataLoader, preprocessing: Preprocessing,
             dices.append(dice_per_mask(up[:, 0] > 0, masks).cpu())
     model.train()
     result: dict = {"val_loss": float("nan"), "val_dice": float("nan"), "val_masks": 0}
-    if dices:
+    if dices and sum(len(d) for d in dices):
         all_dice = torch.cat(dices)
         total = sum(n for _, n in losses)
         result = {"val_loss": sum(v * n for v, n in losses) / max(total, 1), "val_dice": all_dice.mean().item(),
                   "val_masks": int(all_dice.numel())}
     if per_class:
-        result["val_dice_per_class"] = torch.cat(per_class).mean(0).tolist()
+        result["val_dice_per_class"] = torch.cat(per_class).nanmean(0).tolist()
     return result
 
 
@@ -505,7 +508,9 @@ def _progress_bar(env: dist_utils.DistEnv, total: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="fine-tuning", unit="step", dynamic_ncols=True)
+    # Redirected to a file (GPU jobs, the widget): a line every 30 s instead of a redraw per step.
+    return tqdm(total=total, desc="fine-tuning", unit="step", dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 def _append_csv(path: Path, row: dict) -> None:
