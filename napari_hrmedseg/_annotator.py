@@ -53,6 +53,9 @@ class Annotator:
     error = Signal(str)
 
     def __init__(self, viewer: Any) -> None:
+        from ._model import guard_torch_import
+
+        guard_torch_import()  # before any worker imports torch (see its docstring)
         self.viewer = viewer
         self.state = AnnotatorState()
         self.image_layer: Any = None

@@ -91,11 +91,28 @@ def _find_provenance(obj: Any) -> Any:
     return None
 
 
+def guard_torch_import() -> None:
+    """Keep torch from loading triton inside a running napari (call before the first torch import).
+
+    torch._dynamo (pulled in by torchvision) imports triton when it is installed; triton's bundled
+    LLVM crashes the process (segmentation fault in ``triton._C.libtriton``) when Mesa's LLVM-based
+    OpenGL driver (llvmpipe under Xvfb, radeonsi on AMD) is already loaded, which is the case once
+    napari has a canvas. Box prediction never compiles kernels, so triton is not needed here.
+    Set HRMEDSEG_ALLOW_TRITON=1 to skip this (e.g. when triton was imported before napari).
+    """
+    import sys
+
+    if os.environ.get("HRMEDSEG_ALLOW_TRITON") == "1" or "triton" in sys.modules:
+        return
+    sys.modules["triton"] = None  # type: ignore[assignment]  # 'import triton' -> ImportError
+
+
 def load_predictor(choice: str | os.PathLike | Any, device: str = "auto") -> tuple[Any, ModelInfo]:
     """A BoxPredictor for a dock choice: a registry name, a file path, ``UNTRAINED_CHOICE`` or a model.
 
     Returns (predictor, ModelInfo). Raises hrmedseg's WeightsError when weights are missing.
     """
+    guard_torch_import()
     from hrmedseg.engine import BoxPredictor
 
     if isinstance(choice, str) and choice == UNTRAINED_CHOICE:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+# triton (imported by torch._dynamo) must load before napari creates an OpenGL context, or it
+# segfaults under Mesa; napari_hrmedseg guards real sessions (see test_model_loads_inside_a_running_napari)
+import torch._dynamo  # noqa: F401, E402
 
 from hrmedseg.data import load_sample
 from napari.utils._test_utils import read_only_mouse_event
