@@ -102,6 +102,9 @@ class FinetuneConfig:
             raise InputError(f"--encoder-preset must be one of {', '.join(ENCODER_PRESETS)}")
         if self.amp_dtype not in ("bf16", "fp16"):
             raise InputError("--amp-dtype must be bf16 or fp16")
+        if self.scale != 1.0 and self.resolved_input_mode == "fit":
+            log.warning("--scale %g has no effect with --input-mode fit (whole images are resized to --img-size %d); "
+                        "use --input-mode crop for native-resolution crops at that scale", self.scale, self.img_size)
         if self.model == "hrmedseg" and self.init_decoder:
             raise InputError("--init-decoder applies to hrmedseg-sam (a SAM checkpoint); use --init for a whole HRMedSeg")
 
