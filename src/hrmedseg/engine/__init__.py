@@ -1,1 +1,37 @@
-"""Box-prompted segmentation of images of any size at native resolution."""
+"""Box-prompted segmentation of images of any size at native resolution.
+
+    from hrmedseg.engine import BoxPredictor
+    predictor = BoxPredictor(model)                     # a Sam-like module, or a name/path
+    labels, records = predictor.segment("slide.ome.tif", boxes)
+"""
+
+from .cache import EmbeddingCache
+from .crops import Crop, CropPolicy, logits_to_native, plan_crops, read_crop
+from .decoder import BoxDecoder, SamBoxDecoder, SamImageEncoder
+from .intensity import ChannelScaling, IntensityOptions, compute_scaling
+from .labels import OVERLAP_POLICIES, ObjectMask, ObjectRecord, SparseLabels, paste_object
+from .predictor import DEFAULT_BOX_MODEL, BoxPredictor, resolve_device, resolve_model
+
+__all__ = [
+    "DEFAULT_BOX_MODEL",
+    "OVERLAP_POLICIES",
+    "BoxDecoder",
+    "BoxPredictor",
+    "ChannelScaling",
+    "Crop",
+    "CropPolicy",
+    "EmbeddingCache",
+    "IntensityOptions",
+    "ObjectMask",
+    "ObjectRecord",
+    "SamBoxDecoder",
+    "SamImageEncoder",
+    "SparseLabels",
+    "compute_scaling",
+    "logits_to_native",
+    "paste_object",
+    "plan_crops",
+    "read_crop",
+    "resolve_device",
+    "resolve_model",
+]

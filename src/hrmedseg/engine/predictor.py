@@ -1,0 +1,229 @@
+"""BoxPredictor: box-prompted segmentation of images of any size at native resolution."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import HRMedSegError, InputError
+from ..io.boxes import check_boxes
+from ..io.readers import LazyImage, object_token, open_image
+from .cache import EmbeddingCache
+from .crops import Crop, CropPolicy, group_by_crop, logits_to_native, mask_region, plan_crops, read_crop
+from .decoder import BoxDecoder, SamBoxDecoder, SamImageEncoder
+from .intensity import ChannelScaling, IntensityOptions, compute_scaling
+from .labels import ObjectMask, ObjectRecord, SparseLabels, _check_policy, paste_object
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BOX_MODEL = "hrmedseg-sam-nuclei"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} was asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+    return dev
+
+
+def resolve_model(model: str | nn.Module) -> nn.Module:
+    """A Sam-like module from a module, a registry name or a weights path."""
+    if isinstance(model, nn.Module):
+        return model
+    try:
+        from ..models.loading import load_model
+    except ImportError as err:
+        raise HRMedSegError(
+            f"cannot load model {model!r}: model loading (hrmedseg.models.loading) is not available in this "
+            f"installation; pass a model object to BoxPredictor instead"
+        ) from err
+    return load_model(model)
+
+
+class BoxPredictor:
+    """Segment the object in each box of an image of any size, at the image's native resolution.
+
+    Each box is encoded in a crop of its own neighbourhood (see :mod:`hrmedseg.engine.crops`):
+    small objects are enlarged, huge ones read from a pyramid level; boxes sharing a crop are
+    encoded once and decoded in batches; mask logits are thresholded at native resolution inside
+    each box's region only. Embeddings are cached (LRU, ``cache_bytes``) by image source, crop,
+    intensity map and model; nothing is hashed from pixels.
+
+    Args:
+        model: a segment_anything ``Sam``-like module (image_encoder, prompt_encoder,
+            mask_decoder, pixel_mean, pixel_std) or a name/path for ``hrmedseg.models.load_model``.
+        device: "auto" (CUDA, then MPS, then CPU), or any torch device string.
+        cache_bytes: bound of the embedding cache (0: no cache).
+        policy: crop planning (scale limits, margins).
+        intensity: how non-uint8 pixels are scaled to 0..255.
+        decoder: replaces the SAM decoder step (same call as :class:`SamBoxDecoder`).
+        decode_batch: boxes per decoder call (memory vs. speed).
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        device: str | torch.device = "auto",
+        cache_bytes: int = 512 * 2**20,
+        policy: CropPolicy | None = None,
+        intensity: IntensityOptions | None = None,
+        decoder: BoxDecoder | None = None,
+        decode_batch: int = 8,
+        mask_threshold: float = 0.0,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.model = resolve_model(model).eval().to(self.device)
+        self.encoder = SamImageEncoder(self.model)
+        self.decoder = decoder or SamBoxDecoder(self.model)
+        self.policy = policy or CropPolicy(input_size=self.encoder.input_size)
+        if self.policy.input_size != self.encoder.input_size:
+            raise ValueError(f"policy input size {self.policy.input_size} != model input size {self.encoder.input_size}")
+        self.intensity = intensity or IntensityOptions()
+        self.cache = EmbeddingCache(cache_bytes)
+        self.decode_batch = max(1, int(decode_batch))
+        self.mask_threshold = mask_threshold
+        self._model_token = object_token(self.model)
+        self._scalings: dict[tuple, ChannelScaling] = {}
+        self.encoder_calls = 0
+        self.decoder_calls = 0
+
+    # -- pieces ---------------------------------------------------------------------------
+    def scaling(self, image: LazyImage) -> ChannelScaling:
+        """The intensity map of ``image`` (computed once per image source and options)."""
+        key = (image.source_key, image.channels, self.intensity)
+        if key not in self._scalings:
+            self._scalings[key] = compute_scaling(image, self.intensity)
+        return self._scalings[key]
+
+    def _cache_key(self, image: LazyImage, crop: Crop, scaling: ChannelScaling) -> tuple:
+        return (image.source_key, image.channels, crop.scale, crop.y0, crop.x0, crop.size, scaling.key, self._model_token)
+
+    def embedding(self, image: LazyImage, crop: Crop) -> tuple[torch.Tensor, int]:
+        """(embedding (1, 256, 64, 64) on the device, pyramid level read) for a crop, cached."""
+        scaling = self.scaling(image)
+        key = self._cache_key(image, crop, scaling)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        pixels, level = read_crop(image, crop, scaling.apply)
+        emb = self.encoder(pixels)
+        self.encoder_calls += 1
+        self.cache.put(key, (emb, level))
+        return emb, level
+
+    def clear_cache(self) -> None:
+        """Forget embeddings (needed after editing an in-memory array in place)."""
+        self.cache.clear()
+        self._scalings.clear()
+
+    # -- public API -----------------------------------------------------------------------
+    def predict_box(self, image: Any, box: Sequence[float]) -> ObjectMask:
+        """One box (x0, y0, x1, y1, native pixels) -> its :class:`ObjectMask`."""
+        return next(iter(self.predict_boxes(image, np.asarray(box, np.float64).reshape(1, 4))))
+
+    def predict_boxes(
+        self,
+        image: Any,
+        boxes: Any,
+        progress: Callable[[int, int], Any] | None = None,
+        cancel: Any = None,
+    ) -> Iterator[ObjectMask]:
+        """Yield an :class:`ObjectMask` per box, in input order.
+
+        Boxes sharing a crop are encoded once and decoded ``decode_batch`` at a time.
+        ``progress(done, total)`` is called after each yielded object; when ``cancel.is_set()``
+        becomes true the generator stops before the next decoder call. Every box is checked
+        before any work starts (InputError naming the box; overhanging boxes are clipped with
+        a warning).
+        """
+        image = open_image(image)
+        boxes = check_boxes(boxes, image.shape_yx)
+        total = len(boxes)
+        crops = plan_crops(boxes, image.shape_yx, self.policy, lambda c: self._cache_key(image, c, self.scaling(image)) in self.cache)
+        ready: dict[int, ObjectMask] = {}
+        next_out = 0
+        for crop, members in group_by_crop(crops).items():
+            if cancel is not None and cancel.is_set():
+                return
+            emb, level = self.embedding(image, crop)
+            for start in range(0, len(members), self.decode_batch):
+                if cancel is not None and cancel.is_set():
+                    return
+                batch = members[start : start + self.decode_batch]
+                input_boxes = torch.from_numpy(crop.box_to_input(boxes[batch]))
+                logits, scores = self.decoder(emb, input_boxes)
+                self.decoder_calls += 1
+                for j, i in enumerate(batch):
+                    region = mask_region(boxes[i], crop, self.policy, image.shape_yx)
+                    mask = logits_to_native(logits[j, 0], crop, region, self.mask_threshold)
+                    ready[i] = ObjectMask(tuple(float(v) for v in boxes[i]), region, mask, float(scores[j]), i, crop, level)
+                while next_out in ready:
+                    yield ready.pop(next_out)
+                    next_out += 1
+                    if progress is not None:
+                        progress(next_out, total)
+
+    def segment(
+        self,
+        image: Any,
+        boxes: Any,
+        labels: Any = None,
+        first_id: int = 1,
+        overlap: str = "new_wins",
+        progress: Callable[[int, int], Any] | None = None,
+        cancel: Any = None,
+    ) -> tuple[Any, list[ObjectRecord]]:
+        """Segment every box into a label image; returns (labels, per-object records).
+
+        Box ``i`` gets label ``first_id + i``. ``labels``: None (a new int32 (H, W) array), any
+        (H, W) array-like to write into (numpy, memmap, zarr; only each object's region is
+        touched), or a :class:`SparseLabels`. ``overlap``: "new_wins" or "keep_existing" (see
+        :mod:`hrmedseg.engine.labels`). Empty masks are kept in the records (``empty=True``,
+        area 0) and logged. If cancelled, records cover the boxes done so far.
+        """
+        _check_policy(overlap)
+        image = open_image(image)
+        if labels is None:
+            labels = np.zeros(image.shape_yx, np.int32)
+        shape = tuple(labels.shape_yx if isinstance(labels, SparseLabels) else labels.shape)
+        if shape != tuple(image.shape_yx):
+            raise InputError(f"labels have shape {shape}, but the image is {tuple(image.shape_yx)} (H, W)")
+        records: list[ObjectRecord] = []
+        regions: dict[int, tuple] = {}
+        for obj in self.predict_boxes(image, boxes, progress=progress, cancel=cancel):
+            oid = first_id + obj.box_index
+            if isinstance(labels, SparseLabels):
+                labels.add(obj, oid)
+            else:
+                paste_object(labels, obj, oid, overlap)
+            note = "empty mask" if obj.empty else ""
+            if obj.empty:
+                log.warning("box %d %s gave an empty mask (id %d not in the label image)", obj.box_index, obj.box, oid)
+            records.append(ObjectRecord(oid, obj.box_index, obj.box, obj.region, 0, obj.score, obj.empty, note))
+            regions[oid] = obj.region
+        if isinstance(labels, SparseLabels):
+            areas = labels.areas()
+            for r in records:
+                r.area = areas.get(r.id, 0)
+        else:
+            for r in records:
+                if not r.empty:
+                    y0, y1, x0, x1 = r.region
+                    r.area = int((np.asarray(labels[y0:y1, x0:x1]) == r.id).sum())
+        for r in records:
+            if not r.empty and r.area == 0:
+                r.note = "covered by later objects" if overlap == "new_wins" else "all pixels already labelled"
+        return labels, records
