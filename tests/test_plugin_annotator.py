@@ -244,3 +244,48 @@ def test_shortcuts_are_bound_and_documented(annotator):
     for key in SHORTCUTS:
         assert key.replace("-", "+") in widget.toolTip()
     assert len(widget._bound) == len(SHORTCUTS), keymap
+
+
+def test_nd_stack_uses_the_slice_on_screen(make_napari_viewer, predictor, qtbot):
+    from napari_hrmedseg._layer_image import LayerImage
+    from napari_hrmedseg._state import ModelInfo
+    from napari_hrmedseg._widget import AnnotatorWidget
+
+    viewer = make_napari_viewer()
+    base = load_sample("nuclei_fluorescence")[:128, :160]
+    stack = np.stack([np.roll(base, 20 * k, axis=1) for k in range(3)])
+    viewer.add_image(stack, name="stack")
+    widget = AnnotatorWidget(viewer)
+    ann = widget.annotator
+    ann.use_predictor(predictor, ModelInfo(name="random-test", untrained=True))
+    assert ann.labels_layer.data.shape == stack.shape and ann.boxes_layer.ndim == 3
+    viewer.dims.set_point(0, 1)
+    _drag(ann.boxes_layer, (1, 20, 30), (1, 80, 100))
+    _wait(qtbot, ann)
+    obj = ann.state.objects[1]
+    assert obj.slice_index == (1,)
+    expected = np.zeros(base.shape, np.uint32)
+    from hrmedseg.engine import paste_object
+
+    paste_object(expected, predictor.predict_box(LayerImage(stack, slice_index=(1,)), obj.box), 1)
+    assert expected.any()
+    np.testing.assert_array_equal(ann.labels_layer.data[1], expected)
+    assert not ann.labels_layer.data[0].any() and not ann.labels_layer.data[2].any()
+    widget.close()
+
+
+def test_rgb_layer(make_napari_viewer, predictor, qtbot):
+    from napari_hrmedseg._state import ModelInfo
+    from napari_hrmedseg._widget import AnnotatorWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(load_sample("nuclei_stained"), name="stained", rgb=True)
+    widget = AnnotatorWidget(viewer)
+    ann = widget.annotator
+    ann.use_predictor(predictor, ModelInfo(name="random-test", untrained=True))
+    assert ann.labels_layer.data.shape == (256, 320)
+    _drag(ann.boxes_layer, (30, 40), (90, 120))
+    _wait(qtbot, ann)
+    region = ann.state.objects[1].predicted_region
+    assert region is not None and ann.state.objects[1].predicted_mask.shape == (region[1] - region[0], region[3] - region[2])
+    widget.close()
