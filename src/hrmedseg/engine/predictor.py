@@ -50,7 +50,14 @@ def resolve_model(model: str | nn.Module) -> nn.Module:
             f"cannot load model {model!r}: model loading (hrmedseg.models.loading) is not available in this "
             f"installation; pass a model object to BoxPredictor instead"
         ) from err
-    return load_model(model)
+    loaded = load_model(model)
+    missing = [a for a in ("image_encoder", "prompt_encoder", "mask_decoder", "pixel_mean", "pixel_std") if not hasattr(loaded, a)]
+    if missing:
+        raise HRMedSegError(
+            f"model {model!r} is a {type(loaded).__name__}, not a SAM-style box-prompt model (it has no "
+            f"{', '.join(missing)}); BoxPredictor needs HRMedSegSAM or SAM weights"
+        )
+    return loaded
 
 
 class BoxPredictor:
