@@ -1,0 +1,57 @@
+"""Distillation: the teacher cache is filled once and reused, the student loads as an encoder, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hrmedseg.models.encoder_loading import load_encoder
+from hrmedseg.training.distill import DistillConfig, DistillImages, distill, teacher_embed
+from hrmedseg.training.teacher_cache import TeacherCache, build_teacher
+
+
+def make_images(root, n=5):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):  # any sizes and channel layouts
+        shape = [(40, 70), (64, 64, 3), (90, 30, 4), (50, 50), (33, 81, 3)][i % 5]
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(root / f"im{i}.png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_cache_holds_the_teachers_output_and_is_reused(tmp_path):
+    images = make_images(tmp_path / "imgs")
+    events = []
+    cfg = DistillConfig(teacher="random:tiny", images=str(images), out=str(tmp_path / "enc.pt"), img_size=64,
+                        encoder_preset="tiny", epochs=1, batch_size=2, num_workers=0, device="cpu", log_every=1)
+    distill(cfg, events.append)
+    assert [e for e in events if e["event"] == "cache"][0]["computed"] == 5
+    teacher, teacher_id = build_teacher("random:tiny", 64)
+    cache = TeacherCache(cfg.cache_root, teacher_id)
+    dataset = DistillImages(sorted(images.glob("*.png")), 64, (124, 116, 104), cache)
+    item = dataset[2]
+    expected = teacher_embed(teacher, item["image"][None], lambda: torch.autocast("cpu", enabled=False))[0]
+    assert item["teacher"].shape == (256, 4, 4) and item["teacher"].dtype == torch.float16
+    assert torch.allclose(item["teacher"].float(), expected, atol=2e-3, rtol=1e-2)
+
+    events.clear()
+    cfg.epochs, cfg.resume = 2, True
+    result = distill(cfg, events.append)
+    assert [e for e in events if e["event"] == "cache"][0]["computed"] == 0  # nothing recomputed
+    assert [e["epoch"] for e in events if e["event"] == "resumed"] == [1]
+    assert [row["epoch"] for row in result["history"]] == [1, 2]
+    encoder = load_encoder(cfg.out)
+    with torch.no_grad():
+        assert encoder(torch.zeros(1, 3, 64, 64)).shape == (1, 256, 4, 4)
+
+
+def test_distillation_without_cache_lowers_the_mse(tmp_path):
+    images = make_images(tmp_path / "imgs")
+    cfg = DistillConfig(teacher="random:tiny", images=str(images), out=str(tmp_path / "enc.pt"), img_size=64,
+                        encoder_preset="tiny", epochs=6, batch_size=5, num_workers=0, device="cpu", cache_dir="none")
+    result = distill(cfg)
+    assert not (tmp_path / "enc.teacher_cache").exists()
+    mse = [row["train_loss"] for row in result["history"]]
+    assert mse[-1] < 0.5 * mse[0]

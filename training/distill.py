@@ -1,0 +1,301 @@
+"""Feature distillation: LGViT + neck learns to reproduce a SAM image encoder's embedding.
+
+The authors' recipe: MSE between the (B, 256, 64, 64) embeddings, no labels, Adam lr 1e-3,
+exponential decay 0.98 per epoch, batch 4, 20 epochs, images resized (longest side) and padded
+to 1024 x 1024 as SAM expects. The teacher's embeddings are cached on disk after the first pass.
+Writes the student as an "lgvit_neck" bundle (``--out``) every epoch, a resumable state beside it
+and a CSV log; ``torchrun --nproc-per-node N -m hrmedseg.training.cli distill ...`` uses N GPUs.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from hrmedseg.errors import HRMedSegError, InputError
+from hrmedseg.models.encoder_loading import load_encoder, save_encoder
+from hrmedseg.models.neck import HRMedSegEncoder
+from hrmedseg.models.preprocessing import Preprocessing
+
+from . import distributed as dist_utils
+from .checkpointing import load_state, log_path_for, save_state, state_path_for, unwrap
+from .data import IMAGE_EXTENSIONS, CropSettings, place, read_image
+from .finetune import ENCODER_PRESETS
+from .losses import embedding_mse
+from .teacher_cache import TeacherCache, build_teacher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""
+    images: str = ""
+    out: str = "encoder.pt"
+    cache_dir: str | None = None  # None: <out stem>.teacher_cache; "none": no cache
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 1e-3
+    lr_decay: float = 0.98
+    img_size: int = 1024
+    amp: bool = False
+    amp_dtype: str = "bf16"
+    grad_checkpointing: bool = False
+    device: str | None = None
+    num_workers: int | None = None
+    seed: int = 0
+    resume: bool = False
+    max_steps: int | None = None
+    init_encoder: str | None = None
+    encoder_preset: str = "paper"
+    log_every: int = 10
+
+    @property
+    def cache_root(self) -> Path | None:
+        if self.cache_dir and self.cache_dir.lower() == "none":
+            return None
+        out = Path(self.out)
+        return Path(self.cache_dir) if self.cache_dir else out.with_name(out.stem + ".teacher_cache")
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"image folder not found: {root}")
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                    and not p.name.startswith("."))
+    if not images:
+        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return images
+
+
+class DistillImages(Dataset):
+    """Images resized (longest side) and padded to S x S: items {"image" (3, S, S) uint8, "index", "teacher"?}.
+
+    With a cache, ``teacher`` is the cached embedding (or an empty tensor when not cached yet).
+    Unreadable images give ``image`` None and are dropped by :func:`collate_distill`.
+    """
+
+    def __init__(self, paths: list[Path], img_size: int, pad_value: tuple[int, int, int],
+                 cache: TeacherCache | None = None) -> None:
+        self.paths, self.cache = paths, cache
+        self.crop = CropSettings(size=img_size, mode="fit", pad_value=pad_value)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
+        item: dict[str, Any] = {"index": index}
+        if self.cache is not None:
+            cached = self.cache.get(path)
+            item["teacher"] = cached if cached is not None else torch.empty(0)
+        try:
+            image = read_image(path)
+        except InputError as err:
+            log.warning("skipping %s", err)
+            item["image"] = None
+            return item
+        placed, _, _ = place(image, np.zeros(image.shape[:2], np.int32), self.crop, np.random.default_rng(0))
+        item["image"] = torch.from_numpy(np.ascontiguousarray(placed.transpose(2, 0, 1)))
+        return item
+
+
+def collate_distill(items: list[dict]) -> dict | None:
+    items = [it for it in items if it["image"] is not None]
+    if not items:
+        return None
+    batch = {"image": torch.stack([it["image"] for it in items]), "index": [it["index"] for it in items]}
+    if "teacher" in items[0]:
+        teachers = [it["teacher"] for it in items]
+        batch["teacher"] = torch.stack(teachers) if all(t.numel() for t in teachers) else None
+    return batch
+
+
+def _autocast(cfg: DistillConfig, device: torch.device):
+    if not cfg.amp:
+        return lambda: torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def teacher_embed(teacher: torch.nn.Module, images: torch.Tensor, autocast) -> torch.Tensor:
+    """(B, 3, S, S) uint8 on device -> (B, 256, S/16, S/16) float32 teacher embedding (SAM normalisation)."""
+    with autocast():
+        return teacher(Preprocessing.sam().normalize(images.float())).float()
+
+
+def fill_cache(teacher, dataset: DistillImages, cache: TeacherCache, device, autocast, batch_size: int,
+               env: dist_utils.DistEnv, workers: int) -> int:
+    """Run the teacher once on every image that has no cache entry yet (each rank on its share)."""
+    missing = [i for i, p in enumerate(dataset.paths) if p not in cache][env.rank :: env.world_size]
+    if not missing:
+        return 0
+    subset = torch.utils.data.Subset(dataset, missing)
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_distill)
+    from tqdm.auto import tqdm
+
+    done = 0
+    for batch in tqdm(loader, desc="teacher cache", unit="batch", disable=not env.is_main):
+        if batch is None:
+            continue
+        embeddings = teacher_embed(teacher, batch["image"].to(device), autocast)
+        for index, emb in zip(batch["index"], embeddings):
+            cache.put(dataset.paths[index], emb)
+        done += len(batch["index"])
+    return done
+
+
+def distill(cfg: DistillConfig, on_event: Callable[[dict], None] | None = None) -> dict:
+    emit = on_event or (lambda e: None)
+    if cfg.img_size % 16:
+        raise InputError(f"--img-size must be a multiple of 16, got {cfg.img_size}")
+    env, device = dist_utils.init_distributed(cfg.device)
+    try:
+        return _distill(cfg, env, device, emit)
+    except torch.OutOfMemoryError as err:
+        raise HRMedSegError(
+            f"out of GPU memory while distilling; lower --batch-size (now {cfg.batch_size})"
+            + ("" if cfg.amp else ", add --amp") + ("" if cfg.grad_checkpointing else ", add --grad-checkpointing")
+        ) from err
+    finally:
+        dist_utils.cleanup(env)
+
+
+def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, emit) -> dict:
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    state_file, log_file = state_path_for(out), log_path_for(out)
+    paths = find_images(cfg.images)
+    teacher, teacher_id = build_teacher(cfg.teacher, cfg.img_size)
+    teacher = teacher.to(device)
+    student: HRMedSegEncoder = (load_encoder(cfg.init_encoder) if cfg.init_encoder
+                                else HRMedSegEncoder(ENCODER_PRESETS[cfg.encoder_preset])).to(device).train()
+    if cfg.grad_checkpointing:
+        student.set_grad_checkpointing(True)
+    preprocessing = student.preprocessing
+    autocast = _autocast(cfg, device)
+    workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+
+    cache = TeacherCache(cfg.cache_root, teacher_id) if cfg.cache_root else None
+    pad = tuple(int(round(v)) for v in Preprocessing.sam().pixel_mean)
+    dataset = DistillImages(paths, cfg.img_size, pad, cache)
+    t0 = time.monotonic()
+    if cache is not None:
+        n = fill_cache(teacher, dataset, cache, device, autocast, cfg.batch_size, env, workers)
+        dist_utils.barrier(env)
+        emit({"event": "cache", "computed": n, "images": len(paths), "seconds": time.monotonic() - t0})
+        teacher = teacher.cpu()  # no longer needed on the GPU
+        del teacher
+        teacher = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    sampler = DistributedSampler(dataset, env.world_size, env.rank, seed=cfg.seed) if env.enabled else None
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=workers, collate_fn=collate_distill, pin_memory=device.type == "cuda",
+                        drop_last=len(dataset) >= cfg.batch_size * env.world_size, persistent_workers=workers > 0)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
+    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and cfg.amp_dtype == "fp16" and device.type == "cuda") else None
+    start_epoch, step, history = 0, 0, []
+    if cfg.resume and state_file.exists():
+        state = load_state(state_file)
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        emit({"event": "resumed", "epoch": start_epoch})
+    model = student
+    if env.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    from tqdm.auto import tqdm
+
+    pbar = tqdm(total=(cfg.epochs - start_epoch) * len(loader), desc="distilling", unit="step",
+                disable=not env.is_main, mininterval=0.5 if sys.stderr.isatty() else 30)
+    emit({"event": "start", "images": len(paths), "steps_per_epoch": len(loader), "teacher": teacher_id,
+          "cache": str(cfg.cache_root) if cache else None, "world_size": env.world_size})
+    stop = False
+    for epoch in range(start_epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loss_sum, n, seen, t_epoch = 0.0, 0, 0, time.monotonic()
+        for batch in loader:
+            if batch is None:
+                continue
+            images = batch["image"].to(device, non_blocking=True)
+            target = batch.get("teacher")
+            if target is None:  # no cache (or an entry missing): run the teacher now
+                if teacher is None:
+                    teacher, _ = build_teacher(cfg.teacher, cfg.img_size)
+                    teacher = teacher.to(device)
+                target = teacher_embed(teacher, images, autocast)
+            target = target.to(device, non_blocking=True).float()
+            with autocast():
+                loss = embedding_mse(model(preprocessing.normalize(images.float())), target)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            step += 1
+            value = loss.item()
+            if not math.isfinite(value):
+                raise HRMedSegError(f"the distillation loss became {value} at step {step}: lower --lr (now {cfg.lr})")
+            loss_sum, n, seen = loss_sum + value, n + 1, seen + len(images)
+            pbar.update(1)
+            pbar.set_postfix(epoch=epoch + 1, mse=f"{value:.5f}")
+            if step % cfg.log_every == 0:
+                emit({"event": "step", "epoch": epoch + 1, "step": step, "loss": value})
+            if cfg.max_steps and step >= cfg.max_steps:
+                stop = True
+                break
+        scheduler.step()
+        elapsed = time.monotonic() - t_epoch
+        row = {"epoch": epoch + 1, "step": step,
+               "train_loss": dist_utils.all_reduce_mean(loss_sum / max(n, 1), env, device),
+               "lr": optimizer.param_groups[0]["lr"],
+               "images_per_s": dist_utils.all_reduce_sum([seen], env, device)[0] / max(elapsed, 1e-9),
+               "time_s": elapsed}
+        if env.is_main:
+            history.append(row)
+            save_encoder(unwrap(model), out, provenance={
+                "source": "hrmedseg.training distill", "teacher": teacher_id, "images": str(cfg.images),
+                "n_images": len(paths), "epoch": epoch + 1, "mse": row["train_loss"],
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            })
+            with open(log_file, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if f.tell() == 0:
+                    writer.writeheader()
+                writer.writerow(row)
+            save_state(state_file, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
+                                    "history": history, "config": asdict(cfg)})
+            emit({"event": "epoch", **row})
+        if stop:
+            break
+    pbar.close()
+    result = {"out": str(out), "history": history, "steps": step}
+    if env.is_main:
+        emit({"event": "done", "out": str(out), "epochs": len(history),
+              "mse": history[-1]["train_loss"] if history else float("nan")})
+    return result
