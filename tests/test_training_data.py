@@ -189,3 +189,20 @@ def test_dataset_items_and_collate(tmp_path):
     a, b = val_set[1], val_set[1]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
     assert a["target"].shape == (1, 64, 64)
+
+
+def test_annotation_store_is_read_as_training_data(tmp_path):
+    from hrmedseg.store import AnnotationStore, ImageAnnotation, objects_from_labels
+
+    labels = disks((50, 60), n=3, seed=4).astype(np.uint32)
+    image_path = tmp_path / "cells.png"
+    Image.fromarray(np.where(labels > 0, 220, 20).astype(np.uint8)).save(image_path)
+    store = AnnotationStore.create(tmp_path / "project")
+    store.save(ImageAnnotation("cells", str(image_path), labels, objects_from_labels(labels)))
+    info = discover_samples(tmp_path / "project")
+    assert info.layout == "annotation store" and [s.name for s in info.samples] == ["cells"]
+    image, loaded = info.samples[0].load()
+    assert image.shape == (50, 60, 3) and np.array_equal(loaded, labels)
+    empty = AnnotationStore.create(tmp_path / "empty")
+    with pytest.raises(InputError, match="no annotated images"):
+        discover_samples(empty.path)

@@ -358,7 +358,27 @@ def _store_samples(root: Path) -> list[Sample] | None:
     keys = list(store.image_keys())
     if not keys:
         raise InputError(f"the annotation store {root} holds no annotated images")
-    return [Sample(str(k), StoreLoader(root, k), None, f"{root}:{k}") for k in keys]
+    samples = []
+    for key in keys:  # check each image once here, so a bad one is skipped, not fatal mid-training
+        try:
+            annotation = store.load(key)
+            labels = np.asarray(annotation.labels)
+            if labels.ndim != 2:
+                raise InputError(f"labels of shape {labels.shape}: training takes 2D images")
+            if not labels.any():
+                raise InputError("no objects annotated")
+            source = Path(annotation.image_source)
+            if not source.is_file():
+                raise InputError(f"its image {source} is not found")
+            if image_shape(source) != labels.shape:
+                raise InputError(f"labels {labels.shape} do not match its image {source} {image_shape(source)}")
+        except Exception as err:  # noqa: BLE001 - name the image, keep the others
+            log.warning("skipping store image '%s': %s", key, err)
+            continue
+        samples.append(Sample(str(key), StoreLoader(root, key), labels.shape, f"{root}:{key}"))
+    if not samples:
+        raise InputError(f"no usable annotated images in the annotation store {root} (see the warnings)")
+    return samples
 
 
 def split_samples(samples: Sequence[Sample], val_fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
