@@ -77,6 +77,16 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).flatten(-2)
 
 
+def softmax_over_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim -2 of (..., T, n) logits, written as whole-row operations.
+
+    Returns a contiguous tensor of the broadcast shape, in ``logits``' dimension order.
+    """
+    shifted = logits - logits.amax(dim=-2, keepdim=True)
+    weights = shifted.exp_()
+    return weights.div_(weights.sum(dim=-2, keepdim=True))
+
+
 def regions_from_boxes(
     boxes: torch.Tensor, input_size: int | tuple[int, int] = 1024, low_res_size: int | tuple[int, int] = 256,
     margin: int = 4,
@@ -232,38 +242,39 @@ class FastMaskDecoder(nn.Module):
         return attn.out_proj(merge_heads(out))
 
     def _image_to_tokens(self, attn: nn.Module, q_img: torch.Tensor, tokens: torch.Tensor, tokens_pe: torch.Tensor,
-                         projected: bool):
-        """Image->token attention: (B, n, C) image tokens attend to their box's T tokens.
+                         keys: torch.Tensor, projected: bool) -> torch.Tensor:
+        """``keys`` + image->token attention: (B, n, C) image tokens attend to their box's T tokens.
 
         With ``projected`` q_img is (1 or B, heads, n, d) (block 0, from ``prepare``); otherwise it is
         the (B, n, C) un-projected ``keys + pe`` and the query projection is folded into the
         tokens' keys. The value and output projections are folded into one (heads*T, C) matrix
-        per box, so the n x 128 values are never formed.
+        per box, so the n x 128 values are never formed; the output bias joins that matrix
+        (each head's weights sum to one) and the residual ``keys`` is the product's initial value.
         """
         heads = attn.num_heads
         d = attn.internal_dim // heads
         scale = self._softmax_scale(attn)
-        k = split_heads(attn.k_proj(tokens_pe), heads)  # (B, heads, T, d)
+        k = split_heads(attn.k_proj(tokens_pe), heads).mul_(scale)  # (B, heads, T, d)
         v = split_heads(attn.v_proj(tokens), heads)
         b, _, t, _ = k.shape
-        if projected:
-            if q_img.shape[0] == 1:
-                k_rows = k.permute(1, 3, 0, 2).reshape(heads, d, b * t)  # (heads, d, B*T)
-                logits = torch.matmul(q_img[0], k_rows)  # (heads, n, B*T)
-                logits = logits.view(heads, -1, b, t).permute(2, 1, 0, 3)  # (B, n, heads, T)
-            else:
-                logits = torch.matmul(q_img, k.transpose(-1, -2)).permute(0, 2, 1, 3)
+        # Logits laid out (B, heads, T, n): the softmax over the T tokens then works on whole
+        # n-long rows (PyTorch's softmax over a last dimension of 7 is very slow on CPUs).
+        if projected and q_img.shape[0] == 1:
+            # Shared crop: one product per head for all boxes.
+            k_rows = k.transpose(0, 1).reshape(heads, b * t, d)
+            logits = torch.matmul(k_rows, q_img[0].transpose(1, 2)).view(heads, b, t, -1).transpose(0, 1)
+        elif projected:
+            logits = torch.matmul(k, q_img.transpose(-1, -2))
         else:
             wq = attn.q_proj.weight.view(heads, d, -1)  # (heads, d, C)
-            k_img = torch.matmul(k, wq)  # (B, heads, T, C): x . (Wq^T k) = (Wq x) . k
-            k_bias = torch.matmul(k, attn.q_proj.bias.view(heads, d, 1)).view(b, 1, heads * t)
-            logits = torch.baddbmm(k_bias, q_img, k_img.reshape(b, heads * t, -1).transpose(1, 2))
-            logits = logits.view(b, -1, heads, t)
-        attn_w = (logits * scale).softmax(dim=-1).reshape(b, -1, heads * t)  # (B, n, heads*T)
-        # Per box: (heads*T, C) = each head's values through its slice of out_proj.
+            k_img = torch.matmul(k, wq).reshape(b, heads * t, -1)  # x . (Wq^T k) = (Wq x) . k
+            k_bias = torch.matmul(k, attn.q_proj.bias.view(heads, d, 1)).view(b, heads * t, 1)
+            logits = torch.baddbmm(k_bias, k_img, q_img.transpose(1, 2)).view(b, heads, t, -1)
+        weights = softmax_over_tokens(logits).reshape(b, heads * t, -1)  # (B, heads*T, n)
+        # Per box: (heads*T, C) = each head's values through its slice of out_proj, + bias / heads.
         wo = attn.out_proj.weight.view(-1, heads, d).permute(1, 2, 0)  # (heads, d, C)
-        value_out = torch.matmul(v, wo).reshape(b, heads * t, -1)
-        return torch.baddbmm(attn.out_proj.bias.view(1, 1, -1), attn_w, value_out)  # (B, n, C)
+        value_out = torch.matmul(v, wo).add_(attn.out_proj.bias / heads).reshape(b, heads * t, -1)
+        return torch.baddbmm(keys, weights.transpose(1, 2), value_out)  # (B, n, C)
 
     # ---------------------------------------------------------------------------- predict
     @torch.no_grad()
@@ -273,6 +284,7 @@ class FastMaskDecoder(nn.Module):
         dense_embeddings: torch.Tensor | None = None,
         regions: torch.Tensor | None = None,
         multimask_output: bool = False,
+        chunk_size: int = 8,
     ) -> DecoderOutput:
         """Masks and IoU scores for B prompts on the prepared crop.
 
@@ -284,7 +296,34 @@ class FastMaskDecoder(nn.Module):
             regions: None for full-grid masks, or (B, 4) (x0, y0, x1, y1) on the low-resolution
                 grid (``regions_from_boxes``): logits are computed only there.
             multimask_output: SAM's three masks (True) or its single-mask output (False).
+            chunk_size: boxes computed together; bounds memory (each box holds a few
+                n x 256 float tensors, 4 MB each at n = 4096) and keeps them in cache.
         """
+        b = sparse_embeddings.shape[0]
+        if regions is not None:
+            regions = torch.as_tensor(regions, dtype=torch.long).cpu()
+            if regions.shape != (b, 4):
+                raise ValueError(f"regions must be (B, 4) = ({b}, 4), got {tuple(regions.shape)}")
+        if b <= chunk_size:
+            return self._predict(sparse_embeddings, dense_embeddings, regions, multimask_output)
+        parts = [
+            self._predict(
+                sparse_embeddings[i : i + chunk_size],
+                None if dense_embeddings is None else dense_embeddings[i : i + chunk_size],
+                None if regions is None else regions[i : i + chunk_size],
+                multimask_output,
+            )
+            for i in range(0, b, chunk_size)
+        ]
+        if regions is None:
+            masks = torch.cat([p.masks for p in parts])
+        else:
+            masks = [m for p in parts for m in p.masks]
+        return DecoderOutput(
+            masks, torch.cat([p.iou_predictions for p in parts]), torch.cat([p.regions for p in parts])
+        )
+
+    def _predict(self, sparse_embeddings, dense_embeddings, regions, multimask_output) -> DecoderOutput:
         crop = self.crop
         if crop is None:
             raise RuntimeError("FastMaskDecoder.predict called before prepare(image_embedding, image_pe)")
@@ -306,8 +345,8 @@ class FastMaskDecoder(nn.Module):
         queries = layer.norm1(layer.self_attn(q=tokens, k=tokens, v=tokens))
         queries = layer.norm2(queries + self._tokens_to_shared_image(layer.cross_attn_token_to_image, queries + tokens_pe, k0, v0))
         queries = layer.norm3(queries + layer.mlp(queries))
-        image_update = self._image_to_tokens(layer.cross_attn_image_to_token, q0, queries, queries + tokens_pe, True)
-        keys = layer.norm4(image_update.add_(src))  # (B, n, C)
+        keys = self._image_to_tokens(layer.cross_attn_image_to_token, q0, queries, queries + tokens_pe, src, True)
+        keys = layer.norm4(keys)  # (B, n, C)
 
         # Block 1.
         layer = layers[1]
@@ -316,8 +355,9 @@ class FastMaskDecoder(nn.Module):
         keys_pe = keys + pe
         queries = layer.norm2(queries + self._tokens_to_image(layer.cross_attn_token_to_image, queries + tokens_pe, keys, keys_pe))
         queries = layer.norm3(queries + layer.mlp(queries))
-        image_update = self._image_to_tokens(layer.cross_attn_image_to_token, keys_pe, queries, queries + tokens_pe, False)
-        keys = layer.norm4(image_update.add_(keys))
+        keys = layer.norm4(
+            self._image_to_tokens(layer.cross_attn_image_to_token, keys_pe, queries, queries + tokens_pe, keys, False)
+        )
 
         # Final token->image attention: only the IoU token and the wanted mask tokens matter.
         mask_ids = list(range(1, self.num_mask_tokens)) if multimask_output else [0]
@@ -337,9 +377,7 @@ class FastMaskDecoder(nn.Module):
             masks = self._upscale_full(keys, hyper, crop.grid)
             region_tensor = torch.tensor([full] * b, dtype=torch.long)
         else:
-            region_tensor = torch.as_tensor(regions, dtype=torch.long).cpu()
-            if region_tensor.shape != (b, 4):
-                raise ValueError(f"regions must be (B, 4) = ({b}, 4), got {tuple(region_tensor.shape)}")
+            region_tensor = regions
             masks = self._upscale_regions(keys, hyper, crop.grid, region_tensor)
         return DecoderOutput(masks, iou, region_tensor)
 

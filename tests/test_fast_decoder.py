@@ -1,0 +1,107 @@
+"""FastMaskDecoder equals segment-anything's MaskDecoder: full grid, box regions, mask inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hrmedseg.models.fast_decoder import FastMaskDecoder, paste_regions, regions_from_boxes
+from hrmedseg.models.sam import build_sam_prompt_decoder
+
+
+@pytest.fixture(scope="module")
+def sam_parts():
+    torch.manual_seed(0)
+    prompt_encoder, mask_decoder = build_sam_prompt_decoder()
+    with torch.no_grad():  # move away from the init so LayerNorms and biases matter
+        for p in list(mask_decoder.parameters()) + list(prompt_encoder.parameters()):
+            p.add_(torch.randn_like(p) * 0.05)
+    return prompt_encoder.eval(), mask_decoder.eval()
+
+
+def _boxes(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    wh = torch.randint(8, 300, (n, 2), generator=g).float()
+    xy = torch.rand(n, 2, generator=g) * (1024 - wh)
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_full_grid_equals_sam(sam_parts, multimask):
+    prompt_encoder, mask_decoder = sam_parts
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = _boxes(3, 1)
+    with torch.no_grad():
+        sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=None)
+        image_pe = prompt_encoder.get_dense_pe()
+        ref_masks, ref_iou = mask_decoder(embedding, image_pe, sparse, dense, multimask)
+        fast = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
+        fast.prepare(embedding, image_pe)
+        out = fast.predict(sparse, dense, multimask_output=multimask)
+    assert out.masks.shape == ref_masks.shape == (3, 3 if multimask else 1, 256, 256)
+    assert torch.allclose(out.masks, ref_masks, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(out.iou_predictions, ref_iou, atol=1e-5)
+
+
+def test_regions_equal_sam_inside_each_box_and_chunking(sam_parts):
+    prompt_encoder, mask_decoder = sam_parts
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = _boxes(11, 2)
+    boxes[0] = torch.tensor([0.0, 0.0, 1024.0, 1024.0])  # the whole grid
+    boxes[1] = torch.tensor([1000.0, 3.0, 1023.0, 9.0])  # at the border, a few pixels tall
+    with torch.no_grad():
+        sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=None)
+        image_pe = prompt_encoder.get_dense_pe()
+        ref_masks, ref_iou = mask_decoder(embedding, image_pe, sparse, dense, False)
+        fast = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
+        fast.prepare(embedding, image_pe)
+        regions = regions_from_boxes(boxes, margin=3)
+        out = fast.predict(sparse, None, regions, chunk_size=4)  # 3 chunks
+    assert regions[0].tolist() == [0, 0, 256, 256]
+    assert len(out.masks) == 11
+    for k, (mask, (x0, y0, x1, y1)) in enumerate(zip(out.masks, regions.tolist())):
+        assert mask.shape == (1, y1 - y0, x1 - x0)
+        assert torch.allclose(mask, ref_masks[k, :, y0:y1, x0:x1], atol=1e-4, rtol=1e-4), k
+    assert torch.allclose(out.iou_predictions, ref_iou, atol=1e-5)
+    pasted = paste_regions(out.masks, regions, (256, 256))
+    inside = pasted > -1e4
+    assert torch.allclose(pasted[inside], ref_masks[inside], atol=1e-4, rtol=1e-4)
+
+
+def test_regions_cover_boxes_with_margin():
+    boxes = torch.tensor([[100.0, 200.0, 300.0, 260.0], [-5.0, 1000.0, 20.0, 1030.0]])
+    regions = regions_from_boxes(boxes, margin=2)
+    assert regions.tolist() == [[23, 48, 77, 67], [0, 248, 7, 256]]
+
+
+def test_mask_input_uses_per_box_image_side(sam_parts):
+    prompt_encoder, mask_decoder = sam_parts
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = _boxes(2, 3)
+    with torch.no_grad():
+        sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=torch.randn(2, 1, 256, 256))
+        image_pe = prompt_encoder.get_dense_pe()
+        ref_masks, _ = mask_decoder(embedding, image_pe, sparse, dense, True)
+        fast = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
+        fast.prepare(embedding, image_pe)
+        out = fast.predict(sparse, dense, multimask_output=True)
+    assert torch.allclose(out.masks, ref_masks, atol=1e-4, rtol=1e-4)
+
+
+def test_other_grid_size_and_errors(sam_parts):
+    prompt_encoder, mask_decoder = sam_parts
+    fast = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
+    sparse = torch.randn(2, 2, 256)
+    with pytest.raises(RuntimeError, match="before prepare"):
+        fast.predict(sparse)
+    embedding, image_pe = torch.randn(1, 256, 16, 24), torch.randn(1, 256, 16, 24)
+    dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(2, -1, 16, 24)
+    with torch.no_grad():
+        ref_masks, _ = mask_decoder(embedding, image_pe, sparse, dense, False)
+        fast.prepare(embedding, image_pe)
+        out = fast.predict(sparse, dense)
+        assert torch.allclose(out.masks, ref_masks, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="outside"):
+            fast.predict(sparse, regions=torch.tensor([[0, 0, 10, 10], [90, 0, 100, 10]]))
+        with pytest.raises(ValueError, match=r"\(B, 4\)"):
+            fast.predict(sparse, regions=torch.tensor([[0, 0, 10, 10]]))
