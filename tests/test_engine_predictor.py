@@ -94,7 +94,7 @@ def test_masks_are_native_discs_at_every_scale(sam):
 
 def test_batched_equals_one_by_one(sam):
     image = (np.random.default_rng(3).random((700, 900)) * 3000).astype(np.uint16)
-    boxes = boxes_on(image.shape, 9, seed=3)
+    boxes = boxes_on(image.shape, 5, seed=3)
     a = BoxPredictor(sam, device="cpu", decode_batch=4)
     batched = list(a.predict_boxes(image, boxes))
     assert a.encoder_calls < len(boxes)
