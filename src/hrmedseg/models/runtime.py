@@ -52,6 +52,26 @@ def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, sync: C
     return Timing(statistics.median(runs), min(runs), tuple(runs))
 
 
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> dict[str, Timing]:
+    """Time several candidates round-robin (one call of each per round), so that load from other
+    processes on a shared machine falls on all of them alike rather than on whichever ran last."""
+    sync = sync or (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            runs[name].append(time.perf_counter() - start)
+    return {name: Timing(statistics.median(r), min(r), tuple(r)) for name, r in runs.items()}
+
+
 def cpu_has_amx_bf16() -> bool:
     """True on x86 CPUs with AMX bf16 tiles (Sapphire Rapids and later), where bf16 products are fast."""
     try:
@@ -92,4 +112,4 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str):
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Timing", "measure", "select_backend", "build_fast_encoder", "cpu_has_amx_bf16"]
+__all__ = ["BACKENDS", "Timing", "measure", "measure_interleaved", "select_backend", "build_fast_encoder", "cpu_has_amx_bf16"]

@@ -1,0 +1,128 @@
+"""Image encoder speed on the CPU: fast LGViT + neck vs the reference and MobileSAM's TinyViT.
+
+    .venv/bin/python bench/bench_encoder.py [--threads 2] [--repeats 5] [--size 1024] [--onnx] [--compile]
+
+All candidates run in the same process, round-robin (one call of each per round), on one
+(1, 3, size, size) input; figures are wall-clock medians and minima. The LGViT + neck
+weights are the golden file's (the authors' layout, /work/shared/reference/lgvit_neck_golden.pt,
+random weights) when present; each fast variant's relative L2 error to the reference output is
+printed beside its time. MobileSAM's TinyViT (pip package mobilesam-mirror) is built with random
+weights; if timm is not installed, a minimal stand-in for the three timm helpers it imports is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+
+from hrmedseg.models import build_encoder
+from hrmedseg.models.fast_encoder import FastHRMedSegEncoder
+from hrmedseg.models.runtime import measure_interleaved
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lgvit_neck_golden.pt"
+
+
+def _timm_stand_in() -> None:
+    """Register the timm names TinyViT imports (DropPath, to_2tuple, trunc_normal_, register_model)."""
+    if importlib.util.find_spec("timm") is not None:
+        return
+    layers = types.ModuleType("timm.models.layers")
+
+    class DropPath(torch.nn.Identity):  # drop_path_rate is 0 in MobileSAM: identity at inference
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__()
+
+    layers.DropPath = DropPath
+    layers.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+    layers.trunc_normal_ = torch.nn.init.trunc_normal_
+    registry = types.ModuleType("timm.models.registry")
+    registry.register_model = lambda fn: fn
+    timm = types.ModuleType("timm")
+    models = types.ModuleType("timm.models")
+    timm.models, models.layers, models.registry = models, layers, registry
+    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers,
+                        "timm.models.registry": registry})
+
+
+def mobilesam_tinyvit() -> torch.nn.Module | None:
+    """MobileSAM's image encoder (TinyViT-5M, as in mobile_sam.build_sam_vit_t), random weights."""
+    _timm_stand_in()
+    try:
+        from mobile_sam.modeling.tiny_vit_sam import TinyViT
+    except ImportError as err:
+        print(f"MobileSAM TinyViT skipped: {err}")
+        return None
+    return TinyViT(
+        img_size=1024, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0,
+        use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8,
+    ).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--onnx", action="store_true", help="also time the exported encoder in onnxruntime")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the fast encoder (slow to compile)")
+    parser.add_argument("--no-mobilesam", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    reference = build_encoder().eval()
+    if GOLDEN.exists():
+        golden = torch.load(GOLDEN, map_location="cpu", weights_only=True)
+        reference.load_state_dict(golden["state_dict"])
+        x = golden["input"] if args.size == 1024 else torch.randn(1, 3, args.size, args.size)
+        print(f"weights and input: {GOLDEN}")
+    else:
+        x = torch.randn(1, 3, args.size, args.size)
+        print("golden file not found: random weights")
+    fast = FastHRMedSegEncoder.from_reference(reference)
+    fast_bf16 = FastHRMedSegEncoder.from_reference(reference, bf16=True)
+    with torch.inference_mode():
+        expected = reference(x)
+    candidates = {
+        "LGViT + neck, reference (authors' layout)": reference,
+        "LGViT + neck, fast fp32": fast,
+        "LGViT + neck, fast bf16 (AMX)": fast_bf16,
+    }
+    if args.onnx:
+        from hrmedseg.cli.export_onnx import OnnxEncoder, export_encoder
+
+        path = Path(tempfile.mkdtemp()) / "encoder.onnx"
+        export_encoder(reference, path, size=args.size)
+        candidates["LGViT + neck, onnxruntime fp32"] = OnnxEncoder(path, threads=args.threads)
+    if args.compile:
+        compiled = torch.compile(fast, dynamic=False)
+        candidates["LGViT + neck, fast fp32 + torch.compile"] = compiled
+    if not args.no_mobilesam:
+        tinyvit = mobilesam_tinyvit()
+        if tinyvit is not None:
+            candidates["MobileSAM TinyViT (random weights)"] = tinyvit
+
+    errors = {}
+    with torch.inference_mode():
+        for name, model in candidates.items():
+            if name.startswith("LGViT") and "reference" not in name:
+                out = model(x)
+                errors[name] = ((out.float() - expected).norm() / expected.norm()).item()
+        calls = {name: (lambda m=model: m(x)) for name, model in candidates.items()}
+        timings = measure_interleaved(calls, repeats=args.repeats, warmup=1)
+    print(f"threads {args.threads}, input {tuple(x.shape)}, torch {torch.__version__}, {args.repeats} rounds")
+    print("| encoder | median s | min s | rel. L2 error to reference |")
+    print("| --- | --- | --- | --- |")
+    for name, timing in timings.items():
+        err = f"{errors[name]:.1e}" if name in errors else ""
+        print(f"| {name} | {timing.median:.3f} | {timing.minimum:.3f} | {err} |")
+
+
+if __name__ == "__main__":
+    main()
