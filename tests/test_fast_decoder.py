@@ -105,3 +105,32 @@ def test_other_grid_size_and_errors(sam_parts):
             fast.predict(sparse, regions=torch.tensor([[0, 0, 10, 10], [90, 0, 100, 10]]))
         with pytest.raises(ValueError, match=r"\(B, 4\)"):
             fast.predict(sparse, regions=torch.tensor([[0, 0, 10, 10]]))
+
+
+def test_engine_drop_in_equals_engine_sam_decoder(sam_parts):
+    from hrmedseg.engine.decoder import SamBoxDecoder
+    from hrmedseg.models.fast_decoder import FastSamBoxDecoder
+
+    prompt_encoder, mask_decoder = sam_parts
+    model = torch.nn.Module()
+    model.prompt_encoder, model.mask_decoder = prompt_encoder, mask_decoder
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = _boxes(4, 5)
+    for multimask in (False, True):
+        ref_logits, ref_scores = SamBoxDecoder(model, multimask=multimask)(embedding, boxes)
+        fast = FastSamBoxDecoder(model, multimask=multimask)
+        logits, scores = fast(embedding, boxes[:2])  # two calls on one crop: prepared once
+        logits2, scores2 = fast(embedding, boxes[2:])
+        assert torch.allclose(torch.cat([logits, logits2]), ref_logits, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(torch.cat([scores, scores2]), ref_scores, atol=1e-5)
+    single, _ = SamBoxDecoder(model)(embedding, boxes)
+    limited, _ = FastSamBoxDecoder(model, margin=4)(embedding, boxes)
+    inside = limited > -1e4
+    assert 0 < inside.float().mean() < 1
+    assert torch.allclose(limited[inside], single[inside], atol=1e-4, rtol=1e-4)
+    # A new embedding (another crop) is prepared again, not served from the old one.
+    other = torch.randn(1, 256, 64, 64)
+    ref_other, _ = SamBoxDecoder(model)(other, boxes)
+    fast = FastSamBoxDecoder(model)
+    fast(embedding, boxes)
+    assert torch.allclose(fast(other, boxes)[0], ref_other, atol=1e-4, rtol=1e-4)

@@ -436,4 +436,50 @@ class FastMaskDecoder(nn.Module):
         return out
 
 
-__all__ = ["FastMaskDecoder", "PreparedCrop", "DecoderOutput", "regions_from_boxes", "paste_regions"]
+class FastSamBoxDecoder:
+    """The engine's box-decoder call on ``FastMaskDecoder``: a drop-in for ``engine.decoder.SamBoxDecoder``.
+
+    ``decoder(embedding (1, 256, h, w), boxes (N, 4) xyxy input px) -> (logits (N, 1, 4h, 4w), scores (N,))``.
+    The per-crop work runs once per embedding tensor (recognised by identity and version), so
+    calling it chunk after chunk on one crop pays it once.
+
+    Args:
+        model: a segment_anything ``Sam``-like module (``prompt_encoder``, ``mask_decoder``).
+        multimask: SAM's three masks, keeping the one with the best predicted IoU per box.
+        margin: None computes the full 256 x 256 logits (identical to SAM's). An int computes
+            them only within the box plus ``margin`` low-res pixels (4 input px each) and fills
+            the rest with -1e4 (background): several times less work for small boxes, and the same
+            mask wherever SAM's mask does not extend beyond that margin.
+    """
+
+    def __init__(self, model: nn.Module, multimask: bool = False, margin: int | None = None) -> None:
+        self.prompt_encoder = model.prompt_encoder
+        self.fast = FastMaskDecoder.from_sam(model.mask_decoder, model.prompt_encoder)
+        self.multimask = multimask
+        self.margin = margin
+        self._prepared_for: tuple | None = None
+
+    @torch.inference_mode()
+    def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(embedding), embedding._version, embedding.data_ptr(), tuple(embedding.shape))
+        if key != self._prepared_for:
+            self.fast.prepare(embedding, self.prompt_encoder.get_dense_pe())
+            self._prepared_for = key
+        boxes = boxes.to(embedding.device, torch.float32)
+        sparse, _ = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        h, w = embedding.shape[-2:]
+        input_size = self.prompt_encoder.input_image_size
+        regions = None
+        if self.margin is not None:
+            regions = regions_from_boxes(boxes.cpu(), input_size, (4 * h, 4 * w), self.margin)
+        out = self.fast.predict(sparse, None, regions, multimask_output=self.multimask)
+        logits = out.masks if regions is None else paste_regions(out.masks, regions, (4 * h, 4 * w))
+        iou = out.iou_predictions
+        if self.multimask:  # keep the best of the three, as the engine's SamBoxDecoder does
+            best = iou.argmax(dim=1)
+            idx = torch.arange(len(best), device=best.device)
+            return logits[idx, best][:, None], iou[idx, best]
+        return logits, iou[:, 0]
+
+
+__all__ = ["FastMaskDecoder", "FastSamBoxDecoder", "PreparedCrop", "DecoderOutput", "regions_from_boxes", "paste_regions"]
