@@ -26,6 +26,22 @@ MIN_BOX_SIDE = 2.0  # pixels; smaller rectangles (a click without a drag) prompt
 OBJECT_ID = "object_id"
 
 
+def lower_thread_priority(niceness: int = 10) -> None:
+    """Give the calling (worker) thread less CPU than the UI thread when cores are scarce (Linux).
+
+    On a loaded machine the model's thread and the canvas repaint compete for the same cores; a
+    higher nice value for the worker lets napari repaint first. No effect where unsupported.
+    """
+    import os
+
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+            os.setpriority(os.PRIO_PROCESS, tid, niceness)
+    except (AttributeError, OSError):  # not Linux, or not permitted
+        pass
+
+
 def image_source_of(layer: Any) -> str:
     """Where an image layer came from: its file, a sample's path, or (unsaved data) its name."""
     meta = getattr(layer, "metadata", {}) or {}
@@ -277,6 +293,7 @@ class Annotator:
         box, predictor = obj.box, self.predictor
 
         def predict():
+            lower_thread_priority()
             return predictor.predict_box(image, box)
 
         def done(result):
@@ -343,6 +360,7 @@ class Annotator:
         predictor, image_layer = self.predictor, self.image_layer
 
         def work():
+            lower_thread_priority()
             done = 0
             for lead, items in jobs.items():
                 image = layer_plane(image_layer, lead)
