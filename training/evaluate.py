@@ -33,7 +33,7 @@ def evaluate_prompt_free(weights: str | os.PathLike, data: str | os.PathLike, de
         h, w = labels.shape
         if max(h, w) > max_side:
             continue
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(device)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().to(device)
         x = model.preprocessing.normalize(x)
         x = F.pad(x, (0, (-w) % 16, 0, (-h) % 16))
         pred = (model(x)[0, 0, :h, :w] > 0).cpu()
