@@ -284,7 +284,7 @@ class FastMaskDecoder(nn.Module):
         dense_embeddings: torch.Tensor | None = None,
         regions: torch.Tensor | None = None,
         multimask_output: bool = False,
-        chunk_size: int = 8,
+        chunk_size: int | None = None,
     ) -> DecoderOutput:
         """Masks and IoU scores for B prompts on the prepared crop.
 
@@ -297,9 +297,13 @@ class FastMaskDecoder(nn.Module):
                 grid (``regions_from_boxes``): logits are computed only there.
             multimask_output: SAM's three masks (True) or its single-mask output (False).
             chunk_size: boxes computed together; bounds memory (each box holds a few
-                n x 256 float tensors, 4 MB each at n = 4096) and keeps them in cache.
+                n x 256 float tensors, 4 MB each at n = 4096). Default: 1 on CPUs, where a
+                box's tensors then stay in cache (measured fastest, docs/parts/bench_speed.md),
+                256 on GPUs.
         """
         b = sparse_embeddings.shape[0]
+        if chunk_size is None:
+            chunk_size = 1 if sparse_embeddings.device.type == "cpu" else 256
         if regions is not None:
             regions = torch.as_tensor(regions, dtype=torch.long).cpu()
             if regions.shape != (b, 4):
