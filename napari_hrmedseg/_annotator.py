@@ -440,7 +440,8 @@ class Annotator:
     # ------------------------------------------------------------------ commands
     def next_object(self) -> int:
         """Ready a new object: a fresh label id for painting and rectangle mode for the next box."""
-        new_id = self.state.new_object_id(self._labels_max())
+        # the id the next box will get, so painting now and drawing next agree
+        new_id = self.state.peek_object_id(self._labels_max())
         if self.labels_layer is not None:
             self.labels_layer.selected_label = new_id
         self.start_boxes()

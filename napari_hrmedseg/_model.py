@@ -30,8 +30,9 @@ def registry_choices() -> list[str]:
         entries = list_weights()
     except Exception:  # a broken registry file must not break the dock; the CLI reports it
         return []
-    runnable = [e.name for e in entries if getattr(e, "kind", None) in _RUNNABLE_KINDS]
-    return runnable or [e.name for e in entries]
+    runnable = [e.name for e in entries if getattr(e, "kind", None) in _RUNNABLE_KINDS] or [e.name for e in entries]
+    # HRMedSeg's own weights first (the engine's default box model among them), then SAM / SAM2
+    return sorted(runnable, key=lambda name: (not name.startswith("hrmedseg"), runnable.index(name)))
 
 
 @dataclass

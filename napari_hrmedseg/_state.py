@@ -71,9 +71,13 @@ class AnnotatorState:
         self._next_id = 1
 
     # -- ids ------------------------------------------------------------------------------
+    def peek_object_id(self, labels_max: int = 0) -> int:
+        """The id the next object will get: above every id in use and in the label image."""
+        return max(self._next_id, int(labels_max) + 1, max(self.objects, default=0) + 1)
+
     def new_object_id(self, labels_max: int = 0) -> int:
-        """A fresh id, above every id in use and every id already in the label image."""
-        candidate = max(self._next_id, int(labels_max) + 1, max(self.objects, default=0) + 1)
+        """Take a fresh id (see ``peek_object_id``)."""
+        candidate = self.peek_object_id(labels_max)
         self._next_id = candidate + 1
         return candidate
 

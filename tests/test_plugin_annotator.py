@@ -202,8 +202,8 @@ def test_commit_and_reopen_round_trip(annotator, qtbot, tmp_path, make_napari_vi
     np.testing.assert_array_equal(ann2.labels_layer.data, saved.labels)
     assert sorted(ann2.boxes_layer.features["object_id"]) == [1, 2]
     assert ann2.state.objects[1].box == pytest.approx(by_id[1].box_xyxy)
-    # new boxes after reopening get fresh ids
-    assert ann2.next_object() == 8
+    # new objects after reopening get fresh ids
+    assert ann2.next_object() == 8 and ann2.labels_layer.selected_label == 8
     widget2.close()
 
 
@@ -236,14 +236,40 @@ def test_segment_all_with_progress_and_cancel(annotator, predictor, qtbot):
     assert len(set(np.unique(ann.labels_layer.data)) - {0}) <= seen[-1][0]
 
 
-def test_shortcuts_are_bound_and_documented(annotator):
+def test_shortcuts_are_bound_and_documented(annotator, qtbot, tmp_path):
+    from napari.utils.key_bindings import KeyBinding
+
     from napari_hrmedseg._widget import SHORTCUTS
 
-    widget = annotator.widget
-    keymap = {str(k) for k in annotator.viewer.keymap}
+    ann, widget = annotator, annotator.widget
     for key in SHORTCUTS:
         assert key.replace("-", "+") in widget.toolTip()
-    assert len(widget._bound) == len(SHORTCUTS), keymap
+    keymap = ann.viewer.keymap
+
+    def press(key):
+        keymap[KeyBinding.from_str(key)](ann.viewer)
+
+    # N: next object -> a fresh label id for painting and rectangle mode on the boxes layer
+    ann.boxes_layer.mode = "select"
+    press("N")
+    assert ann.labels_layer.selected_label == 1 and ann.boxes_layer.mode == "add_rectangle"
+    _drag(ann.boxes_layer, (20, 30), (80, 100))
+    _wait(qtbot, ann)
+    assert np.any(ann.labels_layer.data == 1)
+    press("N")
+    assert ann.labels_layer.selected_label == 2
+    # Shift+S: commit into the project folder typed in the dock
+    widget.project_edit.setText(str(tmp_path / "proj"))
+    press("Shift-S")
+    _wait(qtbot, ann)
+    assert (tmp_path / "proj" / "project.json").is_file()
+    # Shift+C: clear boxes and masks; Ctrl+Z on the masks layer brings the mask back
+    before = ann.labels_layer.data.copy()
+    press("Shift-C")
+    _wait(qtbot, ann)
+    assert len(ann.boxes_layer.data) == 0 and not ann.labels_layer.data.any() and not ann.state.objects
+    ann.labels_layer.undo()
+    np.testing.assert_array_equal(ann.labels_layer.data, before)
 
 
 def test_nd_stack_uses_the_slice_on_screen(make_napari_viewer, predictor, qtbot):
