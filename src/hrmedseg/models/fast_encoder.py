@@ -261,9 +261,12 @@ class FastHRMedSegEncoder(nn.Module):
 
     @classmethod
     def from_reference(cls, reference: HRMedSegEncoder, bf16: bool = False) -> "FastHRMedSegEncoder":
+        """Build from ``reference`` (left unchanged) on its device; weights are folded in float64."""
         param = next(reference.parameters())
+        if param.dtype != torch.float32:
+            raise ValueError(f"build the fast encoder from a float32 reference, not {param.dtype} (use bf16=True for bf16)")
         with torch.no_grad():
-            fast = cls(reference.float().cpu() if param.device.type != "cpu" else reference.float(), bf16=bf16)
+            fast = cls(reference, bf16=bf16)
         return fast.to(param.device).eval()
 
     def rope_table(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
