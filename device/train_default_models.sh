@@ -19,12 +19,16 @@ train() {  # name, then finetune arguments
 case $what in
   box)
     train hrmedseg-sam-default --model hrmedseg-sam --data $D/box_train --val-data $D/box_val \
-      --img-size 1024 --scale 2 --batch-size 16 --max-boxes 16 --lr 4e-4 --lr-decay 0.99 --epochs 400 --patience 400 ;;
-  semantic)
-    train hrmedseg-nuclei --model hrmedseg --data $D/nuclei_train --val-data $D/nuclei_val --classes "nucleus:>=1" \
+      --img-size 1024 --input-mode fit --batch-size 16 --max-boxes 16 --lr 4e-4 --lr-decay 0.99 --epochs 400 --patience 400 ;;
+  box-continue)  # a second round from the first round's weights (device_payload/init/box_round1.pt)
+    train hrmedseg-sam-default --model hrmedseg-sam --data $D/box_train --val-data $D/box_val \
+      --init device_payload/init/box_round1.pt --input-mode crop \
+      --img-size 1024 --scale 2 --batch-size 16 --max-boxes 16 --lr 2e-4 --lr-decay 0.95 --epochs 400 --patience 400 ;;
+  semantic)  # encoders start from the box model's (device_payload/init/encoder_round1.pt)
+    train hrmedseg-nuclei --init-encoder device_payload/init/encoder_round1.pt --model hrmedseg --data $D/nuclei_train --val-data $D/nuclei_val --classes "nucleus:>=1" \
       --img-size 1024 --scale 2 --batch-size 16 --lr 4e-4 --lr-decay 0.99 --epochs 400 --patience 400
-    train hrmedseg-fundus --model hrmedseg --data $D/fundus_train --val-data $D/fundus_val --classes "disc:>=1,cup:2" \
+    train hrmedseg-fundus --init-encoder device_payload/init/encoder_round1.pt --model hrmedseg --data $D/fundus_train --val-data $D/fundus_val --classes "disc:>=1,cup:2" \
       --img-size 1024 --input-mode fit --batch-size 8 --repeats 8 --lr 4e-4 --lr-decay 0.99 --epochs 400 --patience 400 ;;
-  *) echo "usage: $0 box|semantic [MINUTES]" >&2; exit 2 ;;
+  *) echo "usage: $0 box|box-continue|semantic [MINUTES]" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv

@@ -40,6 +40,10 @@ _EXPORTS = {
     "extract_sam2_decoder_state": ".sam2",
     "load_hrmedseg_sam2": ".sam2",
     "load_model": ".loading",
+    "FastHRMedSegEncoder": ".fast_encoder",
+    "FastMaskDecoder": ".fast_decoder",
+    "FastSamBoxDecoder": ".fast_decoder",
+    "select_backend": ".runtime",
 }
 
 __all__ = sorted(_EXPORTS)
