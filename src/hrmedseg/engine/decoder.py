@@ -6,15 +6,33 @@
 - :class:`SamBoxDecoder`: an embedding and N boxes in crop-input pixels -> low-res mask logits
   (N, 1, 256, 256) and predicted IoU scores (N,), one mask per box (SAM's single-mask output,
   which SamPredictor also uses for box prompts). A faster decoder only has to match this call.
+- :class:`RegionBoxDecoder`: the same call on ``FastSamBoxDecoder`` (hrmedseg.models.fast_decoder),
+  plus ``margin=``: logits are computed only under each box plus ``margin`` low-res pixels
+  (:func:`region_margin` gives the margin that covers everything the engine reads).
+
+:func:`build_steps` picks the encoder and decoder of a backend (``hrmedseg.models.runtime``):
+``"reference"`` keeps the plain PyTorch modules (what the tests compare against); ``"fast"`` and
+``"fast-bf16"`` use ``FastHRMedSegEncoder`` (when the model's image encoder is an
+``HRMedSegEncoder``) and :class:`RegionBoxDecoder` (when the mask decoder is SAM's two-block one).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+import math
+from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..models.fast_decoder import FastSamBoxDecoder
+from .crops import Crop, CropPolicy, mask_region
+
+log = logging.getLogger(__name__)
+
+ENGINE_BACKENDS = ("reference", "fast", "fast-bf16")
 
 
 class BoxDecoder(Protocol):
@@ -22,20 +40,27 @@ class BoxDecoder(Protocol):
 
 
 class SamImageEncoder:
-    """Wraps a segment_anything ``Sam``-like model's image encoder."""
+    """Wraps a segment_anything ``Sam``-like model's image encoder.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``image_encoder`` replaces ``model.image_encoder`` for the forward pass (e.g. a
+    ``FastHRMedSegEncoder`` built from it); normalisation and padding stay the model's.
+    """
+
+    def __init__(self, model: nn.Module, image_encoder: nn.Module | None = None) -> None:
         self.model = model
+        self.image_encoder = image_encoder if image_encoder is not None else model.image_encoder
         self.input_size = int(model.image_encoder.img_size)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: FastSamBoxDecoder recognises an embedding it has prepared by
+    # its version counter, which inference tensors do not have.
+    @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """image: (1, 3, h, w) float 0..255, h, w <= input_size -> (1, 256, S/16, S/16)."""
         device = self.model.pixel_mean.device
         x = (image.to(device) - self.model.pixel_mean) / self.model.pixel_std
         h, w = x.shape[-2:]
         x = F.pad(x, (0, self.input_size - w, 0, self.input_size - h))
-        return self.model.image_encoder(x)
+        return self.image_encoder(x)
 
 
 class SamBoxDecoder:
@@ -63,3 +88,80 @@ class SamBoxDecoder:
             idx = torch.arange(len(best), device=best.device)
             return logits[idx, best][:, None], iou[idx, best]
         return logits, iou[:, 0]
+
+
+class RegionBoxDecoder(FastSamBoxDecoder):
+    """``FastSamBoxDecoder`` whose region margin is given per call.
+
+    ``decoder(embedding, boxes, margin=None)``: ``margin`` None computes the full low-res logits
+    (as SAM); an int computes them only under each box plus ``margin`` low-res pixels and fills
+    the rest with -1e4. The engine passes :func:`region_margin` of the batch, so every logit it
+    reads is computed.
+    """
+
+    def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor, margin: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        self.margin = margin
+        return super().__call__(embedding, boxes)
+
+
+def region_margin(
+    boxes: np.ndarray, crop: Crop, policy: CropPolicy, shape_yx: Sequence[int], low_res_size: int
+) -> int:
+    """Low-res margin (per side) around ``boxes`` that holds every logit the engine reads for them.
+
+    The engine reads a box's logits only by ``logits_to_native`` over its ``mask_region``: each
+    native pixel centre maps to low-res ``p = (v + 0.5 - origin) * scale * low_res / input`` and
+    bilinear sampling reads cells ``floor(p - 0.5)`` and the next one (clamped to the grid).
+    ``regions_from_boxes`` covers ``floor(box_lr) - margin .. ceil(box_lr) + margin`` (end
+    exclusive); the returned margin is the largest shortfall over the boxes and both axes, + 1
+    because the decoder sees the boxes in float32 (its floor/ceil may differ by one cell).
+
+    Args:
+        boxes: (N, 4) native xyxy (the engine's checked boxes).
+        crop: their crop; policy, shape_yx: as given to ``mask_region``.
+        low_res_size: side of the low-res logit grid (4 x the embedding's, 256 for SAM).
+    """
+    per_input = low_res_size / crop.input_size
+    need = 0
+    for box in np.asarray(boxes, np.float64).reshape(-1, 4):
+        y0, y1, x0, x1 = mask_region(box, crop, policy, tuple(shape_yx))
+        if y1 <= y0 or x1 <= x0:
+            continue
+        for lo_px, hi_px, b_lo, b_hi, origin in ((x0, x1, box[0], box[2], crop.x0), (y0, y1, box[1], box[3], crop.y0)):
+            first = (lo_px + 0.5 - origin) * crop.scale * per_input  # first and last pixel centres, low-res
+            last = (hi_px - 0.5 - origin) * crop.scale * per_input
+            cell_lo = min(max(math.floor(first - 0.5), 0), low_res_size - 1)
+            cell_hi = min(max(math.floor(last - 0.5) + 1, 0), low_res_size - 1)
+            box_lo = math.floor((b_lo - origin) * crop.scale * per_input)
+            box_hi = math.ceil((b_hi - origin) * crop.scale * per_input)
+            need = max(need, box_lo - cell_lo, cell_hi + 1 - box_hi)
+    return need + 1
+
+
+def build_steps(model: nn.Module, backend: str) -> tuple[SamImageEncoder, BoxDecoder]:
+    """The engine's (encoder, decoder) for ``backend`` (one of ``ENGINE_BACKENDS``).
+
+    Fast modules are built from the model's weights as they are now (copies / snapshots):
+    build again after loading other weights into the same model. Parts the fast paths do not
+    cover (a SAM ViT image encoder, a mask decoder that is not SAM's two-block one) keep the
+    plain PyTorch module.
+    """
+    if backend not in ENGINE_BACKENDS:
+        raise ValueError(f"unknown engine backend {backend!r}; expected one of {', '.join(ENGINE_BACKENDS)}")
+    if backend == "reference":
+        return SamImageEncoder(model), SamBoxDecoder(model)
+    from ..models.neck import HRMedSegEncoder
+    from ..models.runtime import build_fast_encoder
+
+    reference_encoder = model.image_encoder
+    if isinstance(reference_encoder, HRMedSegEncoder) and next(reference_encoder.parameters()).dtype == torch.float32:
+        encoder = SamImageEncoder(model, build_fast_encoder(reference_encoder, backend))
+    else:
+        log.info("backend %s: image encoder %s has no fast path; using it as is", backend, type(reference_encoder).__name__)
+        encoder = SamImageEncoder(model)
+    try:
+        decoder: BoxDecoder = RegionBoxDecoder(model)
+    except ValueError as err:  # e.g. a mask decoder with another transformer depth
+        log.info("backend %s: %s; using the reference decoder", backend, err)
+        decoder = SamBoxDecoder(model)
+    return encoder, decoder

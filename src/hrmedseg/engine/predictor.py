@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -14,7 +15,7 @@ from ..io.boxes import check_boxes
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
 from .crops import Crop, CropPolicy, group_by_crop, logits_to_native, mask_region, plan_crops, read_crop
-from .decoder import BoxDecoder, SamBoxDecoder, SamImageEncoder
+from .decoder import ENGINE_BACKENDS, BoxDecoder, RegionBoxDecoder, build_steps, region_margin
 from .intensity import ChannelScaling, IntensityOptions, compute_scaling
 from .labels import ObjectMask, ObjectRecord, SparseLabels, _check_policy, paste_object
 
@@ -37,6 +38,24 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} was asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
     return dev
+
+
+def resolve_backend(backend: str, device: torch.device, allow_bf16: bool = False) -> str:
+    """The engine backend for ``backend`` ("auto": ``hrmedseg.models.runtime.select_backend``)."""
+    from ..models.runtime import select_backend
+
+    if backend != "auto":
+        if backend not in ENGINE_BACKENDS:
+            raise InputError(f"unknown backend {backend!r} (use auto, {', '.join(ENGINE_BACKENDS)})")
+        return backend
+    try:
+        chosen = select_backend(device, allow_bf16=allow_bf16)
+    except ValueError as err:  # a bad HRMEDSEG_BACKEND
+        raise InputError(str(err)) from err
+    if chosen not in ENGINE_BACKENDS:  # e.g. onnxruntime: an encoder-only path the engine does not run
+        log.warning("backend %r is not available in the box engine; using 'fast'", chosen)
+        chosen = "fast"
+    return chosen
 
 
 def resolve_model(model: str | nn.Module) -> nn.Module:
@@ -67,7 +86,7 @@ class BoxPredictor:
     small objects are enlarged, huge ones read from a pyramid level; boxes sharing a crop are
     encoded once and decoded in batches; mask logits are thresholded at native resolution inside
     each box's region only. Embeddings are cached (LRU, ``cache_bytes``) by image source, crop,
-    intensity map and model; nothing is hashed from pixels.
+    intensity map, model and backend; nothing is hashed from pixels.
 
     Args:
         model: a segment_anything ``Sam``-like module (image_encoder, prompt_encoder,
@@ -77,6 +96,12 @@ class BoxPredictor:
         policy: crop planning (scale limits, margins).
         intensity: how non-uint8 pixels are scaled to 0..255.
         decoder: replaces the SAM decoder step (same call as :class:`SamBoxDecoder`).
+        backend: "auto" (default: per device, ``hrmedseg.models.runtime.select_backend``, which
+            the ``HRMEDSEG_BACKEND`` environment variable overrides; the fast float32 encoder and
+            region-limited decoder on CPU and CUDA), "fast", "fast-bf16" or "reference" (the
+            plain PyTorch modules). All but "fast-bf16" give the reference's masks up to
+            rounding; ``self.backend`` says which one runs.
+        allow_bf16: let "auto" choose bfloat16 where ``select_backend`` finds it fast.
         decode_batch: boxes per decoder call (memory vs. speed).
     """
 
@@ -90,11 +115,16 @@ class BoxPredictor:
         decoder: BoxDecoder | None = None,
         decode_batch: int = 8,
         mask_threshold: float = 0.0,
+        backend: str = "auto",
+        allow_bf16: bool = False,
     ) -> None:
         self.device = resolve_device(device)
+        self.backend = resolve_backend(backend, self.device, allow_bf16)
         self.model = resolve_model(model).eval().to(self.device)
-        self.encoder = SamImageEncoder(self.model)
-        self.decoder = decoder or SamBoxDecoder(self.model)
+        self.encoder, default_decoder = build_steps(self.model, self.backend)
+        self.decoder = decoder or default_decoder
+        # A fast decoder keeps per-crop state between prepare and predict: one call at a time.
+        self._decode_lock = threading.Lock()
         self.policy = policy or CropPolicy(input_size=self.encoder.input_size)
         if self.policy.input_size != self.encoder.input_size:
             raise ValueError(f"policy input size {self.policy.input_size} != model input size {self.encoder.input_size}")
@@ -116,7 +146,7 @@ class BoxPredictor:
         return self._scalings[key]
 
     def _cache_key(self, image: LazyImage, crop: Crop, scaling: ChannelScaling) -> tuple:
-        return (image.source_key, image.channels, crop.scale, crop.y0, crop.x0, crop.size, scaling.key, self._model_token)
+        return (image.source_key, image.channels, crop.scale, crop.y0, crop.x0, crop.size, scaling.key, self._model_token, self.backend)
 
     def embedding(self, image: LazyImage, crop: Crop) -> tuple[torch.Tensor, int]:
         """(embedding (1, 256, 64, 64) on the device, pyramid level read) for a crop, cached."""
@@ -130,6 +160,14 @@ class BoxPredictor:
         self.encoder_calls += 1
         self.cache.put(key, (emb, level))
         return emb, level
+
+    def _decode(self, emb: torch.Tensor, input_boxes: torch.Tensor, native_boxes: np.ndarray, crop: Crop, shape_yx) -> tuple:
+        """Decoder call; a :class:`RegionBoxDecoder` computes only the cells ``mask_region`` reads."""
+        with self._decode_lock:
+            if isinstance(self.decoder, RegionBoxDecoder):
+                margin = region_margin(native_boxes, crop, self.policy, shape_yx, 4 * int(emb.shape[-1]))
+                return self.decoder(emb, input_boxes, margin=margin)
+            return self.decoder(emb, input_boxes)
 
     def clear_cache(self) -> None:
         """Forget embeddings (needed after editing an in-memory array in place)."""
@@ -171,7 +209,7 @@ class BoxPredictor:
                     return
                 batch = members[start : start + self.decode_batch]
                 input_boxes = torch.from_numpy(crop.box_to_input(boxes[batch]))
-                logits, scores = self.decoder(emb, input_boxes)
+                logits, scores = self._decode(emb, input_boxes, boxes[batch], crop, image.shape_yx)
                 self.decoder_calls += 1
                 for j, i in enumerate(batch):
                     region = mask_region(boxes[i], crop, self.policy, image.shape_yx)
