@@ -1,9 +1,12 @@
-"""``hrmedseg segment``: box-prompted segmentation of an image file into a label TIFF.
+"""``hrmedseg segment``: segmentation of an image file into a label TIFF.
 
     hrmedseg segment slide.ome.tif --boxes boxes.csv --out labels.tif [--model NAME|PATH] [--device auto]
+    hrmedseg segment slide.ome.tif --out labels.tif --model PROMPT_FREE_MODEL   # an "hrmedseg" bundle
 
-Writes LABELS.tif (tiled, compressed, the image's Y x X shape; box i gets label i + 1) and a
-per-object table (id, box, area, score, empty) beside it, both atomically.
+With boxes: LABELS.tif (tiled, compressed, the image's Y x X shape; box i gets label i + 1) and a
+per-object table (id, box, area, score, empty) beside it, both atomically. With a prompt-free
+HRMedSeg model no boxes are needed: one class gives instance labels and a table (id, area),
+several classes a class image (class c -> c + 1) and a table (class, name, area).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0],
     )
     p.add_argument("image", help="TIFF/OME-TIFF, OME-Zarr/zarr, PNG or JPEG")
-    p.add_argument("--boxes", required=True, help="CSV (x0,y0,x1,y1), JSON/GeoJSON rectangles or napari Shapes CSV")
+    p.add_argument(
+        "--boxes", help="CSV (x0,y0,x1,y1), JSON/GeoJSON rectangles or napari Shapes CSV (not for prompt-free models)"
+    )
     p.add_argument("--out", required=True, help="label image to write (.tif)")
     p.add_argument("--objects", help="per-object CSV to write (default: OUT with .objects.csv)")
     p.add_argument("--model", default=DEFAULT_BOX_MODEL, help=f"registry name or weights path (default {DEFAULT_BOX_MODEL})")
@@ -34,7 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channel", type=int, nargs="+", help="channel index(es) to use (1 to 3) of a multichannel image")
     p.add_argument("--overlap", choices=("new_wins", "keep_existing"), default="new_wins", help="who gets pixels claimed twice")
     p.add_argument("--contrast-limits", type=float, nargs=2, metavar=("LO", "HI"), help="map LO..HI to 0..255 (default: percentiles)")
-    p.add_argument("--percentiles", type=float, nargs=2, default=(1.0, 99.8), metavar=("LOW", "HIGH"), help="for uint16/float images")
+    p.add_argument(
+        "--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
+        help="for uint16/float images (default 1 99.8; prompt-free models: 0 100, min..max as in training)",
+    )
+    p.add_argument("--threshold", type=float, default=0.5, help="prompt-free models: foreground probability (default 0.5)")
+    p.add_argument("--tile-overlap", type=int, help="prompt-free 'crop' models: tile overlap in pixels (default tile/4)")
     p.add_argument("--max-upscale", type=float, default=2.0, help="largest enlargement of small objects (power of two)")
     p.add_argument("--batch", type=int, default=8, help="boxes per decoder call")
     p.add_argument("--cache-mb", type=int, default=512, help="embedding cache size")
@@ -62,7 +72,7 @@ def load_predictor(args: argparse.Namespace):
         device=args.device,
         cache_bytes=args.cache_mb * 2**20,
         policy=CropPolicy(max_upscale=args.max_upscale),
-        intensity=IntensityOptions(percentiles=tuple(args.percentiles), contrast_limits=args.contrast_limits),
+        intensity=IntensityOptions(percentiles=tuple(args.percentiles or (1.0, 99.8)), contrast_limits=args.contrast_limits),
         decode_batch=args.batch,
     )
 
@@ -80,6 +90,12 @@ def run(args: argparse.Namespace) -> int:
     table = objects_path(out, args.objects)
     channel = None if not args.channel else (args.channel[0] if len(args.channel) == 1 else args.channel)
     image = open_image(args.image, channel=channel)
+    if args.boxes is None:
+        from ..engine.semantic import is_prompt_free
+
+        if not is_prompt_free(args.model):
+            raise InputError(f"--boxes is required: model {args.model} is a box-prompt model (only prompt-free HRMedSeg models run without boxes)")
+        return run_prompt_free(args, image, out, table)
     boxes = read_boxes(args.boxes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BoxClippedWarning)
@@ -104,4 +120,46 @@ def run(args: argparse.Namespace) -> int:
     if empty:
         shown = ", ".join(map(str, empty[:20])) + (" ..." if len(empty) > 20 else "")
         print(f"hrmedseg segment: warning: {len(empty)} box(es) gave empty masks (listed in {table}): {shown}", file=sys.stderr)
+    return 0
+
+
+def load_semantic_predictor(args: argparse.Namespace):
+    """The prompt-free predictor for ``args`` (a separate function so tests can supply a model)."""
+    from ..engine.intensity import IntensityOptions
+    from ..engine.semantic import TRAINING_INTENSITY, SemanticPredictor
+
+    intensity = TRAINING_INTENSITY
+    if args.percentiles or args.contrast_limits:
+        intensity = IntensityOptions(percentiles=tuple(args.percentiles or (0.0, 100.0)), contrast_limits=args.contrast_limits)
+    return SemanticPredictor(args.model, device=args.device, intensity=intensity, tile_overlap=args.tile_overlap)
+
+
+def run_prompt_free(args: argparse.Namespace, image, out: Path, table: Path) -> int:
+    import csv
+
+    from tqdm import tqdm
+
+    from ..atomic import atomic_path
+    from ..io import write_label_tiff
+
+    predictor = load_semantic_predictor(args)
+    bar = tqdm(unit="tile", disable=args.no_progress, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        labels = predictor.segment(image, threshold=args.threshold, progress=progress)
+    finally:
+        bar.close()
+    write_label_tiff(out, labels)
+    rows = predictor.table(labels)
+    with atomic_path(table) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", "area"] if predictor.num_classes == 1 else ["class", "name", "area"])
+            writer.writeheader()
+            writer.writerows(rows)
+    what = f"{len(rows)} objects" if predictor.num_classes == 1 else ", ".join(f"{r['name']} {r['area']} px" for r in rows)
+    print(f"wrote {out} ({image.shape_yx[0]} x {image.shape_yx[1]}, {what}) and {table}")
     return 0

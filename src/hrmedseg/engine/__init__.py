@@ -35,3 +35,8 @@ __all__ = [
     "resolve_device",
     "resolve_model",
 ]
+
+# Prompt-free HRMedSeg (no boxes): tiles or fits images as the model was trained.
+from .semantic import Cancelled, InputGeometry, SemanticPredictor  # noqa: E402
+
+__all__ += ["Cancelled", "InputGeometry", "SemanticPredictor"]
