@@ -10,6 +10,8 @@ Backends (each computes the same function; the reference is what the tests compa
 
 ``select_backend(device)`` returns the measured-fastest exact (float32) choice for a device,
 from the figures in docs/parts/bench_speed.md; ``bench/bench_encoder.py`` re-measures them.
+The box engine (``hrmedseg.engine.BoxPredictor(backend="auto")``) takes its default from it;
+it runs "reference", "fast" and "fast-bf16" and falls back to "fast" for "onnxruntime".
 """
 
 from __future__ import annotations
