@@ -21,7 +21,7 @@ def _pyramid(path, data):
 def test_pyramid_opens_lazily_and_annotates(make_napari_viewer, qtbot, tmp_path):
     import zarr
 
-    from hrmedseg.annotate_app import add_image, build_parser
+    from napari_hrmedseg.annotate_app import add_image, build_parser
     from hrmedseg.data import load_sample
     from napari_hrmedseg._widget import AnnotatorWidget
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import HRMedSegError, InputError
+from hrmedseg.errors import HRMedSegError, InputError
 
 
 def open_lazy_tiff(path: Path) -> tuple[Any, bool, bool]:
@@ -61,7 +61,7 @@ def add_image(viewer: Any, path: Path) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import SAMPLES
+    from hrmedseg.data import SAMPLES
 
     parser = argparse.ArgumentParser(prog="hrmedseg-annotate", description=__doc__.split("\n")[0])
     parser.add_argument("--image", type=Path, help="image file or zarr folder to annotate (default: a bundled sample)")

@@ -1,0 +1,59 @@
+"""Dependencies point one way: plugin -> training -> core; the core never imports Qt or napari."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import hrmedseg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def core_modules() -> list[str]:
+    return [
+        m.name
+        for m in pkgutil.walk_packages(hrmedseg.__path__, "hrmedseg.")
+        if not m.name.startswith("hrmedseg.training") and not m.name.endswith("__main__")
+    ]
+
+
+def test_core_imports_no_qt_napari_or_training():
+    modules = core_modules()
+    assert "hrmedseg.engine.predictor" in modules and "hrmedseg.cli.segment" in modules
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in "
+        "('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'napari_hrmedseg')"
+        " or k.startswith('hrmedseg.training'))\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_training_imports_no_qt_or_napari():
+    code = (
+        "import sys, hrmedseg.training.finetune, hrmedseg.training.distill, hrmedseg.training.cli\n"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('napari', 'qtpy', 'PyQt6', 'napari_hrmedseg'))\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_wheel_has_no_bare_training_package(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("napari_hrmedseg-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not any(n.startswith("training/") for n in names)
+    assert "hrmedseg/training/finetune.py" in names
+    assert "napari_hrmedseg/napari.yaml" in names
+    assert "hrmedseg/weights/registry.json" in names
