@@ -461,14 +461,15 @@ class FastSamBoxDecoder:
         self.fast = FastMaskDecoder.from_sam(model.mask_decoder, model.prompt_encoder)
         self.multimask = multimask
         self.margin = margin
-        self._prepared_for: tuple | None = None
+        # The embedding last prepared for; holding the tensor itself (not its id) means a new
+        # tensor can never be mistaken for it. Works for inference-mode tensors too.
+        self._prepared_for: torch.Tensor | None = None
 
     @torch.inference_mode()
     def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (id(embedding), embedding._version, embedding.data_ptr(), tuple(embedding.shape))
-        if key != self._prepared_for:
+        if embedding is not self._prepared_for:
             self.fast.prepare(embedding, self.prompt_encoder.get_dense_pe())
-            self._prepared_for = key
+            self._prepared_for = embedding
         boxes = boxes.to(embedding.device, torch.float32)
         sparse, _ = self.prompt_encoder(points=None, boxes=boxes, masks=None)
         h, w = embedding.shape[-2:]
