@@ -20,9 +20,9 @@ case $what in
   box)
     train hrmedseg-sam-default --model hrmedseg-sam --data $D/box_train --val-data $D/box_val \
       --img-size 1024 --input-mode fit --batch-size 16 --max-boxes 16 --lr 4e-4 --lr-decay 0.99 --epochs 400 --patience 400 ;;
-  box-continue)  # a second round from the first round's weights (device_payload/init/box_round1.pt)
+  box-continue)  # a further round from an earlier round's weights (INIT, default round 1)
     train hrmedseg-sam-default --model hrmedseg-sam --data $D/box_train --val-data $D/box_val \
-      --init device_payload/init/box_round1.pt --input-mode crop \
+      --init "${INIT:-device_payload/init/box_round1.pt}" --input-mode crop ${BOX_PRIOR:+--box-prior $BOX_PRIOR} \
       --img-size 1024 --scale 2 --batch-size 16 --max-boxes 16 --lr 2e-4 --lr-decay 0.95 --epochs 400 --patience 400 ;;
   semantic)  # encoders start from the box model's (device_payload/init/encoder_round1.pt)
     train hrmedseg-nuclei --init-encoder device_payload/init/encoder_round1.pt --model hrmedseg --data $D/nuclei_train --val-data $D/nuclei_val --classes "nucleus:>=1" \

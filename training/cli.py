@@ -70,6 +70,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp-dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
+    p.add_argument("--box-prior", choices=["none", "ellipse"], help="hrmedseg-sam: add the ellipse inscribed in "
+                   "each box to the mask logits, so the model learns the correction (default: --init's, else none)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--num-workers", type=int, help="data loading processes (default: CPUs - 1, at most 8)")
     p.add_argument("--seed", type=int, default=0)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from hrmedseg.errors import HRMedSegError, InputError
+from hrmedseg.models.box_prior import add_box_prior
 from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
 from hrmedseg.models.preprocessing import Preprocessing
 
@@ -76,6 +77,7 @@ class FinetuneConfig:
     amp_dtype: str = "bf16"
     grad_checkpointing: bool = False
     freeze_encoder: bool = False
+    box_prior: str | None = None  # hrmedseg-sam: "ellipse" or "none"; None keeps --init's (else none)
     device: str | None = None
     num_workers: int | None = None
     seed: int = 0
@@ -159,7 +161,7 @@ class BoxPromptedSegmenter(nn.Module):
                 dense_prompt_embeddings=dense,
                 multimask_output=False,
             )
-            outputs.append(low_res)
+            outputs.append(add_box_prior(low_res, image_boxes, (self.input_size,) * 2, getattr(self.sam, "box_prior", "none")))
         return outputs
 
 
@@ -181,6 +183,8 @@ def build_model(cfg: FinetuneConfig, num_classes: int, class_names: list[str] | 
         else:
             encoder = cfg.init_encoder or HRMedSegEncoder(encoder_config)
             sam = build_hrmedseg_sam(encoder=encoder, decoder=cfg.init_decoder)
+        if cfg.box_prior is not None or not hasattr(sam, "box_prior"):
+            sam.box_prior = cfg.box_prior or "none"
         return BoxPromptedSegmenter(sam.train(), cfg.img_size)
     from hrmedseg.models.hrmedseg_model import HRMedSeg, build_hrmedseg, load_hrmedseg
 

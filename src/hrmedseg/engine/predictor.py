@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import HRMedSegError, InputError
 from ..io.boxes import check_boxes
+from ..models.box_prior import add_box_prior
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
 from .crops import Crop, CropPolicy, group_by_crop, logits_to_native, mask_region, plan_crops, read_crop
@@ -166,8 +167,12 @@ class BoxPredictor:
         with self._decode_lock:
             if isinstance(self.decoder, RegionBoxDecoder):
                 margin = region_margin(native_boxes, crop, self.policy, shape_yx, 4 * int(emb.shape[-1]))
-                return self.decoder(emb, input_boxes, margin=margin)
-            return self.decoder(emb, input_boxes)
+                logits, scores = self.decoder(emb, input_boxes, margin=margin)
+            else:
+                logits, scores = self.decoder(emb, input_boxes)
+        # Models trained with a shape prior (models/box_prior.py) predict only its correction.
+        prior = getattr(self.model, "box_prior", "none")
+        return add_box_prior(logits, input_boxes, (crop.input_size, crop.input_size), prior), scores
 
     def clear_cache(self) -> None:
         """Forget embeddings (needed after editing an in-memory array in place)."""

@@ -211,7 +211,7 @@ def save_hrmedseg_sam(model, path: str | os.PathLike, provenance: dict | None = 
         path,
         HRMEDSEG_SAM_ARCHITECTURE,
         model.state_dict(),
-        config={"encoder": encoder.config.to_dict()},
+        config={"encoder": encoder.config.to_dict(), "box_prior": getattr(model, "box_prior", "none")},
         preprocessing=encoder.preprocessing.to_dict(),
         provenance=provenance,
     )
@@ -223,6 +223,8 @@ def hrmedseg_sam_from_bundle(bundle: dict, source: str, device: str | torch.devi
     preprocessing = Preprocessing.from_dict(bundle["preprocessing"]) if bundle["preprocessing"] else Preprocessing.sam()
     model = build_hrmedseg_sam(HRMedSegEncoder(config, preprocessing))
     load_matching(model, bundle["state_dict"], source)
+    # Added to the decoder's logits by our engine (see models/box_prior.py); "none" for SAM's own.
+    model.box_prior = bundle["config"].get("box_prior", "none")
     return model.eval().to(device)
 
 
