@@ -29,6 +29,10 @@ case $what in
       --img-size 1024 --scale 2 --batch-size 16 --lr 4e-4 --lr-decay 0.99 --epochs 400 --patience 400
     train hrmedseg-fundus --init-encoder device_payload/init/encoder_round1.pt --model hrmedseg --data $D/fundus_train --val-data $D/fundus_val --classes "disc:>=1,cup:2" \
       --img-size 1024 --input-mode fit --batch-size 8 --repeats 8 --lr 4e-4 --lr-decay 0.99 --epochs 400 --patience 400 ;;
-  *) echo "usage: $0 box|box-continue|semantic [MINUTES]" >&2; exit 2 ;;
+  fundus-continue)  # more epochs of the fundus prompt-free model from device_payload/init/fundus_semantic.pt
+    train hrmedseg-fundus --init device_payload/init/fundus_semantic.pt --model hrmedseg --data $D/fundus_train \
+      --val-data $D/fundus_val --classes "disc:>=1,cup:2" --img-size 1024 --input-mode fit --batch-size 8 --repeats 8 \
+      --lr 2e-4 --lr-decay 0.97 --epochs 400 --patience 400 ;;
+  *) echo "usage: $0 box|box-continue|semantic|fundus-continue [MINUTES]" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.used --format=csv

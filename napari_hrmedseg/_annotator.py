@@ -396,6 +396,11 @@ class Annotator:
     def is_busy(self) -> bool:
         return self._worker is not None
 
+    @property
+    def pending(self) -> int:
+        """Objects waiting to be (re)computed, plus the work running now."""
+        return len(self._queue) + (self._worker is not None)
+
     def _run(self, fn: Callable[[], Any], on_result: Callable[[Any], None] | None, what: str,
              on_done: Callable[[], None] | None = None) -> Any:
         from napari.qt.threading import create_worker

@@ -1,8 +1,8 @@
 """``hrmedseg-annotate``: napari with an image (a bundled sample by default) and the annotator dock.
 
-    hrmedseg-annotate                                   # fluorescent nuclei sample
+    hrmedseg-annotate                                   # fluorescent nuclei sample, its boxes, default model
     hrmedseg-annotate --sample fundus --project ~/eye-annotations
-    hrmedseg-annotate --image slide.ome.tif --project ./proj --model hrmedseg-sam-nuclei
+    hrmedseg-annotate --image slide.ome.tif --project ./proj --model hrmedseg_sam_default
 
 Large TIFF / OME-TIFF files open lazily as a multiscale layer (only the tiles on screen and
 under each box are read); zarr folders and other formats go through napari's readers.
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from hrmedseg.defaults import DEFAULT_BOX_MODEL
 from hrmedseg.errors import HRMedSegError, InputError
 
 
@@ -67,9 +68,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", type=Path, help="image file or zarr folder to annotate (default: a bundled sample)")
     parser.add_argument("--sample", choices=list(SAMPLES), default="nuclei_fluorescence", help="bundled sample to open")
     parser.add_argument("--project", type=Path, help="annotation store folder: reopened if it has this image, created on commit")
-    parser.add_argument("--model", help="weights to load at start: a registry name or a file")
+    parser.add_argument("--model", default=DEFAULT_BOX_MODEL,
+                        help=f"weights to load at start: a registry name or a file (default {DEFAULT_BOX_MODEL}, shipped)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("--boxes", help="box file to segment at start (CSV/JSON/GeoJSON/napari CSV); "
+                        "default: the sample's own boxes when a sample is opened; 'none' for no boxes")
+    parser.add_argument("--screenshot", type=Path, help="once every box is segmented, save a screenshot "
+                        "of the window here (PNG) and quit (for checks without a person at the screen)")
     return parser
+
+
+def initial_boxes(args: argparse.Namespace) -> Any:
+    """(N, 4) xyxy boxes to draw at start, or None."""
+    from hrmedseg.data import sample_boxes
+    from hrmedseg.io.boxes import read_boxes
+
+    if args.boxes == "none":
+        return None
+    path = args.boxes or (sample_boxes(args.sample) if args.image is None else None)
+    return None if path is None else read_boxes(path)
+
+
+def draw_boxes(boxes_layer: Any, boxes: Any) -> None:
+    """Add xyxy boxes to a Shapes layer as rectangles (napari corners are (row, col))."""
+    boxes_layer.add_rectangles([[[y0, x0], [y1, x1]] for x0, y0, x1, y1 in boxes])
+
+
+def screenshot_when_done(viewer: Any, annotator: Any, path: Path) -> None:
+    """Poll until the model is loaded and every box is segmented; then save and close."""
+    from qtpy.QtCore import QTimer
+
+    timer = QTimer(viewer.window._qt_window)
+    annotator.status.connect(lambda message: print(message, flush=True))
+
+    def check() -> None:
+        if annotator.predictor is not None and annotator.pending == 0:
+            timer.stop()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            viewer.screenshot(str(path), canvas_only=False)
+            print(f"screenshot: {path}")
+            viewer.close()
+
+    timer.timeout.connect(check)
+    timer.start(500)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,8 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             widget.project_edit.setText(str(args.project))
             if (args.project / "project.json").is_file():
                 widget.open_project()
+        boxes = initial_boxes(args)
+        if boxes is not None:
+            draw_boxes(widget.annotator.boxes_layer, boxes)
         if args.model:
             widget.set_model(args.model)
+        if args.screenshot is not None:
+            screenshot_when_done(viewer, widget.annotator, args.screenshot)
         napari.run()
     except HRMedSegError as err:
         print(f"hrmedseg-annotate: {err}", file=sys.stderr)

@@ -42,3 +42,9 @@ def load_sample(name: str) -> np.ndarray:
 
     with Image.open(sample_path(name)) as im:
         return np.asarray(im)
+
+
+def sample_boxes(name: str) -> Path | None:
+    """CSV of tight boxes (x0,y0,x1,y1) around the objects of a sample, from its annotation, or None."""
+    path = sample_path(name).with_suffix(".boxes.csv")
+    return path if path.is_file() else None

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..defaults import DEFAULT_BOX_MODEL  # re-exported: the engine's default
 from ..errors import HRMedSegError, InputError
 from ..io.boxes import check_boxes
 from ..models.box_prior import add_box_prior
@@ -21,8 +22,6 @@ from .intensity import ChannelScaling, IntensityOptions, compute_scaling
 from .labels import ObjectMask, ObjectRecord, SparseLabels, _check_policy, paste_object
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BOX_MODEL = "hrmedseg-sam-nuclei"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
