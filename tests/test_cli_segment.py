@@ -69,13 +69,28 @@ def test_bad_boxes_fail_cleanly_and_keep_old_output(tmp_path, image_file, model_
     assert "cols.csv" in capsys.readouterr().err
 
 
-def test_missing_default_model_is_a_clear_error(tmp_path, image_file, capsys):
+def test_default_model_ships_and_segments(tmp_path, image_file):
     boxes = tmp_path / "b.json"
     boxes.write_text("[[10, 10, 60, 50]]")
-    rc = main(["segment", str(image_file), "--boxes", str(boxes), "--out", str(tmp_path / "l.tif"), "--device", "cpu"])
+    out = tmp_path / "l.tif"
+    rc = main(["segment", str(image_file), "--boxes", str(boxes), "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == (600, 700)
+    # only the box's neighbourhood is ever written
+    assert not labels[:, 80:].any() and not labels[80:].any()
+
+
+def test_missing_registry_weights_is_a_clear_error(tmp_path, image_file, capsys, monkeypatch):
+    monkeypatch.setenv("HRMEDSEG_CACHE_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.delenv("HRMEDSEG_WEIGHTS_DIR", raising=False)
+    boxes = tmp_path / "b.json"
+    boxes.write_text("[[10, 10, 60, 50]]")
+    rc = main(["segment", str(image_file), "--boxes", str(boxes), "--out", str(tmp_path / "l.tif"),
+               "--model", "sam_vit_b", "--device", "cpu"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "hrmedseg-sam-nuclei" in err and "Traceback" not in err
+    assert "sam_vit_b_01ec64.pth" in err and "HRMEDSEG_WEIGHTS_DIR" in err and "Traceback" not in err
     assert not (tmp_path / "l.tif").exists()
 
 
