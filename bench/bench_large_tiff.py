@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "hrmedseg_bench"))
     ap.add_argument("--small", action="store_true", help="tiny encoder (checks the script, not the speed)")
     ap.add_argument("--make-only", action="store_true")
+    ap.add_argument("--cache-mb", type=int, default=512, help="embedding cache bound")
     ap.add_argument("--json")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -117,10 +118,11 @@ def main() -> None:
     model = build_hrmedseg_sam(HRMedSegEncoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))) if args.small else None)
     image = open_image(path)
     boxes = spread_boxes(args.size, args.boxes)
-    predictor = BoxPredictor(model, device=args.device)
+    predictor = BoxPredictor(model, device=args.device, cache_bytes=args.cache_mb * 2**20)
     t = time.perf_counter()
     labels, records = predictor.segment(image, boxes, labels=SparseLabels(image.shape_yx))
     t_seg = time.perf_counter() - t
+    peak_segment = peak[0]
     out = work / f"labels_{args.size}.tif"
     t = time.perf_counter()
     write_label_tiff(out, labels, max_id=len(boxes))
@@ -137,6 +139,7 @@ def main() -> None:
         "make_tiff_s": round(t_make, 1),
         "segment_s": round(t_seg, 2),
         "write_labels_s": round(t_write, 2),
+        "peak_rss_during_segment_mib": round(peak_segment / 2**20),
         "encoder_calls": predictor.encoder_calls,
         "tiles_decoded": image.tiles_decoded,
         "tiles_total_level0": (-(-args.size // TILE)) ** 2,

@@ -98,6 +98,7 @@ def screenshot_when_done(viewer: Any, annotator: Any, path: Path) -> None:
     """Poll until the model is loaded and every box is segmented; then save and close."""
     from qtpy.QtCore import QTimer
 
+    viewer.window._qt_window.resize(1500, 900)  # room for the canvas beside the dock
     timer = QTimer(viewer.window._qt_window)
     annotator.status.connect(lambda message: print(message, flush=True))
 
