@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hrmedseg.hashing import sha256_file
 
 from ._state import ModelInfo
 
@@ -65,14 +66,6 @@ def download_weights(name: str) -> Path:
     return registry.fetch(name)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def provenance_says_untrained(provenance: Any) -> bool:
     """True for weights recorded as random / untrained (bundle provenance), False otherwise."""
     if not isinstance(provenance, dict):
@@ -123,13 +116,13 @@ def load_predictor(choice: str | os.PathLike | Any, device: str = "auto") -> tup
     if isinstance(choice, (str, os.PathLike)) and (os.sep in str(choice) or Path(choice).is_file()):
         path = Path(choice).expanduser().resolve()
         predictor = BoxPredictor(str(path), device=device)
-        info = ModelInfo(name=path.name, path=str(path), sha256=_sha256(path))
+        info = ModelInfo(name=path.name, path=str(path), sha256=sha256_file(path))
     elif isinstance(choice, str):
         from hrmedseg.weights import registry
 
         path = registry.resolve(choice, download=False)
         predictor = BoxPredictor(choice, device=device)
-        info = ModelInfo(name=choice, path=str(path), sha256=_sha256(Path(path)))
+        info = ModelInfo(name=choice, path=str(path), sha256=sha256_file(path))
     else:  # a model object (tests, notebooks)
         predictor = BoxPredictor(choice, device=device)
         info = ModelInfo(name=getattr(choice, "name", type(choice).__name__))

@@ -23,7 +23,6 @@ No Qt, no napari, no torch: the training code and the plugin both read stores th
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import InputError
+from .hashing import sha256_file
 
 STORE_FORMAT = "hrmedseg-annotations"
 STORE_VERSION = 1
@@ -69,14 +69,6 @@ def _check_key(image_key: str) -> str:
             "starting with a letter or digit (hrmedseg.store.image_key_for(path) makes one)"
         )
     return image_key
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -217,7 +209,7 @@ class AnnotationStore:
         current = self.path / relative
         candidates = [current, _prev_path(current)]
         for candidate in candidates:
-            if candidate.is_file() and _sha256_file(candidate) == sha256:
+            if candidate.is_file() and sha256_file(candidate) == sha256:
                 return candidate
         raise InputError(
             f"annotation store {self.path}: {relative} is missing or does not match project.json "
@@ -273,7 +265,7 @@ class AnnotationStore:
         staged: list[tuple[Path, Path]] = []  # (temporary file, final path)
         try:
             staged.append((_stage(labels_path, lambda tmp: _write_labels(tifffile, tmp, labels)), labels_path))
-            labels_sha = _sha256_file(staged[0][0])
+            labels_sha = sha256_file(staged[0][0])
             meta = {
                 "format": IMAGE_FORMAT,
                 "version": STORE_VERSION,
@@ -289,7 +281,7 @@ class AnnotationStore:
             }
             text = json.dumps(meta, indent=1)
             staged.append((_stage(ann_path, lambda tmp: tmp.write_text(text, encoding="utf-8")), ann_path))
-            ann_sha = _sha256_file(staged[1][0])
+            ann_sha = sha256_file(staged[1][0])
         except BaseException:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
@@ -305,7 +297,7 @@ class AnnotationStore:
         for tmp, final in staged:
             prev = _prev_path(final)
             if final.exists():
-                if not prev.exists() or (vouched[final] and _sha256_file(final) == vouched[final]):
+                if not prev.exists() or (vouched[final] and sha256_file(final) == vouched[final]):
                     os.replace(final, prev)
             os.replace(tmp, final)
 

@@ -31,6 +31,7 @@ from .encoder_loading import build_encoder, load_encoder, unwrap_state_dict
 from .layers import LayerNorm2d
 from .neck import EncoderConfig, HRMedSegEncoder, SamNeck
 from .preprocessing import Preprocessing
+from .state_dict import describe_mismatch
 
 SAM2_DECODER_ARCHITECTURE = "sam2_prompt_decoder"
 HRMEDSEG_SAM2_ARCHITECTURE = "hrmedseg_sam2"
@@ -368,14 +369,7 @@ def _load_decoder_state(model: nn.Module, state: Mapping[str, torch.Tensor], sou
     missing = [k for k in own if _is_image_path_key(k) and k not in state]
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
     if unexpected or missing or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} of another shape (e.g. {'; '.join(mismatched[:3])})")
-        raise WeightsError(f"{source} does not fit the SAM2 decoder: " + ", ".join(parts))
+        raise WeightsError(f"{source} does not fit the SAM2 decoder: " + describe_mismatch(missing, unexpected, mismatched))
     model.load_state_dict(state, strict=False)
 
 

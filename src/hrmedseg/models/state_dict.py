@@ -20,6 +20,18 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[st
     return dict(state_dict)
 
 
+def describe_mismatch(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    """'3 missing (e.g. a, b, c), 1 unexpected (e.g. d)': what did not match, with examples."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} of another shape (e.g. {'; '.join(mismatched[:3])})")
+    return ", ".join(parts)
+
+
 def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Load ``state_dict`` into ``model``, requiring every learned tensor to match by name and shape.
 
@@ -36,15 +48,8 @@ def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sour
         if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} of another shape (e.g. {'; '.join(mismatched[:3])})")
         raise WeightsError(
-            f"{source} does not fit {type(model).__name__}: " + ", ".join(parts)
+            f"{source} does not fit {type(model).__name__}: " + describe_mismatch(missing, unexpected, mismatched)
             + ". Is it a checkpoint for another architecture or width?"
         )
     model.load_state_dict(state_dict, strict=True)

@@ -139,7 +139,8 @@ def import_checkpoint(
         WeightsError: the file is unreadable, or holds none of the recognised layouts (the
             message names the file and the keys expected).
     """
-    from .registry import cache_dir, sha256_file
+    from ..hashing import sha256_file
+    from .registry import cache_dir
 
     src = Path(src_path).expanduser()
     obj = read_checkpoint(src)

@@ -22,7 +22,6 @@ is on this computer they are made on first use, without any download.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from typing import Any, Iterable
 
 from ..atomic import atomic_path
 from ..errors import WeightsError
+from ..hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ REGISTRY_FILE = Path(__file__).with_name("registry.json")
 BUNDLED_DIR = Path(__file__).with_name("default")
 SIDECAR_SUFFIX = ".sha256.json"
 _HASH_MEMO = "hashes.json"  # cache of hashes already computed, keyed by path, size and mtime
-_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -103,26 +102,6 @@ def cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("hrmedseg", appauthor=False)) / "weights"
-
-
-def sha256_file(path: str | os.PathLike, progress: bool = True) -> str:
-    """SHA-256 of a file, read in 4 MB chunks (a tqdm bar for files over 100 MB)."""
-    path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    bar = None
-    if progress and size > 100_000_000:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", leave=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    return digest.hexdigest()
 
 
 def _memo_path() -> Path:
