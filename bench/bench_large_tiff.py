@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "hrmedseg_bench"))
     ap.add_argument("--small", action="store_true", help="tiny encoder (checks the script, not the speed)")
     ap.add_argument("--make-only", action="store_true")
-    ap.add_argument("--cache-mb", type=int, default=512, help="embedding cache bound")
+    ap.add_argument("--cache-mb", type=int, default=256, help="embedding cache bound")
     ap.add_argument("--json")
     args = ap.parse_args()
     work = Path(args.workdir)

@@ -29,7 +29,7 @@ class EmbeddingCache:
     ``hits``, ``misses`` and ``evictions`` count what happened, for tests and the UI.
     """
 
-    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self.bytes = 0

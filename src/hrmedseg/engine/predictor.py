@@ -109,7 +109,7 @@ class BoxPredictor:
         self,
         model: str | nn.Module,
         device: str | torch.device = "auto",
-        cache_bytes: int = 512 * 2**20,
+        cache_bytes: int = 256 * 2**20,
         policy: CropPolicy | None = None,
         intensity: IntensityOptions | None = None,
         decoder: BoxDecoder | None = None,
