@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
 # Trains the product's default models on one GPU from the real annotated images carried in
 # device_payload/data (made by scripts/prepare_device_payload.py) and writes half-precision
-# bundles plus training logs to $OUT. Usage: device/train_default_models.sh box|semantic [MINUTES]
+# bundles plus training logs to $OUT. Usage: device/train_default_models.sh MODE [MINUTES]
 #   box:      one HRMedSegSAM for nuclei and the fundus optic disc and cup (box prompts)
 #   semantic: prompt-free HRMedSeg for nuclei foreground, then for optic disc + cup
+#
+# The shipped files came from this sequence (each line one GPU call; between calls, copy the
+# returned file into device_payload/init/ under the name the next call reads):
+#   1. box 7.5                                      -> init/box_round1.pt
+#      python scripts/extract_encoder.py device_payload/init/box_round1.pt device_payload/init/encoder_round1.pt
+#   2. semantic 4                                   -> init/nuclei_semantic.pt (shipped), init/fundus_semantic.pt
+#   3. box-continue 7.3                             -> init/box_round2.pt
+#   4. INIT=device_payload/init/box_round2.pt BOX_PRIOR=ellipse box-continue 6.8  -> shipped box model
+#   5. fundus-continue 3.5                          -> shipped fundus model
+# then src/hrmedseg/weights/default/ and registry.json (sha256, size) are updated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=$1; minutes=${2:-8}
