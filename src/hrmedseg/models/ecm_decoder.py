@@ -28,7 +28,7 @@ Reading of the paper, and sizes (one class, 1024 x 1024 input, 64 x 64 grid):
   (and 6.426 G for LGViT + neck, the paper's 6.43 G). For a 2x2 stride-2 transposed convolution
   that rule is 4x the real work (each output pixel gets one kernel tap per input channel), so
   the paper over-counts the upscaling by 1.21 G. We keep SAM's upscaling as it is and report
-  both counts (``bench/model_sizes.py``, ``docs/parts/bench_sizes.md``).
+  both counts (``bench/model_sizes.py``, ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations

@@ -298,7 +298,7 @@ class FastMaskDecoder(nn.Module):
             multimask_output: SAM's three masks (True) or its single-mask output (False).
             chunk_size: boxes computed together; bounds memory (each box holds a few
                 n x 256 float tensors, 4 MB each at n = 4096). Default: 1 on CPUs, where a
-                box's tensors then stay in cache (measured fastest, docs/parts/bench_speed.md),
+                box's tensors then stay in cache (measured fastest, docs/benchmarks.md),
                 256 on GPUs.
         """
         b = sparse_embeddings.shape[0]

@@ -20,7 +20,7 @@ fewer passes over memory:
 
 The fp32 result equals the reference to rounding (relative L2 error about 1e-6). ``bf16=True``
 runs the matrix products and convolutions in bfloat16 (AMX on recent Xeons, tensor cores on
-GPUs) with a measured relative error of about 1e-2 (docs/parts/speed.md).
+GPUs) with a measured relative error of about 1e-2 (README.md, section Speed).
 """
 
 from __future__ import annotations

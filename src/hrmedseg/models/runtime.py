@@ -9,7 +9,7 @@ Backends (each computes the same function; the reference is what the tests compa
 - ``"onnxruntime"``: the exported encoder in an ONNX Runtime session (CPU), when installed.
 
 ``select_backend(device)`` returns the measured-fastest exact (float32) choice for a device,
-from the figures in docs/parts/bench_speed.md; ``bench/bench_encoder.py`` re-measures them.
+from the figures in docs/benchmarks.md; ``bench/bench_encoder.py`` re-measures them.
 The box engine (``hrmedseg.engine.BoxPredictor(backend="auto")``) takes its default from it;
 it runs "reference", "fast" and "fast-bf16" and falls back to "fast" for "onnxruntime".
 """
@@ -87,7 +87,7 @@ def select_backend(device: str | torch.device = "cpu", allow_bf16: bool = False)
     """The default backend for ``device``.
 
     Exact (float32) backends only unless ``allow_bf16``: on CPUs the fast PyTorch path (ONNX
-    Runtime was slower in our measurements, docs/parts/bench_speed.md); on CUDA the fast path,
+    Runtime was slower in our measurements, docs/benchmarks.md); on CUDA the fast path,
     in bf16 when allowed. ``HRMEDSEG_BACKEND`` overrides the choice (one of ``BACKENDS``).
     """
     forced = os.environ.get("HRMEDSEG_BACKEND")
