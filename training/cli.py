@@ -90,9 +90,17 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True, help="SAM ViT-H/L/B checkpoint (sam_vit_h_4b8939.pth ...)")
+    p.add_argument("--teacher", required=True,
+                   help="SAM ViT-H/L/B checkpoint (sam_vit_h_4b8939.pth ...) or SAM2/SAM2.1 checkpoint "
+                   "(sam2.1_hiera_large.pt ...); random:vit_b / random:tiny / random:sam2.1_hiera_t for tests. "
+                   "A SAM2 teacher distils LGViT + Sam2Neck on its three feature levels (strides 4, 8, 16; "
+                   "--img-size a multiple of 32)")
     p.add_argument("--images", required=True, help="folder of images (searched recursively), any sizes")
-    p.add_argument("--out", required=True, help="encoder weights to write (lgvit_neck bundle)")
+    p.add_argument("--out", required=True,
+                   help="weights to write: an lgvit_neck encoder bundle for SAM teachers (load_encoder / --encoder); "
+                   "for SAM2 teachers an hrmedseg_sam2 bundle (student encoder + neck with the teacher's SAM2 "
+                   "heads), loadable with hrmedseg.models.sam2.load_hrmedseg_sam2; per-image cache entries hold all "
+                   "three levels, about 44 MiB at 1024 px")
     p.add_argument("--cache-dir", help="teacher-embedding cache (default: <out stem>.teacher_cache/); 'none' to "
                    "run the teacher every step")
     p.add_argument("--epochs", type=int, default=20)

@@ -5,6 +5,13 @@ exponential decay 0.98 per epoch, batch 4, 20 epochs, images resized (longest si
 to 1024 x 1024 as SAM expects. The teacher's embeddings are cached on disk after the first pass.
 Writes the student as an "lgvit_neck" bundle (``--out``) every epoch, a resumable state beside it
 and a CSV log; ``torchrun --nproc-per-node N -m hrmedseg.training.cli distill ...`` uses N GPUs.
+
+With a SAM2/SAM2.1 teacher (a SAM2 checkpoint or ``random:sam2.1_hiera_t``) the student is
+``HRMedSegSam2ImageEncoder`` (LGViT + ``Sam2Neck``), the targets are the teacher's three
+``backbone_fpn`` levels (strides 4, 8, 16) and the loss is the sum of the three MSEs. The output
+is then an "hrmedseg_sam2" bundle (the student as image encoder, the teacher's prompt encoder,
+mask decoder and memory modules as the rest), loadable with
+``hrmedseg.models.sam2.load_hrmedseg_sam2(out)``.
 """
 
 from __future__ import annotations
@@ -28,13 +35,21 @@ from hrmedseg.errors import HRMedSegError, InputError
 from hrmedseg.models.encoder_loading import load_encoder, save_encoder
 from hrmedseg.models.neck import HRMedSegEncoder
 from hrmedseg.models.preprocessing import Preprocessing
+from hrmedseg.models.sam2 import (
+    SAM2_PREDICTOR_PREPROCESSING,
+    HRMedSegSam2ImageEncoder,
+    _config_path,
+    _load_decoder_state,
+    build_sam2_base,
+    save_hrmedseg_sam2,
+)
 
 from . import distributed as dist_utils
 from .checkpointing import load_state, log_path_for, save_state, state_path_for, unwrap
 from .data import IMAGE_EXTENSIONS, CropSettings, place, read_image
 from .finetune import ENCODER_PRESETS
 from .losses import embedding_mse
-from .teacher_cache import TeacherCache, build_teacher
+from .teacher_cache import Sam2Teacher, TeacherCache, build_teacher
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +135,12 @@ def collate_distill(items: list[dict]) -> dict | None:
     batch = {"image": torch.stack([it["image"] for it in items]), "index": [it["index"] for it in items]}
     if "teacher" in items[0]:
         teachers = [it["teacher"] for it in items]
-        batch["teacher"] = torch.stack(teachers) if all(t.numel() for t in teachers) else None
+        if not all(isinstance(t, (tuple, list)) or t.numel() for t in teachers):
+            batch["teacher"] = None
+        elif isinstance(teachers[0], (tuple, list)):  # SAM2: one stack per level
+            batch["teacher"] = tuple(torch.stack(level) for level in zip(*teachers))
+        else:
+            batch["teacher"] = torch.stack(teachers)
     return batch
 
 
@@ -132,10 +152,30 @@ def _autocast(cfg: DistillConfig, device: torch.device):
 
 
 @torch.no_grad()
-def teacher_embed(teacher: torch.nn.Module, images: torch.Tensor, autocast) -> torch.Tensor:
-    """(B, 3, S, S) uint8 on device -> (B, 256, S/16, S/16) float32 teacher embedding (SAM normalisation)."""
+def teacher_embed(teacher: torch.nn.Module, images: torch.Tensor, autocast) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """(B, 3, S, S) uint8 on device -> (B, 256, S/16, S/16) float32 teacher embedding (SAM normalisation).
+
+    A ``Sam2Teacher`` (ImageNet normalisation, the same numbers in 0..255) gives a tuple of its three
+    levels, (B, 256, S/4, S/4), (B, 256, S/8, S/8), (B, 256, S/16, S/16).
+    """
+    if isinstance(teacher, Sam2Teacher):
+        with autocast():
+            return tuple(level.float() for level in teacher(SAM2_PREDICTOR_PREPROCESSING.normalize(images.float())))
     with autocast():
         return teacher(Preprocessing.sam().normalize(images.float())).float()
+
+
+def _per_image(embeddings: torch.Tensor | tuple[torch.Tensor, ...]) -> list:
+    """A batch of teacher outputs -> one entry per image (a tensor, or a tuple of levels)."""
+    if isinstance(embeddings, (tuple, list)):
+        return list(zip(*embeddings))
+    return list(embeddings)
+
+
+def _to_device(target, device: torch.device):
+    if isinstance(target, (tuple, list)):
+        return tuple(t.to(device, non_blocking=True).float() for t in target)
+    return target.to(device, non_blocking=True).float()
 
 
 def fill_cache(teacher, dataset: DistillImages, cache: TeacherCache, device, autocast, batch_size: int,
@@ -153,7 +193,7 @@ def fill_cache(teacher, dataset: DistillImages, cache: TeacherCache, device, aut
         if batch is None:
             continue
         embeddings = teacher_embed(teacher, batch["image"].to(device), autocast)
-        for index, emb in zip(batch["index"], embeddings):
+        for index, emb in zip(batch["index"], _per_image(embeddings)):
             cache.put(dataset.paths[index], emb)
         done += len(batch["index"])
     return done
@@ -182,11 +222,24 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
     paths = find_images(cfg.images)
     teacher, teacher_id = build_teacher(cfg.teacher, cfg.img_size)
     teacher = teacher.to(device)
-    student: HRMedSegEncoder = (load_encoder(cfg.init_encoder) if cfg.init_encoder
-                                else HRMedSegEncoder(ENCODER_PRESETS[cfg.encoder_preset])).to(device).train()
+    encoder: HRMedSegEncoder = (load_encoder(cfg.init_encoder) if cfg.init_encoder
+                                else HRMedSegEncoder(ENCODER_PRESETS[cfg.encoder_preset]))
     if cfg.grad_checkpointing:
-        student.set_grad_checkpointing(True)
-    preprocessing = student.preprocessing
+        encoder.set_grad_checkpointing(True)
+    sam2_model = None
+    if isinstance(teacher, Sam2Teacher):
+        # LGViT + Sam2Neck; it takes SAM2-normalised input and re-normalises to its encoder's own.
+        student = HRMedSegSam2ImageEncoder(encoder)
+        preprocessing = SAM2_PREDICTOR_PREPROCESSING
+        # The saved model: the student inside SAM2Base with the teacher's heads (shares the student's modules).
+        sam2_model = build_sam2_base(student, teacher.sam2_config)
+        _load_decoder_state(sam2_model, teacher.decoder_state, cfg.teacher)
+        sam2_model.hrmedseg_config = {"sam2_config": _config_path(teacher.sam2_config)[0], "memory": True,
+                                      "neck": student.neck.config.to_dict()}
+    else:
+        student = encoder
+        preprocessing = encoder.preprocessing
+    student = student.to(device).train()
     autocast = _autocast(cfg, device)
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
 
@@ -245,9 +298,13 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
                     teacher, _ = build_teacher(cfg.teacher, cfg.img_size)
                     teacher = teacher.to(device)
                 target = teacher_embed(teacher, images, autocast)
-            target = target.to(device, non_blocking=True).float()
+            target = _to_device(target, device)
             with autocast():
-                loss = embedding_mse(model(preprocessing.normalize(images.float())), target)
+                output = model(preprocessing.normalize(images.float()))
+                if sam2_model is not None:  # sum of the MSEs over the three levels
+                    loss = sum(embedding_mse(s, t) for s, t in zip(output["backbone_fpn"], target, strict=True))
+                else:
+                    loss = embedding_mse(output, target)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -277,11 +334,15 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
                "time_s": elapsed}
         if env.is_main:
             history.append(row)
-            save_encoder(unwrap(model), out, provenance={
+            provenance = {
                 "source": "hrmedseg.training distill", "teacher": teacher_id, "images": str(cfg.images),
                 "n_images": len(paths), "epoch": epoch + 1, "mse": row["train_loss"],
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            })
+            }
+            if sam2_model is not None:
+                save_hrmedseg_sam2(sam2_model, out, provenance=provenance)
+            else:
+                save_encoder(unwrap(model), out, provenance=provenance)
             with open(log_file, "a", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(row))
                 if f.tell() == 0:

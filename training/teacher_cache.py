@@ -1,9 +1,13 @@
-"""The distillation teacher (a SAM image encoder) and its on-disk embedding cache.
+"""The distillation teacher (a SAM or SAM2 image encoder) and its on-disk embedding cache.
 
 The teacher is by far the most expensive part of distillation (SAM ViT-H: 2.7 TMACs per image,
 about 400 times the student), and its output for a given image never changes: the cache stores
 each image's embedding once (float16, (256, 64, 64) = 2 MiB at 1024 x 1024) and every later
 epoch reads it instead of running the teacher.
+
+A SAM2/SAM2.1 teacher (``Sam2Teacher``) gives three levels (strides 4, 8, 16; 256 channels each,
+Hiera + FPN's ``backbone_fpn``); its cache entries hold all three as a tuple (float16, about
+44 MiB per image at 1024 x 1024: 256^2 + 128^2 + 64^2 positions x 256 channels x 2 bytes).
 """
 
 from __future__ import annotations
@@ -28,6 +32,48 @@ SAM_VIT_SETTINGS = {
 SAM_INPUT_SIZE = 1024
 
 
+class Sam2Teacher(nn.Module):
+    """A SAM2/SAM2.1 image encoder (Hiera + FPN) as a distillation teacher.
+
+    Input: (B, 3, S, S) normalised with ImageNet statistics (SAM2's own; the same numbers as
+    SAM's mean/std in 0..255), S a multiple of 32. Output: a tuple of its three ``backbone_fpn``
+    levels, finest first: (B, 256, S/4, S/4), (B, 256, S/8, S/8), (B, 256, S/16, S/16), as the
+    image encoder returns them (SAM2Base applies its ``conv_s0``/``conv_s1`` only later, in
+    ``_prepare_backbone_features``, and those belong to the decoder that the student reuses).
+
+    ``sam2_config`` is the sam2 config it was built with; ``decoder_state`` the checkpoint's
+    tensors outside the image encoder (prompt encoder, mask decoder, memory modules), which the
+    distilled HRMedSegSAM2 takes over.
+    """
+
+    def __init__(self, image_encoder: nn.Module, sam2_config: str, decoder_state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.sam2_config = sam2_config
+        self.decoder_state = decoder_state
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.image_encoder(x)["backbone_fpn"])
+
+
+def build_sam2_teacher(config: str, state: dict[str, torch.Tensor] | None, source: str) -> Sam2Teacher:
+    """sam2's model of ``config`` (build_sam2, random weights), loaded with ``state`` if given."""
+    from sam2.build_sam import build_sam2
+
+    from hrmedseg.models.sam2 import _config_path
+
+    name, _ = _config_path(config)
+    folder = "sam2.1" if name.startswith("sam2.1") else "sam2"
+    model = build_sam2(f"configs/{folder}/{name}.yaml", ckpt_path=None, device="cpu")
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise WeightsError(f"{source} does not fit sam2 config {name}: {len(missing)} tensors missing "
+                               f"(e.g. {', '.join(missing[:3])}), {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    decoder_state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("image_encoder.")}
+    return Sam2Teacher(model.image_encoder, name, decoder_state)
+
+
 def build_sam_vit(variant: str, img_size: int = SAM_INPUT_SIZE, depth: int | None = None) -> nn.Module:
     """SAM's ``ImageEncoderViT`` of a variant, randomly initialised (``depth`` shrinks it for tests)."""
     from segment_anything.modeling import ImageEncoderViT
@@ -47,7 +93,23 @@ def build_teacher(spec: str, img_size: int = SAM_INPUT_SIZE) -> tuple[nn.Module,
     ``spec`` is a SAM checkpoint (``sam_vit_h_4b8939.pth``, ViT-H/L/B recognised from its
     shapes) or, for benchmarks and tests, ``random:vit_b`` / ``random:tiny`` (random weights;
     the tiny one is a 2-block ViT-B that runs at any ``img_size``).
+
+    SAM2/SAM2.1 teachers: a SAM2 checkpoint (``{"model": state_dict}`` with
+    ``image_encoder.trunk.*``; the config is recognised from its shapes) or ``random:sam2.1_hiera_t``
+    (any sam2 config name after ``random:``); they give a ``Sam2Teacher`` (three levels) and
+    run at any ``img_size`` that is a multiple of 32.
     """
+    if spec.startswith("random:sam2"):
+        config = spec.split(":", 1)[1]
+        if img_size % 32:
+            raise InputError(f"a SAM2 teacher needs --img-size a multiple of 32, got {img_size}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            try:
+                teacher = build_sam2_teacher(config, None, spec)
+            except WeightsError as err:
+                raise InputError(f"unknown random teacher '{spec}': {err}") from err
+        return teacher.eval().requires_grad_(False), f"random:{teacher.sam2_config}@{img_size}"
     if spec.startswith("random:"):
         variant = spec.split(":", 1)[1]
         if variant != "tiny" and variant not in SAM_VIT_SETTINGS:
@@ -70,7 +132,13 @@ def build_teacher(spec: str, img_size: int = SAM_INPUT_SIZE) -> tuple[nn.Module,
     variant = sam_variant(state)
     if variant is None:
         if any(k.startswith("image_encoder.trunk.") for k in state):
-            raise WeightsError(f"{path} is a SAM2 checkpoint; SAM2 teachers are not supported yet, use a SAM ViT-H/L/B file")
+            from hrmedseg.models.sam2 import sam2_config_of
+
+            if img_size % 32:
+                raise InputError(f"a SAM2 teacher needs --img-size a multiple of 32, got {img_size}")
+            teacher = build_sam2_teacher(sam2_config_of(state), dict(state), str(path))
+            digest = hashlib.sha1(f"{path.resolve()}|{path.stat().st_size}|{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+            return teacher.eval().requires_grad_(False), f"{teacher.sam2_config}-{digest}@{img_size}"
         raise WeightsError(f"{path} is not a SAM checkpoint (no ViT image encoder 'image_encoder.patch_embed.*')")
     if img_size != SAM_INPUT_SIZE:
         raise InputError(f"a SAM {variant} teacher takes {SAM_INPUT_SIZE} x {SAM_INPUT_SIZE} inputs; drop --img-size {img_size}")
@@ -102,7 +170,7 @@ class TeacherCache:
         k = self.key(image_path)
         return self.root / k[:2] / f"{k}.pt"
 
-    def get(self, image_path: str | os.PathLike) -> torch.Tensor | None:
+    def get(self, image_path: str | os.PathLike) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
         path = self.path(image_path)
         if not path.exists():
             return None
@@ -112,10 +180,14 @@ class TeacherCache:
             path.unlink(missing_ok=True)
             return None
 
-    def put(self, image_path: str | os.PathLike, embedding: torch.Tensor) -> None:
-        """Store one (256, h, w) embedding as float16."""
+    def put(self, image_path: str | os.PathLike, embedding: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        """Store one (256, h, w) embedding, or a tuple of levels (SAM2 teachers), as float16."""
+        if isinstance(embedding, (tuple, list)):
+            value = tuple(e.detach().to("cpu", torch.float16).clone() for e in embedding)
+        else:
+            value = embedding.detach().to("cpu", torch.float16).clone()
         with atomic_path(self.path(image_path)) as tmp:
-            torch.save(embedding.detach().to("cpu", torch.float16).clone(), tmp)
+            torch.save(value, tmp)
 
     def __contains__(self, image_path: str | os.PathLike) -> bool:
         return self.path(image_path).exists()
