@@ -49,6 +49,7 @@ from .checkpointing import load_state, log_path_for, save_state, state_path_for,
 from .data import IMAGE_EXTENSIONS, CropSettings, place, read_image
 from .finetune import ENCODER_PRESETS
 from .losses import embedding_mse
+from .steps import backward_and_step
 from .teacher_cache import Sam2Teacher, TeacherCache, build_teacher
 
 log = logging.getLogger(__name__)
@@ -305,14 +306,7 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
                     loss = sum(embedding_mse(s, t) for s, t in zip(output["backbone_fpn"], target, strict=True))
                 else:
                     loss = embedding_mse(output, target)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            backward_and_step(loss, optimizer, scaler)
             step += 1
             value = loss.item()
             if not math.isfinite(value):

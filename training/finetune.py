@@ -38,6 +38,7 @@ from .checkpointing import load_state, log_path_for, save_state, state_path_for,
 from .data import CropSettings, DatasetInfo, SegmentationCrops, collate, discover_samples, parse_classes, split_samples
 from .losses import segmentation_loss
 from .metrics import dice_per_mask
+from .steps import backward_and_step
 
 log = logging.getLogger(__name__)
 
@@ -442,14 +443,7 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
                 loss, _ = batch_loss(train_model, batch, preprocessing, device)
             if loss is None:
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            backward_and_step(loss, optimizer, scaler)
             step += 1
             value = loss.item()
             if not math.isfinite(value):
