@@ -43,8 +43,9 @@ def _log_event(event: dict) -> None:
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=["hrmedseg-sam", "hrmedseg"], default="hrmedseg",
-                   help="hrmedseg-sam: box-prompted HRMedSegSAM; hrmedseg: prompt-free HRMedSeg (ECM-Decoder)")
+    p.add_argument("--model", choices=["hrmedseg-sam", "hrmedseg-sam2", "hrmedseg"], default="hrmedseg",
+                   help="hrmedseg-sam: box-prompted HRMedSegSAM; hrmedseg-sam2: box-prompted HRMedSegSAM2 (SAM2 "
+                   "heads, an hrmedseg_sam2 bundle out); hrmedseg: prompt-free HRMedSeg (ECM-Decoder)")
     p.add_argument("--data", required=True, help="folder of images/ + masks/ (same names), with manifest.json, "
                    "or an annotation store")
     p.add_argument("--val-data", help="a separate folder of held-out pairs (default: split --data by image)")
@@ -78,10 +79,11 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out stem>.state.pt if it exists")
     p.add_argument("--time-limit-min", type=float, help="stop (validate, save) after this many minutes")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
-    p.add_argument("--init", help="a whole model to start from (hrmedseg_sam or hrmedseg bundle)")
+    p.add_argument("--init", help="a whole model to start from (hrmedseg_sam, hrmedseg_sam2 or hrmedseg bundle)")
     p.add_argument("--init-encoder", help="LGViT + neck weights (authors' SAM_PFD_10K.pth or our bundle)")
     p.add_argument("--init-decoder", help="hrmedseg-sam: SAM checkpoint (sam_vit_h_4b8939.pth ...) for its "
-                   "prompt encoder and mask decoder")
+                   "prompt encoder and mask decoder; hrmedseg-sam2: SAM2/SAM2.1 checkpoint (sam2.1_hiera_large.pt "
+                   "...) or sam2_prompt_decoder bundle")
     p.add_argument("--encoder-preset", choices=["paper", "small", "tiny"], default="paper",
                    help="architecture of a new random encoder (paper: C 96, L 10)")
     p.add_argument("--log-every", type=int, default=10, help="steps between progress events")

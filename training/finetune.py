@@ -1,4 +1,4 @@
-"""Fine-tuning of HRMedSegSAM (box prompts) and HRMedSeg (prompt-free, C2 classes).
+"""Fine-tuning of HRMedSegSAM / HRMedSegSAM2 (box prompts) and HRMedSeg (prompt-free, C2 classes).
 
 The paper's recipe by default: Adam lr 1e-4, exponential decay 0.98 per epoch, loss
 0.8 * Dice + 0.2 * focal. Each epoch ends with a validation pass on held-out images; the best
@@ -42,7 +42,8 @@ from .steps import backward_and_step
 
 log = logging.getLogger(__name__)
 
-MODELS = ("hrmedseg-sam", "hrmedseg")
+MODELS = ("hrmedseg-sam", "hrmedseg-sam2", "hrmedseg")
+BOX_MODELS = ("hrmedseg-sam", "hrmedseg-sam2")
 ENCODER_PRESETS = {
     "paper": EncoderConfig(),
     "small": EncoderConfig(embed_dim=48, depths=(2, 2), num_heads=(3, 6)),
@@ -109,11 +110,14 @@ class FinetuneConfig:
             log.warning("--scale %g has no effect with --input-mode fit (whole images are resized to --img-size %d); "
                         "use --input-mode crop for native-resolution crops at that scale", self.scale, self.img_size)
         if self.model == "hrmedseg" and self.init_decoder:
-            raise InputError("--init-decoder applies to hrmedseg-sam (a SAM checkpoint); use --init for a whole HRMedSeg")
+            raise InputError("--init-decoder applies to hrmedseg-sam / hrmedseg-sam2 (a SAM / SAM2 checkpoint); use "
+                             "--init for a whole HRMedSeg")
+        if self.model == "hrmedseg-sam2" and self.box_prior not in (None, "none"):
+            raise InputError("--box-prior applies to hrmedseg-sam only (HRMedSegSAM2 bundles have no box prior)")
 
     @property
     def task(self) -> str:
-        return "box" if self.model == "hrmedseg-sam" else "semantic"
+        return "box" if self.model in BOX_MODELS else "semantic"
 
     @property
     def resolved_input_mode(self) -> str:
@@ -166,6 +170,59 @@ class BoxPromptedSegmenter(nn.Module):
         return outputs
 
 
+class Sam2BoxPromptedSegmenter(nn.Module):
+    """HRMedSegSAM2 for training: images and per-image boxes -> low-res mask logits.
+
+    forward(images (B, 3, S, S) normalised as SAM2ImagePredictor does (ImageNet statistics;
+    ``HRMedSegSam2ImageEncoder`` re-normalises for its encoder), boxes [ (K_i, 4) xyxy in input
+    pixels ]) -> [ (K_i, 1, S/4, S/4) logits ]: SAM2's mask decoder in single-mask mode, fed the
+    way ``SAM2ImagePredictor.set_image_batch`` + ``_predict`` feed it (no_mem_embed added to the
+    1/16 level, the 1/4 and 1/8 levels as high-res features, boxes as corner points labelled 2
+    and 3). The prompt encoder's geometry is set to S (it has no size-dependent weights); the
+    saved model keeps SAM2's 1024.
+    """
+
+    def __init__(self, sam: nn.Module, input_size: int) -> None:
+        super().__init__()
+        self.sam = sam
+        self.input_size = input_size
+
+    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+        sam = self.sam
+        pe = sam.sam_prompt_encoder
+        grid = self.input_size // 16
+        pe.input_image_size = (self.input_size, self.input_size)
+        pe.image_embedding_size = (grid, grid)
+        backbone_out = sam.forward_image(images)
+        _, vision_feats, _, feat_sizes = sam._prepare_backbone_features(backbone_out)
+        if sam.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + sam.no_mem_embed
+        batch = images.shape[0]
+        feats = [f.permute(1, 2, 0).reshape(batch, -1, *size) for f, size in zip(vision_feats, feat_sizes)]
+        embeddings, high_res = feats[-1], feats[:-1]
+        dense_pe = pe.get_dense_pe()
+        outputs = []
+        for i, image_boxes in enumerate(boxes):
+            if len(image_boxes) == 0:
+                outputs.append(embeddings.new_zeros((0, 1, 4 * grid, 4 * grid)))
+                continue
+            # As SAM2ImagePredictor._predict: a box is two points labelled 2 (top-left) and 3 (bottom-right).
+            coords = image_boxes.reshape(-1, 2, 2).to(embeddings.dtype)
+            labels = torch.tensor([[2, 3]], dtype=torch.int, device=coords.device).repeat(len(coords), 1)
+            sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
+            low_res, _, _, _ = sam.sam_mask_decoder(
+                image_embeddings=embeddings[i : i + 1],
+                image_pe=dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+                repeat_image=True,
+                high_res_features=[h[i : i + 1] for h in high_res] if sam.use_high_res_features_in_sam else None,
+            )
+            outputs.append(low_res)
+        return outputs
+
+
 def _find_encoder(model: nn.Module) -> HRMedSegEncoder:
     for m in model.modules():
         if isinstance(m, HRMedSegEncoder):
@@ -173,9 +230,37 @@ def _find_encoder(model: nn.Module) -> HRMedSegEncoder:
     raise TypeError("the model has no HRMedSegEncoder")
 
 
+def _encoder_parts(model: nn.Module) -> tuple[nn.Module, Preprocessing, Callable[[bool], None]]:
+    """(the encoder to freeze with --freeze-encoder, the input normalisation, its grad-checkpointing switch)."""
+    inner = unwrap(model)
+    if isinstance(inner, Sam2BoxPromptedSegmenter):
+        image_encoder = inner.sam.image_encoder
+        return image_encoder, image_encoder.input_preprocessing, image_encoder.trunk.set_grad_checkpointing
+    encoder = _find_encoder(inner)
+    switch = inner.set_grad_checkpointing if hasattr(inner, "set_grad_checkpointing") else encoder.set_grad_checkpointing
+    return encoder, encoder.preprocessing, switch
+
+
+def _prompt_encoder(model: nn.Module) -> nn.Module:
+    inner = unwrap(model)
+    return inner.sam.sam_prompt_encoder if isinstance(inner, Sam2BoxPromptedSegmenter) else inner.sam.prompt_encoder
+
+
 def build_model(cfg: FinetuneConfig, num_classes: int, class_names: list[str] | None) -> nn.Module:
     """The model to train, from scratch or from --init / --init-encoder / --init-decoder files."""
     encoder_config = ENCODER_PRESETS[cfg.encoder_preset]
+    if cfg.model == "hrmedseg-sam2":
+        from hrmedseg.models.sam2 import build_hrmedseg_sam2, load_hrmedseg_sam2
+
+        if cfg.init:
+            sam2 = load_hrmedseg_sam2(cfg.init)
+        else:
+            sam2 = build_hrmedseg_sam2(encoder=cfg.init_encoder or HRMedSegEncoder(encoder_config), decoder=cfg.init_decoder)
+        # Only the single-image path is trained; the video-memory modules (if loaded) stay as they are.
+        for name, param in sam2.named_parameters():
+            if not name.startswith(("image_encoder.", "sam_mask_decoder.", "sam_prompt_encoder.", "no_mem_embed")):
+                param.requires_grad_(False)
+        return Sam2BoxPromptedSegmenter(sam2.train(), cfg.img_size)
     if cfg.model == "hrmedseg-sam":
         from hrmedseg.models.sam import build_hrmedseg_sam, load_hrmedseg_sam
 
@@ -208,6 +293,16 @@ def build_model(cfg: FinetuneConfig, num_classes: int, class_names: list[str] | 
 
 def save_model(model: nn.Module, cfg: FinetuneConfig, path: str | os.PathLike, provenance: dict) -> Path:
     model = unwrap(model)
+    if isinstance(model, Sam2BoxPromptedSegmenter):
+        from hrmedseg.models.sam2 import save_hrmedseg_sam2
+
+        pe, size = model.sam.sam_prompt_encoder, model.sam.image_size
+        geometry = pe.input_image_size, pe.image_embedding_size
+        pe.input_image_size, pe.image_embedding_size = (size, size), (size // model.sam.backbone_stride,) * 2
+        try:
+            return save_hrmedseg_sam2(model.sam, path, provenance=provenance)
+        finally:
+            pe.input_image_size, pe.image_embedding_size = geometry
     if isinstance(model, BoxPromptedSegmenter):
         from hrmedseg.models.sam import IMAGE_SIZE, save_hrmedseg_sam
 
@@ -369,14 +464,13 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
     info, train_samples, val_samples = _load_data(cfg)
 
     model = build_model(cfg, num_classes, class_names).to(device)
-    encoder = _find_encoder(model)
-    preprocessing = encoder.preprocessing
+    encoder, preprocessing, set_grad_checkpointing = _encoder_parts(model)
     if cfg.grad_checkpointing:
-        (model.set_grad_checkpointing if hasattr(model, "set_grad_checkpointing") else encoder.set_grad_checkpointing)(True)
+        set_grad_checkpointing(True)
     if cfg.freeze_encoder:
         encoder.requires_grad_(False)
     if cfg.task == "box":
-        unwrap(model).sam.prompt_encoder.requires_grad_(False)  # boxes keep SAM's prompt embedding
+        _prompt_encoder(model).requires_grad_(False)  # boxes keep SAM's / SAM2's prompt embedding
 
     crop = CropSettings(size=cfg.img_size, mode=cfg.resolved_input_mode, scale=cfg.scale,
                         pad_value=tuple(int(round(v)) for v in preprocessing.pixel_mean))
