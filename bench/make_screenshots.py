@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         app = QApplication.instance()
         viewer.window._qt_window.resize(1500, 950)
         data, meta, _ = _layer(sample)[0]
-        layer = viewer.add_image(data, **meta)
+        viewer.add_image(data, **meta)
         widget = AnnotatorWidget(viewer)
         viewer.window.add_dock_widget(widget, name="HRMedSeg annotator", area="right")
         widget.device_combo.setCurrentText("cpu")

@@ -154,7 +154,6 @@ class Annotator:
 
         A registry name whose file is missing emits ``weights_missing`` and loads nothing.
         """
-        from napari.qt.threading import create_worker
 
         self.cancel()
         self.predictor = None

@@ -10,7 +10,7 @@ import tifffile
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from hrmedseg.engine import BoxPredictor, CropPolicy, ObjectMask, SparseLabels, paste_object
+from hrmedseg.engine import BoxPredictor, ObjectMask, SparseLabels, paste_object
 from hrmedseg.errors import InputError
 from hrmedseg.io import BoxClippedWarning, open_image
 from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder

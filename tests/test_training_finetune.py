@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hrmedseg.errors import HRMedSegError, InputError
+from hrmedseg.errors import InputError
 from hrmedseg.training.checkpointing import load_state, log_path_for, state_path_for
 from hrmedseg.training.finetune import FinetuneConfig, _oom_message, finetune
 from test_training_data import disks, write_pair

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..defaults import DEFAULT_BOX_MODEL  # re-exported: the engine's default
+from ..defaults import DEFAULT_BOX_MODEL  # noqa: F401  (re-exported: the engine's default)
 from ..errors import HRMedSegError, InputError
 from ..io.boxes import check_boxes
 from ..models.box_prior import add_box_prior

@@ -26,7 +26,6 @@ GPUs) with a measured relative error of about 1e-2 (README.md, section Speed).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
