@@ -322,6 +322,8 @@ class TrainWidget(QWidget):
             self.process.kill()
 
     def _read_stderr(self) -> None:
+        if self.process is None:
+            return
         text = bytes(self.process.readAllStandardError()).decode(errors="replace")
         lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
         for line in lines:
@@ -329,6 +331,8 @@ class TrainWidget(QWidget):
                 self.status.setText(line)
 
     def _read_stdout(self) -> None:
+        if self.process is None:
+            return
         self._buffer += bytes(self.process.readAllStandardOutput()).decode(errors="replace")
         *lines, self._buffer = self._buffer.split("\n")
         for line in lines:
@@ -366,6 +370,13 @@ class TrainWidget(QWidget):
             self.status.setText(f"Training failed: {event['message']}")
 
     def _finished(self, exit_code: int, exit_status: Any = None) -> None:
+        # Qt may report the exit before the last output was read: read it now, so the final
+        # "error" or "done" event is never lost.
+        self._read_stderr()
+        self._read_stdout()
+        if self._buffer:
+            self._buffer += "\n"
+            self._read_stdout()
         self.process = None
         self.train_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
