@@ -387,8 +387,11 @@ class TrainWidget(QWidget):
             self.status.setText("Done.")
         elif self._cancelled:
             self.status.setText("Cancelled. Tick 'resume the last run' to continue from the last finished epoch.")
-        elif not self.status.text().startswith("Training failed"):
-            self.status.setText(f"Training stopped (exit code {exit_code}); see the terminal for details.")
+        else:
+            errors = [e["message"] for e in self.events if e.get("event") == "error"]
+            # stderr lines may have replaced the status since: the error event is what to show
+            self.status.setText(f"Training failed: {errors[-1]}" if errors
+                                else f"Training stopped (exit code {exit_code}); see the terminal for details.")
 
     def _use(self) -> None:
         if not self.result_path:
