@@ -315,3 +315,37 @@ def test_rgb_layer(make_napari_viewer, predictor, qtbot):
     region = ann.state.objects[1].predicted_region
     assert region is not None and ann.state.objects[1].predicted_mask.shape == (region[1] - region[0], region[3] - region[2])
     widget.close()
+
+
+def test_hrmedseg_sam2_bundle_loads_and_segments(make_napari_viewer, qtbot, tmp_path):
+    """A fine-tuned HRMedSegSAM2 file chosen in the dock runs in the annotator (the box engine's SAM2 steps)."""
+    pytest.importorskip("sam2")
+    import torch
+
+    from hrmedseg.engine.decoder import Sam2BoxDecoder
+    from hrmedseg.models import EncoderConfig, build_encoder
+    from hrmedseg.models.sam2 import build_hrmedseg_sam2, save_hrmedseg_sam2
+    from napari_hrmedseg._widget import AnnotatorWidget
+
+    torch.manual_seed(0)
+    model = build_hrmedseg_sam2(encoder=build_encoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))))
+    path = save_hrmedseg_sam2(model, tmp_path / "my_sam2.pt", provenance={"source": "test"})
+
+    viewer = make_napari_viewer()
+    image = load_sample("nuclei_fluorescence")[:192, :256]
+    viewer.add_image(image, name="nuclei")
+    widget = AnnotatorWidget(viewer)
+    ann = widget.annotator
+    widget.device_combo.setCurrentText("cpu")
+    widget.set_model(str(path))
+    qtbot.waitUntil(lambda: ann.predictor is not None, timeout=120_000)
+    assert isinstance(ann.predictor.decoder, Sam2BoxDecoder)
+    assert ann.state.model.name == "my_sam2.pt" and ann.state.model.path == str(path.resolve())
+
+    _drag(ann.boxes_layer, (40, 60), (120, 170))
+    _wait(qtbot, ann)
+    box = ann.state.objects[1].box
+    expected = _expected_labels(ann.predictor, image, {1: box}, image.shape)
+    assert expected.any(), "test precondition: a non-empty random-weight mask"
+    np.testing.assert_array_equal(ann.labels_layer.data, expected)
+    widget.close()

@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-overlap", type=int, help="prompt-free 'crop' models: tile overlap in pixels (default tile/4)")
     p.add_argument("--max-upscale", type=float, default=2.0, help="largest enlargement of small objects (power of two)")
     p.add_argument("--batch", type=int, default=8, help="boxes per decoder call")
-    p.add_argument("--cache-mb", type=int, default=256, help="embedding cache bound in MiB (4 MiB per crop; default 256)")
+    p.add_argument("--cache-mb", type=int, default=256, help="embedding cache bound in MiB (4 MiB per crop, 16 MiB for SAM2 models; default 256)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

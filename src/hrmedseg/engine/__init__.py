@@ -1,13 +1,13 @@
 """Box-prompted segmentation of images of any size at native resolution.
 
     from hrmedseg.engine import BoxPredictor
-    predictor = BoxPredictor(model)                     # a Sam-like module, or a name/path
+    predictor = BoxPredictor(model)                     # a Sam-like or SAM2Base module, or a name/path
     labels, records = predictor.segment("slide.ome.tif", boxes)
 """
 
 from .cache import EmbeddingCache
 from .crops import Crop, CropPolicy, logits_to_native, plan_crops, read_crop
-from .decoder import BoxDecoder, SamBoxDecoder, SamImageEncoder
+from .decoder import BoxDecoder, Sam2BoxDecoder, Sam2Features, Sam2ImageEncoder, SamBoxDecoder, SamImageEncoder
 from .intensity import ChannelScaling, IntensityOptions, compute_scaling
 from .labels import OVERLAP_POLICIES, ObjectMask, ObjectRecord, SparseLabels, paste_object
 from .predictor import DEFAULT_BOX_MODEL, BoxPredictor, resolve_device, resolve_model
@@ -24,6 +24,9 @@ __all__ = [
     "IntensityOptions",
     "ObjectMask",
     "ObjectRecord",
+    "Sam2BoxDecoder",
+    "Sam2Features",
+    "Sam2ImageEncoder",
     "SamBoxDecoder",
     "SamImageEncoder",
     "SparseLabels",

@@ -9,18 +9,23 @@
 - :class:`RegionBoxDecoder`: the same call on ``FastSamBoxDecoder`` (hrmedseg.models.fast_decoder),
   plus ``margin=``: logits are computed only under each box plus ``margin`` low-res pixels
   (:func:`region_margin` gives the margin that covers everything the engine reads).
+- :class:`Sam2ImageEncoder` / :class:`Sam2BoxDecoder`: the same two steps for sam2 ``SAM2Base``
+  models (HRMedSegSAM2, SAM2 itself). The encoder returns :class:`Sam2Features` (the 1/16
+  embedding with ``no_mem_embed`` added, plus the 1/4 and 1/8 maps SAM2's decoder reads), the
+  decoder the same (N, 1, h_lr, w_lr) logits and (N,) scores as :class:`SamBoxDecoder`.
 
 :func:`build_steps` picks the encoder and decoder of a backend (``hrmedseg.models.runtime``):
 ``"reference"`` keeps the plain PyTorch modules (what the tests compare against); ``"fast"`` and
 ``"fast-bf16"`` use ``FastHRMedSegEncoder`` (when the model's image encoder is an
 ``HRMedSegEncoder``) and :class:`RegionBoxDecoder` (when the mask decoder is SAM's two-block one).
+SAM2 models have no fast path: they run their plain modules under every backend.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.fast_decoder import FastSamBoxDecoder
+from ..models.preprocessing import Preprocessing
 from .crops import Crop, CropPolicy, mask_region
 
 log = logging.getLogger(__name__)
@@ -36,7 +42,21 @@ ENGINE_BACKENDS = ("reference", "fast", "fast-bf16")
 
 
 class BoxDecoder(Protocol):
-    def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(self, embedding: Any, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def is_sam2_model(model: nn.Module) -> bool:
+    """True for sam2 ``SAM2Base``-like models (``sam_prompt_encoder``, ``sam_mask_decoder``, ``forward_image``)."""
+    return all(hasattr(model, a) for a in ("sam_prompt_encoder", "sam_mask_decoder", "forward_image"))
+
+
+def _best_single_mask(logits: torch.Tensor, iou: torch.Tensor, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, M, h, w) logits, (N, M) IoU -> (N, 1, h, w), (N,): the only mask, or the best of M by IoU."""
+    if not multimask:
+        return logits, iou[:, 0]
+    best = iou.argmax(dim=1)  # as SamAutomaticMaskGenerator does
+    idx = torch.arange(len(best), device=best.device)
+    return logits[idx, best][:, None], iou[idx, best]
 
 
 class SamImageEncoder:
@@ -83,11 +103,7 @@ class SamBoxDecoder:
             dense_prompt_embeddings=dense,
             multimask_output=self.multimask,
         )
-        if self.multimask:  # keep the best of the three, as SamAutomaticMaskGenerator does
-            best = iou.argmax(dim=1)
-            idx = torch.arange(len(best), device=best.device)
-            return logits[idx, best][:, None], iou[idx, best]
-        return logits, iou[:, 0]
+        return _best_single_mask(logits, iou, self.multimask)
 
 
 class RegionBoxDecoder(FastSamBoxDecoder):
@@ -102,6 +118,126 @@ class RegionBoxDecoder(FastSamBoxDecoder):
     def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor, margin: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self.margin = margin
         return super().__call__(embedding, boxes)
+
+    @staticmethod
+    def low_res_size(embedding: torch.Tensor) -> int:
+        """Side of the low-res logit grid for ``embedding`` (1, C, h, h): SAM's decoder upscales 4x."""
+        return 4 * int(embedding.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# SAM2 (sam2 SAM2Base: HRMedSegSAM2, SAM2 itself)
+# --------------------------------------------------------------------------------------------
+
+
+class Sam2Features(NamedTuple):
+    """What :class:`Sam2ImageEncoder` returns (and the engine caches) per crop.
+
+    The same tensors as ``SAM2ImagePredictor._features``:
+    ``image_embed`` (1, C, S/16, S/16) with ``no_mem_embed`` added (models with
+    ``directly_add_no_mem_embed``); ``high_res_feats`` ((1, C/8, S/4, S/4), (1, C/4, S/8, S/8)),
+    the 1/4 and 1/8 levels after the mask decoder's ``conv_s0`` / ``conv_s1`` (empty for models
+    without ``use_high_res_features_in_sam``). C = 256 for SAM2.
+    """
+
+    image_embed: torch.Tensor
+    high_res_feats: tuple[torch.Tensor, ...]
+
+
+def sam2_input_preprocessing(model: nn.Module) -> Preprocessing:
+    """The pixel normalisation a SAM2Base model's image encoder expects, in 0..255 units.
+
+    HRMedSegSAM2's encoder records it (``input_preprocessing``: ImageNet statistics, as
+    SAM2ImagePredictor and the fine-tuning apply, re-normalised inside for its LGViT); SAM2's own
+    Hiera encoder expects SAM2ImagePredictor's ImageNet statistics.
+    """
+    from ..models.sam2 import SAM2_PREDICTOR_PREPROCESSING
+
+    return getattr(model.image_encoder, "input_preprocessing", SAM2_PREDICTOR_PREPROCESSING)
+
+
+class Sam2ImageEncoder:
+    """A SAM2Base model's image path, for the engine's square crops.
+
+    Preprocessing is the fine-tuning's (``hrmedseg.training.finetune``, ``--model hrmedseg-sam2``):
+    the crop (0..255 RGB, h, w <= S = ``model.image_size``) is padded bottom/right to S x S with
+    the rounded pixel mean (training's pad value) and normalised with
+    :func:`sam2_input_preprocessing`; it is never stretched. For an S x S image this is exactly
+    what ``SAM2ImagePredictor.set_image`` computes (which instead resizes any image to S x S
+    without keeping its aspect ratio). Features are then computed as ``set_image`` does:
+    ``forward_image``, ``_prepare_backbone_features``, ``no_mem_embed`` added to the 1/16 level.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.input_size = int(model.image_size)
+        pe_size = tuple(int(v) for v in model.sam_prompt_encoder.input_image_size)
+        if pe_size != (self.input_size, self.input_size):
+            raise ValueError(
+                f"{type(model).__name__}: its prompt encoder is set for {pe_size} inputs, but image_size is "
+                f"{self.input_size}; boxes would be scaled wrongly"
+            )
+        self.preprocessing = sam2_input_preprocessing(model)
+        self.pad_value = tuple(float(round(v)) for v in self.preprocessing.pixel_mean)
+
+    def pad(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 3, h, w) 0..255 -> (1, 3, S, S) 0..255, padded bottom/right with the rounded pixel mean."""
+        h, w = image.shape[-2:]
+        if h > self.input_size or w > self.input_size:
+            raise ValueError(f"crop of {h} x {w} px exceeds the model input size {self.input_size}")
+        fill = torch.tensor(self.pad_value, dtype=torch.float32, device=image.device).view(1, 3, 1, 1)
+        out = fill.expand(1, 3, self.input_size, self.input_size).clone()
+        out[..., :h, :w] = image
+        return out
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor) -> Sam2Features:
+        """image: (1, 3, h, w) float 0..255, h, w <= input_size -> :class:`Sam2Features`."""
+        model = self.model
+        device = model.no_mem_embed.device
+        x = self.preprocessing.normalize(self.pad(image.to(device, torch.float32)))
+        backbone_out = model.forward_image(x)
+        _, feats, _, sizes = model._prepare_backbone_features(backbone_out)
+        if model.directly_add_no_mem_embed:
+            feats[-1] = feats[-1] + model.no_mem_embed
+        # (h*w, 1, C) -> (1, C, h, w), finest level first
+        maps = [f.permute(1, 2, 0).reshape(1, -1, *size) for f, size in zip(feats, sizes)]
+        high_res = tuple(maps[:-1]) if model.use_high_res_features_in_sam else ()
+        return Sam2Features(maps[-1], high_res)
+
+
+class Sam2BoxDecoder:
+    """SAM2's prompt encoder + mask decoder for N boxes on one crop's :class:`Sam2Features`.
+
+    Boxes are fed as ``SAM2ImagePredictor._predict`` and the fine-tuning feed them: two corner
+    points labelled 2 (top-left) and 3 (bottom-right). The decoder runs in single-mask mode (what
+    ``--model hrmedseg-sam2`` trains); in eval mode sam2's decoder then falls back to the best
+    multimask output when the single mask is unstable (``dynamic_multimask_via_stability``, as in
+    SAM2ImagePredictor). ``multimask=True`` takes the best of the three masks by predicted IoU.
+    """
+
+    def __init__(self, model: nn.Module, multimask: bool = False) -> None:
+        self.prompt_encoder = model.sam_prompt_encoder
+        self.mask_decoder = model.sam_mask_decoder
+        self.multimask = multimask
+
+    @torch.inference_mode()
+    def __call__(self, features: Sam2Features, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features of one crop; boxes (N, 4) xyxy input px -> logits (N, 1, S/4, S/4), scores (N,)."""
+        embed = features.image_embed
+        corners = boxes.to(embed.device, torch.float32).reshape(-1, 2, 2)
+        labels = torch.tensor([[2, 3]], dtype=torch.int, device=embed.device).repeat(len(corners), 1)
+        sparse, dense = self.prompt_encoder(points=(corners, labels), boxes=None, masks=None)
+        logits, iou, _, _ = self.mask_decoder(
+            image_embeddings=embed,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=self.multimask,
+            repeat_image=True,  # one crop's features for all N boxes
+            high_res_features=list(features.high_res_feats) or None,
+        )
+        return _best_single_mask(logits, iou, self.multimask)
 
 
 def region_margin(
@@ -138,16 +274,29 @@ def region_margin(
     return need + 1
 
 
-def build_steps(model: nn.Module, backend: str) -> tuple[SamImageEncoder, BoxDecoder]:
+_logged_sam2_backends: set[str] = set()
+
+
+def _log_sam2_backend(model: nn.Module, backend: str) -> None:
+    if backend != "reference" and backend not in _logged_sam2_backends:
+        _logged_sam2_backends.add(backend)
+        log.info("backend %s: %s is a SAM2 model, which has no fast path; running its plain modules", backend, type(model).__name__)
+
+
+def build_steps(model: nn.Module, backend: str) -> tuple[SamImageEncoder | Sam2ImageEncoder, BoxDecoder]:
     """The engine's (encoder, decoder) for ``backend`` (one of ``ENGINE_BACKENDS``).
 
     Fast modules are built from the model's weights as they are now (copies / snapshots):
     build again after loading other weights into the same model. Parts the fast paths do not
     cover (a SAM ViT image encoder, a mask decoder that is not SAM's two-block one) keep the
-    plain PyTorch module.
+    plain PyTorch module. SAM2 models (:func:`is_sam2_model`) get :class:`Sam2ImageEncoder` and
+    :class:`Sam2BoxDecoder` under every backend (logged once per backend).
     """
     if backend not in ENGINE_BACKENDS:
         raise ValueError(f"unknown engine backend {backend!r}; expected one of {', '.join(ENGINE_BACKENDS)}")
+    if is_sam2_model(model):
+        _log_sam2_backend(model, backend)
+        return Sam2ImageEncoder(model), Sam2BoxDecoder(model)
     if backend == "reference":
         return SamImageEncoder(model), SamBoxDecoder(model)
     from ..models.neck import HRMedSegEncoder

@@ -17,7 +17,7 @@ from ..models.box_prior import add_box_prior
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
 from .crops import Crop, CropPolicy, group_by_crop, logits_to_native, mask_region, plan_crops, read_crop
-from .decoder import ENGINE_BACKENDS, BoxDecoder, RegionBoxDecoder, build_steps, region_margin
+from .decoder import ENGINE_BACKENDS, BoxDecoder, RegionBoxDecoder, build_steps, is_sam2_model, region_margin
 from .intensity import ChannelScaling, IntensityOptions, compute_scaling
 from .labels import ObjectMask, ObjectRecord, SparseLabels, _check_policy, paste_object
 
@@ -58,8 +58,11 @@ def resolve_backend(backend: str, device: torch.device, allow_bf16: bool = False
     return chosen
 
 
+_SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "pixel_mean", "pixel_std")
+
+
 def resolve_model(model: str | nn.Module) -> nn.Module:
-    """A Sam-like module from a module, a registry name or a weights path."""
+    """A box-prompt model (SAM-like, or a sam2 ``SAM2Base``) from a module, a registry name or a weights path."""
     if isinstance(model, nn.Module):
         return model
     try:
@@ -70,11 +73,13 @@ def resolve_model(model: str | nn.Module) -> nn.Module:
             f"installation; pass a model object to BoxPredictor instead"
         ) from err
     loaded = load_model(model)
-    missing = [a for a in ("image_encoder", "prompt_encoder", "mask_decoder", "pixel_mean", "pixel_std") if not hasattr(loaded, a)]
+    if is_sam2_model(loaded):
+        return loaded
+    missing = [a for a in _SAM_PARTS if not hasattr(loaded, a)]
     if missing:
         raise HRMedSegError(
-            f"model {model!r} is a {type(loaded).__name__}, not a SAM-style box-prompt model (it has no "
-            f"{', '.join(missing)}); BoxPredictor needs HRMedSegSAM or SAM weights"
+            f"model {model!r} is a {type(loaded).__name__}, not a box-prompt model (it has no "
+            f"{', '.join(missing)}); BoxPredictor needs HRMedSegSAM, HRMedSegSAM2, SAM or SAM2 weights"
         )
     return loaded
 
@@ -90,17 +95,21 @@ class BoxPredictor:
 
     Args:
         model: a segment_anything ``Sam``-like module (image_encoder, prompt_encoder,
-            mask_decoder, pixel_mean, pixel_std) or a name/path for ``hrmedseg.models.load_model``.
+            mask_decoder, pixel_mean, pixel_std), a sam2 ``SAM2Base`` (HRMedSegSAM2: see
+            :class:`~hrmedseg.engine.decoder.Sam2ImageEncoder` for its preprocessing), or a
+            name/path for ``hrmedseg.models.load_model``.
         device: "auto" (CUDA, then MPS, then CPU), or any torch device string.
         cache_bytes: bound of the embedding cache (0: no cache).
         policy: crop planning (scale limits, margins).
         intensity: how non-uint8 pixels are scaled to 0..255.
-        decoder: replaces the SAM decoder step (same call as :class:`SamBoxDecoder`).
+        decoder: replaces the decoder step (same call as :class:`SamBoxDecoder`, or as
+            :class:`~hrmedseg.engine.decoder.Sam2BoxDecoder` for SAM2 models).
         backend: "auto" (default: per device, ``hrmedseg.models.runtime.select_backend``, which
             the ``HRMEDSEG_BACKEND`` environment variable overrides; the fast float32 encoder and
             region-limited decoder on CPU and CUDA), "fast", "fast-bf16" or "reference" (the
             plain PyTorch modules). All but "fast-bf16" give the reference's masks up to
-            rounding; ``self.backend`` says which one runs.
+            rounding; ``self.backend`` says which one runs (always "reference" for SAM2 models,
+            which have no fast path).
         allow_bf16: let "auto" choose bfloat16 where ``select_backend`` finds it fast.
         decode_batch: boxes per decoder call (memory vs. speed).
     """
@@ -122,6 +131,8 @@ class BoxPredictor:
         self.backend = resolve_backend(backend, self.device, allow_bf16)
         self.model = resolve_model(model).eval().to(self.device)
         self.encoder, default_decoder = build_steps(self.model, self.backend)
+        if is_sam2_model(self.model):
+            self.backend = "reference"  # its plain modules run under every backend
         self.decoder = decoder or default_decoder
         # A fast decoder keeps per-crop state between prepare and predict: one call at a time.
         self._decode_lock = threading.Lock()
@@ -148,8 +159,12 @@ class BoxPredictor:
     def _cache_key(self, image: LazyImage, crop: Crop, scaling: ChannelScaling) -> tuple:
         return (image.source_key, image.channels, crop.scale, crop.y0, crop.x0, crop.size, scaling.key, self._model_token, self.backend)
 
-    def embedding(self, image: LazyImage, crop: Crop) -> tuple[torch.Tensor, int]:
-        """(embedding (1, 256, 64, 64) on the device, pyramid level read) for a crop, cached."""
+    def embedding(self, image: LazyImage, crop: Crop) -> tuple[Any, int]:
+        """(the encoder's output on the device, pyramid level read) for a crop, cached.
+
+        The output is the (1, 256, S/16, S/16) embedding for SAM models, and ``Sam2Features``
+        (the embedding plus the 1/4 and 1/8 maps) for SAM2 models; the cache counts every tensor.
+        """
         scaling = self.scaling(image)
         key = self._cache_key(image, crop, scaling)
         hit = self.cache.get(key)
@@ -161,11 +176,11 @@ class BoxPredictor:
         self.cache.put(key, (emb, level))
         return emb, level
 
-    def _decode(self, emb: torch.Tensor, input_boxes: torch.Tensor, native_boxes: np.ndarray, crop: Crop, shape_yx) -> tuple:
+    def _decode(self, emb: Any, input_boxes: torch.Tensor, native_boxes: np.ndarray, crop: Crop, shape_yx) -> tuple:
         """Decoder call; a :class:`RegionBoxDecoder` computes only the cells ``mask_region`` reads."""
         with self._decode_lock:
             if isinstance(self.decoder, RegionBoxDecoder):
-                margin = region_margin(native_boxes, crop, self.policy, shape_yx, 4 * int(emb.shape[-1]))
+                margin = region_margin(native_boxes, crop, self.policy, shape_yx, self.decoder.low_res_size(emb))
                 logits, scores = self.decoder(emb, input_boxes, margin=margin)
             else:
                 logits, scores = self.decoder(emb, input_boxes)
