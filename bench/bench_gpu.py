@@ -2,17 +2,25 @@
 
 On the GPU machine (one H100; torch >= 2.1, this package installed with --no-deps):
 
-    python bench/bench_gpu.py                # all figures, ~5-10 min including torch.compile
-    python bench/bench_gpu.py --no-compile   # skip torch.compile
+    python bench/bench_gpu.py                      # all sections, ~5 min including torch.compile
+    python bench/bench_gpu.py --sections decoder,engine,encoder   # no profile, no compile
 
 Without CUDA it runs a smoke test at a tiny size on the CPU (``--smoke`` forces that).
 
-Figures printed (median wall-clock over ``--repeats`` runs after warm-up, CUDA-synchronised):
-1. encoder batch 1 latency (ms): reference fp32, fast fp32, fast bf16, fast bf16 + CUDA graph,
-   fast bf16 + torch.compile (mode "max-autotune"), each with its relative L2 error;
-2. encoder throughput at batch 64 (images/s) for the same variants (CUDA graph per batch size);
-3. box -> mask on one cached crop (boxes/s): segment-anything's MaskDecoder (reference, fp32),
-   FastMaskDecoder fp32 and bf16, full grid and box regions; prompt encoding included.
+Sections, in this order (the slow compilation last, so a time box never hides the rest), each
+figure the median wall-clock over ``--repeats`` runs after warm-up, CUDA-synchronised:
+- decoder: box -> low-res mask on one cached 1024 x 1024 crop (boxes/s): segment-anything's
+  MaskDecoder (reference, fp32), FastMaskDecoder fp32 and bf16, full grid and box regions;
+  prompt encoding included;
+- engine: the whole box -> native mask path of ``BoxPredictor`` (crop planning, prompt
+  encoding, decoding, native-resolution masks copied to the host) for nucleus-sized boxes on
+  one cached crop, per ``decode_batch``;
+- encoder: batch 1 latency and batch-64 images/s of the reference fp32, fast fp32, fast bf16
+  (autocast), fast all-bf16 (``.to(torch.bfloat16)``), and all-bf16 under a CUDA graph, each
+  with its relative L2 error to the reference;
+- profile: the CUDA kernels of the all-bf16 encoder at batch 64 (torch.profiler), top 15;
+- compile: the all-bf16 encoder through torch.compile (inductor, default mode, whole graph),
+  alone and under a CUDA graph.
 """
 
 from __future__ import annotations
@@ -20,15 +28,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hrmedseg.models import EncoderConfig, build_encoder  # noqa: E402
 from hrmedseg.models.fast_encoder import FastHRMedSegEncoder  # noqa: E402
-from hrmedseg.models.runtime import measure  # noqa: E402
+from hrmedseg.models.runtime import build_fast_encoder, measure  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lgvit_neck_golden.pt"
 
@@ -58,49 +68,118 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def bench_encoder(args, device, sync) -> None:
-    reference = build_encoder(None if not args.smoke else EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6)))
+def encoder_models(args, device):
+    """(reference fp32, {name: fast variant}) on ``device``, golden weights where available."""
+    small = EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))
+    reference = build_encoder(small if args.smoke else None)
     if GOLDEN.exists() and not args.smoke:
         reference.load_state_dict(torch.load(GOLDEN, map_location="cpu", weights_only=True)["state_dict"])
     reference = reference.eval().to(device)
-    fast = FastHRMedSegEncoder.from_reference(reference)
-    fast_bf16 = FastHRMedSegEncoder.from_reference(reference, bf16=True)
-    size = args.size
-    variants = {
-        "reference fp32": lambda x: reference(x),
-        "fast fp32": fast,
-        "fast bf16": fast_bf16,
+    fast = {
+        "fast fp32": FastHRMedSegEncoder.from_reference(reference),
+        "fast bf16 (autocast)": FastHRMedSegEncoder.from_reference(reference, bf16=True),
+        "fast all-bf16": FastHRMedSegEncoder.from_reference(reference).to(torch.bfloat16),
     }
-    print(f"\n## Encoder, input {size} x {size}")
+    return reference, fast
+
+
+def encoder_row(name, f1, fb, args, inputs, expected, sync) -> None:
+    """One table row: batch-1 latency, batch-N images/s and error of ``f1``/``fb`` (1 / N images)."""
+    x1, xb = inputs
+    try:
+        err = rel_l2(f1(x1), expected)
+        t1 = measure(lambda: f1(x1), args.repeats, warmup=2, sync=sync)
+        tb = measure(lambda: fb(xb), max(3, args.repeats // 4), warmup=1, sync=sync)
+        print(f"| {name} | {t1.median * 1e3:.2f} | {t1.minimum * 1e3:.2f} | {args.batch / tb.median:.0f} | {err:.1e} |", flush=True)
+    except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
+        print(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | | | |", flush=True)
+
+
+def encoder_table_header(args, title: str) -> None:
+    print(f"\n## {title}, input {args.size} x {args.size}")
     print("| variant | batch 1 latency ms (median) | min | batch %d images/s | rel. L2 error |" % args.batch)
     print("| --- | --- | --- | --- | --- |")
-    compiled = None
-    if args.compile:
-        try:
-            compiled = torch.compile(fast_bf16, mode="max-autotune", dynamic=False)
-        except Exception as err:  # noqa: BLE001 - report and go on
-            print(f"torch.compile unavailable: {err}")
+
+
+def bench_encoder(args, device, sync, models) -> None:
+    reference, fast = models
+    encoder_table_header(args, "Encoder")
     with torch.inference_mode():
-        x1 = torch.randn(1, 3, size, size, device=device)
-        xb = torch.randn(args.batch, 3, size, size, device=device)
-        expected = reference(x1)
-        rows = dict(variants)
+        inputs = (torch.randn(1, 3, args.size, args.size, device=device), torch.randn(args.batch, 3, args.size, args.size, device=device))
+        expected = reference(inputs[0])
+        encoder_row("reference fp32", reference, reference, args, inputs, expected, sync)
+        for name, model in fast.items():
+            encoder_row(name, model, model, args, inputs, expected, sync)
         if device.type == "cuda":
-            rows["fast bf16 + CUDA graph"] = "graph"
-        if compiled is not None:
-            rows["fast bf16 + torch.compile(max-autotune)"] = compiled
-        for name, fn in rows.items():
-            try:
-                if fn == "graph":
-                    f1, fb = cuda_graph(fast_bf16, x1), cuda_graph(fast_bf16, xb)
-                else:
-                    f1 = fb = fn
-                err = rel_l2(f1(x1), expected)
-                t1 = measure(lambda: f1(x1), args.repeats, warmup=2, sync=sync)
-                tb = measure(lambda: fb(xb), max(3, args.repeats // 4), warmup=1, sync=sync)
-                print(f"| {name} | {t1.median * 1e3:.2f} | {t1.minimum * 1e3:.2f} | {args.batch / tb.median:.0f} | {err:.1e} |", flush=True)
-            except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
-                print(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | | | |", flush=True)
+            bf16 = fast["fast all-bf16"]
+            graphs = cuda_graph(bf16, inputs[0]), cuda_graph(bf16, inputs[1])
+            encoder_row("fast all-bf16 + CUDA graph", *graphs, args, inputs, expected, sync)
+        for backend in ("fast", "fast-bf16"):  # what the engine runs (CUDA graphs on GPUs)
+            runner = build_fast_encoder(reference, backend)
+            encoder_row(f"runtime build_fast_encoder({backend!r})", runner, runner, args, inputs, expected, sync)
+
+
+def bench_profile(args, device, models) -> None:
+    """Where the all-bf16 encoder's time goes at batch ``args.batch``: the top CUDA kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = models[1]["fast all-bf16"]
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with torch.inference_mode():
+        x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+        model(x)
+        with profile(activities=[activity]) as prof:
+            for _ in range(2):
+                model(x)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"\n## Profile: fast all-bf16, batch {args.batch} (2 calls)\n```")
+    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+    print("```", flush=True)
+
+
+def bench_compile(args, device, sync, models) -> None:
+    """torch.compile (inductor, default mode, fullgraph) of the all-bf16 encoder, per input shape."""
+    reference, fast = models
+    encoder_table_header(args, "Encoder through torch.compile")
+    with torch.inference_mode():
+        inputs = (torch.randn(1, 3, args.size, args.size, device=device), torch.randn(args.batch, 3, args.size, args.size, device=device))
+        expected = reference(inputs[0])
+        model = fast["fast all-bf16"]
+        model(inputs[0])  # fill the RoPE / bias-map caches outside the traced graph
+        start = time.perf_counter()
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)
+        compiled(inputs[0]), compiled(inputs[1])
+        sync() if sync else None
+        print(f"(compiling both shapes took {time.perf_counter() - start:.0f} s)", flush=True)
+        encoder_row("all-bf16 + torch.compile", compiled, compiled, args, inputs, expected, sync)
+        if device.type == "cuda":
+            graphs = cuda_graph(compiled, inputs[0]), cuda_graph(compiled, inputs[1])
+            encoder_row("all-bf16 + torch.compile + CUDA graph", *graphs, args, inputs, expected, sync)
+        runner = build_fast_encoder(reference, "fast-bf16", compile=True)  # the API's option
+        encoder_row("runtime build_fast_encoder('fast-bf16', compile=True)", runner, runner, args, inputs, expected, sync)
+
+
+def bench_engine_one_crop(args, device, sync) -> None:
+    """Whole box -> native mask path of BoxPredictor, many nucleus boxes on one cached crop."""
+    from bench_engine import build_ours, nucleus_boxes, test_image
+
+    from hrmedseg.engine import BoxPredictor
+
+    size = 128 if args.smoke else 512  # at scale 2 a 512 x 512 image is exactly one crop
+    boxes = nucleus_boxes(args.boxes, size)
+    image = test_image(size, boxes)
+    model = build_ours(args.smoke)
+    print(f"\n## Box -> native mask, BoxPredictor, {len(boxes)} boxes of 10..40 px on one cached crop ({size} x {size} uint16)")
+    print("| backend | decode_batch | boxes/s (median) | best | encoder calls |")
+    print("| --- | --- | --- | --- | --- |")
+    configs = [("auto", None)] + [(backend, batch) for backend in ("fast", "fast-bf16") for batch in (8, 64, 256)]
+    for backend, batch in configs:
+        predictor = BoxPredictor(model, device=device, backend=backend, decode_batch=batch)
+        list(predictor.predict_boxes(image, boxes))  # encodes the crop once, fills the cache
+        t = measure(lambda: list(predictor.predict_boxes(image, boxes)), max(3, args.repeats // 4), warmup=1, sync=sync)
+        name = f"{backend} (default: {predictor.backend})" if backend == "auto" else backend
+        batch_text = f"default ({predictor.decode_batch})" if batch is None else batch
+        print(f"| {name} | {batch_text} | {len(boxes) / t.median:.0f} | {len(boxes) / t.minimum:.0f} | {predictor.encoder_calls} |", flush=True)
 
 
 def bench_decoder(args, device, sync) -> None:
@@ -162,17 +241,47 @@ def bench_decoder(args, device, sync) -> None:
                     print(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | | |", flush=True)
 
 
+def bench_agreement(args, device) -> None:
+    """Masks of the shipped box model on the bundled samples: default backend vs exact float32."""
+    from hrmedseg.data import load_sample, sample_boxes, sample_names
+    from hrmedseg.defaults import DEFAULT_BOX_MODEL
+    from hrmedseg.engine import BoxPredictor
+    from hrmedseg.io.boxes import read_boxes
+
+    default = BoxPredictor(DEFAULT_BOX_MODEL, device=device)
+    exact = BoxPredictor(DEFAULT_BOX_MODEL, device=device, backend="fast")
+    print(f"\n## Masks of {DEFAULT_BOX_MODEL} on the bundled samples: backend {default.backend} vs fast (float32)")
+    print("| sample | boxes | mean Dice between the two | min Dice |")
+    print("| --- | --- | --- | --- |")
+    for name in sample_names():
+        boxes_file = sample_boxes(name)
+        if boxes_file is None:
+            continue
+        image, boxes = load_sample(name), read_boxes(boxes_file)
+        dice = []
+        for a, b in zip(default.predict_boxes(image, boxes), exact.predict_boxes(image, boxes)):
+            total = a.mask.sum() + b.mask.sum()
+            dice.append(1.0 if total == 0 else 2 * (a.mask & b.mask).sum() / total)
+        print(f"| {name} | {len(boxes)} | {np.mean(dice):.4f} | {np.min(dice):.4f} |", flush=True)
+
+
+SECTIONS = ("decoder", "engine", "agreement", "encoder", "profile", "compile")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run (automatic without CUDA)")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):
+        parser.error(f"unknown sections: {', '.join(sorted(sections - set(SECTIONS)))}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     args.smoke = args.smoke or device.type != "cuda"
     if args.smoke:
         args.size, args.batch, args.boxes, args.chunk, args.repeats = 64, 4, 8, 4, 2
-        args.compile = False
+        sections.discard("compile")
         torch.set_num_threads(2)
     else:
         args.size, args.batch, args.boxes, args.chunk = 1024, 64, 1024, 256
@@ -181,8 +290,19 @@ def main(argv: list[str] | None = None) -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU smoke test (tiny sizes, not a benchmark)"
     print(f"# bench_gpu: {name}, torch {torch.__version__}")
-    bench_encoder(args, device, sync)
-    bench_decoder(args, device, sync)
+    if "decoder" in sections:
+        bench_decoder(args, device, sync)
+    if "engine" in sections:
+        bench_engine_one_crop(args, device, sync)
+    if "agreement" in sections:
+        bench_agreement(args, device)
+    models = encoder_models(args, device) if sections & {"encoder", "profile", "compile"} else None
+    if "encoder" in sections:
+        bench_encoder(args, device, sync, models)
+    if "profile" in sections:
+        bench_profile(args, device, models)
+    if "compile" in sections:
+        bench_compile(args, device, sync, models)
 
 
 if __name__ == "__main__":

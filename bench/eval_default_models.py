@@ -64,10 +64,10 @@ def ellipse_in_box(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def eval_box(model_path: str, limit: int | None) -> dict:
+def eval_box(model_path: str, limit: int | None, backend: str = "auto") -> dict:
     from hrmedseg.engine import BoxPredictor
 
-    predictor = BoxPredictor(model_path, device="auto")
+    predictor = BoxPredictor(model_path, device="auto", backend=backend)
     results = {}
     for dataset in ("nuclei_dsb2018", "fundus_drishtigs"):
         ours, base, names = [], [], []
@@ -135,10 +135,11 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--limit", type=int, help="first N held-out images per dataset")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", default="auto", help="box task: engine backend (auto, fast, fast-bf16, reference)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.task == "box":
-        result = eval_box(args.model, args.limit)
+        result = eval_box(args.model, args.limit, args.backend)
     else:
         result = eval_semantic(args.model, "nuclei_dsb2018" if args.task == "semantic-nuclei" else "fundus_drishtigs")
     print(json.dumps({"task": args.task, "model": args.model, "result": result}, indent=1))

@@ -17,7 +17,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -71,12 +75,37 @@ def write_box_manifests(data: Path, splits: dict[str, dict[str, list[str]]]) -> 
         (root / "manifest.json").write_text(json.dumps({"items": items}, indent=1))
 
 
+# What the GPU image (torch 2.11, Python 3.12; device/KINDS.md lists its packages) lacks of this
+# package's dependencies and the benchmarks' baselines. Versions are this environment's own.
+WHEELS = ("segment-anything", "hydra-core", "omegaconf", "imagecodecs", "zarr", "numcodecs", "donfig",
+          "google-crc32c", "dask", "partd", "locket", "pooch", "platformdirs")
+# Published as source only: built into wheels here (pure Python; sam2 without its CUDA extension).
+SDISTS = ("sam2", "antlr4-python3-runtime", "iopath")
+EXTRA = ("monai==1.6.1",)  # BasicUNet, the training benchmark's baseline
+
+
+def download_wheels(dest: Path) -> None:
+    """Wheels for Python 3.12 on x86_64 Linux of everything in WHEELS, SDISTS and EXTRA."""
+    dest.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip"]
+    pinned = [f"{name}=={version(name)}" for name in WHEELS]
+    platforms = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64") for a in ("--platform", p)]
+    subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", *platforms,
+                    "-d", str(dest), *pinned, *EXTRA], check=True)
+    env = {**os.environ, "SAM2_BUILD_CUDA": "0"}
+    sdists = [f"{name}=={version(name)}" for name in SDISTS]
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dest), *sdists], check=True, env=env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     parser.add_argument("--out", type=Path, default=Path("device_payload"))
     parser.add_argument("--fundus-size", type=int, default=1024)
+    parser.add_argument("--no-wheels", action="store_true", help="only the data (no PyPI access needed)")
     args = parser.parse_args()
+    if not args.no_wheels:
+        download_wheels(args.out / "wheels")
     data = args.out / "data"
     splits = {
         "nuclei": copy_split(args.shared / "data" / "nuclei_dsb2018", data / "nuclei", None),

@@ -153,3 +153,19 @@ def test_logits_banding_gives_the_same_mask():
     a = logits_to_native(field, crop, region)
     b = logits_to_native(field, crop, region, band_pixels=50_000)
     assert a.shape == (3000, 2700) and np.array_equal(a, b)
+
+
+def test_batched_native_masks_equal_one_by_one():
+    """The engine's batched thresholding gives each mask exactly as logits_to_native does,
+    including empty regions, regions at the crop's edge and the per-mask fallback."""
+    from hrmedseg.engine.crops import logits_to_native_batch
+
+    crop = Crop(2.0, 100, 200, 512)
+    logits = torch.randn(5, 1, 256, 256, generator=torch.Generator().manual_seed(0))
+    regions = [(110, 150, 210, 260), (300, 301, 400, 420), (120, 120, 210, 260), (100, 612, 200, 712), (500, 530, 650, 700)]
+    for band_pixels in (2**22, 1000):  # one padded call; per-mask fallback
+        batched = logits_to_native_batch(logits, crop, regions, 0.1, band_pixels)
+        for i, region in enumerate(regions):
+            single = logits_to_native(logits[i, 0], crop, region, 0.1)
+            assert batched[i].shape == single.shape and np.array_equal(batched[i], single), (i, band_pixels)
+    assert batched[3].any() and not batched[3].all()

@@ -73,6 +73,23 @@ def test_hrmedseg_sam2_bundle(files, tmp_path):
     assert own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)
 
 
+def test_bundle_provenance_travels_with_the_model(files, tmp_path):
+    """The annotator marks untrained weights from the provenance a loaded model carries."""
+    from napari_hrmedseg._model import load_predictor
+
+    untrained = {"source": "test", "trained": False}
+    sam = build_hrmedseg_sam(small_encoder(), decoder=files / "sam_decoder.pt")
+    sam2 = build_hrmedseg_sam2(small_encoder(), decoder=files / "sam2.1_hiera_tiny.pt")
+    paths = [save_hrmedseg_sam(sam, tmp_path / "sam_random.pt", provenance=untrained),
+             save_hrmedseg_sam2(sam2, tmp_path / "sam2_random.pt", provenance=untrained)]
+    for path in paths:
+        assert load_model(path).hrmedseg_provenance["trained"] is False
+        _, info = load_predictor(path, device="cpu")
+        assert info.untrained, path
+    trained = save_hrmedseg_sam(sam, tmp_path / "sam_trained.pt", provenance={"source": "finetune", "trained": True})
+    assert not load_predictor(trained, device="cpu")[1].untrained
+
+
 def test_prompt_free_hrmedseg_bundle(tmp_path):
     hrmedseg_model = pytest.importorskip("hrmedseg.models.hrmedseg_model")
     model = hrmedseg_model.build_hrmedseg(num_classes=2, encoder_config=SMALL).eval()

@@ -12,6 +12,7 @@ several classes a class image (class c -> c + 1) and a table (class, name, area)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import warnings
@@ -46,7 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="prompt-free models: foreground probability (default 0.5)")
     p.add_argument("--tile-overlap", type=int, help="prompt-free 'crop' models: tile overlap in pixels (default tile/4)")
     p.add_argument("--max-upscale", type=float, default=2.0, help="largest enlargement of small objects (power of two)")
-    p.add_argument("--batch", type=int, default=8, help="boxes per decoder call")
+    p.add_argument("--batch", type=int, help="boxes per decoder call (default 64 on CUDA, 8 on CPU)")
+    p.add_argument(
+        "--backend", default="auto", choices=("auto", "fast", "fast-bf16", "reference"),
+        help="box models: auto (fast float32 on CPU, bf16 + CUDA graphs on GPUs), fast, fast-bf16, or reference (plain PyTorch)",
+    )
     p.add_argument("--cache-mb", type=int, default=256, help="embedding cache bound in MiB (4 MiB per crop, 16 MiB for SAM2 models; default 256)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -65,16 +70,19 @@ def objects_path(out: Path, objects: str | None) -> Path:
 
 def load_predictor(args: argparse.Namespace):
     """The predictor for ``args`` (a separate function so tests can supply a small model)."""
-    from ..engine import BoxPredictor, CropPolicy, IntensityOptions
+    from ..engine import BoxPredictor, IntensityOptions
 
-    return BoxPredictor(
+    predictor = BoxPredictor(
         args.model,
         device=args.device,
         cache_bytes=args.cache_mb * 2**20,
-        policy=CropPolicy(max_upscale=args.max_upscale),
         intensity=IntensityOptions(percentiles=tuple(args.percentiles or (1.0, 99.8)), contrast_limits=args.contrast_limits),
         decode_batch=args.batch,
+        backend=args.backend,
     )
+    # The policy's input size is the model's (set by BoxPredictor); only the upscale is ours.
+    predictor.policy = dataclasses.replace(predictor.policy, max_upscale=args.max_upscale)
+    return predictor
 
 
 def run(args: argparse.Namespace) -> int:

@@ -261,13 +261,48 @@ def logits_to_native(
     """
     y0, y1, x0, x1 = region
     lr = low_res_logits.reshape(1, 1, *low_res_logits.shape[-2:]).float()
-    gx = 2 * ((torch.arange(x0, x1, dtype=torch.float64) + 0.5 - crop.x0) * crop.scale / crop.input_size) - 1
+    gx = _native_grid(x0, x1, crop.x0, crop)
     out = np.zeros((y1 - y0, x1 - x0), bool)
     rows = max(1, band_pixels // max(1, x1 - x0))
     for r0 in range(y0, y1, rows):
         r1 = min(r0 + rows, y1)
-        gy = 2 * ((torch.arange(r0, r1, dtype=torch.float64) + 0.5 - crop.y0) * crop.scale / crop.input_size) - 1
+        gy = _native_grid(r0, r1, crop.y0, crop)
         grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None].to(lr.device, torch.float32)
         band = F.grid_sample(lr, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
         out[r0 - y0 : r1 - y0] = (band > threshold).cpu().numpy()
     return out
+
+
+def _native_grid(lo: int, hi: int, origin: int, crop: Crop) -> torch.Tensor:
+    """grid_sample coordinates (-1..1 over the crop's input square) of native pixel centres lo..hi-1."""
+    return 2 * ((torch.arange(lo, hi, dtype=torch.float64) + 0.5 - origin) * crop.scale / crop.input_size) - 1
+
+
+def logits_to_native_batch(
+    low_res_logits: torch.Tensor,
+    crop: Crop,
+    regions: list[tuple[int, int, int, int]],
+    threshold: float = 0.0,
+    band_pixels: int = 2**22,
+) -> list[np.ndarray]:
+    """:func:`logits_to_native` for N masks of one crop, in one resampling call where small.
+
+    low_res_logits: (N, 1, h_lr, w_lr) or (N, h_lr, w_lr); regions: N native (y0, y1, x0, x1).
+    The regions are padded to the largest one and sampled in one ``grid_sample`` with one
+    device-to-host copy (the per-pixel arithmetic is the same, so the masks are identical);
+    this matters on a GPU, where a copy per mask costs more than the sampling. When the padded
+    batch would exceed ``band_pixels``, each mask goes through :func:`logits_to_native`.
+    """
+    lr = low_res_logits.reshape(len(regions), 1, *low_res_logits.shape[-2:]).float()
+    heights = [max(0, y1 - y0) for y0, y1, _, _ in regions]
+    widths = [max(0, x1 - x0) for _, _, x0, x1 in regions]
+    rows, cols = max(heights, default=0), max(widths, default=0)
+    if len(regions) * rows * cols > band_pixels:
+        return [logits_to_native(lr[i, 0], crop, r, threshold, band_pixels) for i, r in enumerate(regions)]
+    grid = torch.zeros(len(regions), rows, cols, 2, dtype=torch.float64)
+    for i, (y0, y1, x0, x1) in enumerate(regions):
+        gx, gy = _native_grid(x0, x1, crop.x0, crop), _native_grid(y0, y1, crop.y0, crop)
+        grid[i, : len(gy), : len(gx)] = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)
+    sampled = F.grid_sample(lr, grid.to(lr.device, torch.float32), mode="bilinear", padding_mode="border", align_corners=False)
+    above = (sampled[:, 0] > threshold).cpu().numpy()
+    return [above[i, :h, :w] for i, (h, w) in enumerate(zip(heights, widths))]

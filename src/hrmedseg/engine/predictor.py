@@ -16,7 +16,7 @@ from ..io.boxes import check_boxes
 from ..models.box_prior import add_box_prior
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
-from .crops import Crop, CropPolicy, group_by_crop, logits_to_native, mask_region, plan_crops, read_crop
+from .crops import Crop, CropPolicy, group_by_crop, logits_to_native_batch, mask_region, plan_crops, read_crop
 from .decoder import ENGINE_BACKENDS, BoxDecoder, RegionBoxDecoder, build_steps, is_sam2_model, region_margin
 from .intensity import ChannelScaling, IntensityOptions, compute_scaling
 from .labels import ObjectMask, ObjectRecord, SparseLabels, _check_policy, paste_object
@@ -40,7 +40,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def resolve_backend(backend: str, device: torch.device, allow_bf16: bool = False) -> str:
+def resolve_backend(backend: str, device: torch.device, allow_bf16: bool | None = None) -> str:
     """The engine backend for ``backend`` ("auto": ``hrmedseg.models.runtime.select_backend``)."""
     from ..models.runtime import select_backend
 
@@ -105,13 +105,15 @@ class BoxPredictor:
         decoder: replaces the decoder step (same call as :class:`SamBoxDecoder`, or as
             :class:`~hrmedseg.engine.decoder.Sam2BoxDecoder` for SAM2 models).
         backend: "auto" (default: per device, ``hrmedseg.models.runtime.select_backend``, which
-            the ``HRMEDSEG_BACKEND`` environment variable overrides; the fast float32 encoder and
-            region-limited decoder on CPU and CUDA), "fast", "fast-bf16" or "reference" (the
-            plain PyTorch modules). All but "fast-bf16" give the reference's masks up to
-            rounding; ``self.backend`` says which one runs (always "reference" for SAM2 models,
-            which have no fast path).
-        allow_bf16: let "auto" choose bfloat16 where ``select_backend`` finds it fast.
-        decode_batch: boxes per decoder call (memory vs. speed).
+            the ``HRMEDSEG_BACKEND`` environment variable overrides: the fast float32 encoder and
+            region-limited decoder on CPUs, the bfloat16 encoder replayed as a CUDA graph on
+            GPUs), "fast", "fast-bf16" or "reference" (the plain PyTorch modules). All but
+            "fast-bf16" give the reference's masks up to rounding; ``self.backend`` says which
+            one runs (always "reference" for SAM2 models, which have no fast path).
+        allow_bf16: for "auto": None picks per device (bf16 on CUDA only), False keeps exact
+            float32 everywhere, True also allows bf16 on CPUs with AMX.
+        decode_batch: boxes per decoder call (memory vs. speed); None: 64 on CUDA, 8 elsewhere
+            (the fastest measured, docs/benchmarks.md).
     """
 
     def __init__(
@@ -122,10 +124,10 @@ class BoxPredictor:
         policy: CropPolicy | None = None,
         intensity: IntensityOptions | None = None,
         decoder: BoxDecoder | None = None,
-        decode_batch: int = 8,
+        decode_batch: int | None = None,
         mask_threshold: float = 0.0,
         backend: str = "auto",
-        allow_bf16: bool = False,
+        allow_bf16: bool | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device, allow_bf16)
@@ -141,7 +143,7 @@ class BoxPredictor:
             raise ValueError(f"policy input size {self.policy.input_size} != model input size {self.encoder.input_size}")
         self.intensity = intensity or IntensityOptions()
         self.cache = EmbeddingCache(cache_bytes)
-        self.decode_batch = max(1, int(decode_batch))
+        self.decode_batch = max(1, int(decode_batch or (64 if self.device.type == "cuda" else 8)))
         self.mask_threshold = mask_threshold
         self._model_token = object_token(self.model)
         self._scalings: dict[tuple, ChannelScaling] = {}
@@ -230,9 +232,9 @@ class BoxPredictor:
                 input_boxes = torch.from_numpy(crop.box_to_input(boxes[batch]))
                 logits, scores = self._decode(emb, input_boxes, boxes[batch], crop, image.shape_yx)
                 self.decoder_calls += 1
-                for j, i in enumerate(batch):
-                    region = mask_region(boxes[i], crop, self.policy, image.shape_yx)
-                    mask = logits_to_native(logits[j, 0], crop, region, self.mask_threshold)
+                regions = [mask_region(boxes[i], crop, self.policy, image.shape_yx) for i in batch]
+                masks = logits_to_native_batch(logits, crop, regions, self.mask_threshold)
+                for j, (i, region, mask) in enumerate(zip(batch, regions, masks)):
                     ready[i] = ObjectMask(tuple(float(v) for v in boxes[i]), region, mask, float(scores[j]), i, crop, level)
                 while next_out in ready:
                     yield ready.pop(next_out)

@@ -19,8 +19,10 @@ fewer passes over memory:
   padding of the 3x3 conv is honoured by a precomputed bias map.
 
 The fp32 result equals the reference to rounding (relative L2 error about 1e-6). ``bf16=True``
-runs the matrix products and convolutions in bfloat16 (AMX on recent Xeons, tensor cores on
-GPUs) with a measured relative error of about 1e-2 (README.md, section Speed).
+runs the matrix products and convolutions in bfloat16 under autocast (AMX on recent Xeons, tensor
+cores on GPUs) with a measured relative error of about 1e-2 (README.md, section Speed). A
+float32-built module moved with ``.to(torch.bfloat16)`` runs everything in bfloat16 (weights and
+activations, no autocast casts): half the memory traffic, which is what bounds it on a GPU.
 """
 
 from __future__ import annotations
@@ -294,6 +296,8 @@ class FastHRMedSegEncoder(nn.Module):
             raise ValueError(
                 f"LGViT input height and width must be multiples of {self.patch_size}, got {height} x {width}"
             )
+        if not self.bf16:  # run in the weights' dtype: ``.to(torch.bfloat16)`` gives an all-bf16 model
+            x = x.to(self.w_patch.dtype)
         with self._autocast(x):
             tokens = self.patch_embed(x)
             for block in self.conv_blocks:

@@ -107,14 +107,15 @@ def load_model(
 
     if kind in ("hrmedseg_sam", "hrmedseg_sam2", "hrmedseg") and decoder is not None:
         raise WeightsError(f"{source} holds a complete '{kind}' model; it takes no separate decoder ({decoder})")
-    if kind == "hrmedseg_sam":
-        from .sam import hrmedseg_sam_from_bundle
-
-        return hrmedseg_sam_from_bundle(obj, source, device)
-    if kind == "hrmedseg_sam2":
-        from .sam2 import hrmedseg_sam2_from_bundle
-
-        return hrmedseg_sam2_from_bundle(obj, source, device)
+    if kind in ("hrmedseg_sam", "hrmedseg_sam2"):
+        if kind == "hrmedseg_sam":
+            from .sam import hrmedseg_sam_from_bundle as from_bundle
+        else:
+            from .sam2 import hrmedseg_sam2_from_bundle as from_bundle
+        model = from_bundle(obj, source, device)
+        # Where the weights came from travels with the model (the annotator marks untrained ones).
+        model.hrmedseg_provenance = dict(obj.get("provenance") or {})
+        return model
     if kind == "hrmedseg":
         try:
             from .hrmedseg_model import load_hrmedseg

@@ -8,8 +8,8 @@ Backends (each computes the same function; the reference is what the tests compa
 - ``"fast-bf16"``: the fast encoder with bfloat16 products (AMX CPUs, GPUs), rel. error ~1e-2.
 - ``"onnxruntime"``: the exported encoder in an ONNX Runtime session (CPU), when installed.
 
-``select_backend(device)`` returns the measured-fastest exact (float32) choice for a device,
-from the figures in docs/benchmarks.md; ``bench/bench_encoder.py`` re-measures them.
+``select_backend(device)`` returns the measured-fastest choice for a device, from the figures in
+docs/benchmarks.md (``bench/bench_encoder.py`` and ``bench/bench_gpu.py`` re-measure them).
 The box engine (``hrmedseg.engine.BoxPredictor(backend="auto")``) takes its default from it;
 it runs "reference", "fast" and "fast-bf16" and falls back to "fast" for "onnxruntime".
 """
@@ -83,12 +83,15 @@ def cpu_has_amx_bf16() -> bool:
         return False
 
 
-def select_backend(device: str | torch.device = "cpu", allow_bf16: bool = False) -> str:
-    """The default backend for ``device``.
+def select_backend(device: str | torch.device = "cpu", allow_bf16: bool | None = None) -> str:
+    """The default backend for ``device``: the fastest one measured there (docs/benchmarks.md).
 
-    Exact (float32) backends only unless ``allow_bf16``: on CPUs the fast PyTorch path (ONNX
-    Runtime was slower in our measurements, docs/benchmarks.md); on CUDA the fast path,
-    in bf16 when allowed. ``HRMEDSEG_BACKEND`` overrides the choice (one of ``BACKENDS``).
+    On CUDA "fast-bf16" (bf16 weights and activations, CUDA graphs: 1.7 ms per 1024 x 1024 image
+    on an H100 against 3.4 ms for "fast" in float32; the shipped box model's masks agree with
+    float32 at mean Dice >= 0.997); on CPUs "fast" (float32, exact; ONNX Runtime was slower).
+    ``allow_bf16``: None for that per-device choice; False for exact float32 everywhere; True
+    also allows bf16 on CPUs with AMX tiles. ``HRMEDSEG_BACKEND`` overrides the choice (one of
+    ``BACKENDS``).
     """
     forced = os.environ.get("HRMEDSEG_BACKEND")
     if forced:
@@ -96,22 +99,48 @@ def select_backend(device: str | torch.device = "cpu", allow_bf16: bool = False)
             raise ValueError(f"HRMEDSEG_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}")
         return forced
     device = torch.device(device)
-    if allow_bf16 and (device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16())):
+    if device.type == "cuda" and allow_bf16 is not False:
+        return "fast-bf16"
+    if allow_bf16 and device.type == "cpu" and cpu_has_amx_bf16():
         return "fast-bf16"
     return "fast"
 
 
-def build_fast_encoder(reference: torch.nn.Module, backend: str):
-    """A callable encoder for ``backend`` built from a reference ``HRMedSegEncoder``."""
+def cuda_graphs_enabled() -> bool:
+    """CUDA graphs for the fast encoder on GPUs, unless ``HRMEDSEG_CUDA_GRAPHS=0``."""
+    return os.environ.get("HRMEDSEG_CUDA_GRAPHS", "1") != "0"
+
+
+def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool = False):
+    """A callable encoder for ``backend`` built from a reference ``HRMedSegEncoder``, on its device.
+
+    On a CUDA device the fast backends are replayed as CUDA graphs (``CudaGraphRunner``, one per
+    input shape; ``HRMEDSEG_CUDA_GRAPHS=0`` turns that off), and "fast-bf16" keeps its weights and
+    activations in bfloat16 instead of autocasting float32 ones (half the memory traffic; same
+    error). ``compile=True`` first passes the fast module through ``torch.compile`` (inductor,
+    whole graph): on an H100 the fastest encoder at large batches, but the first call of each
+    input shape compiles for about a minute (docs/benchmarks.md).
+    """
+    from .cuda_graph import CudaGraphRunner
     from .fast_encoder import FastHRMedSegEncoder
 
     if backend == "reference":
         return reference.eval()
-    if backend in ("fast", "fast-bf16"):
-        return FastHRMedSegEncoder.from_reference(reference, bf16=backend == "fast-bf16")
     if backend == "onnxruntime":
         raise ValueError("build the onnxruntime encoder with hrmedseg.cli.export_onnx.OnnxEncoder from an exported file")
-    raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend not in ("fast", "fast-bf16"):
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    on_cuda = next(reference.parameters()).device.type == "cuda"
+    bf16 = backend == "fast-bf16"
+    if on_cuda and bf16:
+        encoder = FastHRMedSegEncoder.from_reference(reference).to(torch.bfloat16)
+    else:
+        encoder = FastHRMedSegEncoder.from_reference(reference, bf16=bf16)
+    if compile:
+        encoder = torch.compile(encoder, fullgraph=True, dynamic=False)
+    if on_cuda and cuda_graphs_enabled():
+        return CudaGraphRunner(encoder)
+    return encoder
 
 
-__all__ = ["BACKENDS", "Timing", "measure", "measure_interleaved", "select_backend", "build_fast_encoder", "cpu_has_amx_bf16"]
+__all__ = ["BACKENDS", "cuda_graphs_enabled", "Timing", "measure", "measure_interleaved", "select_backend", "build_fast_encoder", "cpu_has_amx_bf16"]
