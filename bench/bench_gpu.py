@@ -37,31 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hrmedseg.models import EncoderConfig, build_encoder  # noqa: E402
+from hrmedseg.models.cuda_graph import CudaGraphRunner  # noqa: E402
 from hrmedseg.models.fast_encoder import FastHRMedSegEncoder  # noqa: E402
 from hrmedseg.models.runtime import build_fast_encoder, measure  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lgvit_neck_golden.pt"
-
-
-def cuda_graph(fn, example: torch.Tensor):
-    """Capture ``fn(static_input)`` in a CUDA graph; returns a callable taking a same-shape tensor."""
-    static_in = example.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up fills caches (RoPE tables, bias maps) outside the graph
-            fn(static_in)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(static_in)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        static_in.copy_(x)
-        graph.replay()
-        return static_out
-
-    return run
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,25 +75,25 @@ def encoder_row(name, f1, fb, args, inputs, expected, sync) -> None:
         print(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | | | |", flush=True)
 
 
-def encoder_table_header(args, title: str) -> None:
+def encoder_table(args, title: str, device, reference) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Print a table header; return the (batch-1, batch-N) inputs and the reference's batch-1 output."""
     print(f"\n## {title}, input {args.size} x {args.size}")
     print("| variant | batch 1 latency ms (median) | min | batch %d images/s | rel. L2 error |" % args.batch)
     print("| --- | --- | --- | --- | --- |")
+    inputs = (torch.randn(1, 3, args.size, args.size, device=device), torch.randn(args.batch, 3, args.size, args.size, device=device))
+    return inputs, reference(inputs[0])
 
 
 def bench_encoder(args, device, sync, models) -> None:
     reference, fast = models
-    encoder_table_header(args, "Encoder")
     with torch.inference_mode():
-        inputs = (torch.randn(1, 3, args.size, args.size, device=device), torch.randn(args.batch, 3, args.size, args.size, device=device))
-        expected = reference(inputs[0])
+        inputs, expected = encoder_table(args, "Encoder", device, reference)
         encoder_row("reference fp32", reference, reference, args, inputs, expected, sync)
         for name, model in fast.items():
             encoder_row(name, model, model, args, inputs, expected, sync)
         if device.type == "cuda":
-            bf16 = fast["fast all-bf16"]
-            graphs = cuda_graph(bf16, inputs[0]), cuda_graph(bf16, inputs[1])
-            encoder_row("fast all-bf16 + CUDA graph", *graphs, args, inputs, expected, sync)
+            graphs = CudaGraphRunner(fast["fast all-bf16"])
+            encoder_row("fast all-bf16 + CUDA graph", graphs, graphs, args, inputs, expected, sync)
         for backend in ("fast", "fast-bf16"):  # what the engine runs (CUDA graphs on GPUs)
             runner = build_fast_encoder(reference, backend)
             encoder_row(f"runtime build_fast_encoder({backend!r})", runner, runner, args, inputs, expected, sync)
@@ -140,10 +120,8 @@ def bench_profile(args, device, models) -> None:
 def bench_compile(args, device, sync, models) -> None:
     """torch.compile (inductor, default mode, fullgraph) of the all-bf16 encoder, per input shape."""
     reference, fast = models
-    encoder_table_header(args, "Encoder through torch.compile")
     with torch.inference_mode():
-        inputs = (torch.randn(1, 3, args.size, args.size, device=device), torch.randn(args.batch, 3, args.size, args.size, device=device))
-        expected = reference(inputs[0])
+        inputs, expected = encoder_table(args, "Encoder through torch.compile", device, reference)
         model = fast["fast all-bf16"]
         model(inputs[0])  # fill the RoPE / bias-map caches outside the traced graph
         start = time.perf_counter()
@@ -153,8 +131,8 @@ def bench_compile(args, device, sync, models) -> None:
         print(f"(compiling both shapes took {time.perf_counter() - start:.0f} s)", flush=True)
         encoder_row("all-bf16 + torch.compile", compiled, compiled, args, inputs, expected, sync)
         if device.type == "cuda":
-            graphs = cuda_graph(compiled, inputs[0]), cuda_graph(compiled, inputs[1])
-            encoder_row("all-bf16 + torch.compile + CUDA graph", *graphs, args, inputs, expected, sync)
+            graphs = CudaGraphRunner(compiled)
+            encoder_row("all-bf16 + torch.compile + CUDA graph", graphs, graphs, args, inputs, expected, sync)
         runner = build_fast_encoder(reference, "fast-bf16", compile=True)  # the API's option
         encoder_row("runtime build_fast_encoder('fast-bf16', compile=True)", runner, runner, args, inputs, expected, sync)
 

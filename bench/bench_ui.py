@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join(sys.argv),
     }
     lines = [
-        f"| run | masks | seconds | longest stall (ms) | p99 gap (ms) | median gap (ms) |",
+        "| run | masks | seconds | longest stall (ms) | p99 gap (ms) | median gap (ms) |",
         "| --- | --- | --- | --- | --- | --- |",
     ] + [
         f"| {r['run']} | {r['masks']} | {r['seconds']} | {r['longest_stall_ms']} | {r['p99_gap_ms']} | {r['median_gap_ms']} |"

@@ -99,8 +99,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, input 1 x 3 x {args.size}^2")
     header = (
-        f"| part | params | paper | diff | GMACs (FlopCounterMode) | paper | diff "
-        f"| GMACs (thop rule for ConvTranspose) | diff |"
+        "| part | params | paper | diff | GMACs (FlopCounterMode) | paper | diff "
+        "| GMACs (thop rule for ConvTranspose) | diff |"
     )
     print(header)
     print("| --- " * 9 + "|")

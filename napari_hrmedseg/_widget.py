@@ -260,7 +260,7 @@ class AnnotatorWidget(QWidget):
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.setRange(0, max(total, 1))
         self.progress.setValue(done)
-        self.progress.setFormat(f"%v / %m boxes")
+        self.progress.setFormat("%v / %m boxes")
 
     # ------------------------------------------------------------------ store
     def _browse_project(self) -> None:
