@@ -1,7 +1,7 @@
 """Replay an inference module as CUDA graphs: one kernel-launch-free replay per input shape.
 
 At batch 1 the LGViT encoder launches a few hundred small kernels, and on a fast GPU launching
-them from Python takes longer than running them (docs/benchmarks.md: 9.1 ms eager vs 1.7 ms
+them from Python takes longer than running them (docs/benchmarks.md: 7.2 ms eager vs 1.7 ms
 replayed on an H100, all-bf16). A graph records those launches once per input shape and replays
 them; the arithmetic is the same kernels', so results are unchanged.
 """
