@@ -1,14 +1,21 @@
-"""Distillation: the teacher cache is filled once and reused, the student loads as an encoder, resume."""
+"""Distillation: the teacher cache is filled once and reused, the student loads as an encoder, resume, logs."""
 
 from __future__ import annotations
 
+import csv
+import sys
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from hrmedseg.errors import HRMedSegError
 from hrmedseg.models.encoder_loading import load_encoder
+from hrmedseg.training.checkpointing import log_path_for
 from hrmedseg.training.distill import DistillConfig, DistillImages, distill, teacher_embed
 from hrmedseg.training.teacher_cache import TeacherCache, build_teacher
+from test_training_finetune import same_number, tensorboard_scalars
 
 
 def make_images(root, n=5):
@@ -55,3 +62,37 @@ def test_distillation_without_cache_lowers_the_mse(tmp_path):
     assert not (tmp_path / "enc.teacher_cache").exists()
     mse = [row["train_loss"] for row in result["history"]]
     assert mse[-1] < 0.5 * mse[0]
+
+
+def tiny_distill(tmp_path, **kw) -> DistillConfig:
+    return DistillConfig(teacher="random:tiny", images=str(tmp_path / "imgs"), out=str(tmp_path / "enc.pt"),
+                         img_size=64, encoder_preset="tiny", batch_size=5, num_workers=0, device="cpu", **kw)
+
+
+def test_tensorboard_scalars_match_the_csv_log(tmp_path):
+    pytest.importorskip("tensorboard")
+    make_images(tmp_path / "imgs")
+    cfg = tiny_distill(tmp_path, epochs=2, cache_dir="none", tensorboard=str(tmp_path / "tb"))
+    distill(cfg)
+    with open(log_path_for(cfg.out), newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["epoch", "step", "train_loss", "lr", "images_per_s", "time_s"]  # as before
+    scalars = tensorboard_scalars(tmp_path / "tb")
+    columns = {"step": "step", "train/loss": "train_loss", "lr": "lr", "images_per_s": "images_per_s",
+               "time_s": "time_s"}
+    assert set(scalars) == set(columns)
+    for tag, column in columns.items():
+        assert [step for step, _ in scalars[tag]] == [1, 2], tag
+        assert all(same_number(value, row[column]) for (_, value), row in zip(scalars[tag], rows)), tag
+
+
+def test_tensorboard_flag_without_tensorboard_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # "import tensorboard" raises ImportError
+    make_images(tmp_path / "imgs")
+    cfg = tiny_distill(tmp_path, epochs=1, tensorboard=str(tmp_path / "tb"))
+    events = []
+    with pytest.raises(HRMedSegError, match="pip install tensorboard"):
+        distill(cfg, events.append)
+    assert events == [] and not cfg.cache_root.exists() and not (tmp_path / "enc.pt").exists()
+    assert not log_path_for(cfg.out).exists() and not (tmp_path / "tb").exists()

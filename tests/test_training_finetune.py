@@ -1,22 +1,28 @@
-"""Fine-tuning end to end on the CPU with tiny models: checkpoints load in the core, resume, bad input."""
+"""Fine-tuning end to end on the CPU with tiny models: checkpoints load in the core, resume, bad input, logs."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hrmedseg.errors import InputError
+from hrmedseg.errors import HRMedSegError, InputError
 from hrmedseg.training.checkpointing import load_state, log_path_for, state_path_for
+from hrmedseg.training.epoch_log import EpochLog
 from hrmedseg.training.finetune import FinetuneConfig, _oom_message, finetune
 from test_training_data import disks, write_pair
 
 REAL_NUCLEI = Path(__file__).resolve().parents[2] / "shared" / "data" / "nuclei_dsb2018"
+# The CSV log's columns, in order, for a prompt-free run with classes (as before TensorBoard came).
+FINETUNE_CSV_COLUMNS = ["epoch", "step", "train_loss", "lr", "images_per_s", "time_s", "val_loss", "val_dice",
+                        "val_masks", "val_dice_per_class", "best_val_dice"]
 
 
 def tiny(tmp_path, **kw) -> FinetuneConfig:
@@ -53,8 +59,12 @@ def test_prompt_free_run_writes_a_model_the_core_loads(disk_data):
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and "baseline" in kinds and kinds.count("epoch") == 2 and kinds[-1] == "done"
     assert all(np.isfinite(e["loss"]) for e in events if e["event"] == "step")
-    rows = list(csv.DictReader(open(log_path_for(cfg.out))))
+    with open(log_path_for(cfg.out), newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == FINETUNE_CSV_COLUMNS
     assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert not (disk_data / "tb").exists()  # no TensorBoard unless asked
 
 
 def test_box_run_writes_an_hrmedseg_sam_bundle(disk_data):
@@ -130,6 +140,84 @@ def test_cli_runs_and_reports_errors_without_traceback(disk_data, capsys):
     assert '"event": "error"' in out.out
 
 
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``log_dir``: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def same_number(logged: float, csv_value: str, abs_tol: float = 0.0) -> bool:
+    """A float32 TensorBoard scalar against the CSV's text of the same value (NaN equals NaN)."""
+    expected = float(csv_value)
+    if math.isnan(expected):
+        return math.isnan(logged)
+    return logged == pytest.approx(expected, rel=1e-6, abs=abs_tol)
+
+
+def test_tensorboard_scalars_match_the_csv_log(disk_data, capsys):
+    from hrmedseg.training.cli import main
+
+    pytest.importorskip("tensorboard")
+    out, tb = disk_data / "tb_model.pt", disk_data / "tb"
+    code = main(["finetune", "--data", str(disk_data / "classes"), "--classes", "disc:>=1,cup:2", "--out", str(out),
+                 "--encoder-preset", "tiny", "--img-size", "64", "--batch-size", "2", "--epochs", "2",
+                 "--num-workers", "0", "--device", "cpu", "--tensorboard", str(tb)])
+    assert code == 0, capsys.readouterr().err
+    assert list(tb.glob("events.out.tfevents.*"))
+    with open(log_path_for(out), newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == FINETUNE_CSV_COLUMNS  # the CSV is as without --tensorboard
+    assert all(len(r["val_dice_per_class"].split(";")) == 2 for r in rows)
+
+    scalars = tensorboard_scalars(tb)
+    assert set(scalars) == {"step", "train/loss", "lr", "images_per_s", "time_s", "val/loss", "val/dice",
+                            "val/masks", "val/dice_per_class/0", "val/dice_per_class/1", "best_val_dice"}
+    for tag, points in scalars.items():
+        assert [step for step, _ in points] == [1, 2], tag  # one point per epoch, at the epoch
+    columns = {"step": "step", "train/loss": "train_loss", "lr": "lr", "images_per_s": "images_per_s",
+               "time_s": "time_s", "val/loss": "val_loss", "val/dice": "val_dice", "val/masks": "val_masks",
+               "best_val_dice": "best_val_dice"}
+    for row, epoch in zip(rows, (0, 1)):
+        for tag, column in columns.items():
+            assert same_number(scalars[tag][epoch][1], row[column]), (tag, row)
+        for i, text in enumerate(row["val_dice_per_class"].split(";")):  # the CSV keeps 4 decimals
+            assert same_number(scalars[f"val/dice_per_class/{i}"][epoch][1], text, abs_tol=6e-5), (i, row)
+
+
+def test_tensorboard_flag_without_tensorboard_fails_before_training(disk_data, monkeypatch, capsys):
+    from hrmedseg.training.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # "import tensorboard" raises ImportError
+    out, tb = disk_data / "no_tb.pt", disk_data / "tb"
+    events = []
+    with pytest.raises(HRMedSegError, match="pip install tensorboard"):
+        finetune(tiny(disk_data, out=str(out), tensorboard=str(tb)), events.append)
+    assert events == [] and not out.exists() and not log_path_for(out).exists() and not tb.exists()
+
+    code = main(["finetune", "--data", str(disk_data / "data"), "--out", str(out), "--device", "cpu",
+                 "--tensorboard", str(tb), "--events"])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    assert "--tensorboard needs the 'tensorboard' package" in captured.err and "pip install tensorboard" in captured.err
+    assert '"event": "start"' not in captured.out and '"event": "error"' in captured.out
+
+
+def test_epoch_log_is_closed_when_training_raises(tmp_path):
+    pytest.importorskip("tensorboard")
+    with pytest.raises(RuntimeError, match="boom"), EpochLog(tmp_path / "x.log.csv", tmp_path / "tb") as log:
+        log.write({"epoch": 1, "train_loss": 0.5, "name": "not a number", "per_class": [0.25, 0.75]}, step=1)
+        raise RuntimeError("boom")
+    assert log._writer is None  # closed: its events are on disk
+    assert (tmp_path / "x.log.csv").read_text().splitlines() == ["epoch,train_loss,name,per_class",
+                                                                "1,0.5,not a number,0.2500;0.7500"]
+    assert tensorboard_scalars(tmp_path / "tb") == {"train/loss": [(1, 0.5)], "per_class/0": [(1, 0.25)],
+                                                    "per_class/1": [(1, 0.75)]}
+
+
 def test_train_subcommand_plugs_into_the_core_cli():
     import argparse
     import importlib
@@ -142,6 +230,10 @@ def test_train_subcommand_plugs_into_the_core_cli():
     getattr(importlib.import_module(module), func)(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "finetune", "--data", "d", "--out", "o.pt", "--model", "hrmedseg-sam"])
     assert args.model == "hrmedseg-sam" and args.img_size == 1024 and args.lr == 1e-4 and callable(args.func)
+    assert args.tensorboard is None
+    args = parser.parse_args(["train", "distill", "--teacher", "t.pth", "--images", "i", "--out", "e.pt",
+                              "--tensorboard", "runs/a"])
+    assert args.tensorboard == "runs/a"
 
 
 @pytest.mark.slow

@@ -88,6 +88,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help="architecture of a new random encoder (paper: C 96, L 10)")
     p.add_argument("--log-every", type=int, default=10, help="steps between progress events")
     p.add_argument("--note", dest="provenance_note", help="free text kept in the model's provenance")
+    p.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard scalars to DIR (needs `pip install "
+                   "tensorboard`)")
     p.add_argument("--events", action="store_true", help="print machine-readable progress lines to stdout")
 
 
@@ -121,6 +123,8 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-encoder", help="start from these LGViT + neck weights")
     p.add_argument("--encoder-preset", choices=["paper", "small", "tiny"], default="paper")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard scalars to DIR (needs `pip install "
+                   "tensorboard`)")
     p.add_argument("--events", action="store_true")
 
 

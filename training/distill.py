@@ -4,7 +4,8 @@ The authors' recipe: MSE between the (B, 256, 64, 64) embeddings, no labels, Ada
 exponential decay 0.98 per epoch, batch 4, 20 epochs, images resized (longest side) and padded
 to 1024 x 1024 as SAM expects. The teacher's embeddings are cached on disk after the first pass.
 Writes the student as an "lgvit_neck" bundle (``--out``) every epoch, a resumable state beside it
-and a CSV log; ``torchrun --nproc-per-node N -m hrmedseg.training.cli distill ...`` uses N GPUs.
+and a CSV log (and TensorBoard scalars with ``tensorboard``); ``torchrun --nproc-per-node N -m
+hrmedseg.training.cli distill ...`` uses N GPUs.
 
 With a SAM2/SAM2.1 teacher (a SAM2 checkpoint or ``random:sam2.1_hiera_t``) the student is
 ``HRMedSegSam2ImageEncoder`` (LGViT + ``Sam2Neck``), the targets are the teacher's three
@@ -16,13 +17,13 @@ mask decoder and memory modules as the rest), loadable with
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import logging
 import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +48,7 @@ from hrmedseg.models.sam2 import (
 from . import distributed as dist_utils
 from .checkpointing import load_state, log_path_for, save_state, state_path_for, unwrap
 from .data import IMAGE_EXTENSIONS, CropSettings, place, read_image
+from .epoch_log import EpochLog, require_tensorboard
 from .finetune import ENCODER_PRESETS
 from .losses import embedding_mse
 from .steps import backward_and_step
@@ -77,6 +79,7 @@ class DistillConfig:
     init_encoder: str | None = None
     encoder_preset: str = "paper"
     log_every: int = 10
+    tensorboard: str | None = None  # a folder for TensorBoard scalars, besides the CSV log
 
     @property
     def cache_root(self) -> Path | None:
@@ -204,9 +207,13 @@ def distill(cfg: DistillConfig, on_event: Callable[[dict], None] | None = None) 
     emit = on_event or (lambda e: None)
     if cfg.img_size % 16:
         raise InputError(f"--img-size must be a multiple of 16, got {cfg.img_size}")
+    if cfg.tensorboard:
+        require_tensorboard()  # fail now, not after building the teacher and filling its cache
     env, device = dist_utils.init_distributed(cfg.device)
     try:
-        return _distill(cfg, env, device, emit)
+        # Main process only; closed (TensorBoard flushed) however the run ends.
+        with (EpochLog(log_path_for(cfg.out), cfg.tensorboard) if env.is_main else nullcontext()) as epoch_log:
+            return _distill(cfg, env, device, emit, epoch_log)
     except torch.OutOfMemoryError as err:
         raise HRMedSegError(
             f"out of GPU memory while distilling; lower --batch-size (now {cfg.batch_size})"
@@ -216,10 +223,11 @@ def distill(cfg: DistillConfig, on_event: Callable[[dict], None] | None = None) 
         dist_utils.cleanup(env)
 
 
-def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, emit) -> dict:
+def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, emit,
+             epoch_log: EpochLog | None) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    state_file, log_file = state_path_for(out), log_path_for(out)
+    state_file = state_path_for(out)
     paths = find_images(cfg.images)
     teacher, teacher_id = build_teacher(cfg.teacher, cfg.img_size)
     teacher = teacher.to(device)
@@ -337,11 +345,7 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
                 save_hrmedseg_sam2(sam2_model, out, provenance=provenance)
             else:
                 save_encoder(unwrap(model), out, provenance=provenance)
-            with open(log_file, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                if f.tell() == 0:
-                    writer.writeheader()
-                writer.writerow(row)
+            epoch_log.write(row, step=row["epoch"])
             save_state(state_file, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
                                     "history": history, "config": asdict(cfg)})

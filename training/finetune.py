@@ -3,7 +3,8 @@
 The paper's recipe by default: Adam lr 1e-4, exponential decay 0.98 per epoch, loss
 0.8 * Dice + 0.2 * focal. Each epoch ends with a validation pass on held-out images; the best
 model is written to ``out`` (an hrmedseg bundle that ``hrmedseg segment`` and the annotator
-load), the resumable state to ``<out stem>.state.pt`` and a line to ``<out stem>.log.csv``.
+load), the resumable state to ``<out stem>.state.pt`` and a line to ``<out stem>.log.csv`` (and
+TensorBoard scalars to the ``tensorboard`` folder, when set).
 
 Runs on one GPU, several (``torchrun --nproc-per-node N -m hrmedseg.training.cli finetune``) or
 the CPU.
@@ -11,13 +12,13 @@ the CPU.
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import logging
 import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +36,7 @@ from hrmedseg.models.preprocessing import Preprocessing
 from . import distributed as dist_utils
 from .checkpointing import load_state, log_path_for, save_state, state_path_for, unwrap
 from .data import CropSettings, DatasetInfo, SegmentationCrops, collate, discover_samples, parse_classes, split_samples
+from .epoch_log import EpochLog, require_tensorboard
 from .losses import segmentation_loss
 from .metrics import dice_per_mask
 from .steps import backward_and_step
@@ -91,6 +93,7 @@ class FinetuneConfig:
     log_every: int = 10
     max_steps: int | None = None  # stop after this many optimiser steps (tests, benchmarks)
     provenance_note: str | None = None
+    tensorboard: str | None = None  # a folder for TensorBoard scalars, besides the CSV log
 
     def check(self) -> None:
         if self.model not in MODELS:
@@ -113,6 +116,8 @@ class FinetuneConfig:
                              "--init for a whole HRMedSeg")
         if self.model == "hrmedseg-sam2" and self.box_prior not in (None, "none"):
             raise InputError("--box-prior applies to hrmedseg-sam only (HRMedSegSAM2 bundles have no box prior)")
+        if self.tensorboard:
+            require_tensorboard()  # fail now, not after loading data and models
 
     @property
     def task(self) -> str:
@@ -446,17 +451,20 @@ def finetune(cfg: FinetuneConfig, on_event: Callable[[Event], None] | None = Non
     emit = on_event or (lambda e: None)
     env, device = dist_utils.init_distributed(cfg.device)
     try:
-        return _finetune(cfg, env, device, emit)
+        # Main process only; closed (TensorBoard flushed) however the run ends.
+        with (EpochLog(log_path_for(cfg.out), cfg.tensorboard) if env.is_main else nullcontext()) as epoch_log:
+            return _finetune(cfg, env, device, emit, epoch_log)
     except torch.OutOfMemoryError as err:
         raise HRMedSegError(_oom_message(cfg)) from err
     finally:
         dist_utils.cleanup(env)
 
 
-def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device, emit: Callable) -> FinetuneResult:
+def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device, emit: Callable,
+              epoch_log: EpochLog | None) -> FinetuneResult:
     torch.manual_seed(cfg.seed + env.rank)
     out = Path(cfg.out)
-    state_file, log_file = state_path_for(out), log_path_for(out)
+    state_file = state_path_for(out)
     rules = parse_classes(cfg.classes)
     class_names = [r.name for r in rules] if rules else None
     num_classes = len(rules) if rules else 1
@@ -567,7 +575,7 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
                 bad_epochs += 1
             row["best_val_dice"] = best
             history.append(row)
-            _append_csv(log_file, row)
+            epoch_log.write(row, step=row["epoch"])
             save_state(state_file, {
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
@@ -605,16 +613,6 @@ def _progress_bar(env: dist_utils.DistEnv, total: int):
     # Redirected to a file (GPU jobs, the widget): a line every 30 s instead of a redraw per step.
     return tqdm(total=total, desc="fine-tuning", unit="step", dynamic_ncols=True,
                 mininterval=0.5 if sys.stderr.isatty() else 30)
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    flat = {k: (";".join(f"{x:.4f}" for x in v) if isinstance(v, list) else v) for k, v in row.items()}
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat), extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(flat)
 
 
 def _provenance(cfg: FinetuneConfig, info: DatasetInfo, n_train: int, n_val: int, row: dict, before: float) -> dict:
