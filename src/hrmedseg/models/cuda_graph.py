@@ -50,7 +50,9 @@ class CudaGraphRunner:
                 self.module(static_input)
         torch.cuda.current_stream(x.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA work of other threads (a napari worker, a data loader) during the
+        # capture is not an error; this thread's own unsafe calls still are.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_output = self.module(static_input)
         return _Capture(graph, static_input, static_output)
 
