@@ -2,7 +2,9 @@
 
 Box prompts (HRMedSegSAM through the engine, as users run it): per-object Dice and IoU, each
 object prompted with its tight bounding box, against the ellipse inscribed in that box (the
-strongest prompt-free trick). Prompt-free (HRMedSeg): Dice and IoU per class.
+strongest prompt-free trick); and how well the score the engine reports (the decoder's predicted
+IoU) tells good masks from bad: its Spearman and Pearson correlation with the actual per-object
+IoU, and its mean absolute error. Prompt-free (HRMedSeg): Dice and IoU per class.
 
 Held-out images are those of scripts/prepare_device_payload.py's split (val); fundus photos are
 read at native resolution from ../shared (never from the repository).
@@ -70,7 +72,7 @@ def eval_box(model_path: str, limit: int | None, backend: str = "auto") -> dict:
     predictor = BoxPredictor(model_path, device="auto", backend=backend)
     results = {}
     for dataset in ("nuclei_dsb2018", "fundus_drishtigs"):
-        ours, base, names = [], [], []
+        ours, base, names, scores = [], [], [], []
         t0 = time.perf_counter()
         for item in val_items(dataset)[:limit]:
             image = np.asarray(Image.open(SHARED / dataset / item["image"]).convert("RGB"))
@@ -82,6 +84,7 @@ def eval_box(model_path: str, limit: int | None, backend: str = "auto") -> dict:
                 y0, y1, x0, x1 = obj.region
                 pred[y0:y1, x0:x1] = obj.mask
                 ours.append(dice_iou(pred, m))
+                scores.append(obj.score)
                 base.append(dice_iou(ellipse_in_box(box, mask.shape), m))
                 names.append(item["name"])
         ours_a, base_a = np.array(ours), np.array(base)
@@ -91,11 +94,30 @@ def eval_box(model_path: str, limit: int | None, backend: str = "auto") -> dict:
             "ellipse_dice": float(base_a[:, 0].mean()), "ellipse_iou": float(base_a[:, 1].mean()),
             "seconds": round(time.perf_counter() - t0, 1),
         }
+        entry.update(score_quality(np.array(scores), ours_a[:, 1]))
         if dataset == "fundus_drishtigs":
             entry["disc_dice"] = float(ours_a[0::2, 0].mean())
             entry["cup_dice"] = float(ours_a[1::2, 0].mean())
         results[dataset] = entry
     return results
+
+
+def score_quality(scores: np.ndarray, iou: np.ndarray) -> dict:
+    """The predicted IoU ("score") against the actual per-object IoU: rank and linear correlation, MAE,
+    and the mean actual IoU of the 10% lowest-scored objects against the other 90% (does a low score
+    point at a bad mask?)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    constant = np.ptp(scores) == 0 or np.ptp(iou) == 0  # no correlation is defined
+    low = scores <= np.quantile(scores, 0.1)
+    return {
+        "iou_lowest_score_decile": float(iou[low].mean()),
+        "iou_other_objects": float(iou[~low].mean()) if (~low).any() else float("nan"),
+        "score_spearman": float("nan") if constant else float(spearmanr(scores, iou).statistic),
+        "score_pearson": float("nan") if constant else float(pearsonr(scores, iou).statistic),
+        "score_mae": float(np.abs(scores - iou).mean()),
+        "score_mean": float(scores.mean()),
+    }
 
 
 def otsu_foreground(image: np.ndarray) -> np.ndarray:

@@ -14,6 +14,9 @@
 #   4. INIT=device_payload/init/box_round2.pt BOX_PRIOR=ellipse box-continue 6.8  -> shipped box model
 #   5. fundus-continue 3.5                          -> shipped fundus model
 # then src/hrmedseg/weights/default/ and registry.json (sha256, size) are updated.
+# Afterwards the box model's IoU head (its scores) was trained alone on a 2-core CPU
+# (`--train-only iou-head --init` the shipped file, the settings of step 4; the exact command is
+# in the model card and in the bundle's provenance["iou_head_training"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=$1; minutes=${2:-8}

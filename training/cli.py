@@ -23,14 +23,22 @@ def print_event(event: dict) -> None:
     print(EVENT_PREFIX + json.dumps(clean, default=str), flush=True)
 
 
+def _iou_mae_text(event: dict) -> str:
+    """', IoU-head MAE 0.0812' for box runs (the score's error on the held-out masks), else ''."""
+    value = event.get("val_iou_mae")
+    return f", IoU-head MAE {value:.4f}" if isinstance(value, float) and math.isfinite(value) else ""
+
+
 def _log_event(event: dict) -> None:
     kind = event.get("event")
     if kind == "baseline":
-        print(f"before training: val Dice {event['val_dice']:.4f} on {event.get('val_masks', 0)} held-out masks", file=sys.stderr)
+        print(f"before training: val Dice {event['val_dice']:.4f}{_iou_mae_text(event)} on "
+              f"{event.get('val_masks', 0)} held-out masks", file=sys.stderr)
     elif kind == "epoch":
         print(
             f"epoch {event['epoch']}: train loss {event['train_loss']:.4f}, val loss {event['val_loss']:.4f}, "
-            f"val Dice {event['val_dice']:.4f}{' (best, saved)' if event['improved'] else ''}, "
+            f"val Dice {event['val_dice']:.4f}"
+            f"{_iou_mae_text(event)}{' (best, saved)' if event['improved'] else ''}, "
             f"{event['images_per_s']:.1f} images/s",
             file=sys.stderr,
         )
@@ -71,6 +79,11 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp-dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
+    p.add_argument("--iou-loss-weight", type=float, default=1.0, help="box models: weight of SAM's IoU loss (MSE "
+                   "between the decoder's predicted IoU and the actual IoU of its mask with the target; trains the "
+                   "score the annotator and `hrmedseg segment` report); 0: off")
+    p.add_argument("--train-only", choices=["iou-head"], help="iou-head: freeze everything but the mask decoder's "
+                   "IoU prediction head (the masks stay exactly as they were; only the scores are trained)")
     p.add_argument("--box-prior", choices=["none", "ellipse"], help="hrmedseg-sam: add the ellipse inscribed in "
                    "each box to the mask logits, so the model learns the correction (default: --init's, else none)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
