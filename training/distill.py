@@ -253,8 +253,7 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
 
     cache = TeacherCache(cfg.cache_root, teacher_id) if cfg.cache_root else None
-    pad = tuple(int(round(v)) for v in Preprocessing.sam().pixel_mean)
-    dataset = DistillImages(paths, cfg.img_size, pad, cache)
+    dataset = DistillImages(paths, cfg.img_size, Preprocessing.sam().pad_value, cache)
     t0 = time.monotonic()
     if cache is not None:
         n = fill_cache(teacher, dataset, cache, device, autocast, cfg.batch_size, env, workers)

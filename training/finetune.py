@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from hrmedseg.errors import HRMedSegError, InputError
 from hrmedseg.models.box_prior import add_box_prior
+from hrmedseg.models.fast_decoder import FastMaskDecoder
 from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
 from hrmedseg.models.preprocessing import Preprocessing
 
@@ -177,8 +178,6 @@ class BoxPromptedSegmenter(nn.Module):
     def _decode_frozen_fast(self, embedding: torch.Tensor, dense_pe: torch.Tensor, sparse: torch.Tensor,
                             dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen decoder's (K, 1, h, w) logits (no gradient) and its IoU head's (K, 1) output (with gradient)."""
-        from hrmedseg.models.fast_decoder import FastMaskDecoder
-
         decoder = self.sam.mask_decoder
         if not self._fast_decoder or next(iter(self._fast_decoder[0].buffers())).device != embedding.device:
             self._fast_decoder[:] = [FastMaskDecoder.from_sam(decoder, self.sam.prompt_encoder)]
@@ -325,12 +324,6 @@ def freeze_all_but_iou_head(model: nn.Module) -> int:
     for p in model.parameters():
         p.requires_grad_(id(p) in head_ids)
     return sum(p.numel() for p in head.values())
-
-
-def _fast_decoder_supported(mask_decoder: nn.Module) -> bool:
-    """True when the engine's FastMaskDecoder can stand in for this (frozen) SAM mask decoder."""
-    transformer = getattr(mask_decoder, "transformer", None)
-    return transformer is not None and len(getattr(transformer, "layers", ())) == 2
 
 
 def set_train_mode(model: nn.Module, cfg: FinetuneConfig) -> None:
@@ -610,11 +603,11 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
         log.info("--train-only iou-head: training %d parameters of the IoU prediction head, nothing else",
                  freeze_all_but_iou_head(model))
         if isinstance(model, BoxPromptedSegmenter):
-            model.frozen_fast = _fast_decoder_supported(model.sam.mask_decoder)
+            model.frozen_fast = FastMaskDecoder.supports(model.sam.mask_decoder)
     iou_weight = cfg.iou_loss_weight if cfg.task == "box" else 0.0
 
     crop = CropSettings(size=cfg.img_size, mode=cfg.resolved_input_mode, scale=cfg.scale,
-                        pad_value=tuple(int(round(v)) for v in preprocessing.pixel_mean))
+                        pad_value=preprocessing.pad_value)
     common = dict(task=cfg.task, crop=crop, classes=rules, max_boxes=cfg.max_boxes, seed=cfg.seed)
     train_set = SegmentationCrops(train_samples, train=True, repeats=cfg.repeats, box_jitter=cfg.box_jitter, **common)
     val_set = SegmentationCrops(val_samples, train=False, **common)

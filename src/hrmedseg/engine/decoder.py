@@ -178,7 +178,7 @@ class Sam2ImageEncoder:
                 f"{self.input_size}; boxes would be scaled wrongly"
             )
         self.preprocessing = sam2_input_preprocessing(model)
-        self.pad_value = tuple(float(round(v)) for v in self.preprocessing.pixel_mean)
+        self.pad_value = tuple(float(v) for v in self.preprocessing.pad_value)
 
     def pad(self, image: torch.Tensor) -> torch.Tensor:
         """(1, 3, h, w) 0..255 -> (1, 3, S, S) 0..255, padded bottom/right with the rounded pixel mean."""

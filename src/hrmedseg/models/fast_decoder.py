@@ -133,10 +133,15 @@ class FastMaskDecoder(nn.Module):
         out = fast.predict(sparse, regions=regions_from_boxes(boxes), multimask_output=False)
     """
 
+    @staticmethod
+    def supports(mask_decoder: nn.Module) -> bool:
+        """True for SAM's mask decoder with its 2-block two-way transformer (what this class computes)."""
+        return len(getattr(getattr(mask_decoder, "transformer", None), "layers", ())) == 2
+
     def __init__(self, mask_decoder: nn.Module, no_mask_embed: torch.Tensor | None = None) -> None:
         super().__init__()
         transformer = mask_decoder.transformer
-        if len(transformer.layers) != 2:
+        if not self.supports(mask_decoder):
             raise ValueError(f"FastMaskDecoder supports SAM's 2-block two-way transformer, not {len(transformer.layers)} blocks")
         self.decoder = mask_decoder
         self.transformer = transformer

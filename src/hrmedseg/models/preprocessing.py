@@ -27,6 +27,14 @@ class Preprocessing:
         """The authors' released checkpoint: their loader divides by the mean, not the std."""
         return cls(SAM_PIXEL_MEAN, SAM_PIXEL_MEAN)
 
+    @property
+    def pad_value(self) -> tuple[int, int, int]:
+        """The uint8 RGB colour that pads images before normalisation (the rounded mean: about 0 after).
+
+        Training pads its crops with it, and the engine pads its crops with the same colour.
+        """
+        return tuple(int(round(v)) for v in self.pixel_mean)  # type: ignore[return-value]
+
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float in 0..255 -> normalised (B, 3, H, W)."""
         mean = torch.tensor(self.pixel_mean, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
