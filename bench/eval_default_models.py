@@ -31,6 +31,8 @@ from skimage.draw import ellipse
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from prepare_device_payload import is_val  # noqa: E402  the split lives in one place
 
+from hrmedseg.training.metrics import otsu_foreground  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -120,16 +122,6 @@ def score_quality(scores: np.ndarray, iou: np.ndarray) -> dict:
     }
 
 
-def otsu_foreground(image: np.ndarray) -> np.ndarray:
-    """Otsu's threshold on the grey image, the brighter side as foreground unless it is the larger one
-    (stained tissue: dark nuclei on a bright background)."""
-    from skimage.filters import threshold_otsu
-
-    grey = image.mean(axis=-1)
-    bright = grey > threshold_otsu(grey)
-    return bright if bright.mean() <= 0.5 else ~bright
-
-
 def eval_semantic(model_path: str, dataset: str) -> dict:
     from hrmedseg.engine.semantic import SemanticPredictor
 
@@ -146,7 +138,7 @@ def eval_semantic(model_path: str, dataset: str) -> dict:
         for c, (name, gt) in enumerate(targets.items()):
             scores.setdefault(name, []).append(dice_iou(prob[c] > 0.5, gt))
         if dataset == "nuclei_dsb2018":  # the simple baseline: Otsu's threshold on the grey image
-            scores.setdefault("nucleus_otsu_baseline", []).append(dice_iou(otsu_foreground(image), targets["nucleus"]))
+            scores.setdefault("nucleus_otsu_baseline", []).append(dice_iou(otsu_foreground(image, auto_polarity=True), targets["nucleus"]))
     return {name: {"images": len(v), "dice": float(np.mean([d for d, _ in v])), "iou": float(np.mean([i for _, i in v]))}
             for name, v in scores.items()}
 

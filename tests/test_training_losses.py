@@ -55,3 +55,7 @@ def test_otsu_baseline_separates_bright_objects():
     fg = otsu_foreground(image)
     assert fg.sum() == 100 and fg[15, 15]
     assert not otsu_foreground(np.zeros((5, 5), np.uint8)).any()
+    # dark nuclei on bright tissue: auto polarity takes the smaller, darker class
+    assert otsu_foreground(255 - image).sum() == 1500
+    dark = otsu_foreground(255 - image, auto_polarity=True)
+    assert dark.sum() == 100 and dark[15, 15]

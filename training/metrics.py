@@ -33,11 +33,12 @@ def iou_per_mask(pred: torch.Tensor, target: torch.Tensor, empty_score: float = 
     return torch.where(union == 0, torch.full_like(iou, empty_score), iou)
 
 
-def otsu_foreground(image: np.ndarray) -> np.ndarray:
+def otsu_foreground(image: np.ndarray, auto_polarity: bool = False) -> np.ndarray:
     """Foreground by Otsu's threshold on the grey image: (H, W[, C]) -> (H, W) bool.
 
-    The brighter class is taken as foreground (fluorescent nuclei); for bright-field images the
-    caller may invert. Returns all-False for a constant image.
+    The brighter class is taken as foreground (fluorescent nuclei); with ``auto_polarity`` the
+    darker one instead when the brighter covers more than half the image (stained tissue: dark
+    nuclei on a bright background). Returns all-False for a constant image.
     """
     from skimage.filters import threshold_otsu
 
@@ -46,4 +47,5 @@ def otsu_foreground(image: np.ndarray) -> np.ndarray:
         grey = grey[..., :3].mean(-1)
     if grey.max() == grey.min():
         return np.zeros(grey.shape, bool)
-    return grey > threshold_otsu(grey)
+    bright = grey > threshold_otsu(grey)
+    return ~bright if auto_polarity and bright.mean() > 0.5 else bright
