@@ -8,11 +8,14 @@ Measures, with random weights (speed and geometry only, no segmentation quality)
 5. boundary error on small discs, from an oracle logit field (signed distance) sampled on
    each pipeline's low-res logit grid and mapped back with that pipeline's own post-processing
    (SamPredictor: bilinear to 1024, crop, bilinear to the image size; ours: logits_to_native
-   on the box's crop). This isolates the resampling error each pipeline's geometry imposes.
+   on the box's crop). This isolates the resampling error each pipeline's geometry imposes;
+6. with --backends: the whole segment() call under each named engine backend, round-robin over
+   --repeats rounds, and each backend's labels against the first one's (per-object Dice).
 
     .venv/bin/python bench/bench_engine.py                       # full settings, CPU
     .venv/bin/python bench/bench_engine.py --small               # quick check
     python bench/bench_engine.py --device cuda --threads 16      # GPU: adds boxes per second
+    .venv/bin/python bench/bench_engine.py --no-baseline --backends fast,fast-bf16 --repeats 5
 """
 
 from __future__ import annotations
@@ -100,6 +103,42 @@ def disc_boundary_error(radius: float, size: int, predictor_policy) -> dict:
     return {"radius_px": radius, "baseline": score(base), "ours": score(ours), "ours_scale": crop.scale}
 
 
+def object_dice(labels: np.ndarray, reference: np.ndarray, n: int) -> list[float]:
+    """Per-object Dice of labels 1..n against the same labels in ``reference``."""
+    dice = []
+    for i in range(1, n + 1):
+        a, b = labels == i, reference == i
+        total = a.sum() + b.sum()
+        dice.append(1.0 if total == 0 else float(2 * (a & b).sum() / total))
+    return dice
+
+
+def compare_backends(model, image, boxes, device, policy, backends: list[str], repeats: int) -> dict:
+    """segment() under each backend, interleaved round by round (noisy machines); Dice to the first."""
+    from hrmedseg.engine import BoxPredictor
+
+    predictors = {name: BoxPredictor(model, device=device, policy=policy, backend=name) for name in backends}
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    labels: dict[str, np.ndarray] = {}
+    for _ in range(repeats):
+        for name, predictor in predictors.items():
+            predictor.clear_cache()
+            (labels[name], _), t = timed(lambda p=predictor: p.segment(image, boxes), device)
+            times[name].append(t)
+    out = {}
+    for name in backends:
+        dice = object_dice(labels[name], labels[backends[0]], len(boxes))
+        out[name] = {
+            "segment_s_median": round(float(np.median(times[name])), 3),
+            "segment_s_min": round(float(np.min(times[name])), 3),
+            "boxes_per_s": round(len(boxes) / float(np.median(times[name])), 1),
+            "encoder_calls": predictors[name].encoder_calls // repeats,
+            f"dice_to_{backends[0]}_mean": round(float(np.mean(dice)), 4),
+            f"dice_to_{backends[0]}_min": round(float(np.min(dice)), 4),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -111,6 +150,8 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--max-upscale", type=float, default=2.0)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--backends", help="comma-separated engine backends to compare on the whole segment() call, e.g. fast,fast-bf16")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds for --backends")
     args = ap.parse_args()
     if args.small:
         args.size, args.boxes, args.cached_boxes = 512, 20, 3
@@ -191,6 +232,8 @@ def main() -> None:
             "boxes_per_s": round(len(boxes) / t_base, 2),
             "note": "whole image resized to 1024; one embedding; full-size masks per box",
         }
+    if args.backends:
+        results["backends"] = compare_backends(model, image, boxes, device, policy, args.backends.split(","), args.repeats)
     results["boundary_error_small_discs"] = [disc_boundary_error(r, args.size, policy) for r in (5.0, 10.0, 20.0)]
     text = json.dumps(results, indent=1)
     print(text)

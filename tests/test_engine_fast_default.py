@@ -15,6 +15,7 @@ from hrmedseg.io import open_image
 from hrmedseg.models.fast_decoder import FastSamBoxDecoder, regions_from_boxes
 from hrmedseg.models.fast_encoder import FastHRMedSegEncoder
 from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
+from hrmedseg.models.runtime import select_backend
 
 
 def prompt_and_mask_decoder():
@@ -58,11 +59,18 @@ def textured_image(h: int = 640, w: int = 704, seed: int = 0) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-def test_default_is_fast_on_cpu_and_reference_on_request(sam, monkeypatch):
+def test_default_is_fast_on_cpu_bf16_with_amx_and_reference_on_request(sam, monkeypatch):
+    monkeypatch.setattr("hrmedseg.models.runtime.cpu_has_amx_bf16", lambda: False)
     fast = BoxPredictor(sam, device="cpu")
     assert fast.backend == "fast"
-    assert isinstance(fast.encoder.image_encoder, FastHRMedSegEncoder)
+    assert isinstance(fast.encoder.image_encoder, FastHRMedSegEncoder) and not fast.encoder.image_encoder.bf16
     assert isinstance(fast.decoder, RegionBoxDecoder) and isinstance(fast.decoder, FastSamBoxDecoder)
+
+    monkeypatch.setattr("hrmedseg.models.runtime.cpu_has_amx_bf16", lambda: True)
+    amx = BoxPredictor(sam, device="cpu")
+    assert amx.backend == "fast-bf16" and amx.encoder.image_encoder.bf16
+    assert isinstance(amx.decoder, FastSamBoxDecoder)
+    assert BoxPredictor(sam, device="cpu", allow_bf16=False).backend == "fast"
 
     ref = BoxPredictor(sam, device="cpu", backend="reference")
     assert ref.backend == "reference"
@@ -91,7 +99,7 @@ def test_non_hrmedseg_encoder_keeps_its_own_forward():
     vit = ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=32, depth=1, num_heads=1, out_chans=256, window_size=4)
     model = tiny_sam(vit)
     p = BoxPredictor(model, device="cpu")
-    assert p.backend == "fast"
+    assert p.backend == select_backend("cpu")
     assert p.encoder.image_encoder is vit  # no fast path for SAM's ViT: the model's own module
     assert isinstance(p.decoder, RegionBoxDecoder)
 
@@ -122,7 +130,7 @@ def test_region_margin_covers_every_logit_read(max_upscale):
         assert logits_to_native(logits, crop, region).all(), (box, crop, margin, region_lr)
 
 
-def test_fast_default_gives_the_reference_masks(sam):
+def test_fast_backend_gives_the_reference_masks(sam):
     image = textured_image()
     h, w = image.shape[:2]
     boxes = np.array([
@@ -135,7 +143,7 @@ def test_fast_default_gives_the_reference_masks(sam):
         [100.0, 250.0, 520.0, 600.0],  # large: a downscaled crop
     ])
     ref = BoxPredictor(sam, device="cpu", backend="reference", decode_batch=2)
-    fast = BoxPredictor(sam, device="cpu", decode_batch=2)
+    fast = BoxPredictor(sam, device="cpu", backend="fast", decode_batch=2)
     ref_objs = list(ref.predict_boxes(image, boxes))
     fast_objs = list(fast.predict_boxes(image, boxes))
     assert fast.backend == "fast"
@@ -160,7 +168,21 @@ def test_fast_default_gives_the_reference_masks(sam):
     assert informative >= 3  # masks with both labels: the comparison can fail
 
 
-def test_fast_cache_hits_and_bf16_is_opt_in(sam):
+def test_bf16_backend_stays_close_to_the_reference(sam):
+    """The default on GPUs and AMX CPUs: bf16 encoder products, so close masks, not equal ones."""
+    image = textured_image()
+    boxes = np.array([[200.0, 210.0, 222.0, 236.0], [230.5, 205.0, 251.0, 229.5], [0.0, 0.0, 20.0, 25.0], [100.0, 250.0, 520.0, 600.0]])
+    ref = BoxPredictor(sam, device="cpu", backend="reference")
+    bf16 = BoxPredictor(sam, device="cpu", backend="fast-bf16")
+    assert bf16.encoder.image_encoder.bf16
+    for r, f in zip(ref.predict_boxes(image, boxes), bf16.predict_boxes(image, boxes)):
+        assert (r.region, r.crop) == (f.region, f.crop)
+        assert r.mask.any() and not r.mask.all()
+        assert 2 * (r.mask & f.mask).sum() / (r.mask.sum() + f.mask.sum()) > 0.99
+        assert abs(r.score - f.score) < 1e-2
+
+
+def test_fast_cache_hits_and_allow_bf16_false_keeps_float32(sam):
     p = BoxPredictor(sam, device="cpu", allow_bf16=False)
     image = textured_image(200, 200)
     a = p.predict_box(image, [50, 50, 70, 75])

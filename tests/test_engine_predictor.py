@@ -109,10 +109,12 @@ def test_batched_equals_one_by_one(sam):
 
 def test_cache_hits_misses_bound_and_lru(sam):
     image = np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), dtype=np.uint8)
-    per_embedding = 256 * 64 * 64 * 4
+    # one (1, 256, 64, 64) embedding: float32, or bfloat16 where the default backend is "fast-bf16"
+    per_embedding = 256 * 64 * 64 * (2 if BoxPredictor(sam, device="cpu").backend == "fast-bf16" else 4)
     p = BoxPredictor(sam, device="cpu", cache_bytes=2 * per_embedding, decoder=DiscDecoder())
     a, b, c = [100, 100, 130, 130], [1500, 1500, 1530, 1530], [2800, 100, 2830, 130]
     p.predict_box(image, a)
+    assert p.cache.bytes == per_embedding
     assert (p.cache.misses, p.cache.hits, p.encoder_calls) == (1, 0, 1)
     p.predict_box(image, [105, 110, 125, 128])  # same crop: a hit, no encoder call
     assert (p.cache.hits, p.encoder_calls) == (1, 1)

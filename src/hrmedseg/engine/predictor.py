@@ -40,7 +40,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def resolve_backend(backend: str, device: torch.device, allow_bf16: bool | None = None) -> str:
+def resolve_backend(backend: str, device: torch.device, allow_bf16: bool = True) -> str:
     """The engine backend for ``backend`` ("auto": ``hrmedseg.models.runtime.select_backend``)."""
     from ..models.runtime import select_backend
 
@@ -105,13 +105,13 @@ class BoxPredictor:
         decoder: replaces the decoder step (same call as :class:`SamBoxDecoder`, or as
             :class:`~hrmedseg.engine.decoder.Sam2BoxDecoder` for SAM2 models).
         backend: "auto" (default: per device, ``hrmedseg.models.runtime.select_backend``, which
-            the ``HRMEDSEG_BACKEND`` environment variable overrides: the fast float32 encoder and
-            region-limited decoder on CPUs, the bfloat16 encoder replayed as a CUDA graph on
-            GPUs), "fast", "fast-bf16" or "reference" (the plain PyTorch modules). All but
+            the ``HRMEDSEG_BACKEND`` environment variable overrides: the region-limited decoder
+            with the bfloat16 encoder on GPUs (replayed as a CUDA graph) and on CPUs with AMX,
+            the float32 one on other CPUs), "fast", "fast-bf16" or "reference" (the plain
+            PyTorch modules). All but
             "fast-bf16" give the reference's masks up to rounding; ``self.backend`` says which
             one runs (always "reference" for SAM2 models, which have no fast path).
-        allow_bf16: for "auto": None picks per device (bf16 on CUDA only), False keeps exact
-            float32 everywhere, True also allows bf16 on CPUs with AMX.
+        allow_bf16: for "auto": False keeps exact float32 on every device.
         decode_batch: boxes per decoder call (memory vs. speed); None: 64 on CUDA, 8 elsewhere
             (the fastest measured, docs/benchmarks.md).
     """
@@ -127,7 +127,7 @@ class BoxPredictor:
         decode_batch: int | None = None,
         mask_threshold: float = 0.0,
         backend: str = "auto",
-        allow_bf16: bool | None = None,
+        allow_bf16: bool = True,
     ) -> None:
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device, allow_bf16)
