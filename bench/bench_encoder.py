@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "LGViT + neck, fast bf16 (AMX)": fast_bf16,
     }
     if args.onnx:
-        from hrmedseg.cli.export_onnx import OnnxEncoder, export_encoder
+        from hrmedseg.models.onnx_export import OnnxEncoder, export_encoder
 
         path = Path(tempfile.mkdtemp()) / "encoder.onnx"
         export_encoder(reference, path, size=args.size)

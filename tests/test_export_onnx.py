@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from hrmedseg.cli import main  # noqa: E402
-from hrmedseg.cli.export_onnx import OnnxEncoder, export_decoder, export_encoder  # noqa: E402
+from hrmedseg.models.onnx_export import OnnxEncoder, export_decoder, export_encoder  # noqa: E402
 from hrmedseg.models import EncoderConfig, build_encoder, save_encoder  # noqa: E402
 from hrmedseg.models.sam import build_hrmedseg_sam, build_sam_prompt_decoder, save_hrmedseg_sam  # noqa: E402
 
@@ -72,3 +72,71 @@ def test_encoder_only_file(tmp_path):
     path = save_encoder(encoder, tmp_path / "enc.pt")
     assert main(["export-onnx", "--model", str(path), "--out", str(tmp_path / "o"), "--part", "encoder"]) == 0
     assert (tmp_path / "o" / "encoder.onnx").stat().st_size > 100_000
+
+
+def _tiny_box_model():
+    torch.manual_seed(0)
+    encoder = build_encoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))).eval()
+    return build_hrmedseg_sam(encoder).eval()
+
+
+def test_engine_onnxruntime_backend_exports_once_and_gives_the_reference_masks(tmp_path, monkeypatch):
+    from hrmedseg.engine import BoxPredictor
+    from hrmedseg.models.onnx_export import onnx_cache_dir
+
+    monkeypatch.setenv("HRMEDSEG_CACHE_DIR", str(tmp_path / "cache"))
+    model = _tiny_box_model()
+    rng = np.random.default_rng(0)
+    image = (rng.random((300, 400)) * 200).astype(np.uint8)
+    image[100:160, 150:230] = 250
+    boxes = np.array([[140.0, 90.0, 240.0, 170.0], [10.0, 10.0, 40.0, 50.0]])
+    ort_predictor = BoxPredictor(model, device="cpu", backend="onnxruntime")
+    exported = list(onnx_cache_dir().glob("encoder-*.onnx"))
+    assert ort_predictor.backend == "onnxruntime" and len(exported) == 1
+    reference = BoxPredictor(model, device="cpu", backend="reference")
+    for got, want in zip(ort_predictor.predict_boxes(image, boxes), reference.predict_boxes(image, boxes)):
+        assert got.region == want.region and abs(got.score - want.score) < 1e-3
+        assert want.mask.any() and (got.mask != want.mask).sum() <= 3  # pixels at the threshold only
+    stamp = exported[0].stat().st_mtime_ns
+    monkeypatch.setenv("HRMEDSEG_BACKEND", "onnxruntime")
+    again = BoxPredictor(model, device="cpu")  # same weights: the cached export, not a new one
+    assert again.backend == "onnxruntime" and exported[0].stat().st_mtime_ns == stamp
+    assert list(onnx_cache_dir().glob("encoder-*.onnx")) == exported
+
+
+def test_engine_onnxruntime_backend_reexports_a_broken_cache_file_and_refuses_gpus(tmp_path, monkeypatch):
+    from hrmedseg.engine.predictor import resolve_backend
+    from hrmedseg.errors import InputError
+    from hrmedseg.models.onnx_export import cached_onnx_encoder, onnx_cache_dir, weights_digest
+
+    monkeypatch.setenv("HRMEDSEG_CACHE_DIR", str(tmp_path / "cache"))
+    model = _tiny_box_model()
+    broken = onnx_cache_dir() / f"encoder-{weights_digest(model.image_encoder)[:20]}-1024.onnx"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"half a file")
+    with pytest.warns(UserWarning, match="could not be loaded"):
+        encoder = cached_onnx_encoder(model.image_encoder)
+    assert broken.stat().st_size > 100_000
+    x = torch.randn(1, 3, 1024, 1024)
+    with torch.no_grad():
+        assert torch.allclose(encoder(x), model.image_encoder(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(InputError, match="CPU only"):  # checked before any GPU is touched
+        resolve_backend("onnxruntime", torch.device("cuda"))
+
+
+def test_onnxruntime_backend_without_the_package_says_what_to_install(monkeypatch):
+    import builtins
+
+    from hrmedseg.errors import HRMedSegError
+    from hrmedseg.models.onnx_export import cached_onnx_encoder
+
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'", name="onnxruntime")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    with pytest.raises(HRMedSegError, match=r"onnxruntime is missing.*\[onnx\]"):
+        cached_onnx_encoder(_tiny_box_model().image_encoder)

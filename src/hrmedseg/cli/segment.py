@@ -49,8 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upscale", type=float, default=2.0, help="largest enlargement of small objects (power of two)")
     p.add_argument("--batch", type=int, help="boxes per decoder call (default 64 on CUDA, 8 on CPU)")
     p.add_argument(
-        "--backend", default="auto", choices=("auto", "fast", "fast-bf16", "reference"),
-        help="box models: auto (bf16 encoder on GPUs, with CUDA graphs, and on AMX CPUs; exact float32 on other CPUs), fast (exact float32), fast-bf16, or reference (plain PyTorch)",
+        "--backend", default="auto", choices=("auto", "fast", "fast-bf16", "onnxruntime", "reference"),
+        help="box models: auto (bf16 encoder on GPUs, with CUDA graphs, and on AMX CPUs; exact float32 on other CPUs), fast (exact float32), fast-bf16, onnxruntime (CPU; needs the onnx extra), or reference (plain PyTorch)",
     )
     p.add_argument("--cache-mb", type=int, default=256, help="embedding cache bound in MiB (4 MiB per crop, 16 MiB for SAM2 models; default 256)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

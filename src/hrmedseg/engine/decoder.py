@@ -17,7 +17,8 @@
 :func:`build_steps` picks the encoder and decoder of a backend (``hrmedseg.models.runtime``):
 ``"reference"`` keeps the plain PyTorch modules (what the tests compare against); ``"fast"`` and
 ``"fast-bf16"`` use ``FastHRMedSegEncoder`` (when the model's image encoder is an
-``HRMedSegEncoder``) and :class:`RegionBoxDecoder` (when the mask decoder is SAM's two-block one).
+``HRMedSegEncoder``) and :class:`RegionBoxDecoder` (when the mask decoder is SAM's two-block one);
+``"onnxruntime"`` (CPU) runs that encoder exported to ONNX in ONNX Runtime, with the same decoder.
 SAM2 models have no fast path: they run their plain modules under every backend.
 """
 
@@ -38,7 +39,7 @@ from .crops import Crop, CropPolicy, mask_region
 
 log = logging.getLogger(__name__)
 
-ENGINE_BACKENDS = ("reference", "fast", "fast-bf16")
+ENGINE_BACKENDS = ("reference", "fast", "fast-bf16", "onnxruntime")
 
 
 class BoxDecoder(Protocol):

@@ -44,18 +44,16 @@ def resolve_backend(backend: str, device: torch.device, allow_bf16: bool = True)
     """The engine backend for ``backend`` ("auto": ``hrmedseg.models.runtime.select_backend``)."""
     from ..models.runtime import select_backend
 
-    if backend != "auto":
-        if backend not in ENGINE_BACKENDS:
-            raise InputError(f"unknown backend {backend!r} (use auto, {', '.join(ENGINE_BACKENDS)})")
-        return backend
-    try:
-        chosen = select_backend(device, allow_bf16=allow_bf16)
-    except ValueError as err:  # a bad HRMEDSEG_BACKEND
-        raise InputError(str(err)) from err
-    if chosen not in ENGINE_BACKENDS:  # e.g. onnxruntime: an encoder-only path the engine does not run
-        log.warning("backend %r is not available in the box engine; using 'fast'", chosen)
-        chosen = "fast"
-    return chosen
+    if backend == "auto":
+        try:
+            backend = select_backend(device, allow_bf16=allow_bf16)
+        except ValueError as err:  # a bad HRMEDSEG_BACKEND
+            raise InputError(str(err)) from err
+    elif backend not in ENGINE_BACKENDS:
+        raise InputError(f"unknown backend {backend!r} (use auto, {', '.join(ENGINE_BACKENDS)})")
+    if backend == "onnxruntime" and device.type != "cpu":
+        raise InputError(f"backend 'onnxruntime' runs on the CPU only, not on {device}; use device='cpu'")
+    return backend
 
 
 _SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "pixel_mean", "pixel_std")
@@ -107,10 +105,11 @@ class BoxPredictor:
         backend: "auto" (default: per device, ``hrmedseg.models.runtime.select_backend``, which
             the ``HRMEDSEG_BACKEND`` environment variable overrides: the region-limited decoder
             with the bfloat16 encoder on GPUs (replayed as a CUDA graph) and on CPUs with AMX,
-            the float32 one on other CPUs), "fast", "fast-bf16" or "reference" (the plain
-            PyTorch modules). All but
-            "fast-bf16" give the reference's masks up to rounding; ``self.backend`` says which
-            one runs (always "reference" for SAM2 models, which have no fast path).
+            the float32 one on other CPUs), "fast", "fast-bf16", "onnxruntime" (CPU only: the
+            encoder exported once per weights into the user cache and run in ONNX Runtime) or
+            "reference" (the plain PyTorch modules). All but "fast-bf16" give the reference's
+            masks up to rounding; ``self.backend`` says which one runs (always "reference" for
+            SAM2 models, which have no fast path).
         allow_bf16: for "auto": False keeps exact float32 on every device.
         decode_batch: boxes per decoder call (memory vs. speed); None: 64 on CUDA, 8 elsewhere
             (the fastest measured, docs/benchmarks.md).

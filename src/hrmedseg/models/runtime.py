@@ -121,18 +121,24 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
     activations in bfloat16 instead of autocasting float32 ones (half the memory traffic; same
     error). ``compile=True`` first passes the fast module through ``torch.compile`` (inductor,
     whole graph): on an H100 the fastest encoder at large batches, but the first call of each
-    input shape compiles for about a minute (docs/benchmarks.md).
+    input shape compiles for about a minute (docs/benchmarks.md). "onnxruntime" (CPU only) exports
+    the reference once per weights into the user cache and runs it in ONNX Runtime
+    (:func:`hrmedseg.models.onnx_export.cached_onnx_encoder`).
     """
     from .cuda_graph import CudaGraphRunner
     from .fast_encoder import FastHRMedSegEncoder
 
     if backend == "reference":
         return reference.eval()
-    if backend == "onnxruntime":
-        raise ValueError("build the onnxruntime encoder with hrmedseg.cli.export_onnx.OnnxEncoder from an exported file")
-    if backend not in ("fast", "fast-bf16"):
+    if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     on_cuda = next(reference.parameters()).device.type == "cuda"
+    if backend == "onnxruntime":
+        if on_cuda:
+            raise ValueError("backend 'onnxruntime' runs on the CPU only; use 'fast-bf16' or 'fast' on a GPU")
+        from .onnx_export import cached_onnx_encoder
+
+        return cached_onnx_encoder(reference)
     bf16 = backend == "fast-bf16"
     if on_cuda and bf16:
         encoder = FastHRMedSegEncoder.from_reference(reference).to(torch.bfloat16)
