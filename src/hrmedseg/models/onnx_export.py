@@ -117,7 +117,7 @@ def _check(path: Path, module: nn.Module, args: tuple, input_names, output_names
 def export_encoder(encoder: nn.Module, path: str | os.PathLike, size: int = 1024, report: Callable[[str], None] = print) -> Path:
     """Export an ``HRMedSegEncoder`` (the plain reference graph) to ``path``; ``report`` gets the check's lines."""
     path = Path(path)
-    example = torch.randn(1, 3, size, size)
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     report(f"{path}: encoder, input (B, 3, {size}, {size})")
     _export(_export_friendly(encoder), (example,), path, ["image"], ["embedding"], {"image": {0: "batch"}, "embedding": {0: "batch"}}, report)
     return path
@@ -128,7 +128,7 @@ def export_decoder(prompt_encoder: nn.Module, mask_decoder: nn.Module, path: str
     path = Path(path)
     module = SamBoxDecoder(prompt_encoder, mask_decoder).eval()
     h, w = prompt_encoder.image_embedding_size
-    embedding = torch.randn(1, 256, h, w)
+    embedding = torch.randn(1, 256, h, w, generator=torch.Generator().manual_seed(0))
     boxes = torch.tensor([[100.0, 120.0, 400.0, 380.0], [600.0, 500.0, 900.0, 1000.0], [0.0, 0.0, 64.0, 48.0]])
     print(f"{path}: box decoder, embedding (1, 256, {h}, {w}), boxes (N, 4)")
     _export(
