@@ -31,8 +31,9 @@ OPSET = 17
 log = logging.getLogger(__name__)
 
 
-class SamBoxDecoder(nn.Module):
-    """(1, 256, h, w) embedding + (N, 4) boxes in input pixels -> (N, 1, 4h, 4w) logits, (N, 1) IoU."""
+class BoxDecoderGraph(nn.Module):
+    """SAM box prompt -> mask as one traceable graph: (1, 256, h, w) embedding + (N, 4) boxes in
+    input pixels -> (N, 1, 4h, 4w) logits, (N, 1) IoU."""
 
     def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:
         super().__init__()
@@ -126,7 +127,7 @@ def export_encoder(encoder: nn.Module, path: str | os.PathLike, size: int = 1024
 def export_decoder(prompt_encoder: nn.Module, mask_decoder: nn.Module, path: str | os.PathLike) -> Path:
     """Export SAM's box prompt encoder + mask decoder (single-mask output) to ``path``."""
     path = Path(path)
-    module = SamBoxDecoder(prompt_encoder, mask_decoder).eval()
+    module = BoxDecoderGraph(prompt_encoder, mask_decoder).eval()
     h, w = prompt_encoder.image_embedding_size
     embedding = torch.randn(1, 256, h, w, generator=torch.Generator().manual_seed(0))
     boxes = torch.tensor([[100.0, 120.0, 400.0, 380.0], [600.0, 500.0, 900.0, 1000.0], [0.0, 0.0, 64.0, 48.0]])
