@@ -29,7 +29,7 @@ from hrmedseg.training.finetune import (  # noqa: E402
     finetune,
     save_model,
 )
-from test_training_data import disks, write_pair  # noqa: E402
+from test_training_data import write_disk_dataset  # noqa: E402
 
 
 def _tiny_sam2():
@@ -56,8 +56,7 @@ def sam2_bundle(tmp_path_factory):
 def trained_bundle(tmp_path_factory):
     """A bundle written by a real (two-step) ``--model hrmedseg-sam2`` fine-tuning run."""
     root = tmp_path_factory.mktemp("ft")
-    for i in range(3):
-        write_pair(root / "data", f"im{i}", disks((72, 80), n=3, seed=i))
+    write_disk_dataset(root / "data", images=3, disks_per_image=3)
     cfg = FinetuneConfig(model="hrmedseg-sam2", data=str(root / "data"), out=str(root / "sam2.pt"),
                          encoder_preset="tiny", img_size=64, batch_size=2, epochs=1, max_steps=2, max_boxes=3,
                          num_workers=0, device="cpu")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from test_training_data import disks, write_pair
+from test_training_data import disks, write_disk_dataset
 
 pytestmark = pytest.mark.gui
 
@@ -30,9 +30,7 @@ class Labels(FakeLayer):
 
 @pytest.fixture()
 def data_dir(tmp_path):
-    for i in range(4):
-        write_pair(tmp_path / "data", f"im{i}", disks((80, 80), n=4, seed=i))
-    return tmp_path / "data"
+    return write_disk_dataset(tmp_path / "data", images=4, disks_per_image=4, shape=(80, 80))
 
 
 def make_widget(qtbot, tmp_path, layers=()):

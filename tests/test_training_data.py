@@ -51,6 +51,13 @@ def write_pair(root, name, labels, image=None, ext="png"):
     )
 
 
+def write_disk_dataset(root, images: int, disks_per_image: int, shape=(72, 80)):
+    """``images`` image/mask pairs of ``disks`` (seeds 0, 1, ...) under ``root``; returns ``root``."""
+    for i in range(images):
+        write_pair(root, f"im{i}", disks(shape, n=disks_per_image, seed=i))
+    return root
+
+
 def test_read_image_converts_grey_rgba_and_16_bit(tmp_path):
     grey = (np.arange(64 * 80) % 256).astype(np.uint8).reshape(64, 80)
     Image.fromarray(grey).save(tmp_path / "g.png")
@@ -97,8 +104,7 @@ def test_colour_mask_with_different_channels_is_refused(tmp_path):
 
 
 def test_split_is_by_image_and_keeps_both_sides(tmp_path):
-    for i in range(7):
-        write_pair(tmp_path, f"im{i}", disks(seed=i))
+    write_disk_dataset(tmp_path, images=7, disks_per_image=5, shape=(96, 120))
     samples = discover_samples(tmp_path).samples
     train, val = split_samples(samples, 0.15, seed=3)
     assert len(val) == 1 and len(train) == 6
@@ -171,8 +177,7 @@ def test_geometric_augmentation_moves_image_and_labels_together():
 
 
 def test_dataset_items_and_collate(tmp_path):
-    for i in range(3):
-        write_pair(tmp_path, f"im{i}", disks(seed=i))
+    write_disk_dataset(tmp_path, images=3, disks_per_image=5, shape=(96, 120))
     samples = discover_samples(tmp_path).samples
     box_set = SegmentationCrops(samples, "box", CropSettings(size=64), max_boxes=3)
     items = [box_set[i] for i in range(3)]

@@ -27,15 +27,14 @@ from hrmedseg.training.finetune import (
 from hrmedseg.training.metrics import iou_per_mask
 from hrmedseg.training.steps import backward_and_step
 from hrmedseg.weights.bundle import load_bundle
-from test_training_data import disks, write_pair
+from test_training_data import write_disk_dataset
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture()
 def data(tmp_path):
-    for i in range(4):
-        write_pair(tmp_path / "data", f"im{i}", disks((72, 80), n=4, seed=i))
+    write_disk_dataset(tmp_path / "data", images=4, disks_per_image=4)
     return tmp_path
 
 

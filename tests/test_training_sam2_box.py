@@ -10,13 +10,12 @@ pytest.importorskip("sam2")
 
 from hrmedseg.errors import InputError  # noqa: E402
 from hrmedseg.training.finetune import FinetuneConfig, Sam2BoxPromptedSegmenter, finetune  # noqa: E402
-from test_training_data import disks, write_pair  # noqa: E402
+from test_training_data import write_disk_dataset  # noqa: E402
 
 
 @pytest.fixture()
 def data(tmp_path):
-    for i in range(3):
-        write_pair(tmp_path / "data", f"im{i}", disks((72, 80), n=3, seed=i))
+    write_disk_dataset(tmp_path / "data", images=3, disks_per_image=3)
     return tmp_path
 
 
