@@ -124,7 +124,7 @@ def test_non_square_image_is_padded_as_in_fine_tuning(sam2_bundle):
     # What the fine-tuning feeds the model for this image (crop mode at scale 1: padded, not resized).
     wrapper = Sam2BoxPromptedSegmenter(predictor.model, 1024).eval()
     _, preprocessing, _ = _encoder_parts(wrapper)
-    settings = CropSettings(size=1024, mode="crop", pad_value=tuple(int(round(v)) for v in preprocessing.pixel_mean))
+    settings = CropSettings(size=1024, mode="crop", pad_value=preprocessing.pad_value)
     padded, _, valid = place(image, np.zeros((300, 500), np.int32), settings, np.random.default_rng(0))
     assert valid == (300, 500)
     with torch.no_grad():

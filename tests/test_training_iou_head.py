@@ -50,7 +50,7 @@ def fixed_batch(cfg: FinetuneConfig, model) -> dict:
     """The same crops and boxes every call (validation crops: no jitter, no augmentation)."""
     _, preprocessing, _ = _encoder_parts(model)
     crop = CropSettings(size=cfg.img_size, mode=cfg.resolved_input_mode, scale=cfg.scale,
-                        pad_value=tuple(int(round(v)) for v in preprocessing.pixel_mean))
+                        pad_value=preprocessing.pad_value)
     samples = discover_samples(cfg.data).samples
     crops = SegmentationCrops(samples, train=False, task="box", crop=crop, classes=None, max_boxes=cfg.max_boxes,
                               seed=0)

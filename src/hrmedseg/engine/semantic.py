@@ -295,7 +295,7 @@ class SemanticPredictor:
         """(3, h, w) 0..255 -> (C2, h, w) logits, padded to the square input as in training."""
         size = self.geometry.img_size
         h, w = rgb.shape[-2:]
-        pad_value = torch.tensor([round(v) for v in self.model.preprocessing.pixel_mean], dtype=torch.float32)
+        pad_value = torch.tensor(self.model.preprocessing.pad_value, dtype=torch.float32)
         x = pad_value.view(3, 1, 1).repeat(1, size, size)
         x[:, :h, :w] = rgb
         x = self.model.preprocessing.normalize(x[None].to(self.device))
