@@ -94,8 +94,8 @@ def test_iou_loss_is_mse_to_the_iou_of_the_mask_with_its_box_prior(data):
             raw_actuals.append(iou_per_mask(raw[:, 0] > 0, target[:, 0] >= 0.5))
     expected = F.mse_loss(torch.cat(preds), torch.cat(actuals))
     assert n == sum(len(m) for m in batch["masks"]) > 0
-    assert parts["iou_loss"] == pytest.approx(expected.item(), rel=1e-5)
-    assert loss.item() == pytest.approx(parts["mask_loss"] + 2.0 * parts["iou_loss"], rel=1e-5)
+    assert parts["iou_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(parts["mask_loss"].item() + 2.0 * parts["iou_loss"].item(), rel=1e-5)
     # Without the prior the masks, so the actual IoUs, are different: the prior really is in there.
     assert not torch.allclose(torch.cat(actuals), torch.cat(raw_actuals))
 

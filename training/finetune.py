@@ -433,11 +433,13 @@ def normalize(images: torch.Tensor, preprocessing: Preprocessing) -> torch.Tenso
 
 
 def batch_loss(model: nn.Module, batch: dict, preprocessing: Preprocessing, device: torch.device,
-               iou_loss_weight: float = 0.0, parts: dict[str, float] | None = None) -> tuple[torch.Tensor | None, int]:
+               iou_loss_weight: float = 0.0, parts: dict[str, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor | None, int]:
     """Loss of one batch and the number of masks it covered (None when it has no object).
 
     Box models: the mask loss plus ``iou_loss_weight`` times SAM's IoU-prediction MSE; with
-    ``parts`` (a dict) the two terms' values are stored there as ``mask_loss`` / ``iou_loss``.
+    ``parts`` (a dict) the two terms are stored there, detached, as ``mask_loss`` / ``iou_loss``
+    (tensors: reading them is left to the caller, so the step does not wait for the device).
     """
     images = normalize(batch["image"].to(device, non_blocking=True), preprocessing)
     if "target" in batch:
@@ -454,14 +456,14 @@ def batch_loss(model: nn.Module, batch: dict, preprocessing: Preprocessing, devi
     target = F.adaptive_avg_pool2d(masks[:, None].float(), logits.shape[-2:])
     loss = segmentation_loss(logits, target)
     if parts is not None:
-        parts["mask_loss"] = loss.item()
+        parts["mask_loss"] = loss.detach()
     if iou_loss_weight > 0:
         # The box prior is already in the logits (the wrapper adds it), so the actual IoU is that of
         # the mask inference returns.
         term = iou_loss(torch.cat([p for p in ious if len(p)]), logits, target)
         loss = loss + iou_loss_weight * term
         if parts is not None:
-            parts["iou_loss"] = term.item()
+            parts["iou_loss"] = term.detach()
     return loss, len(masks)
 
 
@@ -670,9 +672,9 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
             sampler.set_epoch(epoch)
         set_train_mode(train_model, cfg)
         loss_sum, n_loss, images_seen, t_epoch = 0.0, 0, 0, time.monotonic()
-        iou_loss_sum = 0.0
+        iou_loss_sum: float | torch.Tensor = 0.0  # summed on the device, read once per epoch
         for batch in train_loader:
-            parts: dict[str, float] = {}
+            parts: dict[str, torch.Tensor] = {}
             with autocast():
                 loss, _ = batch_loss(train_model, batch, preprocessing, device, iou_weight, parts)
             if loss is None:
@@ -698,7 +700,7 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
         epoch_time = time.monotonic() - t_epoch
         row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss}
         if iou_weight > 0:
-            row["train_iou_loss"] = dist_utils.all_reduce_mean(iou_loss_sum / max(n_loss, 1), env, device)
+            row["train_iou_loss"] = dist_utils.all_reduce_mean(float(iou_loss_sum) / max(n_loss, 1), env, device)
         row.update({"lr": optimizer.param_groups[0]["lr"],
                     "images_per_s": images_seen * env.world_size / max(epoch_time, 1e-9), "time_s": epoch_time})
         if env.is_main:
