@@ -103,14 +103,15 @@ def disc_boundary_error(radius: float, size: int, predictor_policy) -> dict:
     return {"radius_px": radius, "baseline": score(base), "ours": score(ours), "ours_scale": crop.scale}
 
 
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks (1 when both are empty)."""
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
 def object_dice(labels: np.ndarray, reference: np.ndarray, n: int) -> list[float]:
     """Per-object Dice of labels 1..n against the same labels in ``reference``."""
-    dice = []
-    for i in range(1, n + 1):
-        a, b = labels == i, reference == i
-        total = a.sum() + b.sum()
-        dice.append(1.0 if total == 0 else float(2 * (a & b).sum() / total))
-    return dice
+    return [mask_dice(labels == i, reference == i) for i in range(1, n + 1)]
 
 
 def compare_backends(model, image, boxes, device, policy, backends: list[str], repeats: int) -> dict:

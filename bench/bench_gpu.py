@@ -221,6 +221,7 @@ def bench_decoder(args, device, sync) -> None:
 
 def bench_agreement(args, device) -> None:
     """Masks of the shipped box model on the bundled samples: default backend vs exact float32."""
+    from bench_engine import mask_dice
     from hrmedseg.data import load_sample, sample_boxes, sample_names
     from hrmedseg.defaults import DEFAULT_BOX_MODEL
     from hrmedseg.engine import BoxPredictor
@@ -236,10 +237,7 @@ def bench_agreement(args, device) -> None:
         if boxes_file is None:
             continue
         image, boxes = load_sample(name), read_boxes(boxes_file)
-        dice = []
-        for a, b in zip(default.predict_boxes(image, boxes), exact.predict_boxes(image, boxes)):
-            total = a.mask.sum() + b.mask.sum()
-            dice.append(1.0 if total == 0 else 2 * (a.mask & b.mask).sum() / total)
+        dice = [mask_dice(a.mask, b.mask) for a, b in zip(default.predict_boxes(image, boxes), exact.predict_boxes(image, boxes))]
         print(f"| {name} | {len(boxes)} | {np.mean(dice):.4f} | {np.min(dice):.4f} |", flush=True)
 
 
