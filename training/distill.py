@@ -52,7 +52,8 @@ from .epoch_log import EpochLog, require_tensorboard
 from .finetune import ENCODER_PRESETS
 from .losses import embedding_mse
 from .steps import backward_and_step
-from .teacher_cache import Sam2Teacher, TeacherCache, build_teacher
+from .distill_views import DistillViews, ViewSettings
+from .teacher_cache import LiteMedSamTeacher, Sam2Teacher, TeacherCache, build_teacher
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ class DistillConfig:
     encoder_preset: str = "paper"
     log_every: int = 10
     tensorboard: str | None = None  # a folder for TensorBoard scalars, besides the CSV log
+    views_per_image: int = 0  # 0: each image once per epoch, whole; N: N fixed augmented views of each
+    view_min_scale: float = 0.25  # smallest view crop, as a fraction of the image's shorter side
+    time_limit_min: float | None = None  # stop (after saving the epoch) once an epoch ends past this
 
     @property
     def cache_root(self) -> Path | None:
@@ -115,6 +119,10 @@ class DistillImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def cache_key(self, index: int) -> tuple[Path, None]:
+        """(image file, view name) of item ``index``: whole images have no view name."""
+        return self.paths[index], None
+
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         item: dict[str, Any] = {"index": index}
@@ -130,6 +138,14 @@ class DistillImages(Dataset):
         placed, _, _ = place(image, np.zeros(image.shape[:2], np.int32), self.crop, np.random.default_rng(0))
         item["image"] = torch.from_numpy(np.ascontiguousarray(placed.transpose(2, 0, 1)))
         return item
+
+
+def distill_dataset(cfg: DistillConfig, paths: list[Path], cache: TeacherCache | None) -> DistillImages | DistillViews:
+    """Whole images (``views_per_image`` 0), or that many augmented views of each image."""
+    if cfg.views_per_image:
+        settings = ViewSettings(size=cfg.img_size, min_scale=cfg.view_min_scale)
+        return DistillViews(paths, cfg.views_per_image, settings, cfg.seed, cache)
+    return DistillImages(paths, cfg.img_size, Preprocessing.sam().pad_value, cache)
 
 
 def collate_distill(items: list[dict]) -> dict | None:
@@ -165,6 +181,9 @@ def teacher_embed(teacher: torch.nn.Module, images: torch.Tensor, autocast) -> t
     if isinstance(teacher, Sam2Teacher):
         with autocast():
             return tuple(level.float() for level in teacher(SAM2_PREDICTOR_PREPROCESSING.normalize(images.float())))
+    if isinstance(teacher, LiteMedSamTeacher):  # normalises (and resizes) its own input
+        with autocast():
+            return teacher(images.float()).float()
     with autocast():
         return teacher(Preprocessing.sam().normalize(images.float())).float()
 
@@ -182,10 +201,10 @@ def _to_device(target, device: torch.device):
     return target.to(device, non_blocking=True).float()
 
 
-def fill_cache(teacher, dataset: DistillImages, cache: TeacherCache, device, autocast, batch_size: int,
+def fill_cache(teacher, dataset: DistillImages | DistillViews, cache: TeacherCache, device, autocast, batch_size: int,
                env: dist_utils.DistEnv, workers: int) -> int:
-    """Run the teacher once on every image that has no cache entry yet (each rank on its share)."""
-    missing = [i for i, p in enumerate(dataset.paths) if p not in cache][env.rank :: env.world_size]
+    """Run the teacher once on every image (or view) that has no cache entry yet (each rank on its share)."""
+    missing = [i for i in range(len(dataset)) if dataset.cache_key(i) not in cache][env.rank :: env.world_size]
     if not missing:
         return 0
     subset = torch.utils.data.Subset(dataset, missing)
@@ -198,7 +217,8 @@ def fill_cache(teacher, dataset: DistillImages, cache: TeacherCache, device, aut
             continue
         embeddings = teacher_embed(teacher, batch["image"].to(device), autocast)
         for index, emb in zip(batch["index"], _per_image(embeddings)):
-            cache.put(dataset.paths[index], emb)
+            path, view = dataset.cache_key(index)
+            cache.put(path, emb, view)
         done += len(batch["index"])
     return done
 
@@ -253,7 +273,7 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
 
     cache = TeacherCache(cfg.cache_root, teacher_id) if cfg.cache_root else None
-    dataset = DistillImages(paths, cfg.img_size, Preprocessing.sam().pad_value, cache)
+    dataset = distill_dataset(cfg, paths, cache)
     t0 = time.monotonic()
     if cache is not None:
         n = fill_cache(teacher, dataset, cache, device, autocast, cfg.batch_size, env, workers)
@@ -292,6 +312,7 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
     emit({"event": "start", "images": len(paths), "steps_per_epoch": len(loader), "teacher": teacher_id,
           "cache": str(cfg.cache_root) if cache else None, "world_size": env.world_size})
     stop = False
+    deadline = time.monotonic() + cfg.time_limit_min * 60 if cfg.time_limit_min else None
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -349,6 +370,13 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
                                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
                                     "history": history, "config": asdict(cfg)})
             emit({"event": "epoch", **row})
+        if deadline is not None and not stop:  # the main process decides, so every rank stops at the same epoch
+            late = torch.tensor([int(env.is_main and time.monotonic() > deadline)], device=device)
+            if env.enabled:
+                torch.distributed.broadcast(late, 0)
+            stop = bool(late.item())
+            if stop:
+                emit({"event": "time_limit", "epoch": epoch + 1})
         if stop:
             break
     pbar.close()

