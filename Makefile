@@ -10,5 +10,7 @@ setup:
 annotate: setup
 	$(XVFB) .venv/bin/hrmedseg-annotate $(ARGS)
 
+# The documentation first: a broken link, anchor, page or API reference fails the build (strict).
 test: setup
+	NO_MKDOCS_2_WARNING=1 .venv/bin/python -m mkdocs build --strict --quiet --site-dir site
 	$(XVFB) .venv/bin/python -m pytest -ra $(PYTEST_ARGS)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh Debian/Ubuntu machine: system libraries for napari's OpenGL canvas
 # under a virtual X server, a virtual environment in .venv, torch (CPU is enough), sam2, and this
-# package with its test extra. Safe to run again: finished steps are skipped quickly.
+# package with its test and docs extras. Safe to run again: finished steps are skipped quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,4 +30,4 @@ python -c "import sam2" 2>/dev/null || {
   SAM2_BUILD_CUDA=0 pip install -q --no-build-isolation "sam2==1.1.0"
 }
 echo "== installing napari-hrmedseg"
-pip install -q -e ".[testing]"
+pip install -q -e ".[testing,docs]"
