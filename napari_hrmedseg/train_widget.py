@@ -34,11 +34,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from hrmedseg.model_kinds import model_kind
+
 EVENT_PREFIX = "@hrmedseg-event "  # hrmedseg.training.cli.EVENT_PREFIX (not imported: keeps torch out)
 SOURCE_STORE = "Annotation store folder"
 SOURCE_PAIRS = "Folder of images/ + masks/"
 SOURCE_VIEWER = "Image + labels layers in the viewer"
-MODELS = {"Box-prompted (HRMedSegSAM, annotator)": "hrmedseg-sam", "Prompt-free (HRMedSeg)": "hrmedseg"}
+_BOX, _PROMPT_FREE = model_kind("hrmedseg_sam"), model_kind("hrmedseg")
+#: the Model box's entries -> the training command line's --model value
+MODELS = {
+    f"Box-prompted ({_BOX.display}, annotator)": _BOX.option,
+    f"Prompt-free ({_PROMPT_FREE.display})": _PROMPT_FREE.option,
+}
 
 
 class LossPlot(QWidget):
