@@ -20,8 +20,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._annotator import Annotator
-from ._model import DEVICES, UNTRAINED_BANNER, UNTRAINED_CHOICE, MissingWeights, registry_choices
+from hrmedseg.errors import HRMedSegError
+
+from ._model import DEVICES, UNTRAINED_BANNER, UNTRAINED_CHOICE, MissingWeights, download_weights, registry_choices
+from .annotator import Annotator
 
 #: key -> (what it does, Annotator method name); documented in tooltips and the README
 SHORTCUTS = {
@@ -155,7 +157,7 @@ class AnnotatorWidget(QWidget):
         self.open_button.clicked.connect(self.open_project)
         self.browse_button.clicked.connect(self._browse_project)
         a = self.annotator
-        a.busy.connect(self._on_busy)
+        a.jobs.busy.connect(self._on_busy)
         a.progress.connect(self._on_progress)
         a.status.connect(lambda text: self.status_label.setText(text))
         a.model_changed.connect(self._on_model_changed)
@@ -229,15 +231,13 @@ class AnnotatorWidget(QWidget):
 
     def _download(self) -> None:
         name = self.model_combo.currentText()
-        from ._model import download_weights
-
         self.missing_box.setVisible(False)
 
         def fetched(path):
             self.status_label.setText(f"downloaded {Path(path).name}")
             self.load_model()
 
-        self.annotator._run(lambda: download_weights(name), fetched, f"downloading {name}")
+        self.annotator.jobs.submit(lambda: download_weights(name), fetched, f"downloading {name}")
 
     def _on_weights_missing(self, missing: MissingWeights) -> None:
         self.missing_box.setTitle(f"Weights missing: {missing.file}")
@@ -283,8 +283,6 @@ class AnnotatorWidget(QWidget):
         return self.annotator.commit(project)
 
     def open_project(self) -> bool:
-        from hrmedseg.errors import HRMedSegError
-
         project = self._project()
         if project is None:
             return False
