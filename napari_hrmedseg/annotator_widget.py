@@ -1,7 +1,12 @@
-"""The annotator dock: thin Qt controls over ``Annotator`` (no torch import here)."""
+"""The annotator dock: thin Qt controls over ``Annotator`` (no torch import here).
+
+Open docks are registered per viewer, so other docks (the Train dock) find this one through
+``annotator_widget_for(viewer)`` instead of napari's private dock list.
+"""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +40,43 @@ SHORTCUTS = {
 CHOOSE_FILE = "Choose file..."
 
 
+#: the annotator docks open now, oldest first (weak: a dock napari has deleted drops out)
+_OPEN_DOCKS: list[weakref.ref[AnnotatorWidget]] = []
+
+
 def _shortcut_help(key: str) -> str:
     return f"{SHORTCUTS[key][0]}  [{key.replace('-', '+')}]"
+
+
+def _alive(widget: QWidget) -> bool:
+    """False once Qt has deleted the widget underneath its Python object."""
+    try:
+        widget.objectName()
+    except RuntimeError:  # "wrapped C/C++ object ... has been deleted"
+        return False
+    return True
+
+
+def annotator_widget_for(viewer: Any) -> AnnotatorWidget | None:
+    """The annotator dock open in ``viewer`` (the most recently opened one), or None.
+
+    The public hook for other docks: e.g. the Train dock hands its trained weights to
+    ``annotator_widget_for(viewer).set_model(path)``, which selects them in the model box too.
+    """
+    _OPEN_DOCKS[:] = [ref for ref in _OPEN_DOCKS if ref() is not None and _alive(ref())]
+    for ref in reversed(_OPEN_DOCKS):
+        widget = ref()
+        if widget is not None and widget.viewer is viewer:
+            return widget
+    return None
+
+
+def _register(widget: AnnotatorWidget) -> None:
+    _OPEN_DOCKS.append(weakref.ref(widget))
+
+
+def _unregister(widget: AnnotatorWidget) -> None:
+    _OPEN_DOCKS[:] = [ref for ref in _OPEN_DOCKS if ref() is not None and ref() is not widget]
 
 
 class AnnotatorWidget(QWidget):
@@ -167,6 +207,7 @@ class AnnotatorWidget(QWidget):
         self._fill_models()
         self._refresh_images()
         self._bind_keys()
+        _register(self)
 
     # ------------------------------------------------------------------ choices
     def _fill_models(self) -> None:
@@ -309,6 +350,7 @@ class AnnotatorWidget(QWidget):
                 pass
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        _unregister(self)
         self.annotator.cancel()
         for key in getattr(self, "_bound", []):
             try:
