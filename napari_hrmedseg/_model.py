@@ -23,11 +23,9 @@ _RUNNABLE_KINDS = {"sam", "sam2", "model", "box_model"} | {k.architecture for k 
 
 
 def registry_choices() -> list[str]:
-    """Registry names a box model can be loaded from (empty if the registry is unavailable)."""
-    try:
-        from hrmedseg.weights.registry import list_weights
-    except ImportError:
-        return []
+    """Registry names a box model can be loaded from (empty if the registry file is broken)."""
+    from hrmedseg.weights.registry import list_weights  # here: hrmedseg.weights imports torch
+
     try:
         entries = list_weights()
     except Exception:  # a broken registry file must not break the dock; the CLI reports it
