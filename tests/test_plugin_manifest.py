@@ -24,6 +24,7 @@ def test_manifest_validates_and_is_the_root_file():
     manifest = PluginManifest.from_file(REPO / "napari.yaml")
     manifest.validate_imports  # noqa: B018 (exists in this npe2)
     commands = {c.id: c.python_name for c in manifest.contributions.commands}
+    assert commands["napari-hrmedseg.annotator"] == "napari_hrmedseg.annotator_widget:AnnotatorWidget"
     assert commands["napari-hrmedseg.train"] == "napari_hrmedseg.train_widget:TrainWidget"
     assert {w.display_name for w in manifest.contributions.widgets} == {"Annotator", "Train"}
     assert {s.key for s in manifest.contributions.sample_data} == {"fundus", "nuclei_fluorescence", "nuclei_stained"}
