@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     from hrmedseg.models import EncoderConfig, build_encoder, build_hrmedseg_sam
     from napari_hrmedseg._layer_image import layer_plane
     from napari_hrmedseg._state import ModelInfo, rectangle_from_box
-    from napari_hrmedseg._widget import AnnotatorWidget
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for box in boxes(args.boxes):
         ann.boxes_layer.add_rectangles([rectangle_from_box(box)])
-        pump_until(lambda: not ann.is_busy and not ann._queue)
+        pump_until(lambda: ann.pending == 0)
     timer.stop()
     results.append(_summary("worker (plugin)", stamps, time.perf_counter() - t0, args.boxes))
 

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from napari_hrmedseg._model import UNTRAINED_CHOICE
     from napari_hrmedseg._sample_data import _layer
     from napari_hrmedseg._state import rectangle_from_box
-    from napari_hrmedseg._widget import AnnotatorWidget
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         ann = widget.annotator
         for box in boxes:
             ann.boxes_layer.add_rectangles([rectangle_from_box(box)])
-            pump(until=lambda: not ann.is_busy and not ann._queue)
+            pump(until=lambda: ann.pending == 0)
         widget.project_edit.setText("~/hrmedseg-project")
         viewer.layers.selection.active = ann.boxes_layer
         viewer.reset_view()

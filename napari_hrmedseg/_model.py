@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hrmedseg.hashing import sha256_file
+from hrmedseg.model_kinds import MODEL_KINDS
 
 from ._state import ModelInfo
 
@@ -18,15 +19,13 @@ UNTRAINED_BANNER = "untrained weights: masks are meaningless"
 
 # registry kinds that hold something BoxPredictor can run on its own; decoders and bare
 # encoders are parts of such models
-_RUNNABLE_KINDS = {"sam", "sam2", "hrmedseg_sam", "hrmedseg_sam2", "model", "box_model"}
+_RUNNABLE_KINDS = {"sam", "sam2", "model", "box_model"} | {k.architecture for k in MODEL_KINDS if k.box_prompted}
 
 
 def registry_choices() -> list[str]:
-    """Registry names a box model can be loaded from (empty if the registry is unavailable)."""
-    try:
-        from hrmedseg.weights.registry import list_weights
-    except ImportError:
-        return []
+    """Registry names a box model can be loaded from (empty if the registry file is broken)."""
+    from hrmedseg.weights.registry import list_weights  # here: hrmedseg.weights imports torch
+
     try:
         entries = list_weights()
     except Exception:  # a broken registry file must not break the dock; the CLI reports it

@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import napari
 
         from napari_hrmedseg._sample_data import _layer
-        from napari_hrmedseg._widget import AnnotatorWidget
+        from napari_hrmedseg.annotator_widget import AnnotatorWidget
 
         viewer = napari.Viewer(title="HRMedSeg annotator")
         if args.image is not None:

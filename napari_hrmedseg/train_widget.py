@@ -34,11 +34,20 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from hrmedseg.model_kinds import model_kind
+
+from .annotator_widget import annotator_widget_for
+
 EVENT_PREFIX = "@hrmedseg-event "  # hrmedseg.training.cli.EVENT_PREFIX (not imported: keeps torch out)
 SOURCE_STORE = "Annotation store folder"
 SOURCE_PAIRS = "Folder of images/ + masks/"
 SOURCE_VIEWER = "Image + labels layers in the viewer"
-MODELS = {"Box-prompted (HRMedSegSAM, annotator)": "hrmedseg-sam", "Prompt-free (HRMedSeg)": "hrmedseg"}
+_BOX, _PROMPT_FREE = model_kind("hrmedseg_sam"), model_kind("hrmedseg")
+#: the Model box's entries -> the training command line's --model value
+MODELS = {
+    f"Box-prompted ({_BOX.display}, annotator)": _BOX.option,
+    f"Prompt-free ({_PROMPT_FREE.display})": _PROMPT_FREE.option,
+}
 
 
 class LossPlot(QWidget):
@@ -400,9 +409,9 @@ class TrainWidget(QWidget):
         if self.on_use_weights is not None:
             self.on_use_weights(self.result_path)
             return
-        annotator = _find_annotator(self.viewer)
-        if annotator is not None:
-            annotator.set_model(self.result_path)
+        annotator_dock = annotator_widget_for(self.viewer)
+        if annotator_dock is not None:
+            annotator_dock.set_model(self.result_path)  # selects the file in its Model box too
             self.status.setText(f"The annotator now uses {self.result_path}")
         else:
             self.status.setText("Open the HRMedSeg annotator and choose this file: " + self.result_path)
@@ -411,14 +420,3 @@ class TrainWidget(QWidget):
 def _fmt(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.3f}"
 
-
-def _find_annotator(viewer: Any) -> Any:
-    """The Annotator of an open annotator dock in this viewer, if any."""
-    window = getattr(viewer, "window", None)
-    docks = getattr(window, "_dock_widgets", None) or {}
-    for dock in list(docks.values()):
-        widget = dock.widget() if hasattr(dock, "widget") else None
-        annotator = getattr(widget, "annotator", None)
-        if annotator is not None and hasattr(annotator, "set_model"):
-            return annotator
-    return None

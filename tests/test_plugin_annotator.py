@@ -62,7 +62,7 @@ def predictor():
 @pytest.fixture
 def annotator(make_napari_viewer, predictor, qtbot):
     from napari_hrmedseg._state import ModelInfo
-    from napari_hrmedseg._widget import AnnotatorWidget
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
 
     viewer = make_napari_viewer()
     image = load_sample("nuclei_fluorescence")[:192, :256]
@@ -79,7 +79,7 @@ def annotator(make_napari_viewer, predictor, qtbot):
 
 
 def _wait(qtbot, ann):
-    qtbot.waitUntil(lambda: not ann.is_busy and not ann._queue, timeout=120_000)
+    qtbot.waitUntil(lambda: ann.pending == 0, timeout=120_000)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -191,7 +191,7 @@ def test_commit_and_reopen_round_trip(annotator, qtbot, tmp_path, make_napari_vi
     assert by_id[2].model["name"] == "random-test" and by_id[2].model.get("untrained") is True
 
     # a fresh viewer with the same image reopens the project: layers come back
-    from napari_hrmedseg._widget import AnnotatorWidget
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
 
     viewer2 = make_napari_viewer()
     viewer2.add_image(ann.test_image, name="nuclei")
@@ -239,7 +239,7 @@ def test_segment_all_with_progress_and_cancel(annotator, predictor, qtbot):
 def test_shortcuts_are_bound_and_documented(annotator, qtbot, tmp_path):
     from napari.utils.key_bindings import KeyBinding
 
-    from napari_hrmedseg._widget import SHORTCUTS
+    from napari_hrmedseg.annotator_widget import SHORTCUTS
 
     ann, widget = annotator, annotator.widget
     for key in SHORTCUTS:
@@ -275,7 +275,7 @@ def test_shortcuts_are_bound_and_documented(annotator, qtbot, tmp_path):
 def test_nd_stack_uses_the_slice_on_screen(make_napari_viewer, predictor, qtbot):
     from napari_hrmedseg._layer_image import LayerImage
     from napari_hrmedseg._state import ModelInfo
-    from napari_hrmedseg._widget import AnnotatorWidget
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
 
     viewer = make_napari_viewer()
     base = load_sample("nuclei_fluorescence")[:128, :160]
@@ -302,7 +302,7 @@ def test_nd_stack_uses_the_slice_on_screen(make_napari_viewer, predictor, qtbot)
 
 def test_rgb_layer(make_napari_viewer, predictor, qtbot):
     from napari_hrmedseg._state import ModelInfo
-    from napari_hrmedseg._widget import AnnotatorWidget
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
 
     viewer = make_napari_viewer()
     viewer.add_image(load_sample("nuclei_stained"), name="stained", rgb=True)
@@ -325,7 +325,7 @@ def test_hrmedseg_sam2_bundle_loads_and_segments(make_napari_viewer, qtbot, tmp_
     from hrmedseg.engine.decoder import Sam2BoxDecoder
     from hrmedseg.models import EncoderConfig, build_encoder
     from hrmedseg.models.sam2 import build_hrmedseg_sam2, save_hrmedseg_sam2
-    from napari_hrmedseg._widget import AnnotatorWidget
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
 
     torch.manual_seed(0)
     model = build_hrmedseg_sam2(encoder=build_encoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))))

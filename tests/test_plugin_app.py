@@ -23,7 +23,7 @@ def test_pyramid_opens_lazily_and_annotates(make_napari_viewer, qtbot, tmp_path)
 
     from napari_hrmedseg.annotate_app import add_image, build_parser
     from hrmedseg.data import load_sample
-    from napari_hrmedseg._widget import AnnotatorWidget
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
 
     tile = load_sample("nuclei_fluorescence")
     data = np.tile(tile, (4, 4))[:2048, :2560]

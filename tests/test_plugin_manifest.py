@@ -24,6 +24,7 @@ def test_manifest_validates_and_is_the_root_file():
     manifest = PluginManifest.from_file(REPO / "napari.yaml")
     manifest.validate_imports  # noqa: B018 (exists in this npe2)
     commands = {c.id: c.python_name for c in manifest.contributions.commands}
+    assert commands["napari-hrmedseg.annotator"] == "napari_hrmedseg.annotator_widget:AnnotatorWidget"
     assert commands["napari-hrmedseg.train"] == "napari_hrmedseg.train_widget:TrainWidget"
     assert {w.display_name for w in manifest.contributions.widgets} == {"Annotator", "Train"}
     assert {s.key for s in manifest.contributions.sample_data} == {"fundus", "nuclei_fluorescence", "nuclei_stained"}
@@ -46,7 +47,7 @@ def test_installed_plugin_is_discovered():
 def test_plugin_modules_do_not_import_torch():
     """napari imports the manifest's modules lazily; even the dock itself must not pull in torch."""
     code = (
-        "import sys, napari_hrmedseg, napari_hrmedseg._sample_data, napari_hrmedseg._widget\n"
+        "import sys, napari_hrmedseg, napari_hrmedseg._sample_data, napari_hrmedseg.annotator_widget, napari_hrmedseg.train_widget\n"
         "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:3]\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, QT_API="pyqt6"))
@@ -148,7 +149,7 @@ def test_engine_on_a_lazy_dask_pyramid_reads_a_small_part():
 
 @pytest.mark.gui
 def test_missing_weights_offer_download_or_file(make_napari_viewer, qtbot, tmp_path, monkeypatch):
-    from napari_hrmedseg._widget import AnnotatorWidget
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
 
     monkeypatch.setenv("HRMEDSEG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HRMEDSEG_WEIGHTS_DIR", str(tmp_path / "weights"))
@@ -171,7 +172,7 @@ def test_untrained_choice_shows_the_banner(make_napari_viewer, qtbot, monkeypatc
 
     from napari_hrmedseg import _model
     from napari_hrmedseg._model import UNTRAINED_BANNER, UNTRAINED_CHOICE
-    from napari_hrmedseg._widget import AnnotatorWidget
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
 
     # keep the untrained model small on CI
     from hrmedseg.models import EncoderConfig, build_encoder
@@ -201,7 +202,7 @@ import napari
 from qtpy.QtWidgets import QApplication
 viewer = napari.Viewer(show=True)          # an OpenGL canvas exists from here on
 assert "torch" not in sys.modules
-from napari_hrmedseg._widget import AnnotatorWidget
+from napari_hrmedseg.annotator_widget import AnnotatorWidget
 import numpy as np
 viewer.add_image(np.zeros((64, 64), np.uint8), name="img")
 widget = AnnotatorWidget(viewer)

@@ -14,6 +14,8 @@ import math
 import sys
 from dataclasses import fields
 
+from hrmedseg.model_kinds import MODEL_KINDS
+
 EVENT_PREFIX = "@hrmedseg-event "
 
 
@@ -51,7 +53,7 @@ def _log_event(event: dict) -> None:
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=["hrmedseg-sam", "hrmedseg-sam2", "hrmedseg"], default="hrmedseg",
+    p.add_argument("--model", choices=[kind.option for kind in MODEL_KINDS], default="hrmedseg",
                    help="hrmedseg-sam: box-prompted HRMedSegSAM; hrmedseg-sam2: box-prompted HRMedSegSAM2 (SAM2 "
                    "heads, an hrmedseg_sam2 bundle out); hrmedseg: prompt-free HRMedSeg (ECM-Decoder)")
     p.add_argument("--data", required=True, help="folder of images/ + masks/ (same names), with manifest.json, "

@@ -17,10 +17,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"hrmedseg {__version__}, torch {torch.__version__}")
     print(f"CUDA: {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
-    try:
-        from ..weights.registry import cache_dir
+    from ..weights.registry import cache_dir
 
-        print(f"weights cache: {cache_dir()}")
-    except ImportError:
-        pass
+    print(f"weights cache: {cache_dir()}")
     return 0

@@ -41,10 +41,8 @@ def resolve_spec(spec: str | os.PathLike, weights_dir: str | os.PathLike | None 
     looks_like_path = isinstance(spec, os.PathLike) or os.sep in text or "/" in text or path.suffix.lower() in _WEIGHTS_SUFFIXES
     if looks_like_path:
         raise WeightsError(f"weights file not found: {path}")
-    try:
-        from ..weights.registry import resolve
-    except ImportError as err:  # the registry is optional; paths always work
-        raise WeightsError(f"'{text}' is not a file, and this hrmedseg has no weights registry to look it up ({err})") from err
+    from ..weights.registry import resolve
+
     return resolve(text, weights_dir=weights_dir, download=download)
 
 
@@ -117,10 +115,8 @@ def load_model(
         model.hrmedseg_provenance = dict(obj.get("provenance") or {})
         return model
     if kind == "hrmedseg":
-        try:
-            from .hrmedseg_model import load_hrmedseg
-        except ImportError as err:
-            raise WeightsError(f"{source} holds a prompt-free HRMedSeg model, which this hrmedseg cannot build ({err})") from err
+        from .hrmedseg_model import load_hrmedseg
+
         del obj  # load_hrmedseg reads the file itself
         return load_hrmedseg(path, device)
     if kind == ENCODER_ARCHITECTURE:

@@ -1,7 +1,12 @@
-"""The annotator dock: thin Qt controls over ``Annotator`` (no torch import here)."""
+"""The annotator dock: thin Qt controls over ``Annotator`` (no torch import here).
+
+Open docks are registered per viewer, so other docks (the Train dock) find this one through
+``annotator_widget_for(viewer)`` instead of napari's private dock list.
+"""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +25,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._annotator import Annotator
-from ._model import DEVICES, UNTRAINED_BANNER, UNTRAINED_CHOICE, MissingWeights, registry_choices
+from hrmedseg.errors import HRMedSegError
+
+from ._model import DEVICES, UNTRAINED_BANNER, UNTRAINED_CHOICE, MissingWeights, download_weights, registry_choices
+from .annotator import Annotator
 
 #: key -> (what it does, Annotator method name); documented in tooltips and the README
 SHORTCUTS = {
@@ -33,8 +40,43 @@ SHORTCUTS = {
 CHOOSE_FILE = "Choose file..."
 
 
+#: the annotator docks open now, oldest first (weak: a dock napari has deleted drops out)
+_OPEN_DOCKS: list[weakref.ref[AnnotatorWidget]] = []
+
+
 def _shortcut_help(key: str) -> str:
     return f"{SHORTCUTS[key][0]}  [{key.replace('-', '+')}]"
+
+
+def _alive(widget: QWidget) -> bool:
+    """False once Qt has deleted the widget underneath its Python object."""
+    try:
+        widget.objectName()
+    except RuntimeError:  # "wrapped C/C++ object ... has been deleted"
+        return False
+    return True
+
+
+def annotator_widget_for(viewer: Any) -> AnnotatorWidget | None:
+    """The annotator dock open in ``viewer`` (the most recently opened one), or None.
+
+    The public hook for other docks: e.g. the Train dock hands its trained weights to
+    ``annotator_widget_for(viewer).set_model(path)``, which selects them in the model box too.
+    """
+    _OPEN_DOCKS[:] = [ref for ref in _OPEN_DOCKS if ref() is not None and _alive(ref())]
+    for ref in reversed(_OPEN_DOCKS):
+        widget = ref()
+        if widget is not None and widget.viewer is viewer:
+            return widget
+    return None
+
+
+def _register(widget: AnnotatorWidget) -> None:
+    _OPEN_DOCKS.append(weakref.ref(widget))
+
+
+def _unregister(widget: AnnotatorWidget) -> None:
+    _OPEN_DOCKS[:] = [ref for ref in _OPEN_DOCKS if ref() is not None and ref() is not widget]
 
 
 class AnnotatorWidget(QWidget):
@@ -155,7 +197,7 @@ class AnnotatorWidget(QWidget):
         self.open_button.clicked.connect(self.open_project)
         self.browse_button.clicked.connect(self._browse_project)
         a = self.annotator
-        a.busy.connect(self._on_busy)
+        a.jobs.busy.connect(self._on_busy)
         a.progress.connect(self._on_progress)
         a.status.connect(lambda text: self.status_label.setText(text))
         a.model_changed.connect(self._on_model_changed)
@@ -165,6 +207,7 @@ class AnnotatorWidget(QWidget):
         self._fill_models()
         self._refresh_images()
         self._bind_keys()
+        _register(self)
 
     # ------------------------------------------------------------------ choices
     def _fill_models(self) -> None:
@@ -229,15 +272,13 @@ class AnnotatorWidget(QWidget):
 
     def _download(self) -> None:
         name = self.model_combo.currentText()
-        from ._model import download_weights
-
         self.missing_box.setVisible(False)
 
         def fetched(path):
             self.status_label.setText(f"downloaded {Path(path).name}")
             self.load_model()
 
-        self.annotator._run(lambda: download_weights(name), fetched, f"downloading {name}")
+        self.annotator.jobs.submit(lambda: download_weights(name), fetched, f"downloading {name}")
 
     def _on_weights_missing(self, missing: MissingWeights) -> None:
         self.missing_box.setTitle(f"Weights missing: {missing.file}")
@@ -283,8 +324,6 @@ class AnnotatorWidget(QWidget):
         return self.annotator.commit(project)
 
     def open_project(self) -> bool:
-        from hrmedseg.errors import HRMedSegError
-
         project = self._project()
         if project is None:
             return False
@@ -311,6 +350,7 @@ class AnnotatorWidget(QWidget):
                 pass
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        _unregister(self)
         self.annotator.cancel()
         for key in getattr(self, "_bound", []):
             try:
