@@ -48,6 +48,17 @@ def build_encoder(config: EncoderConfig | None = None, preprocessing: Preprocess
     return HRMedSegEncoder(config, preprocessing)
 
 
+def resolve_encoder(encoder: HRMedSegEncoder | str | os.PathLike | None) -> HRMedSegEncoder:
+    """An encoder given as a module, as a path to its weights, or None (a random paper-size one)."""
+    if encoder is None:
+        return build_encoder()
+    if isinstance(encoder, HRMedSegEncoder):
+        return encoder
+    if isinstance(encoder, (str, os.PathLike)):
+        return load_encoder(encoder)
+    raise TypeError(f"encoder must be an HRMedSegEncoder, a path or None, not {type(encoder).__name__}")
+
+
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> HRMedSegEncoder:
     """Build LGViT + neck and load weights from ``path``, in eval mode.
 
@@ -66,7 +77,7 @@ def encoder_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device =
         if checkpoint.kind != ENCODER_ARCHITECTURE:
             raise WeightsError(f"{source} holds a '{checkpoint.kind}' model, not an LGViT + neck encoder")
         config = EncoderConfig.from_dict(checkpoint.config)
-        preprocessing = Preprocessing.from_dict(checkpoint.preprocessing) if checkpoint.preprocessing else Preprocessing.sam()
+        preprocessing = Preprocessing.recorded(checkpoint.preprocessing)
     else:
         if not checkpoint.state:
             raise WeightsError(f"{source} holds no state dict of tensors")

@@ -168,7 +168,7 @@ def hrmedseg_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device 
         decoder_kwargs = {k: v for k, v in (config.get("decoder") or {}).items() if k in _DECODER_KEYS}
     except (KeyError, TypeError, ValueError) as err:
         raise WeightsError(f"{path}: its hrmedseg config is incomplete or malformed ({err!r})") from err
-    preprocessing = Preprocessing.from_dict(checkpoint.preprocessing) if checkpoint.preprocessing else Preprocessing.sam()
+    preprocessing = Preprocessing.recorded(checkpoint.preprocessing)
     encoder = HRMedSegEncoder(encoder_config, preprocessing)
     model = HRMedSeg(num_classes, encoder, pool_sizes, class_names, **decoder_kwargs)
     load_matching(model, checkpoint.state, path)

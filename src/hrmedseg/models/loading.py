@@ -89,13 +89,9 @@ def load_model(
     return load_model_with_metadata(spec, device, weights_dir, decoder, download, sam2_config).module
 
 
-def load_model_with_metadata(
-    spec: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    weights_dir: str | os.PathLike | None = None,
-    decoder: str | os.PathLike | None = None,
-    download: bool = False,
-    sam2_config: str | None = None,
+def load_model_with_metadata(  # the arguments of load_model, in its order
+    spec: str | os.PathLike, device: str | torch.device = "cpu", weights_dir: str | os.PathLike | None = None,
+    decoder: str | os.PathLike | None = None, download: bool = False, sam2_config: str | None = None,
 ) -> LoadedModel:
     """:func:`load_model` (same arguments and errors) returning ``LoadedModel(module, metadata)``.
 

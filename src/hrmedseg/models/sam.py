@@ -24,7 +24,7 @@ from ..weights.checkpoint import (
     read_checkpoint,
     sam_variant,
 )
-from .encoder_loading import build_encoder, load_encoder
+from .encoder_loading import resolve_encoder
 from .info import LoadedModel, ModelMetadata
 from .neck import EncoderConfig, HRMedSegEncoder
 from .preprocessing import Preprocessing
@@ -114,16 +114,6 @@ def read_sam_decoder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sam_decoder_from_checkpoint(read_checkpoint(path))
 
 
-def _resolve_encoder(encoder: HRMedSegEncoder | str | os.PathLike | None) -> HRMedSegEncoder:
-    if encoder is None:
-        return build_encoder()
-    if isinstance(encoder, HRMedSegEncoder):
-        return encoder
-    if isinstance(encoder, (str, os.PathLike)):
-        return load_encoder(encoder)
-    raise TypeError(f"encoder must be an HRMedSegEncoder, a path or None, not {type(encoder).__name__}")
-
-
 def build_hrmedseg_sam(
     encoder: HRMedSegEncoder | str | os.PathLike | None = None,
     decoder: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
@@ -150,7 +140,7 @@ def build_hrmedseg_sam(
         state = check_sam_decoder_state(extract_sam_decoder_state(decoder, source), source)
     else:
         state, source = read_sam_decoder(decoder), str(decoder)
-    return assemble_hrmedseg_sam(_resolve_encoder(encoder), state, source).to(device)
+    return assemble_hrmedseg_sam(resolve_encoder(encoder), state, source).to(device)
 
 
 def assemble_hrmedseg_sam(
@@ -204,7 +194,7 @@ def hrmedseg_sam_from_checkpoint(checkpoint: Checkpoint, device: str | torch.dev
     """
     checkpoint.require_bundle(HRMEDSEG_SAM_ARCHITECTURE)
     config = EncoderConfig.from_dict(checkpoint.config.get("encoder", {}))
-    preprocessing = Preprocessing.from_dict(checkpoint.preprocessing) if checkpoint.preprocessing else Preprocessing.sam()
+    preprocessing = Preprocessing.recorded(checkpoint.preprocessing)
     model = build_hrmedseg_sam(HRMedSegEncoder(config, preprocessing))
     load_matching(model, checkpoint.state, checkpoint.source)
     metadata = ModelMetadata(

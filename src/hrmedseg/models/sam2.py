@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..weights.bundle import WeightsError, save_bundle
-from ..weights.checkpoint import Checkpoint, read_checkpoint, unwrap_state_dict
-from .encoder_loading import build_encoder, load_encoder
+from ..weights.checkpoint import SAM2, Checkpoint, describe_other_decoder, read_checkpoint, unwrap_state_dict
+from .encoder_loading import resolve_encoder
 from .info import LoadedModel, ModelMetadata, Sam2Settings
 from .layers import LayerNorm2d
 from .neck import EncoderConfig, HRMedSegEncoder, SamNeck
@@ -263,14 +263,6 @@ def sam2_config_of(state_dict: Mapping[str, torch.Tensor]) -> str:
     return f"{version}_hiera_{size}"
 
 
-def _describe_foreign(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    if any(k.startswith("mask_decoder.") for k in state_dict) and any(k.startswith("prompt_encoder.") for k in state_dict):
-        return "a SAM (v1) checkpoint (use build_hrmedseg_sam for SAM decoders)"
-    if any(k.startswith("image_encoder.layers.") for k in state_dict) and "neck.0.weight" in state_dict:
-        return "an LGViT + neck encoder checkpoint (pass it as the encoder, not the decoder)"
-    return None
-
-
 def extract_sam2_decoder_state(
     state_dict: Mapping[str, torch.Tensor], source: str, include_memory: bool = False, config: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -307,7 +299,7 @@ def extract_sam2_decoder_state(
         WeightsError: naming ``source`` for a SAM (v1) or LGViT file, or missing/misshapen tensors.
     """
     state_dict = unwrap_state_dict(state_dict, source)
-    foreign = _describe_foreign(state_dict)
+    foreign = describe_other_decoder(SAM2, state_dict)
     if foreign:
         raise WeightsError(f"{source} is {foreign}; expected a SAM2 checkpoint such as sam2.1_hiera_large.pt")
     if not any(k.startswith("sam_mask_decoder.") for k in state_dict):
@@ -380,16 +372,6 @@ def _load_decoder_state(model: nn.Module, state: Mapping[str, torch.Tensor], sou
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_encoder(encoder: HRMedSegEncoder | str | os.PathLike | None) -> HRMedSegEncoder:
-    if encoder is None:
-        return build_encoder()
-    if isinstance(encoder, HRMedSegEncoder):
-        return encoder
-    if isinstance(encoder, (str, os.PathLike)):
-        return load_encoder(encoder)
-    raise TypeError(f"encoder must be an HRMedSegEncoder, a path or None, not {type(encoder).__name__}")
-
-
 def build_hrmedseg_sam2(
     encoder: HRMedSegEncoder | str | os.PathLike | None = None,
     decoder: str | os.PathLike | None = None,
@@ -417,17 +399,14 @@ def build_hrmedseg_sam2(
     return build_hrmedseg_sam2_with_metadata(encoder, decoder, config, device, neck_config).module
 
 
-def build_hrmedseg_sam2_with_metadata(
-    encoder: HRMedSegEncoder | str | os.PathLike | None = None,
-    decoder: str | os.PathLike | None = None,
-    config: str | None = None,
-    device: str | torch.device = "cpu",
-    neck_config: Sam2NeckConfig | None = None,
+def build_hrmedseg_sam2_with_metadata(  # the arguments of build_hrmedseg_sam2, in its order
+    encoder: HRMedSegEncoder | str | os.PathLike | None = None, decoder: str | os.PathLike | None = None,
+    config: str | None = None, device: str | torch.device = "cpu", neck_config: Sam2NeckConfig | None = None,
 ) -> LoadedModel:
     """:func:`build_hrmedseg_sam2` with its :class:`ModelMetadata` (``metadata.sam2``: config, memory, neck)."""
     state, found = (None, {}) if decoder is None else read_sam2_decoder(decoder)
     module, metadata = assemble_hrmedseg_sam2(
-        _resolve_encoder(encoder), state, found, str(decoder), config=config, neck_config=neck_config
+        resolve_encoder(encoder), state, found, str(decoder), config=config, neck_config=neck_config
     )
     return LoadedModel(module.to(device), metadata)
 
@@ -496,7 +475,7 @@ def hrmedseg_sam2_from_checkpoint(checkpoint: Checkpoint, device: str | torch.de
 
     checkpoint.require_bundle(HRMEDSEG_SAM2_ARCHITECTURE)
     config = checkpoint.config
-    preprocessing = Preprocessing.from_dict(checkpoint.preprocessing) if checkpoint.preprocessing else Preprocessing.sam()
+    preprocessing = Preprocessing.recorded(checkpoint.preprocessing)
     encoder = HRMedSegEncoder(EncoderConfig.from_dict(config.get("encoder", {})), preprocessing)
     image_encoder = HRMedSegSam2ImageEncoder(encoder, Sam2NeckConfig.from_dict(config.get("neck", {})))
     model = build_sam2_base(image_encoder, config.get("sam2_config", DEFAULT_SAM2_CONFIG))

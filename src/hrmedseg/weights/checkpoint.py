@@ -163,10 +163,12 @@ def sam_variant(state: Mapping[str, torch.Tensor]) -> str | None:
     return None if weight is None else SAM_VARIANT_BY_WIDTH.get(int(weight.shape[0]))
 
 
-def _describe_not_sam(state: Mapping[str, torch.Tensor]) -> str | None:
-    """Name what a checkpoint is when it is clearly not a SAM one (for error messages)."""
-    if _has_prefix(state, "sam_mask_decoder."):
+def describe_other_decoder(wanted: str, state: Mapping[str, torch.Tensor]) -> str | None:
+    """What ``state`` clearly is instead of a ``wanted`` ("sam" or "sam2") checkpoint, for error messages; else None."""
+    if wanted != SAM2 and _has_prefix(state, "sam_mask_decoder."):
         return "a SAM2 checkpoint (use build_hrmedseg_sam2 for SAM2 decoders)"
+    if wanted != SAM and _has_prefix(state, "mask_decoder.") and _has_prefix(state, "prompt_encoder."):
+        return "a SAM (v1) checkpoint (use build_hrmedseg_sam for SAM decoders)"
     if _has_prefix(state, "image_encoder.layers.") and "neck.0.weight" in state:
         return "an LGViT + neck encoder checkpoint (pass it as the encoder, not the decoder)"
     return None
@@ -190,7 +192,7 @@ def extract_sam_decoder_state(state: Mapping[str, torch.Tensor], source: str) ->
         WeightsError: naming ``source`` when it is another kind of checkpoint or holds neither prefix.
     """
     state = unwrap_state_dict(state, source)
-    foreign = _describe_not_sam(state)
+    foreign = describe_other_decoder(SAM, state)
     if foreign:
         raise WeightsError(f"{source} is {foreign}; expected a SAM checkpoint such as sam_vit_h_4b8939.pth")
     decoder = {k: v for k, v in state.items() if k.startswith(SAM_DECODER_PREFIXES)}
@@ -208,6 +210,7 @@ __all__ = [
     "unwrap_state_dict",
     "strip_prefix",
     "foreign_kind",
+    "describe_other_decoder",
     "sam_variant",
     "extract_sam_decoder_state",
 ]
