@@ -65,25 +65,6 @@ def download_weights(name: str) -> Path:
     return registry.fetch(name)
 
 
-def provenance_says_untrained(provenance: Any) -> bool:
-    """True for weights recorded as random / untrained (bundle provenance), False otherwise."""
-    if not isinstance(provenance, dict):
-        return False
-    if provenance.get("trained") is False or provenance.get("untrained") is True:
-        return True
-    source = str(provenance.get("source", "")).lower()
-    return any(word in source for word in ("random", "untrained"))
-
-
-def _find_provenance(obj: Any) -> Any:
-    for holder in (obj, getattr(obj, "model", None)):
-        for attr in ("provenance", "hrmedseg_provenance"):
-            value = getattr(holder, attr, None) if holder is not None else None
-            if isinstance(value, dict):
-                return value
-    return None
-
-
 def guard_torch_import() -> None:
     """Keep torch from loading triton inside a running napari (call before the first torch import).
 
@@ -125,7 +106,6 @@ def load_predictor(choice: str | os.PathLike | Any, device: str = "auto") -> tup
     else:  # a model object (tests, notebooks)
         predictor = BoxPredictor(choice, device=device)
         info = ModelInfo(name=getattr(choice, "name", type(choice).__name__))
-    provenance = _find_provenance(predictor)
-    if provenance is not None:
-        info.untrained = info.untrained or provenance_says_untrained(provenance)
+    # The loader's typed record says whether the bundle's provenance marks the weights untrained.
+    info.untrained = info.untrained or predictor.metadata.untrained
     return predictor, info

@@ -8,7 +8,7 @@ import torch
 from skimage.draw import ellipse
 
 from hrmedseg.engine import BoxPredictor
-from hrmedseg.models import load_model, save_hrmedseg_sam
+from hrmedseg.models import load_model, load_model_with_metadata, save_hrmedseg_sam
 from hrmedseg.models.box_prior import add_box_prior, ellipse_prior_logits
 from test_engine_predictor import tiny_sam
 
@@ -47,12 +47,11 @@ def prior_model_path(tmp_path_factory):
         torch.nn.init.zeros_(mlp.layers[-1].weight)
         torch.nn.init.zeros_(mlp.layers[-1].bias)
     assert last.weight.abs().sum() == 0
-    model.box_prior = "ellipse"
-    return save_hrmedseg_sam(model, tmp_path_factory.mktemp("w") / "prior.pt")
+    return save_hrmedseg_sam(model, tmp_path_factory.mktemp("w") / "prior.pt", box_prior="ellipse")
 
 
 def test_bundle_keeps_the_prior(prior_model_path):
-    assert load_model(prior_model_path).box_prior == "ellipse"
+    assert load_model_with_metadata(prior_model_path).metadata.box_prior == "ellipse"
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
@@ -79,7 +78,7 @@ def test_training_forward_adds_the_prior():
     boxes = [torch.tensor([[20.0, 30.0, 120.0, 90.0]])]
     with torch.no_grad():
         plain = wrapped(images, boxes)[0]
-        model.box_prior = "ellipse"
+        wrapped.box_prior = "ellipse"
         with_prior = wrapped(images, boxes)[0]
     expected = ellipse_prior_logits(boxes[0], plain.shape[-2:], (256, 256))
     assert torch.allclose(with_prior - plain, expected, atol=1e-5)

@@ -57,3 +57,51 @@ def test_wheel_has_no_bare_training_package(tmp_path):
     assert "hrmedseg/training/finetune.py" in names
     assert "napari_hrmedseg/napari.yaml" in names
     assert "hrmedseg/weights/registry.json" in names
+
+
+def _imports_of(path: Path) -> set[str]:
+    """Modules a source file imports anywhere (top level or inside functions), relative ones resolved in hrmedseg.weights."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = "hrmedseg." * (node.level == 2) + "hrmedseg.weights." * (node.level == 1)
+            found.add(base + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+WEIGHTS = REPO / "src" / "hrmedseg" / "weights"
+# Importing a SAM2 or LGViT file checks its tensors against the model they feed; only that module
+# reaches up to hrmedseg.models, inside the two functions that need it (never at import time).
+MODEL_CHECKED_IMPORTS = {"importing.py": {"hrmedseg.models.sam2", "hrmedseg.models.encoder_loading"}}
+
+
+def test_weights_does_not_import_models():
+    for path in sorted(WEIGHTS.glob("*.py")):
+        models = {m for m in _imports_of(path) if m.startswith("hrmedseg.models")}
+        assert models <= MODEL_CHECKED_IMPORTS.get(path.name, set()), (path.name, models)
+    code = (
+        "import sys, hrmedseg.weights, hrmedseg.weights.checkpoint, hrmedseg.weights.registry, hrmedseg.weights.importing\n"
+        "bad = sorted(k for k in sys.modules if k.startswith('hrmedseg.models'))\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_weights_modules_form_no_cycle():
+    graph = {
+        path.stem: {m.rsplit(".", 1)[-1] for m in _imports_of(path) if m.startswith("hrmedseg.weights.")}
+        for path in WEIGHTS.glob("*.py")
+        if path.stem != "__init__"
+    }
+    assert "registry" not in graph["importing"] and "importing" in graph["registry"]
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))
+
+    cycles = [m for m in graph if reaches(m, m, set())]
+    assert not cycles, cycles

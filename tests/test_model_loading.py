@@ -7,7 +7,7 @@ import torch
 
 from hrmedseg.errors import WeightsError
 from hrmedseg.models import EncoderConfig, build_encoder, save_encoder
-from hrmedseg.models.loading import load_model
+from hrmedseg.models.loading import load_model, load_model_with_metadata
 from hrmedseg.models.preprocessing import Preprocessing
 from hrmedseg.models.sam import build_hrmedseg_sam, extract_sam_decoder_state, save_hrmedseg_sam
 from hrmedseg.models.sam2 import build_hrmedseg_sam2, save_hrmedseg_sam2
@@ -83,7 +83,7 @@ def test_bundle_provenance_travels_with_the_model(files, tmp_path):
     paths = [save_hrmedseg_sam(sam, tmp_path / "sam_random.pt", provenance=untrained),
              save_hrmedseg_sam2(sam2, tmp_path / "sam2_random.pt", provenance=untrained)]
     for path in paths:
-        assert load_model(path).hrmedseg_provenance["trained"] is False
+        assert load_model_with_metadata(path).metadata.provenance["trained"] is False
         _, info = load_predictor(path, device="cpu")
         assert info.untrained, path
     trained = save_hrmedseg_sam(sam, tmp_path / "sam_trained.pt", provenance={"source": "finetune", "trained": True})
@@ -121,7 +121,9 @@ def test_encoder_with_sam_or_sam2_decoder(files):
 
     assert isinstance(load_model(files / "encoder.pt", decoder=files / "sam_decoder.pt"), Sam)
     sam2 = load_model(files / "encoder.pt", decoder=files / "sam2.1_hiera_tiny.pt")
-    assert isinstance(sam2, SAM2Base) and sam2.hrmedseg_config["sam2_config"] == "sam2.1_hiera_t"
+    assert isinstance(sam2, SAM2Base)
+    metadata = load_model_with_metadata(files / "encoder.pt", decoder=files / "sam2.1_hiera_tiny.pt").metadata
+    assert metadata.sam2.sam2_config == "sam2.1_hiera_t"
 
 
 def test_decoders_and_foreign_checkpoints_alone_are_refused(files):
@@ -160,8 +162,8 @@ def test_bundles_made_by_the_importer_load(files, tmp_path):
     sam_decoder = importing.import_checkpoint(files / "sam_vit_b_01ec64.pth", tmp_path / "sam_dec.pt")
     sam2_decoder = importing.import_checkpoint(files / "sam2.1_hiera_tiny.pt", tmp_path / "sam2_dec.pt")
     assert isinstance(load_model(files / "encoder.pt", decoder=sam_decoder), Sam)
-    sam2 = load_model(files / "encoder.pt", decoder=sam2_decoder)
+    sam2, metadata = load_model_with_metadata(files / "encoder.pt", decoder=sam2_decoder)
     assert isinstance(sam2, SAM2Base)
-    assert sam2.hrmedseg_config["sam2_config"] == "sam2.1_hiera_t" and sam2.hrmedseg_config["memory"] is False
+    assert metadata.sam2.sam2_config == "sam2.1_hiera_t" and metadata.sam2.memory is False
     file_state = torch.load(files / "sam2.1_hiera_tiny.pt", weights_only=True)["model"]
     assert torch.equal(sam2.no_mem_embed, file_state["no_mem_embed"])

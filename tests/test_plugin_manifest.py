@@ -192,7 +192,10 @@ def test_untrained_choice_shows_the_banner(make_napari_viewer, qtbot, monkeypatc
     qtbot.waitUntil(lambda: widget.annotator.predictor is not None, timeout=120_000)
     assert widget.banner.isVisibleTo(widget) and widget.banner.text() == UNTRAINED_BANNER.upper()
     assert widget.annotator.labels_layer.name == "img masks [UNTRAINED WEIGHTS]"
-    assert _model.provenance_says_untrained({"source": "random init"})
+    # untrained bundles are told by their typed metadata (provenance "trained": False), not by words in "source"
+    from hrmedseg.models.info import ModelMetadata
+
+    assert ModelMetadata("hrmedseg_sam", provenance={"source": "finetune", "trained": False}).untrained
     widget.close()
 
 

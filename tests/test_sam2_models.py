@@ -13,11 +13,14 @@ from hrmedseg.models.sam2 import (
     SAM2_PREDICTOR_PREPROCESSING,
     HRMedSegSam2ImageEncoder,
     build_hrmedseg_sam2,
+    build_hrmedseg_sam2_with_metadata,
     extract_sam2_decoder_state,
+    hrmedseg_sam2_from_checkpoint,
     load_hrmedseg_sam2,
     save_hrmedseg_sam2,
 )
 from hrmedseg.weights.bundle import save_bundle
+from hrmedseg.weights.checkpoint import read_checkpoint
 
 SMALL = EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))
 
@@ -68,11 +71,11 @@ def test_config_detection_sam2_and_sizes(tmp_path_factory):
 
 
 def test_decoder_loaded_from_sam2_file(sam21_tiny_file, sam21_tiny_state):
-    model = build_hrmedseg_sam2(small_encoder(), decoder=sam21_tiny_file)
+    model, metadata = build_hrmedseg_sam2_with_metadata(small_encoder(), decoder=sam21_tiny_file)
     own = model.state_dict()
     non_encoder = [k for k in sam21_tiny_state if not k.startswith("image_encoder.")]
     assert all(torch.equal(own[k], sam21_tiny_state[k]) for k in non_encoder)
-    assert model.hrmedseg_config["sam2_config"] == "sam2.1_hiera_t" and model.hrmedseg_config["memory"]
+    assert metadata.sam2.sam2_config == "sam2.1_hiera_t" and metadata.sam2.memory
     assert not any(k.startswith("image_encoder.trunk.blocks") for k in own)  # Hiera is not carried
 
 
@@ -125,9 +128,9 @@ def test_decoder_from_compact_bundle(sam21_tiny_state, tmp_path):
     state, config = extract_sam2_decoder_state(sam21_tiny_state, "sam2.1_hiera_tiny.pt")
     bundle = save_bundle(tmp_path / "sam2_decoder.pt", "sam2_prompt_decoder", state, config=config)
     encoder_path = save_encoder(small_encoder(Preprocessing.hrmedseg_release()), tmp_path / "enc.pt")
-    model = build_hrmedseg_sam2(encoder_path, decoder=bundle)
+    model, metadata = build_hrmedseg_sam2_with_metadata(encoder_path, decoder=bundle)
     assert model.image_encoder.renormalise
-    assert model.hrmedseg_config == {"sam2_config": "sam2.1_hiera_t", "memory": False, "neck": model.image_encoder.neck.config.to_dict()}
+    assert metadata.sam2.to_dict() == {"sam2_config": "sam2.1_hiera_t", "memory": False, "neck": model.image_encoder.neck.config.to_dict()}
     own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in state.items())
 
@@ -159,14 +162,14 @@ def test_truncated_decoder_is_refused(sam21_tiny_state, tmp_path):
 def test_save_and_load_round_trip(sam21_tiny_file, tmp_path):
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    model = build_hrmedseg_sam2(small_encoder(Preprocessing.hrmedseg_release()), decoder=sam21_tiny_file)
+    model, metadata = build_hrmedseg_sam2_with_metadata(small_encoder(Preprocessing.hrmedseg_release()), decoder=sam21_tiny_file)
     with torch.no_grad():  # as after fine-tuning: the fine levels now carry signal
         model.image_encoder.neck.proj4.weight.normal_(0, 0.1)
         model.image_encoder.neck.proj8.weight.normal_(0, 0.1)
-    path = save_hrmedseg_sam2(model, tmp_path / "hrmedseg_sam2.pt")
+    path = save_hrmedseg_sam2(model, tmp_path / "hrmedseg_sam2.pt", settings=metadata.sam2)
     loaded = load_hrmedseg_sam2(path)
     assert loaded.image_encoder.preprocessing == Preprocessing.hrmedseg_release()
-    assert loaded.hrmedseg_config == model.hrmedseg_config
+    assert hrmedseg_sam2_from_checkpoint(read_checkpoint(path)).metadata.sam2 == metadata.sam2
     image = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     logits = []
     for m in (model, loaded):

@@ -10,9 +10,10 @@ from PIL import Image
 pytest.importorskip("sam2")
 
 from hrmedseg.errors import InputError  # noqa: E402
-from hrmedseg.models.sam2 import HRMedSegSam2ImageEncoder, load_hrmedseg_sam2  # noqa: E402
+from hrmedseg.models.sam2 import HRMedSegSam2ImageEncoder, hrmedseg_sam2_from_checkpoint  # noqa: E402
 from hrmedseg.training.distill import DistillConfig, DistillImages, distill, teacher_embed  # noqa: E402
 from hrmedseg.training.teacher_cache import Sam2Teacher, TeacherCache, build_teacher  # noqa: E402
+from hrmedseg.weights.checkpoint import read_checkpoint  # noqa: E402
 
 
 def make_images(root, n=3):
@@ -65,9 +66,9 @@ def test_distill_from_sam2_checkpoint_with_cache(sam2_file, tmp_path):
         assert got.dtype == torch.float16
         assert torch.allclose(got.float(), want[0], atol=2e-3, rtol=1e-2)
 
-    model = load_hrmedseg_sam2(cfg.out)
+    model, metadata = hrmedseg_sam2_from_checkpoint(read_checkpoint(cfg.out))
     assert isinstance(model.image_encoder, HRMedSegSam2ImageEncoder)
-    assert model.hrmedseg_config["sam2_config"] == "sam2.1_hiera_t"
+    assert metadata.sam2.sam2_config == "sam2.1_hiera_t"
     # The teacher's heads came along; the student's fine levels were trained (they start at zero).
     assert torch.equal(model.sam_mask_decoder.conv_s0.weight, teacher.decoder_state["sam_mask_decoder.conv_s0.weight"])
     assert model.image_encoder.neck.proj4.weight.abs().sum() > 0
@@ -83,7 +84,7 @@ def test_distill_from_random_sam2_teacher_lowers_the_loss(tmp_path):
     result = distill(cfg)
     loss = [row["train_loss"] for row in result["history"]]
     assert all(np.isfinite(loss)) and loss[-1] < loss[0]
-    assert load_hrmedseg_sam2(cfg.out).hrmedseg_config["sam2_config"] == "sam2.1_hiera_t"
+    assert hrmedseg_sam2_from_checkpoint(read_checkpoint(cfg.out)).metadata.sam2.sam2_config == "sam2.1_hiera_t"
 
 
 def test_sam2_teacher_needs_multiples_of_32(tmp_path):

@@ -70,7 +70,7 @@ def test_iou_loss_is_mse_to_the_iou_of_the_mask_with_its_box_prior(data):
     """The actual IoU is that of the thresholded logits *with* the ellipse prior added, as at inference."""
     cfg = tiny(data)
     model = build_model(cfg, 1, None).eval()
-    assert model.sam.box_prior == "ellipse"
+    assert model.box_prior == "ellipse"
     _, preprocessing, _ = _encoder_parts(model)
     batch = fixed_batch(cfg, model)
     parts: dict = {}

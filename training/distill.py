@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hrmedseg.errors import HRMedSegError, InputError
 from hrmedseg.models.encoder_loading import load_encoder, save_encoder
+from hrmedseg.models.info import Sam2Settings
 from hrmedseg.models.neck import HRMedSegEncoder
 from hrmedseg.models.preprocessing import Preprocessing
 from hrmedseg.models.sam2 import (
@@ -255,7 +256,7 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
                                 else HRMedSegEncoder(ENCODER_PRESETS[cfg.encoder_preset]))
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
-    sam2_model = None
+    sam2_model = sam2_settings = None
     if isinstance(teacher, Sam2Teacher):
         # LGViT + Sam2Neck; it takes SAM2-normalised input and re-normalises to its encoder's own.
         student = HRMedSegSam2ImageEncoder(encoder)
@@ -263,8 +264,7 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
         # The saved model: the student inside SAM2Base with the teacher's heads (shares the student's modules).
         sam2_model = build_sam2_base(student, teacher.sam2_config)
         _load_decoder_state(sam2_model, teacher.decoder_state, cfg.teacher)
-        sam2_model.hrmedseg_config = {"sam2_config": _config_path(teacher.sam2_config)[0], "memory": True,
-                                      "neck": student.neck.config.to_dict()}
+        sam2_settings = Sam2Settings(_config_path(teacher.sam2_config)[0], True, student.neck.config.to_dict())
     else:
         student = encoder
         preprocessing = encoder.preprocessing
@@ -362,7 +362,7 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
             if sam2_model is not None:
-                save_hrmedseg_sam2(sam2_model, out, provenance=provenance)
+                save_hrmedseg_sam2(sam2_model, out, provenance=provenance, settings=sam2_settings)
             else:
                 save_encoder(unwrap(model), out, provenance=provenance)
             epoch_log.write(row, step=row["epoch"])

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from hrmedseg.errors import HRMedSegError, InputError
 from hrmedseg.models.box_prior import add_box_prior
 from hrmedseg.models.fast_decoder import FastMaskDecoder
+from hrmedseg.models.info import Sam2Settings
 from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
 from hrmedseg.models.preprocessing import Preprocessing
 
@@ -168,10 +169,11 @@ class BoxPromptedSegmenter(nn.Module):
     only the IoU head is applied with gradient, to the IoU token the decoder computed.
     """
 
-    def __init__(self, sam: nn.Module, input_size: int) -> None:
+    def __init__(self, sam: nn.Module, input_size: int, box_prior: str = "none") -> None:
         super().__init__()
         self.sam = sam
         self.input_size = input_size
+        self.box_prior = box_prior  # "none" or "ellipse" (models/box_prior.py); saved with the model
         self.frozen_fast = False
         self._fast_decoder: list = []  # built on first use; a list keeps it out of the state dict
 
@@ -220,7 +222,7 @@ class BoxPromptedSegmenter(nn.Module):
                     dense_prompt_embeddings=dense,
                     multimask_output=False,
                 )
-            outputs.append(add_box_prior(low_res, image_boxes, (self.input_size,) * 2, getattr(self.sam, "box_prior", "none")))
+            outputs.append(add_box_prior(low_res, image_boxes, (self.input_size,) * 2, self.box_prior))
             ious.append(iou[:, 0])
         return (outputs, ious) if return_iou else outputs
 
@@ -238,10 +240,11 @@ class Sam2BoxPromptedSegmenter(nn.Module):
     saved model keeps SAM2's 1024.
     """
 
-    def __init__(self, sam: nn.Module, input_size: int) -> None:
+    def __init__(self, sam: nn.Module, input_size: int, settings: Sam2Settings | None = None) -> None:
         super().__init__()
         self.sam = sam
         self.input_size = input_size
+        self.settings = settings  # sam2 config and memory flag, saved with the model
 
     def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], return_iou: bool = False
                 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -352,30 +355,34 @@ def iou_loss(pred_iou: torch.Tensor, logits: torch.Tensor, target: torch.Tensor)
 
 def build_model(cfg: FinetuneConfig, num_classes: int, class_names: list[str] | None) -> nn.Module:
     """The model to train, from scratch or from --init / --init-encoder / --init-decoder files."""
+    from hrmedseg.weights.checkpoint import read_checkpoint
+
     encoder_config = ENCODER_PRESETS[cfg.encoder_preset]
     if cfg.model == "hrmedseg-sam2":
-        from hrmedseg.models.sam2 import build_hrmedseg_sam2, load_hrmedseg_sam2
+        from hrmedseg.models.sam2 import build_hrmedseg_sam2_with_metadata, hrmedseg_sam2_from_checkpoint
 
         if cfg.init:
-            sam2 = load_hrmedseg_sam2(cfg.init)
+            sam2, metadata = hrmedseg_sam2_from_checkpoint(read_checkpoint(cfg.init))
         else:
-            sam2 = build_hrmedseg_sam2(encoder=cfg.init_encoder or HRMedSegEncoder(encoder_config), decoder=cfg.init_decoder)
+            sam2, metadata = build_hrmedseg_sam2_with_metadata(
+                encoder=cfg.init_encoder or HRMedSegEncoder(encoder_config), decoder=cfg.init_decoder)
         # Only the single-image path is trained; the video-memory modules (if loaded) stay as they are.
         for name, param in sam2.named_parameters():
             if not name.startswith(("image_encoder.", "sam_mask_decoder.", "sam_prompt_encoder.", "no_mem_embed")):
                 param.requires_grad_(False)
-        return Sam2BoxPromptedSegmenter(sam2.train(), cfg.img_size)
+        return Sam2BoxPromptedSegmenter(sam2.train(), cfg.img_size, metadata.sam2)
     if cfg.model == "hrmedseg-sam":
-        from hrmedseg.models.sam import build_hrmedseg_sam, load_hrmedseg_sam
+        from hrmedseg.models.sam import build_hrmedseg_sam, hrmedseg_sam_from_checkpoint
 
+        init_prior = "none"
         if cfg.init:
-            sam = load_hrmedseg_sam(cfg.init)
+            sam, metadata = hrmedseg_sam_from_checkpoint(read_checkpoint(cfg.init))
+            init_prior = metadata.box_prior
         else:
             encoder = cfg.init_encoder or HRMedSegEncoder(encoder_config)
             sam = build_hrmedseg_sam(encoder=encoder, decoder=cfg.init_decoder)
-        if cfg.box_prior is not None or not hasattr(sam, "box_prior"):
-            sam.box_prior = cfg.box_prior or "none"
-        return BoxPromptedSegmenter(sam.train(), cfg.img_size)
+        box_prior = cfg.box_prior if cfg.box_prior is not None else init_prior
+        return BoxPromptedSegmenter(sam.train(), cfg.img_size, box_prior)
     from hrmedseg.models.hrmedseg_model import HRMedSeg, build_hrmedseg, load_hrmedseg
 
     if cfg.init:
@@ -404,7 +411,7 @@ def save_model(model: nn.Module, cfg: FinetuneConfig, path: str | os.PathLike, p
         geometry = pe.input_image_size, pe.image_embedding_size
         pe.input_image_size, pe.image_embedding_size = (size, size), (size // model.sam.backbone_stride,) * 2
         try:
-            return save_hrmedseg_sam2(model.sam, path, provenance=provenance)
+            return save_hrmedseg_sam2(model.sam, path, provenance=provenance, settings=model.settings)
         finally:
             pe.input_image_size, pe.image_embedding_size = geometry
     if isinstance(model, BoxPromptedSegmenter):
@@ -414,7 +421,7 @@ def save_model(model: nn.Module, cfg: FinetuneConfig, path: str | os.PathLike, p
         geometry = pe.input_image_size, pe.image_embedding_size
         pe.input_image_size, pe.image_embedding_size = (IMAGE_SIZE, IMAGE_SIZE), (IMAGE_SIZE // 16,) * 2
         try:
-            return save_hrmedseg_sam(model.sam, path, provenance=provenance)
+            return save_hrmedseg_sam(model.sam, path, provenance=provenance, box_prior=model.box_prior)
         finally:
             pe.input_image_size, pe.image_embedding_size = geometry
     from hrmedseg.models.hrmedseg_model import save_hrmedseg

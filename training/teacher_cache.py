@@ -170,15 +170,15 @@ def build_teacher(spec: str, img_size: int = SAM_INPUT_SIZE) -> tuple[nn.Module,
                     if p.dim() > 1:  # SAM leaves position embeddings at zero; give them content
                         p.normal_(std=0.02)
         return teacher.eval().requires_grad_(False), f"{spec}@{img_size}"
-    from hrmedseg.models.encoder_loading import unwrap_state_dict
     from hrmedseg.models.litemedsam import is_litemedsam_state
-    from hrmedseg.models.sam import sam_variant
-    from hrmedseg.weights.bundle import read_checkpoint
+    from hrmedseg.weights.checkpoint import read_checkpoint, sam_variant
 
     if spec == "litemedsam":
         return build_litemedsam_teacher(spec, img_size)
     path = Path(spec)
-    state = unwrap_state_dict(read_checkpoint(path), str(path))
+    state = read_checkpoint(path).state
+    if not state:
+        raise WeightsError(f"{path} holds no state dict of tensors")
     if is_litemedsam_state(state):
         del state
         return build_litemedsam_teacher(spec, img_size)

@@ -23,23 +23,25 @@ from ..models.onnx_export import export_decoder, export_encoder
 
 def _load_parts(path: Path, part: str):
     """(encoder or None, (prompt_encoder, mask_decoder) or None) from a weights file."""
-    from ..models.encoder_loading import load_encoder
-    from ..models.sam import HRMEDSEG_SAM_ARCHITECTURE, build_sam_prompt_decoder, hrmedseg_sam_from_bundle, read_sam_decoder
-    from ..weights.bundle import is_bundle, read_checkpoint
+    from ..models.encoder_loading import encoder_from_checkpoint
+    from ..models.sam import (
+        HRMEDSEG_SAM_ARCHITECTURE, build_sam_prompt_decoder, hrmedseg_sam_from_checkpoint, sam_decoder_from_checkpoint,
+    )
+    from ..weights.checkpoint import read_checkpoint
 
-    obj = read_checkpoint(path)
-    if is_bundle(obj) and obj["architecture"] == HRMEDSEG_SAM_ARCHITECTURE:
-        model = hrmedseg_sam_from_bundle(obj, str(path))
+    checkpoint = read_checkpoint(path)
+    if checkpoint.kind == HRMEDSEG_SAM_ARCHITECTURE:
+        model = hrmedseg_sam_from_checkpoint(checkpoint).module
         return model.image_encoder, (model.prompt_encoder, model.mask_decoder)
     encoder = decoder = None
     if part in ("encoder", "both"):
-        encoder = load_encoder(path)
+        encoder = encoder_from_checkpoint(checkpoint)
     if part in ("decoder", "both"):
         from ..models.sam import _decoder_container
         from ..models.state_dict import load_matching
 
         prompt_encoder, mask_decoder = build_sam_prompt_decoder()
-        load_matching(_decoder_container(prompt_encoder, mask_decoder), read_sam_decoder(path), str(path))
+        load_matching(_decoder_container(prompt_encoder, mask_decoder), sam_decoder_from_checkpoint(checkpoint), str(path))
         decoder = (prompt_encoder.eval(), mask_decoder.eval())
     return encoder, decoder
 

@@ -14,6 +14,7 @@ from ..defaults import DEFAULT_BOX_MODEL  # noqa: F401  (re-exported: the engine
 from ..errors import HRMedSegError, InputError
 from ..io.boxes import check_boxes
 from ..models.box_prior import add_box_prior
+from ..models.info import LoadedModel, ModelMetadata
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
 from .crops import Crop, CropPolicy, group_by_crop, logits_to_native_batch, mask_region, plan_crops, read_crop
@@ -59,24 +60,29 @@ def resolve_backend(backend: str, device: torch.device, allow_bf16: bool = True)
 _SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "pixel_mean", "pixel_std")
 
 
-def resolve_model(model: str | nn.Module) -> nn.Module:
-    """A box-prompt model (SAM-like, or a sam2 ``SAM2Base``) from a module, a registry name or a weights path."""
-    if isinstance(model, nn.Module):
+def resolve_model(model: str | nn.Module | LoadedModel) -> LoadedModel:
+    """A box-prompt model (SAM-like, or a sam2 ``SAM2Base``) and its metadata, from a module, a registry name or a weights path.
+
+    A module given as is has empty metadata (no provenance, box prior "none", ``kind`` "").
+    """
+    if isinstance(model, LoadedModel):
         return model
+    if isinstance(model, nn.Module):
+        return LoadedModel(model, ModelMetadata(kind="", source=type(model).__name__))
     try:
-        from ..models.loading import load_model
+        from ..models.loading import load_model_with_metadata
     except ImportError as err:
         raise HRMedSegError(
             f"cannot load model {model!r}: model loading (hrmedseg.models.loading) is not available in this "
             f"installation; pass a model object to BoxPredictor instead"
         ) from err
-    loaded = load_model(model)
-    if is_sam2_model(loaded):
+    loaded = load_model_with_metadata(model)
+    if is_sam2_model(loaded.module):
         return loaded
-    missing = [a for a in _SAM_PARTS if not hasattr(loaded, a)]
+    missing = [a for a in _SAM_PARTS if not hasattr(loaded.module, a)]
     if missing:
         raise HRMedSegError(
-            f"model {model!r} is a {type(loaded).__name__}, not a box-prompt model (it has no "
+            f"model {model!r} is a {type(loaded.module).__name__}, not a box-prompt model (it has no "
             f"{', '.join(missing)}); BoxPredictor needs HRMedSegSAM, HRMedSegSAM2, SAM or SAM2 weights"
         )
     return loaded
@@ -95,7 +101,8 @@ class BoxPredictor:
         model: a segment_anything ``Sam``-like module (image_encoder, prompt_encoder,
             mask_decoder, pixel_mean, pixel_std), a sam2 ``SAM2Base`` (HRMedSegSAM2: see
             :class:`~hrmedseg.engine.decoder.Sam2ImageEncoder` for its preprocessing), or a
-            name/path for ``hrmedseg.models.load_model``.
+            name/path for ``hrmedseg.models.load_model``, or a ``LoadedModel`` (module and metadata:
+            its ``box_prior`` is added to the decoder's logits); ``self.metadata`` keeps the metadata.
         device: "auto" (CUDA, then MPS, then CPU), or any torch device string.
         cache_bytes: bound of the embedding cache (0: no cache).
         policy: crop planning (scale limits, margins).
@@ -117,7 +124,7 @@ class BoxPredictor:
 
     def __init__(
         self,
-        model: str | nn.Module,
+        model: str | nn.Module | LoadedModel,
         device: str | torch.device = "auto",
         cache_bytes: int = 256 * 2**20,
         policy: CropPolicy | None = None,
@@ -130,7 +137,8 @@ class BoxPredictor:
     ) -> None:
         self.device = resolve_device(device)
         self.backend = resolve_backend(backend, self.device, allow_bf16)
-        self.model = resolve_model(model).eval().to(self.device)
+        module, self.metadata = resolve_model(model)
+        self.model = module.eval().to(self.device)
         self.encoder, default_decoder = build_steps(self.model, self.backend)
         if is_sam2_model(self.model):
             self.backend = "reference"  # its plain modules run under every backend
@@ -186,7 +194,7 @@ class BoxPredictor:
             else:
                 logits, scores = self.decoder(emb, input_boxes)
         # Models trained with a shape prior (models/box_prior.py) predict only its correction.
-        prior = getattr(self.model, "box_prior", "none")
+        prior = self.metadata.box_prior
         return add_box_prior(logits, input_boxes, (crop.input_size, crop.input_size), prior), scores
 
     def clear_cache(self) -> None:

@@ -45,6 +45,7 @@ from torch import nn
 
 from ..errors import HRMedSegError, InputError, WeightsError
 from ..io.readers import LazyImage, open_image
+from ..weights.checkpoint import Checkpoint, read_checkpoint
 from .intensity import ChannelScaling, IntensityOptions, compute_scaling
 
 log = logging.getLogger(__name__)
@@ -184,19 +185,16 @@ def _class_names(model: nn.Module, provenance: Mapping[str, Any]) -> list[str]:
     return ["foreground"] if n == 1 else [f"class{c + 1}" for c in range(n)]
 
 
-def read_model_kind(spec: str | os.PathLike) -> tuple[str, Any]:
-    """(architecture or "unknown", the loaded checkpoint) for a weights path or registry name."""
+def read_model_checkpoint(spec: str | os.PathLike) -> Checkpoint:
+    """The checkpoint a weights path or registry name points to, read once (see ``Checkpoint.kind``)."""
     from ..models.loading import resolve_spec
-    from ..weights.bundle import is_bundle, read_checkpoint
 
-    path = resolve_spec(spec)
-    obj = read_checkpoint(path)
-    return (str(obj["architecture"]) if is_bundle(obj) else "unknown"), (path, obj)
+    return read_checkpoint(resolve_spec(spec))
 
 
 def is_prompt_free(spec: str | os.PathLike) -> bool:
     """True when ``spec`` names an "hrmedseg" (prompt-free) bundle. WeightsError when unreadable."""
-    return read_model_kind(spec)[0] == PROMPT_FREE_ARCHITECTURE
+    return read_model_checkpoint(spec).kind == PROMPT_FREE_ARCHITECTURE
 
 
 class SemanticPredictor:
@@ -231,19 +229,20 @@ class SemanticPredictor:
             prov = dict(provenance or {})
         else:
             source = str(model)
-            kind, (path, obj) = read_model_kind(model)
+            checkpoint = read_model_checkpoint(model)
+            kind = checkpoint.kind if checkpoint.is_bundle else "unknown"
             if kind != PROMPT_FREE_ARCHITECTURE:
                 raise WeightsError(
                     f"{model} holds a '{kind}' model, not a prompt-free HRMedSeg ('{PROMPT_FREE_ARCHITECTURE}' bundle); "
                     f"box-prompt models need boxes (BoxPredictor, or hrmedseg segment --boxes)"
                 )
-            prov = dict(obj.get("provenance") or {})
+            from ..models.hrmedseg_model import hrmedseg_from_checkpoint
+
+            model, metadata = hrmedseg_from_checkpoint(checkpoint)
+            del checkpoint  # its tensors now live in the model
+            prov = dict(metadata.provenance)
             if provenance:
                 prov.update(provenance)
-            del obj
-            from ..models.hrmedseg_model import load_hrmedseg
-
-            model = load_hrmedseg(path)
         for attr in ("num_classes", "preprocessing"):
             if not hasattr(model, attr):
                 raise InputError(f"{source} is not an HRMedSeg-like model: it has no {attr}")
@@ -437,6 +436,7 @@ __all__ = [
     "PROMPT_FREE_ARCHITECTURE",
     "SemanticPredictor",
     "is_prompt_free",
+    "read_model_checkpoint",
     "resample_weights",
     "tile_starts",
 ]

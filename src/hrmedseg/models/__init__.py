@@ -8,7 +8,9 @@ Public API (imported lazily, so ``import hrmedseg.models`` stays cheap):
   (B, 3, H, W) -> (B, num_classes, H, W) logits.
 - ``build_hrmedseg_sam(...)``: segment-anything's ``Sam`` with our encoder.
 - ``build_hrmedseg_sam2(...)``: sam2's ``SAM2Base`` with our encoder.
-- ``load_model(name_or_path)``: any of the above from a registry name or a file.
+- ``load_model(name_or_path)``: any of the above from a registry name or a file;
+  ``load_model_with_metadata`` returns ``LoadedModel(module, ModelMetadata)`` (provenance,
+  input size, box prior, sam2 settings).
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ _EXPORTS = {
     "extract_sam2_decoder_state": ".sam2",
     "load_hrmedseg_sam2": ".sam2",
     "load_model": ".loading",
+    "load_model_with_metadata": ".loading",
+    "LoadedModel": ".info",
+    "ModelMetadata": ".info",
+    "Sam2Settings": ".info",
+    "build_hrmedseg_sam2_with_metadata": ".sam2",
     "FastHRMedSegEncoder": ".fast_encoder",
     "FastMaskDecoder": ".fast_decoder",
     "FastSamBoxDecoder": ".fast_decoder",

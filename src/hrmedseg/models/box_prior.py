@@ -4,8 +4,8 @@ Cells and nuclei, optic discs and cups are close to the ellipse inscribed in the
 ellipse alone scores about 0.88 Dice on DSB nuclei). A model trained with this prior added to
 its decoder's logits learns only the correction, so it starts from the ellipse rather than from
 nothing. The prior is part of the model: its bundle records ``config["box_prior"]`` and the
-loader sets ``model.box_prior``; the training loop and the box engine add it to the low-res
-logits. Callers of ``SamPredictor`` add it with :func:`add_box_prior` on ``return_logits``
+loader returns it as ``ModelMetadata.box_prior`` (``load_model_with_metadata``); the training
+loop and the box engine add it to the low-res logits. Callers of ``SamPredictor`` add it with :func:`add_box_prior` on ``return_logits``
 low-res outputs.
 """
 

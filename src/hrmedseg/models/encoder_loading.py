@@ -5,28 +5,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
-from ..weights.bundle import WeightsError, is_bundle, read_checkpoint, save_bundle
+from ..weights.bundle import WeightsError, save_bundle
+from ..weights.checkpoint import Checkpoint, read_checkpoint
 from .neck import EncoderConfig, HRMedSegEncoder
 from .preprocessing import Preprocessing
-from .state_dict import load_matching, strip_prefix
+from .state_dict import load_matching
 
 ENCODER_ARCHITECTURE = "lgvit_neck"
-
-
-def unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
-    """Find the tensors in a raw checkpoint: a bare state dict, or one under 'model'/'state_dict'."""
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{source} holds no state dict of tensors")
-    return strip_prefix(obj, "module.")
 
 
 def infer_encoder_config(state_dict: Mapping[str, torch.Tensor], source: str) -> EncoderConfig:
@@ -59,6 +48,17 @@ def build_encoder(config: EncoderConfig | None = None, preprocessing: Preprocess
     return HRMedSegEncoder(config, preprocessing)
 
 
+def resolve_encoder(encoder: HRMedSegEncoder | str | os.PathLike | None) -> HRMedSegEncoder:
+    """An encoder given as a module, as a path to its weights, or None (a random paper-size one)."""
+    if encoder is None:
+        return build_encoder()
+    if isinstance(encoder, HRMedSegEncoder):
+        return encoder
+    if isinstance(encoder, (str, os.PathLike)):
+        return load_encoder(encoder)
+    raise TypeError(f"encoder must be an HRMedSegEncoder, a path or None, not {type(encoder).__name__}")
+
+
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> HRMedSegEncoder:
     """Build LGViT + neck and load weights from ``path``, in eval mode.
 
@@ -67,20 +67,24 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     maps a normalised (B, 3, H, W) tensor, H and W multiples of 16, to (B, 256, H/16, W/16);
     ``encoder.preprocessing`` says how to normalise.
     """
-    source = str(path)
-    obj = read_checkpoint(path)
-    if is_bundle(obj):
-        if obj["architecture"] != ENCODER_ARCHITECTURE:
-            raise WeightsError(f"{source} holds a '{obj['architecture']}' model, not an LGViT + neck encoder")
-        config = EncoderConfig.from_dict(obj["config"])
-        preprocessing = Preprocessing.from_dict(obj["preprocessing"]) if obj["preprocessing"] else Preprocessing.sam()
-        state_dict = obj["state_dict"]
+    return encoder_from_checkpoint(read_checkpoint(path), device)
+
+
+def encoder_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> HRMedSegEncoder:
+    """:func:`load_encoder` for a file already read (an "lgvit_neck" bundle or the authors' release)."""
+    source = checkpoint.source
+    if checkpoint.is_bundle:
+        if checkpoint.kind != ENCODER_ARCHITECTURE:
+            raise WeightsError(f"{source} holds a '{checkpoint.kind}' model, not an LGViT + neck encoder")
+        config = EncoderConfig.from_dict(checkpoint.config)
+        preprocessing = Preprocessing.recorded(checkpoint.preprocessing)
     else:
-        state_dict = unwrap_state_dict(obj, source)
-        config = infer_encoder_config(state_dict, source)
+        if not checkpoint.state:
+            raise WeightsError(f"{source} holds no state dict of tensors")
+        config = infer_encoder_config(checkpoint.state, source)
         preprocessing = Preprocessing.hrmedseg_release()
     encoder = HRMedSegEncoder(config, preprocessing)
-    load_matching(encoder, state_dict, source)
+    load_matching(encoder, checkpoint.state, source)
     return encoder.eval().to(device)
 
 

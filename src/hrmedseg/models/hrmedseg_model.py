@@ -14,9 +14,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..weights.bundle import WeightsError, load_bundle, save_bundle
+from ..weights.bundle import WeightsError, save_bundle
+from ..weights.checkpoint import Checkpoint, read_checkpoint
 from .ecm_decoder import ECMDecoder
 from .encoder_loading import load_encoder
+from .info import LoadedModel, ModelMetadata
 from .neck import EncoderConfig, HRMedSegEncoder
 from .preprocessing import Preprocessing
 from .state_dict import load_matching
@@ -147,8 +149,17 @@ def load_hrmedseg(path: str | os.PathLike, device: str | torch.device = "cpu") -
         WeightsError: naming ``path`` when it is missing, unreadable, not a bundle, a bundle of
             another architecture (e.g. an encoder alone), or tensors that do not fit its config.
     """
-    bundle = load_bundle(path, HRMEDSEG_ARCHITECTURE)
-    config = bundle["config"]
+    return hrmedseg_from_checkpoint(read_checkpoint(path), device).module
+
+
+def hrmedseg_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> LoadedModel:
+    """:func:`load_hrmedseg` for a file already read: ``LoadedModel(HRMedSeg, metadata)``.
+
+    ``metadata.provenance`` holds the training record (its ``input_mode``/``img_size``/``scale``
+    give the engine's input geometry); ``metadata.input_size`` is the encoder's ``img_size``.
+    """
+    path = checkpoint.source
+    config = checkpoint.require_bundle(HRMEDSEG_ARCHITECTURE).config
     try:
         encoder_config = EncoderConfig.from_dict(config["encoder"])
         num_classes = int(config["num_classes"])
@@ -157,11 +168,14 @@ def load_hrmedseg(path: str | os.PathLike, device: str | torch.device = "cpu") -
         decoder_kwargs = {k: v for k, v in (config.get("decoder") or {}).items() if k in _DECODER_KEYS}
     except (KeyError, TypeError, ValueError) as err:
         raise WeightsError(f"{path}: its hrmedseg config is incomplete or malformed ({err!r})") from err
-    preprocessing = Preprocessing.from_dict(bundle["preprocessing"]) if bundle["preprocessing"] else Preprocessing.sam()
+    preprocessing = Preprocessing.recorded(checkpoint.preprocessing)
     encoder = HRMedSegEncoder(encoder_config, preprocessing)
     model = HRMedSeg(num_classes, encoder, pool_sizes, class_names, **decoder_kwargs)
-    load_matching(model, bundle["state_dict"], str(path))
-    return model.eval().to(device)
+    load_matching(model, checkpoint.state, path)
+    metadata = ModelMetadata(
+        kind=HRMEDSEG_ARCHITECTURE, source=path, provenance=checkpoint.provenance, input_size=int(model.img_size)
+    )
+    return LoadedModel(model.eval().to(device), metadata)
 
 
-__all__ = ["HRMedSeg", "build_hrmedseg", "save_hrmedseg", "load_hrmedseg"]
+__all__ = ["HRMedSeg", "build_hrmedseg", "save_hrmedseg", "load_hrmedseg", "hrmedseg_from_checkpoint"]

@@ -10,19 +10,23 @@ What a file holds decides what is built:
 | encoder ("lgvit_neck" bundle or the authors' ``SAM_PFD_10K.pth``) + ``decoder=`` | HRMedSegSAM or HRMedSegSAM2, as the decoder is SAM or SAM2 |
 
 An encoder alone, a decoder alone, or a SAM/SAM2 checkpoint alone is refused with a
-``WeightsError`` that says what to add.
+``WeightsError`` that says what to add. Each file is read once
+(:func:`hrmedseg.weights.checkpoint.read_checkpoint`); :func:`load_model_with_metadata` also
+returns where the weights come from and how the model is fed (:class:`~hrmedseg.models.info.ModelMetadata`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Mapping
-
 import torch
+from torch import nn
 
-from ..weights.bundle import WeightsError, is_bundle, read_checkpoint
-from .encoder_loading import ENCODER_ARCHITECTURE, load_encoder, unwrap_state_dict
+from ..weights.bundle import WeightsError
+from ..weights.checkpoint import SAM, SAM2, read_checkpoint
+from .encoder_loading import ENCODER_ARCHITECTURE, encoder_from_checkpoint
+from .info import LoadedModel, ModelMetadata
 
 _WEIGHTS_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".safetensors"}
 _DECODER_HINT = "e.g. load_model('hrmedseg_pfd_10k', decoder='sam_vit_h_prompt_decoder')"
@@ -46,27 +50,8 @@ def resolve_spec(spec: str | os.PathLike, weights_dir: str | os.PathLike | None 
     return resolve(text, weights_dir=weights_dir, download=download)
 
 
-def _kind(obj: Any) -> str:
-    """What a loaded checkpoint holds: a bundle architecture, or "sam", "sam2", "lgvit_neck", "unknown"."""
-    if is_bundle(obj):
-        return str(obj["architecture"])
-    if isinstance(obj, Mapping):
-        model = obj.get("model")
-        if isinstance(model, Mapping) and any(str(k).startswith("sam_mask_decoder.") for k in model):
-            return "sam2"
-        try:
-            state = unwrap_state_dict(obj, "")
-        except WeightsError:
-            return "unknown"
-        if any(k.startswith("mask_decoder.") for k in state) and any(k.startswith("prompt_encoder.") for k in state):
-            return "sam"
-        if any(k.startswith("image_encoder.layers.") for k in state) and any(k.startswith("neck.") for k in state):
-            return ENCODER_ARCHITECTURE
-    return "unknown"
-
-
-_SAM_DECODER_KINDS = {"sam", "sam_prompt_decoder", "hrmedseg_sam"}
-_SAM2_DECODER_KINDS = {"sam2", "sam2_prompt_decoder", "hrmedseg_sam2"}
+_SAM_DECODER_KINDS = {SAM, "sam_prompt_decoder", "hrmedseg_sam"}
+_SAM2_DECODER_KINDS = {SAM2, "sam2_prompt_decoder", "hrmedseg_sam2"}
 
 
 def load_model(
@@ -76,7 +61,7 @@ def load_model(
     decoder: str | os.PathLike | None = None,
     download: bool = False,
     sam2_config: str | None = None,
-):
+) -> nn.Module:
     """Build the model a weights file (or registry name) holds, in eval mode on ``device``.
 
     Args:
@@ -92,52 +77,65 @@ def load_model(
 
     Returns:
         ``segment_anything.modeling.Sam`` (HRMedSegSAM), ``SAM2Base`` (HRMedSegSAM2) or
-        ``HRMedSeg`` (prompt-free). Each carries its own pixel normalisation.
+        ``HRMedSeg`` (prompt-free). Each carries its own pixel normalisation; its provenance,
+        box prior and sam2 settings come with :func:`load_model_with_metadata`.
 
     Raises:
         WeightsError: naming the file or name, when it is missing, unreadable, or holds something
             that is not a runnable model on its own (and then what to add).
     """
+    return load_model_with_metadata(spec, device, weights_dir, decoder, download, sam2_config).module
+
+
+def load_model_with_metadata(  # the arguments of load_model, in its order
+    spec: str | os.PathLike, device: str | torch.device = "cpu", weights_dir: str | os.PathLike | None = None,
+    decoder: str | os.PathLike | None = None, download: bool = False, sam2_config: str | None = None,
+) -> LoadedModel:
+    """:func:`load_model` (same arguments and errors) returning ``LoadedModel(module, metadata)``.
+
+    ``metadata`` (:class:`~hrmedseg.models.info.ModelMetadata`): kind ("hrmedseg_sam",
+    "hrmedseg_sam2", "hrmedseg"), source, the bundle's provenance ({} for a model assembled
+    from an encoder and a decoder), input size, box prior and, for SAM2, its sam2 settings.
+    """
     path = resolve_spec(spec, weights_dir, download)
     source = str(path) if str(path) == str(spec) else f"{spec} ({path})"
-    obj = read_checkpoint(path)
-    kind = _kind(obj)
+    checkpoint = read_checkpoint(path)
+    kind = checkpoint.kind
 
     if kind in ("hrmedseg_sam", "hrmedseg_sam2", "hrmedseg") and decoder is not None:
         raise WeightsError(f"{source} holds a complete '{kind}' model; it takes no separate decoder ({decoder})")
-    if kind in ("hrmedseg_sam", "hrmedseg_sam2"):
-        if kind == "hrmedseg_sam":
-            from .sam import hrmedseg_sam_from_bundle as from_bundle
-        else:
-            from .sam2 import hrmedseg_sam2_from_bundle as from_bundle
-        model = from_bundle(obj, source, device)
-        # Where the weights came from travels with the model (the annotator marks untrained ones).
-        model.hrmedseg_provenance = dict(obj.get("provenance") or {})
-        return model
-    if kind == "hrmedseg":
-        from .hrmedseg_model import load_hrmedseg
+    if kind == "hrmedseg_sam":
+        from .sam import hrmedseg_sam_from_checkpoint
 
-        del obj  # load_hrmedseg reads the file itself
-        return load_hrmedseg(path, device)
+        return hrmedseg_sam_from_checkpoint(checkpoint, device)
+    if kind == "hrmedseg_sam2":
+        from .sam2 import hrmedseg_sam2_from_checkpoint
+
+        return hrmedseg_sam2_from_checkpoint(checkpoint, device)
+    if kind == "hrmedseg":
+        from .hrmedseg_model import hrmedseg_from_checkpoint
+
+        return hrmedseg_from_checkpoint(checkpoint, device)
     if kind == ENCODER_ARCHITECTURE:
         if decoder is None:
             raise WeightsError(
                 f"{source} holds only an image encoder (LGViT + neck); box prompting also needs a SAM or SAM2 "
                 f"prompt encoder + mask decoder: pass decoder=..., {_DECODER_HINT}"
             )
-        del obj
-        return _encoder_with_decoder(load_encoder(path), decoder, weights_dir, download, sam2_config, device)
+        encoder = encoder_from_checkpoint(checkpoint)
+        del checkpoint  # its tensors now live in the encoder
+        return _encoder_with_decoder(encoder, source, decoder, weights_dir, download, sam2_config, device)
     if kind in ("sam_prompt_decoder", "sam2_prompt_decoder"):
         raise WeightsError(
             f"{source} holds only a {'SAM2' if kind.startswith('sam2') else 'SAM'} prompt encoder + mask decoder; "
             f"load it as the decoder of an HRMedSeg encoder: load_model(<encoder>, decoder='{spec}')"
         )
-    if kind in ("sam", "sam2"):
+    if kind in (SAM, SAM2):
         raise WeightsError(
-            f"{source} is a {'SAM2' if kind == 'sam2' else 'SAM'} checkpoint; HRMedSeg uses only its prompt encoder "
+            f"{source} is a {'SAM2' if kind == SAM2 else 'SAM'} checkpoint; HRMedSeg uses only its prompt encoder "
             f"and mask decoder, with its own image encoder: load_model(<encoder>, decoder='{spec}')"
         )
-    if is_bundle(obj):
+    if checkpoint.is_bundle:
         raise WeightsError(f"{source} holds a '{kind}' bundle, which load_model cannot build")
     raise WeightsError(
         f"{source} is not a model hrmedseg knows: expected an hrmedseg bundle (hrmedseg_sam, hrmedseg_sam2, "
@@ -145,23 +143,28 @@ def load_model(
     )
 
 
-def _encoder_with_decoder(encoder, decoder_spec, weights_dir, download, sam2_config, device):
+def _encoder_with_decoder(
+    encoder, encoder_source: str, decoder_spec, weights_dir, download, sam2_config, device
+) -> LoadedModel:
     decoder_path = resolve_spec(decoder_spec, weights_dir, download)
     source = str(decoder_path) if str(decoder_path) == str(decoder_spec) else f"{decoder_spec} ({decoder_path})"
-    obj = read_checkpoint(decoder_path)
-    kind = _kind(obj)
+    checkpoint = read_checkpoint(decoder_path)
+    kind = checkpoint.kind
     if kind in _SAM_DECODER_KINDS:
         from .sam import assemble_hrmedseg_sam, sam_decoder_from_checkpoint
 
-        state = sam_decoder_from_checkpoint(obj, source)
-        del obj  # a full SAM ViT-H file is 2.5 GB; keep only the decoder
-        return assemble_hrmedseg_sam(encoder, state, source).to(device)
+        state = sam_decoder_from_checkpoint(checkpoint, source)
+        del checkpoint  # a full SAM ViT-H file is 2.5 GB; keep only the decoder
+        metadata = ModelMetadata(kind="hrmedseg_sam", source=f"{encoder_source} + {source}")
+        return LoadedModel(assemble_hrmedseg_sam(encoder, state, source).to(device), metadata)
     if kind in _SAM2_DECODER_KINDS:
         from .sam2 import assemble_hrmedseg_sam2, sam2_decoder_from_checkpoint
 
-        state, config = sam2_decoder_from_checkpoint(obj, source)
-        del obj
-        return assemble_hrmedseg_sam2(encoder, state, config, source, config=sam2_config).to(device)
+        state, config = sam2_decoder_from_checkpoint(checkpoint, source)
+        del checkpoint
+        module, metadata = assemble_hrmedseg_sam2(encoder, state, config, source, config=sam2_config)
+        metadata = dataclasses.replace(metadata, source=f"{encoder_source} + {source}")
+        return LoadedModel(module.to(device), metadata)
     what = "an image encoder" if kind == ENCODER_ARCHITECTURE else f"'{kind}'"
     raise WeightsError(
         f"decoder {source} holds {what}, not a SAM or SAM2 decoder; expected a SAM/SAM2 checkpoint or a "
@@ -169,4 +172,4 @@ def _encoder_with_decoder(encoder, decoder_spec, weights_dir, download, sam2_con
     )
 
 
-__all__ = ["load_model", "resolve_spec"]
+__all__ = ["load_model", "load_model_with_metadata", "resolve_spec"]

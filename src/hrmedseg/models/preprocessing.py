@@ -47,3 +47,8 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
         return cls(tuple(d["pixel_mean"]), tuple(d["pixel_std"]))
+
+    @classmethod
+    def recorded(cls, d: dict) -> "Preprocessing":
+        """A bundle's recorded normalisation; SAM's own when the bundle records none."""
+        return cls.from_dict(d) if d else cls.sam()

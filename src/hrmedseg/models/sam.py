@@ -16,18 +16,22 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..weights.bundle import WeightsError, is_bundle, read_checkpoint, save_bundle
-from .encoder_loading import build_encoder, load_encoder, unwrap_state_dict
+from ..weights.bundle import WeightsError, save_bundle
+from ..weights.checkpoint import (
+    SAM_DECODER_PREFIXES,
+    Checkpoint,
+    extract_sam_decoder_state,
+    read_checkpoint,
+    sam_variant,
+)
+from .encoder_loading import resolve_encoder
+from .info import LoadedModel, ModelMetadata
 from .neck import EncoderConfig, HRMedSegEncoder
 from .preprocessing import Preprocessing
 from .state_dict import load_matching
 
 SAM_DECODER_ARCHITECTURE = "sam_prompt_decoder"
 HRMEDSEG_SAM_ARCHITECTURE = "hrmedseg_sam"
-SAM_DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
-
-# Width of SAM's ViT patch embedding, which tells the variant of a full SAM checkpoint.
-_SAM_VARIANT_BY_WIDTH = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}
 
 # SAM's fixed prompt/decoder geometry (segment_anything.build_sam._build_sam).
 PROMPT_EMBED_DIM = 256
@@ -60,47 +64,20 @@ def _decoder_container(prompt_encoder: nn.Module, mask_decoder: nn.Module) -> nn
     return nn.ModuleDict({"prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder})
 
 
-def sam_variant(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """'vit_h', 'vit_l' or 'vit_b' for a full SAM checkpoint; None if its image encoder is absent or unknown."""
-    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
-    return None if weight is None else _SAM_VARIANT_BY_WIDTH.get(int(weight.shape[0]))
-
-
-def _describe_foreign(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """Name what a checkpoint is when it is clearly not a SAM one (for error messages)."""
-    if any(k.startswith("sam_mask_decoder.") for k in state_dict):
-        return "a SAM2 checkpoint (use build_hrmedseg_sam2 for SAM2 decoders)"
-    if any(k.startswith("image_encoder.layers.") for k in state_dict) and "neck.0.weight" in state_dict:
-        return "an LGViT + neck encoder checkpoint (pass it as the encoder, not the decoder)"
-    return None
-
-
-def extract_sam_decoder_state(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Keep the ``prompt_encoder.*`` and ``mask_decoder.*`` tensors of a SAM checkpoint.
+def check_sam_decoder_state(decoder: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The tensors of SAM's prompt encoder and mask decoder, each present with SAM's shape.
 
     Args:
-        state_dict: a full SAM state dict (ViT-H/L/B, e.g. ``sam_vit_h_4b8939.pth``), with or
-            without DataParallel's ``module.`` prefix, or one that already holds only the decoder.
+        decoder: what :func:`hrmedseg.weights.checkpoint.extract_sam_decoder_state` kept.
         source: the file (or name) it came from, for error messages.
 
     Returns:
-        {name: tensor} for exactly the keys of SAM's prompt encoder and mask decoder.
+        {name: tensor} for exactly the keys of SAM's ``PromptEncoder`` and ``MaskDecoder``.
 
     Raises:
-        WeightsError: naming ``source`` when it is another kind of checkpoint, or when a decoder
-            tensor is missing or has another shape than SAM's.
+        WeightsError: naming ``source`` when a tensor is missing or has another shape than SAM's.
     """
-    state_dict = unwrap_state_dict(state_dict, source)
-    foreign = _describe_foreign(state_dict)
-    if foreign:
-        raise WeightsError(f"{source} is {foreign}; expected a SAM checkpoint such as sam_vit_h_4b8939.pth")
     expected = _decoder_container(*build_sam_prompt_decoder()).state_dict()
-    decoder = {k: v for k, v in state_dict.items() if k.startswith(SAM_DECODER_PREFIXES)}
-    if not decoder:
-        raise WeightsError(
-            f"{source} holds no SAM prompt encoder / mask decoder ('prompt_encoder.*', 'mask_decoder.*'); "
-            f"expected a SAM checkpoint such as sam_vit_h_4b8939.pth (first keys: {', '.join(list(state_dict)[:3])})"
-        )
     missing = [k for k in expected if k not in decoder]
     mismatched = [
         f"{k}: file {tuple(decoder[k].shape)} vs SAM {tuple(v.shape)}"
@@ -117,36 +94,24 @@ def extract_sam_decoder_state(state_dict: Mapping[str, torch.Tensor], source: st
     return {k: decoder[k] for k in expected}
 
 
-def sam_decoder_from_checkpoint(obj: Mapping, source: str) -> dict[str, torch.Tensor]:
-    """The SAM prompt encoder + mask decoder tensors of a loaded SAM checkpoint or bundle.
+def sam_decoder_from_checkpoint(checkpoint: Checkpoint, source: str | None = None) -> dict[str, torch.Tensor]:
+    """The SAM prompt encoder + mask decoder tensors of a read SAM checkpoint or bundle.
 
     Accepts a SAM state dict, a "sam_prompt_decoder" bundle or an "hrmedseg_sam" bundle (whose
-    decoder is reused); anything else raises a WeightsError naming ``source``.
+    decoder is reused); anything else raises a WeightsError naming ``source`` (default: the file).
     """
-    if is_bundle(obj):
-        architecture = obj["architecture"]
-        if architecture not in (SAM_DECODER_ARCHITECTURE, HRMEDSEG_SAM_ARCHITECTURE):
-            raise WeightsError(
-                f"{source} holds a '{architecture}' bundle; expected a SAM decoder "
-                f"('{SAM_DECODER_ARCHITECTURE}' bundle or a SAM checkpoint such as sam_vit_h_4b8939.pth)"
-            )
-        return extract_sam_decoder_state(obj["state_dict"], source)
-    return extract_sam_decoder_state(obj, source)
+    source = source or checkpoint.source
+    if checkpoint.is_bundle and checkpoint.kind not in (SAM_DECODER_ARCHITECTURE, HRMEDSEG_SAM_ARCHITECTURE):
+        raise WeightsError(
+            f"{source} holds a '{checkpoint.kind}' bundle; expected a SAM decoder "
+            f"('{SAM_DECODER_ARCHITECTURE}' bundle or a SAM checkpoint such as sam_vit_h_4b8939.pth)"
+        )
+    return check_sam_decoder_state(extract_sam_decoder_state(checkpoint.state, source), source)
 
 
 def read_sam_decoder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The SAM prompt encoder + mask decoder tensors of a SAM checkpoint or a "sam_prompt_decoder" bundle."""
-    return sam_decoder_from_checkpoint(read_checkpoint(path), str(path))
-
-
-def _resolve_encoder(encoder: HRMedSegEncoder | str | os.PathLike | None) -> HRMedSegEncoder:
-    if encoder is None:
-        return build_encoder()
-    if isinstance(encoder, HRMedSegEncoder):
-        return encoder
-    if isinstance(encoder, (str, os.PathLike)):
-        return load_encoder(encoder)
-    raise TypeError(f"encoder must be an HRMedSegEncoder, a path or None, not {type(encoder).__name__}")
+    return sam_decoder_from_checkpoint(read_checkpoint(path))
 
 
 def build_hrmedseg_sam(
@@ -172,10 +137,10 @@ def build_hrmedseg_sam(
         state, source = None, ""
     elif isinstance(decoder, Mapping):
         source = "the given decoder state dict"
-        state = sam_decoder_from_checkpoint(decoder, source)
+        state = check_sam_decoder_state(extract_sam_decoder_state(decoder, source), source)
     else:
         state, source = read_sam_decoder(decoder), str(decoder)
-    return assemble_hrmedseg_sam(_resolve_encoder(encoder), state, source).to(device)
+    return assemble_hrmedseg_sam(resolve_encoder(encoder), state, source).to(device)
 
 
 def assemble_hrmedseg_sam(
@@ -198,11 +163,14 @@ def assemble_hrmedseg_sam(
     return model.eval()
 
 
-def save_hrmedseg_sam(model, path: str | os.PathLike, provenance: dict | None = None) -> Path:
+def save_hrmedseg_sam(
+    model, path: str | os.PathLike, provenance: dict | None = None, box_prior: str = "none"
+) -> Path:
     """Save a complete HRMedSegSAM (encoder + SAM prompt encoder/decoder) as one "hrmedseg_sam" bundle.
 
-    The bundle keeps the encoder's architecture and pixel normalisation, so
-    ``load_hrmedseg_sam``/``load_model`` rebuild the same model with nothing else to know.
+    ``box_prior`` ("none" or "ellipse") is the shape prior the model was trained with. The bundle
+    keeps the encoder's architecture and pixel normalisation, so ``load_model`` rebuilds the same
+    model with nothing else to know.
     """
     encoder = model.image_encoder
     if not isinstance(encoder, HRMedSegEncoder):
@@ -211,28 +179,37 @@ def save_hrmedseg_sam(model, path: str | os.PathLike, provenance: dict | None = 
         path,
         HRMEDSEG_SAM_ARCHITECTURE,
         model.state_dict(),
-        config={"encoder": encoder.config.to_dict(), "box_prior": getattr(model, "box_prior", "none")},
+        config={"encoder": encoder.config.to_dict(), "box_prior": box_prior},
         preprocessing=encoder.preprocessing.to_dict(),
         provenance=provenance,
     )
 
 
-def hrmedseg_sam_from_bundle(bundle: dict, source: str, device: str | torch.device = "cpu"):
-    """Rebuild an HRMedSegSAM from a read "hrmedseg_sam" bundle."""
-    config = EncoderConfig.from_dict(bundle["config"].get("encoder", {}))
-    preprocessing = Preprocessing.from_dict(bundle["preprocessing"]) if bundle["preprocessing"] else Preprocessing.sam()
+def hrmedseg_sam_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild an HRMedSegSAM from a read "hrmedseg_sam" bundle, in eval mode on ``device``.
+
+    Returns:
+        ``LoadedModel(Sam, metadata)``; ``metadata.box_prior`` is the prior our engine adds to
+        the decoder's (B, 1, 256, 256) low-res logits (see models/box_prior.py).
+    """
+    checkpoint.require_bundle(HRMEDSEG_SAM_ARCHITECTURE)
+    config = EncoderConfig.from_dict(checkpoint.config.get("encoder", {}))
+    preprocessing = Preprocessing.recorded(checkpoint.preprocessing)
     model = build_hrmedseg_sam(HRMedSegEncoder(config, preprocessing))
-    load_matching(model, bundle["state_dict"], source)
-    # Added to the decoder's logits by our engine (see models/box_prior.py); "none" for SAM's own.
-    model.box_prior = bundle["config"].get("box_prior", "none")
-    return model.eval().to(device)
+    load_matching(model, checkpoint.state, checkpoint.source)
+    metadata = ModelMetadata(
+        kind=HRMEDSEG_SAM_ARCHITECTURE,
+        source=checkpoint.source,
+        provenance=checkpoint.provenance,
+        input_size=IMAGE_SIZE,
+        box_prior=checkpoint.config.get("box_prior", "none"),
+    )
+    return LoadedModel(model.eval().to(device), metadata)
 
 
 def load_hrmedseg_sam(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Load an "hrmedseg_sam" bundle written by ``save_hrmedseg_sam``."""
-    from ..weights.bundle import load_bundle
-
-    return hrmedseg_sam_from_bundle(load_bundle(path, HRMEDSEG_SAM_ARCHITECTURE), str(path), device)
+    """Load an "hrmedseg_sam" bundle written by ``save_hrmedseg_sam``: its ``Sam`` (see :func:`hrmedseg_sam_from_checkpoint` for its metadata)."""
+    return hrmedseg_sam_from_checkpoint(read_checkpoint(path), device).module
 
 
 __all__ = [
@@ -240,6 +217,8 @@ __all__ = [
     "extract_sam_decoder_state",
     "read_sam_decoder",
     "sam_decoder_from_checkpoint",
+    "check_sam_decoder_state",
+    "hrmedseg_sam_from_checkpoint",
     "assemble_hrmedseg_sam",
     "sam_variant",
     "save_hrmedseg_sam",

@@ -26,8 +26,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..weights.bundle import WeightsError, is_bundle, read_checkpoint, save_bundle
-from .encoder_loading import build_encoder, load_encoder, unwrap_state_dict
+from ..weights.bundle import WeightsError, save_bundle
+from ..weights.checkpoint import SAM2, Checkpoint, describe_other_decoder, read_checkpoint, unwrap_state_dict
+from .encoder_loading import resolve_encoder
+from .info import LoadedModel, ModelMetadata, Sam2Settings
 from .layers import LayerNorm2d
 from .neck import EncoderConfig, HRMedSegEncoder, SamNeck
 from .preprocessing import Preprocessing
@@ -261,14 +263,6 @@ def sam2_config_of(state_dict: Mapping[str, torch.Tensor]) -> str:
     return f"{version}_hiera_{size}"
 
 
-def _describe_foreign(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    if any(k.startswith("mask_decoder.") for k in state_dict) and any(k.startswith("prompt_encoder.") for k in state_dict):
-        return "a SAM (v1) checkpoint (use build_hrmedseg_sam for SAM decoders)"
-    if any(k.startswith("image_encoder.layers.") for k in state_dict) and "neck.0.weight" in state_dict:
-        return "an LGViT + neck encoder checkpoint (pass it as the encoder, not the decoder)"
-    return None
-
-
 def extract_sam2_decoder_state(
     state_dict: Mapping[str, torch.Tensor], source: str, include_memory: bool = False, config: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -305,7 +299,7 @@ def extract_sam2_decoder_state(
         WeightsError: naming ``source`` for a SAM (v1) or LGViT file, or missing/misshapen tensors.
     """
     state_dict = unwrap_state_dict(state_dict, source)
-    foreign = _describe_foreign(state_dict)
+    foreign = describe_other_decoder(SAM2, state_dict)
     if foreign:
         raise WeightsError(f"{source} is {foreign}; expected a SAM2 checkpoint such as sam2.1_hiera_large.pt")
     if not any(k.startswith("sam_mask_decoder.") for k in state_dict):
@@ -332,34 +326,34 @@ def extract_sam2_decoder_state(
     return {k: state_dict[k] for k in wanted}, {"sam2_config": config_name, "memory": include_memory}
 
 
-def sam2_decoder_from_checkpoint(obj: Mapping, source: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Decoder tensors and config of a loaded SAM2 checkpoint (memory included) or bundle.
+def sam2_decoder_from_checkpoint(checkpoint: Checkpoint, source: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Decoder tensors and config of a read SAM2 checkpoint (memory included) or bundle.
 
-    Accepts ``{"model": state_dict}`` of SAM2/SAM2.1, a "sam2_prompt_decoder" bundle or an
-    "hrmedseg_sam2" bundle (whose heads are reused); anything else raises a WeightsError naming ``source``.
+    Accepts a SAM2/SAM2.1 file, a "sam2_prompt_decoder" bundle or an "hrmedseg_sam2" bundle
+    (whose heads are reused); anything else raises a WeightsError naming ``source`` (default: the file).
     """
-    if not is_bundle(obj):
-        return extract_sam2_decoder_state(obj, source, include_memory=True)
-    architecture = obj["architecture"]
-    if architecture == SAM2_DECODER_ARCHITECTURE:
-        has_memory = any(not _is_image_path_key(k) for k in obj["state_dict"])
+    source = source or checkpoint.source
+    if not checkpoint.is_bundle:
+        return extract_sam2_decoder_state(checkpoint.state, source, include_memory=True)
+    if checkpoint.kind == SAM2_DECODER_ARCHITECTURE:
+        has_memory = any(not _is_image_path_key(k) for k in checkpoint.state)
         # The bundle's own record of its config wins: an extracted decoder has no Hiera to tell the size.
         return extract_sam2_decoder_state(
-            obj["state_dict"], source, include_memory=has_memory, config=obj["config"].get("sam2_config")
+            checkpoint.state, source, include_memory=has_memory, config=checkpoint.config.get("sam2_config")
         )
-    if architecture == HRMEDSEG_SAM2_ARCHITECTURE:
-        config = obj["config"]
-        state = {k: v for k, v in obj["state_dict"].items() if not k.startswith("image_encoder.")}
+    if checkpoint.kind == HRMEDSEG_SAM2_ARCHITECTURE:
+        config = checkpoint.config
+        state = {k: v for k, v in checkpoint.state.items() if not k.startswith("image_encoder.")}
         return state, {"sam2_config": config.get("sam2_config", DEFAULT_SAM2_CONFIG), "memory": config.get("memory", False)}
     raise WeightsError(
-        f"{source} holds a '{architecture}' bundle; expected a SAM2 decoder "
+        f"{source} holds a '{checkpoint.kind}' bundle; expected a SAM2 decoder "
         f"('{SAM2_DECODER_ARCHITECTURE}' bundle or a SAM2 checkpoint such as sam2.1_hiera_large.pt)"
     )
 
 
 def read_sam2_decoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Decoder tensors and config from a SAM2 checkpoint (memory included) or a "sam2_prompt_decoder" bundle."""
-    return sam2_decoder_from_checkpoint(read_checkpoint(path), str(path))
+    return sam2_decoder_from_checkpoint(read_checkpoint(path))
 
 
 def _load_decoder_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -376,16 +370,6 @@ def _load_decoder_state(model: nn.Module, state: Mapping[str, torch.Tensor], sou
 # --------------------------------------------------------------------------------------------
 # Public builders
 # --------------------------------------------------------------------------------------------
-
-
-def _resolve_encoder(encoder: HRMedSegEncoder | str | os.PathLike | None) -> HRMedSegEncoder:
-    if encoder is None:
-        return build_encoder()
-    if isinstance(encoder, HRMedSegEncoder):
-        return encoder
-    if isinstance(encoder, (str, os.PathLike)):
-        return load_encoder(encoder)
-    raise TypeError(f"encoder must be an HRMedSegEncoder, a path or None, not {type(encoder).__name__}")
 
 
 def build_hrmedseg_sam2(
@@ -409,13 +393,22 @@ def build_hrmedseg_sam2(
         neck_config: widths of ``Sam2Neck``.
 
     Returns:
-        ``SAM2Base``; ``SAM2ImagePredictor(model)`` works unchanged. ``model.hrmedseg_config``
-        records the sam2 config, the neck widths and whether video memory weights were loaded.
+        ``SAM2Base``; ``SAM2ImagePredictor(model)`` works unchanged. Its sam2 config, neck widths
+        and whether video memory weights were loaded: :func:`build_hrmedseg_sam2_with_metadata`.
     """
+    return build_hrmedseg_sam2_with_metadata(encoder, decoder, config, device, neck_config).module
+
+
+def build_hrmedseg_sam2_with_metadata(  # the arguments of build_hrmedseg_sam2, in its order
+    encoder: HRMedSegEncoder | str | os.PathLike | None = None, decoder: str | os.PathLike | None = None,
+    config: str | None = None, device: str | torch.device = "cpu", neck_config: Sam2NeckConfig | None = None,
+) -> LoadedModel:
+    """:func:`build_hrmedseg_sam2` with its :class:`ModelMetadata` (``metadata.sam2``: config, memory, neck)."""
     state, found = (None, {}) if decoder is None else read_sam2_decoder(decoder)
-    return assemble_hrmedseg_sam2(
-        _resolve_encoder(encoder), state, found, str(decoder), config=config, neck_config=neck_config
-    ).to(device)
+    module, metadata = assemble_hrmedseg_sam2(
+        resolve_encoder(encoder), state, found, str(decoder), config=config, neck_config=neck_config
+    )
+    return LoadedModel(module.to(device), metadata)
 
 
 def assemble_hrmedseg_sam2(
@@ -425,10 +418,11 @@ def assemble_hrmedseg_sam2(
     source: str = "",
     config: str | None = None,
     neck_config: Sam2NeckConfig | None = None,
-):
+) -> LoadedModel:
     """SAM2Base from an encoder and extracted decoder tensors (None: random), in eval mode on the CPU.
 
     ``decoder_config`` is what ``sam2_decoder_from_checkpoint`` returned with the tensors.
+    Returns ``LoadedModel(SAM2Base, metadata)`` (``metadata.source`` is "": nothing was loaded as a whole).
     """
     decoder_config = decoder_config or {}
     config_name = config or decoder_config.get("sam2_config", DEFAULT_SAM2_CONFIG)
@@ -436,20 +430,30 @@ def assemble_hrmedseg_sam2(
     model = build_sam2_base(image_encoder, config_name)
     if decoder_state is not None:
         _load_decoder_state(model, decoder_state, source)
-    model.hrmedseg_config = {
-        "sam2_config": _config_path(config_name)[0],
-        "memory": bool(decoder_config.get("memory", False)),
-        "neck": image_encoder.neck.config.to_dict(),
-    }
-    return model.eval()
+    settings = Sam2Settings(
+        _config_path(config_name)[0], bool(decoder_config.get("memory", False)), image_encoder.neck.config.to_dict()
+    )
+    return LoadedModel(model.eval(), _sam2_metadata(model, settings))
 
 
-def save_hrmedseg_sam2(model, path: str | os.PathLike, provenance: dict | None = None) -> Path:
-    """Save a complete HRMedSegSAM2 (encoder, neck, SAM2 heads) as one "hrmedseg_sam2" bundle."""
+def _sam2_metadata(model: nn.Module, settings: Sam2Settings, source: str = "", provenance: dict | None = None) -> ModelMetadata:
+    return ModelMetadata(
+        kind=HRMEDSEG_SAM2_ARCHITECTURE, source=source, provenance=provenance or {},
+        input_size=int(model.image_size), sam2=settings,
+    )
+
+
+def save_hrmedseg_sam2(
+    model, path: str | os.PathLike, provenance: dict | None = None, settings: Sam2Settings | None = None
+) -> Path:
+    """Save a complete HRMedSegSAM2 (encoder, neck, SAM2 heads) as one "hrmedseg_sam2" bundle.
+
+    ``settings``: the model's ``metadata.sam2`` (its sam2 config and memory flag); None records
+    the default config ("sam2.1_hiera_t") without memory.
+    """
     image_encoder = model.image_encoder
     if not isinstance(image_encoder, HRMedSegSam2ImageEncoder):
         raise TypeError(f"not an HRMedSegSAM2: its image encoder is a {type(image_encoder).__name__}")
-    info = getattr(model, "hrmedseg_config", {})
     return save_bundle(
         path,
         HRMEDSEG_SAM2_ARCHITECTURE,
@@ -457,37 +461,34 @@ def save_hrmedseg_sam2(model, path: str | os.PathLike, provenance: dict | None =
         config={
             "encoder": image_encoder.config.to_dict(),
             "neck": image_encoder.neck.config.to_dict(),
-            "sam2_config": info.get("sam2_config", DEFAULT_SAM2_CONFIG),
-            "memory": bool(info.get("memory", False)),
+            "sam2_config": settings.sam2_config if settings else DEFAULT_SAM2_CONFIG,
+            "memory": bool(settings.memory) if settings else False,
         },
         preprocessing=image_encoder.preprocessing.to_dict(),
         provenance=provenance,
     )
 
 
-def hrmedseg_sam2_from_bundle(bundle: dict, source: str, device: str | torch.device = "cpu"):
-    """Rebuild an HRMedSegSAM2 from a read "hrmedseg_sam2" bundle."""
+def hrmedseg_sam2_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild an HRMedSegSAM2 from a read "hrmedseg_sam2" bundle: ``LoadedModel(SAM2Base, metadata)``."""
     from .state_dict import load_matching
 
-    config = bundle["config"]
-    preprocessing = Preprocessing.from_dict(bundle["preprocessing"]) if bundle["preprocessing"] else Preprocessing.sam()
+    checkpoint.require_bundle(HRMEDSEG_SAM2_ARCHITECTURE)
+    config = checkpoint.config
+    preprocessing = Preprocessing.recorded(checkpoint.preprocessing)
     encoder = HRMedSegEncoder(EncoderConfig.from_dict(config.get("encoder", {})), preprocessing)
     image_encoder = HRMedSegSam2ImageEncoder(encoder, Sam2NeckConfig.from_dict(config.get("neck", {})))
     model = build_sam2_base(image_encoder, config.get("sam2_config", DEFAULT_SAM2_CONFIG))
-    load_matching(model, bundle["state_dict"], source)
-    model.hrmedseg_config = {
-        "sam2_config": config.get("sam2_config", DEFAULT_SAM2_CONFIG),
-        "memory": bool(config.get("memory", False)),
-        "neck": image_encoder.neck.config.to_dict(),
-    }
-    return model.eval().to(device)
+    load_matching(model, checkpoint.state, checkpoint.source)
+    settings = Sam2Settings(
+        config.get("sam2_config", DEFAULT_SAM2_CONFIG), bool(config.get("memory", False)), image_encoder.neck.config.to_dict()
+    )
+    return LoadedModel(model.eval().to(device), _sam2_metadata(model, settings, checkpoint.source, checkpoint.provenance))
 
 
 def load_hrmedseg_sam2(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Load an "hrmedseg_sam2" bundle written by ``save_hrmedseg_sam2``."""
-    from ..weights.bundle import load_bundle
-
-    return hrmedseg_sam2_from_bundle(load_bundle(path, HRMEDSEG_SAM2_ARCHITECTURE), str(path), device)
+    """Load an "hrmedseg_sam2" bundle written by ``save_hrmedseg_sam2``: its ``SAM2Base`` (metadata: :func:`hrmedseg_sam2_from_checkpoint`)."""
+    return hrmedseg_sam2_from_checkpoint(read_checkpoint(path), device).module
 
 
 __all__ = [
@@ -495,6 +496,8 @@ __all__ = [
     "Sam2NeckConfig",
     "HRMedSegSam2ImageEncoder",
     "build_hrmedseg_sam2",
+    "build_hrmedseg_sam2_with_metadata",
+    "hrmedseg_sam2_from_checkpoint",
     "build_sam2_base",
     "extract_sam2_decoder_state",
     "read_sam2_decoder",

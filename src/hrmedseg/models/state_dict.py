@@ -13,13 +13,6 @@ from ..weights.bundle import WeightsError
 RECOMPUTED_SUFFIXES = (".rope.rotations",)
 
 
-def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Drop ``prefix`` from every key that has it (e.g. DataParallel's ``module.``)."""
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
-
-
 def describe_mismatch(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
     """'3 missing (e.g. a, b, c), 1 unexpected (e.g. d)': what did not match, with examples."""
     parts = []

@@ -26,8 +26,12 @@ BUNDLE_FORMAT = "hrmedseg-bundle"
 BUNDLE_VERSION = 1
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load`` a file on the CPU, turning every failure into an error that names it."""
+def load_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` a file on the CPU, turning every failure into an error that names it.
+
+    The only ``torch.load`` of weights files; :func:`hrmedseg.weights.checkpoint.read_checkpoint`
+    is what callers use to learn what a file holds.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
@@ -68,16 +72,22 @@ def save_bundle(
     return Path(path)
 
 
+def check_architecture(source: str | os.PathLike, architecture: str, wanted: str | tuple[str, ...] | None) -> None:
+    """Refuse weights of another architecture than ``wanted`` (None: any), naming ``source``."""
+    wanted = (wanted,) if isinstance(wanted, str) else wanted
+    if wanted and architecture not in wanted:
+        raise WeightsError(f"{source} holds weights for architecture '{architecture}', expected {' or '.join(wanted)}")
+
+
 def load_bundle(path: str | os.PathLike, architecture: str | tuple[str, ...] | None = None) -> dict:
-    """Read a bundle; with ``architecture`` given, refuse a bundle of another kind."""
-    obj = read_checkpoint(path)
+    """The raw dict of a bundle file; with ``architecture`` given, refuse a bundle of another kind.
+
+    For what a file holds, whatever its format, use ``hrmedseg.weights.checkpoint.read_checkpoint``.
+    """
+    obj = load_file(path)
     if not is_bundle(obj):
         raise WeightsError(f"{path} is not an hrmedseg bundle (no 'format': '{BUNDLE_FORMAT}' entry)")
-    wanted = (architecture,) if isinstance(architecture, str) else architecture
-    if wanted and obj["architecture"] not in wanted:
-        raise WeightsError(
-            f"{path} holds weights for architecture '{obj['architecture']}', expected {' or '.join(wanted)}"
-        )
+    check_architecture(path, obj["architecture"], architecture)
     return obj
 
 

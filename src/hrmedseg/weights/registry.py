@@ -34,10 +34,10 @@ from typing import Any, Iterable
 from ..atomic import atomic_path
 from ..errors import WeightsError
 from ..hashing import sha256_file
+from .cache import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: part of the registry's API)
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "HRMEDSEG_CACHE_DIR"
 WEIGHTS_DIR_ENV = "HRMEDSEG_WEIGHTS_DIR"
 REGISTRY_FILE = Path(__file__).with_name("registry.json")
 BUNDLED_DIR = Path(__file__).with_name("default")
@@ -88,20 +88,6 @@ def human_size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
-
-
-def cache_dir() -> Path:
-    """Folder where downloaded and imported weights are kept (created on demand, not here).
-
-    ``$HRMEDSEG_CACHE_DIR/weights`` if that variable is set, else
-    ``platformdirs.user_cache_dir("hrmedseg")/weights`` (e.g. ``~/.cache/hrmedseg/weights``).
-    """
-    root = os.environ.get(CACHE_ENV)
-    if root:
-        return Path(root).expanduser() / "weights"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("hrmedseg", appauthor=False)) / "weights"
 
 
 def _memo_path() -> Path:
@@ -308,11 +294,11 @@ class Registry:
 
     def _verify_derived(self, entry: WeightsEntry, path: Path) -> Path:
         """A derived bundle must be a bundle of the entry's architecture made from the right source."""
-        from .bundle import load_bundle
+        from .checkpoint import read_checkpoint  # here, not at the top: listing the registry needs no torch
 
-        bundle = load_bundle(path, entry.architecture)
+        checkpoint = read_checkpoint(path).require_bundle(entry.architecture)
         parent = self.get(entry.derived_from) if entry.derived_from else None
-        made_from = bundle.get("provenance", {}).get("source_sha256")
+        made_from = checkpoint.provenance.get("source_sha256")
         if parent is not None and parent.sha256 and made_from and made_from != parent.sha256:
             raise WeightsError(
                 f"{path} was imported from a file with sha256 {made_from}, not from {parent.file} "
