@@ -36,6 +36,14 @@ from hrmedseg.models.box_prior import add_box_prior
 from hrmedseg.models.fast_decoder import FastMaskDecoder
 from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
 from hrmedseg.models.preprocessing import Preprocessing
+from hrmedseg.models.prompting import (
+    decode_sam2_boxes,
+    decode_sam_boxes,
+    prompt_geometry,
+    sam2_features,
+    sam_box_prompt,
+    set_prompt_geometry,
+)
 
 from . import distributed as dist_utils
 from .checkpointing import load_state, log_path_for, save_state, state_path_for, unwrap
@@ -197,29 +205,21 @@ class BoxPromptedSegmenter(nn.Module):
                 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         pe = self.sam.prompt_encoder
         grid = self.input_size // 16
-        pe.input_image_size = (self.input_size, self.input_size)
-        pe.image_embedding_size = (grid, grid)
+        set_prompt_geometry(pe, self.input_size)
         with torch.no_grad() if self.frozen_fast else nullcontext():
             embeddings = self.sam.image_encoder(images)
-        dense_pe = pe.get_dense_pe()
         outputs, ious = [], []
         for i, image_boxes in enumerate(boxes):
             if len(image_boxes) == 0:
                 outputs.append(embeddings.new_zeros((0, 1, 4 * grid, 4 * grid)))
                 ious.append(embeddings.new_zeros((0,)))
                 continue
-            sparse, dense = pe(points=None, boxes=image_boxes, masks=None)
             if self.frozen_fast:
-                low_res, iou = self._decode_frozen_fast(embeddings[i : i + 1], dense_pe, sparse, dense)
+                sparse, dense = sam_box_prompt(pe, image_boxes)
+                low_res, iou = self._decode_frozen_fast(embeddings[i : i + 1], pe.get_dense_pe(), sparse, dense)
             else:
                 # SAM's decoder repeats one image's embedding for each prompt, hence one image at a time.
-                low_res, iou = self.sam.mask_decoder(
-                    image_embeddings=embeddings[i : i + 1],
-                    image_pe=dense_pe,
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=False,
-                )
+                low_res, iou = decode_sam_boxes(pe, self.sam.mask_decoder, embeddings[i : i + 1], image_boxes)
             outputs.append(add_box_prior(low_res, image_boxes, (self.input_size,) * 2, getattr(self.sam, "box_prior", "none")))
             ious.append(iou[:, 0])
         return (outputs, ious) if return_iou else outputs
@@ -231,11 +231,10 @@ class Sam2BoxPromptedSegmenter(nn.Module):
     forward(images (B, 3, S, S) normalised as SAM2ImagePredictor does (ImageNet statistics;
     ``HRMedSegSam2ImageEncoder`` re-normalises for its encoder), boxes [ (K_i, 4) xyxy in input
     pixels ]) -> [ (K_i, 1, S/4, S/4) logits ] (and with ``return_iou=True`` [ (K_i,) predicted
-    IoU ] of those masks): SAM2's mask decoder in single-mask mode, fed the
-    way ``SAM2ImagePredictor.set_image_batch`` + ``_predict`` feed it (no_mem_embed added to the
-    1/16 level, the 1/4 and 1/8 levels as high-res features, boxes as corner points labelled 2
-    and 3). The prompt encoder's geometry is set to S (it has no size-dependent weights); the
-    saved model keeps SAM2's 1024.
+    IoU ] of those masks): SAM2's mask decoder in single-mask mode, fed through
+    ``hrmedseg.models.prompting`` (as ``SAM2ImagePredictor.set_image_batch`` + ``_predict``).
+    The prompt encoder's geometry is set to S (it has no size-dependent weights); the saved
+    model keeps SAM2's 1024.
     """
 
     def __init__(self, sam: nn.Module, input_size: int) -> None:
@@ -245,38 +244,17 @@ class Sam2BoxPromptedSegmenter(nn.Module):
 
     def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], return_iou: bool = False
                 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
-        sam = self.sam
-        pe = sam.sam_prompt_encoder
         grid = self.input_size // 16
-        pe.input_image_size = (self.input_size, self.input_size)
-        pe.image_embedding_size = (grid, grid)
-        backbone_out = sam.forward_image(images)
-        _, vision_feats, _, feat_sizes = sam._prepare_backbone_features(backbone_out)
-        if sam.directly_add_no_mem_embed:
-            vision_feats[-1] = vision_feats[-1] + sam.no_mem_embed
-        batch = images.shape[0]
-        feats = [f.permute(1, 2, 0).reshape(batch, -1, *size) for f, size in zip(vision_feats, feat_sizes)]
-        embeddings, high_res = feats[-1], feats[:-1]
-        dense_pe = pe.get_dense_pe()
+        set_prompt_geometry(self.sam.sam_prompt_encoder, self.input_size)
+        features = sam2_features(self.sam, images)
+        embeddings = features.image_embed
         outputs, ious = [], []
         for i, image_boxes in enumerate(boxes):
             if len(image_boxes) == 0:
                 outputs.append(embeddings.new_zeros((0, 1, 4 * grid, 4 * grid)))
                 ious.append(embeddings.new_zeros((0,)))
                 continue
-            # As SAM2ImagePredictor._predict: a box is two points labelled 2 (top-left) and 3 (bottom-right).
-            coords = image_boxes.reshape(-1, 2, 2).to(embeddings.dtype)
-            labels = torch.tensor([[2, 3]], dtype=torch.int, device=coords.device).repeat(len(coords), 1)
-            sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
-            low_res, iou, _, _ = sam.sam_mask_decoder(
-                image_embeddings=embeddings[i : i + 1],
-                image_pe=dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-                repeat_image=True,
-                high_res_features=[h[i : i + 1] for h in high_res] if sam.use_high_res_features_in_sam else None,
-            )
+            low_res, iou = decode_sam2_boxes(self.sam, features.image(i), image_boxes)
             outputs.append(low_res)
             ious.append(iou[:, 0])
         return (outputs, ious) if return_iou else outputs
@@ -400,23 +378,13 @@ def save_model(model: nn.Module, cfg: FinetuneConfig, path: str | os.PathLike, p
     if isinstance(model, Sam2BoxPromptedSegmenter):
         from hrmedseg.models.sam2 import save_hrmedseg_sam2
 
-        pe, size = model.sam.sam_prompt_encoder, model.sam.image_size
-        geometry = pe.input_image_size, pe.image_embedding_size
-        pe.input_image_size, pe.image_embedding_size = (size, size), (size // model.sam.backbone_stride,) * 2
-        try:
+        with prompt_geometry(model.sam.sam_prompt_encoder, model.sam.image_size, model.sam.backbone_stride):
             return save_hrmedseg_sam2(model.sam, path, provenance=provenance)
-        finally:
-            pe.input_image_size, pe.image_embedding_size = geometry
     if isinstance(model, BoxPromptedSegmenter):
         from hrmedseg.models.sam import IMAGE_SIZE, save_hrmedseg_sam
 
-        pe = model.sam.prompt_encoder
-        geometry = pe.input_image_size, pe.image_embedding_size
-        pe.input_image_size, pe.image_embedding_size = (IMAGE_SIZE, IMAGE_SIZE), (IMAGE_SIZE // 16,) * 2
-        try:
+        with prompt_geometry(model.sam.prompt_encoder, IMAGE_SIZE):
             return save_hrmedseg_sam(model.sam, path, provenance=provenance)
-        finally:
-            pe.input_image_size, pe.image_embedding_size = geometry
     from hrmedseg.models.hrmedseg_model import save_hrmedseg
 
     return save_hrmedseg(model, path, provenance=provenance)
