@@ -444,17 +444,8 @@ def finetune(cfg: FinetuneConfig, on_event: Callable[[Event], None] | None = Non
         dist_utils.cleanup(env)
 
 
-def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device, emit: Callable,
-              epoch_log: EpochLog | None) -> FinetuneResult:
-    torch.manual_seed(cfg.seed + env.rank)
-    out = Path(cfg.out)
-    state_file = state_path_for(out)
-    rules = parse_classes(cfg.classes)
-    class_names = [r.name for r in rules] if rules else None
-    num_classes = len(rules) if rules else 1
-    info, train_samples, val_samples = _load_data(cfg)
-
-    model = build_model(cfg, num_classes, class_names).to(device)
+def _prepare_for_training(model: nn.Module, cfg: FinetuneConfig) -> Preprocessing:
+    """Apply --grad-checkpointing, --freeze-encoder and --train-only to ``model``; return its input normalisation."""
     encoder, preprocessing, set_grad_checkpointing = _encoder_parts(model)
     if cfg.grad_checkpointing:
         set_grad_checkpointing(True)
@@ -467,6 +458,21 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
                  freeze_all_but_iou_head(model))
         if isinstance(model, BoxPromptedSegmenter):
             model.frozen_fast = FastMaskDecoder.supports(model.sam.mask_decoder)
+    return preprocessing
+
+
+def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device, emit: Callable,
+              epoch_log: EpochLog | None) -> FinetuneResult:
+    torch.manual_seed(cfg.seed + env.rank)
+    out = Path(cfg.out)
+    state_file = state_path_for(out)
+    rules = parse_classes(cfg.classes)
+    class_names = [r.name for r in rules] if rules else None
+    num_classes = len(rules) if rules else 1
+    info, train_samples, val_samples = _load_data(cfg)
+
+    model = build_model(cfg, num_classes, class_names).to(device)
+    preprocessing = _prepare_for_training(model, cfg)
     iou_weight = cfg.iou_loss_weight if cfg.task == "box" else 0.0
 
     crop = CropSettings(size=cfg.img_size, mode=cfg.resolved_input_mode, scale=cfg.scale,
