@@ -70,7 +70,7 @@ def test_engine_adds_the_prior_at_native_resolution(prior_model_path, backend):
 
 
 def test_training_forward_adds_the_prior():
-    from hrmedseg.training.finetune import BoxPromptedSegmenter
+    from hrmedseg.models.training_views import BoxPromptedSegmenter
 
     model = tiny_sam(seed=1)
     wrapped = BoxPromptedSegmenter(model, 256)

@@ -21,10 +21,10 @@ from hrmedseg.engine.decoder import Sam2BoxDecoder, Sam2Features, Sam2ImageEncod
 from hrmedseg.io import open_image  # noqa: E402
 from hrmedseg.models.neck import HRMedSegEncoder  # noqa: E402
 from hrmedseg.models.sam2 import build_hrmedseg_sam2  # noqa: E402
+from hrmedseg.models.training_views import Sam2BoxPromptedSegmenter  # noqa: E402
 from hrmedseg.training.finetune import (  # noqa: E402
     ENCODER_PRESETS,
     FinetuneConfig,
-    Sam2BoxPromptedSegmenter,
     _encoder_parts,
     finetune,
     save_model,

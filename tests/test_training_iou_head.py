@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from hrmedseg.errors import InputError
 from hrmedseg.models.box_prior import add_box_prior
+from hrmedseg.models.training_views import BoxPromptedSegmenter
 from hrmedseg.training.checkpointing import log_path_for
 from hrmedseg.training.data import CropSettings, SegmentationCrops, collate, discover_samples
 from hrmedseg.training.finetune import (
-    BoxPromptedSegmenter,
     FinetuneConfig,
     _encoder_parts,
     actual_iou,

@@ -9,7 +9,8 @@ import torch
 pytest.importorskip("sam2")
 
 from hrmedseg.errors import InputError  # noqa: E402
-from hrmedseg.training.finetune import FinetuneConfig, Sam2BoxPromptedSegmenter, finetune  # noqa: E402
+from hrmedseg.models.training_views import Sam2BoxPromptedSegmenter  # noqa: E402
+from hrmedseg.training.finetune import FinetuneConfig, finetune  # noqa: E402
 from test_training_data import write_disk_dataset  # noqa: E402
 
 

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hrmedseg.engine.intensity import TRAINING_INTENSITY, default_channels, whole_image_rgb
 from hrmedseg.errors import InputError
+from hrmedseg.io.readers import ArrayImage, decode_with_pillow
 
 log = logging.getLogger(__name__)
 
@@ -40,35 +42,28 @@ def _read_array(path: Path) -> np.ndarray:
         import tifffile
 
         return np.asarray(tifffile.imread(path))
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.mode == "P":
-            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        return np.asarray(im)
+    return decode_with_pillow(path)  # the engine's decoding of PNG / JPEG
 
 
 def to_rgb_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
-    """Any greyscale/RGB/RGBA array -> (H, W, 3) uint8 (alpha dropped, >8-bit scaled min..max)."""
+    """Any grey / two-channel / RGB(A) array -> (H, W, 3) uint8, as the engine sees it.
+
+    The engine's pixel pipeline (``hrmedseg.engine.intensity``) under ``TRAINING_INTENSITY``:
+    uint8 passes through; other types are scaled per channel, min..max -> 0..255, rounded; grey is
+    repeated, two channels become red and green, a fourth (alpha) is dropped. Booleans are 0/255.
+    """
     a = np.asarray(array)
-    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+    if a.ndim == 3 and a.shape[0] in (1, 2, 3, 4) and a.shape[-1] not in (1, 2, 3, 4):
         a = np.moveaxis(a, 0, -1)  # channel-first TIFF
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4):
         raise InputError(f"{source}: expected a 2D greyscale or RGB(A) image, got an array of shape {array.shape}")
-    if a.shape[-1] in (1, 2):  # grey or grey + alpha
-        a = np.repeat(a[..., :1], 3, axis=-1)
-    a = a[..., :3]
-    if a.dtype == np.uint8:
-        return np.ascontiguousarray(a)
     if a.dtype == bool:
-        return a.astype(np.uint8) * 255
-    a = a.astype(np.float32)
-    lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return np.round((a - lo) / (hi - lo) * 255).astype(np.uint8)
+        a = a.astype(np.uint8) * 255
+    # source_key given: a training image is read once, so no cache token is needed.
+    image = ArrayImage(a, channel=list(default_channels(a.shape[-1])), axes="YXC", name=source, source_key=source)
+    return whole_image_rgb(image, TRAINING_INTENSITY)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -30,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from hrmedseg.errors import HRMedSegError, InputError
 from hrmedseg.models.encoder_loading import load_encoder, save_encoder
@@ -47,12 +45,12 @@ from hrmedseg.models.sam2 import (
 )
 
 from . import distributed as dist_utils
-from .checkpointing import load_state, log_path_for, save_state, state_path_for, unwrap
+from .checkpointing import log_path_for, save_state, state_path_for, unwrap
 from .data import IMAGE_EXTENSIONS, CropSettings, place, read_image
 from .epoch_log import EpochLog, require_tensorboard
 from .finetune import ENCODER_PRESETS
+from .loop import EpochRunner, default_workers, progress_bar, restore, train_loader, wrap_ddp
 from .losses import embedding_mse
-from .steps import backward_and_step
 from .distill_views import DistillViews, ViewSettings
 from .teacher_cache import LiteMedSamTeacher, Sam2Teacher, TeacherCache, build_teacher
 
@@ -244,6 +242,63 @@ def distill(cfg: DistillConfig, on_event: Callable[[dict], None] | None = None) 
         dist_utils.cleanup(env)
 
 
+@dataclass
+class Student:
+    """What distillation trains (``module``) and how its output is scored and saved.
+
+    module: the encoder trained to match the teacher: an ``HRMedSegEncoder`` (SAM teacher,
+        (B, 256, S/16, S/16) output) or an ``HRMedSegSam2ImageEncoder`` (SAM2 teacher, whose
+        ``backbone_fpn`` holds three levels).
+    preprocessing: how its (B, 3, S, S) uint8 input is normalised.
+    sam2_model: for a SAM2 teacher, the saved model: the student inside ``SAM2Base`` with the
+        teacher's heads (sharing the student's modules); None otherwise.
+    """
+
+    module: torch.nn.Module
+    preprocessing: Preprocessing
+    sam2_model: torch.nn.Module | None = None
+    sam2_settings: Sam2Settings | None = None  # saved with sam2_model
+
+    def loss(self, output, target) -> torch.Tensor:
+        """MSE to the teacher's embedding; the sum of the three levels' MSEs for a SAM2 teacher."""
+        if self.sam2_model is not None:
+            return sum(embedding_mse(s, t) for s, t in zip(output["backbone_fpn"], target, strict=True))
+        return embedding_mse(output, target)
+
+    def save(self, trained: torch.nn.Module, out: Path, provenance: dict) -> None:
+        """Write the bundle: "hrmedseg_sam2" for a SAM2 teacher, "lgvit_neck" otherwise."""
+        if self.sam2_model is not None:
+            save_hrmedseg_sam2(self.sam2_model, out, provenance=provenance, settings=self.sam2_settings)
+        else:
+            save_encoder(unwrap(trained), out, provenance=provenance)
+
+
+def _past(deadline: float | None, env: dist_utils.DistEnv, device: torch.device) -> bool:
+    """Whether the time limit has passed; the main process decides, so every rank stops at the same epoch."""
+    if deadline is None:
+        return False
+    late = torch.tensor([int(env.is_main and time.monotonic() > deadline)], device=device)
+    if env.enabled:
+        torch.distributed.broadcast(late, 0)
+    return bool(late.item())
+
+
+def build_student(cfg: DistillConfig, teacher: torch.nn.Module) -> Student:
+    """The student for ``teacher``: a new (or ``--init-encoder``) LGViT + neck, shaped as the teacher's output."""
+    encoder: HRMedSegEncoder = (load_encoder(cfg.init_encoder) if cfg.init_encoder
+                                else HRMedSegEncoder(ENCODER_PRESETS[cfg.encoder_preset]))
+    if cfg.grad_checkpointing:
+        encoder.set_grad_checkpointing(True)
+    if not isinstance(teacher, Sam2Teacher):
+        return Student(encoder, encoder.preprocessing)
+    # LGViT + Sam2Neck; it takes SAM2-normalised input and re-normalises to its encoder's own.
+    student = HRMedSegSam2ImageEncoder(encoder)
+    sam2_model = build_sam2_base(student, teacher.sam2_config)
+    _load_decoder_state(sam2_model, teacher.decoder_state, cfg.teacher)
+    settings = Sam2Settings(_config_path(teacher.sam2_config)[0], True, student.neck.config.to_dict())
+    return Student(student, SAM2_PREDICTOR_PREPROCESSING, sam2_model, settings)
+
+
 def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, emit,
              epoch_log: EpochLog | None) -> dict:
     torch.manual_seed(cfg.seed)
@@ -252,25 +307,10 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
     paths = find_images(cfg.images)
     teacher, teacher_id = build_teacher(cfg.teacher, cfg.img_size)
     teacher = teacher.to(device)
-    encoder: HRMedSegEncoder = (load_encoder(cfg.init_encoder) if cfg.init_encoder
-                                else HRMedSegEncoder(ENCODER_PRESETS[cfg.encoder_preset]))
-    if cfg.grad_checkpointing:
-        encoder.set_grad_checkpointing(True)
-    sam2_model = sam2_settings = None
-    if isinstance(teacher, Sam2Teacher):
-        # LGViT + Sam2Neck; it takes SAM2-normalised input and re-normalises to its encoder's own.
-        student = HRMedSegSam2ImageEncoder(encoder)
-        preprocessing = SAM2_PREDICTOR_PREPROCESSING
-        # The saved model: the student inside SAM2Base with the teacher's heads (shares the student's modules).
-        sam2_model = build_sam2_base(student, teacher.sam2_config)
-        _load_decoder_state(sam2_model, teacher.decoder_state, cfg.teacher)
-        sam2_settings = Sam2Settings(_config_path(teacher.sam2_config)[0], True, student.neck.config.to_dict())
-    else:
-        student = encoder
-        preprocessing = encoder.preprocessing
-    student = student.to(device).train()
+    student = build_student(cfg, teacher)
+    student.module.to(device).train()
     autocast = _autocast(cfg, device)
-    workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+    workers = default_workers(cfg.num_workers)
 
     cache = TeacherCache(cfg.cache_root, teacher_id) if cfg.cache_root else None
     dataset = distill_dataset(cfg, paths, cache)
@@ -285,75 +325,50 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    sampler = DistributedSampler(dataset, env.world_size, env.rank, seed=cfg.seed) if env.enabled else None
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=workers, collate_fn=collate_distill, pin_memory=device.type == "cuda",
-                        drop_last=len(dataset) >= cfg.batch_size * env.world_size, persistent_workers=workers > 0)
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    loader, sampler = train_loader(dataset, cfg.batch_size, workers, collate_distill, env, device, cfg.seed)
+    optimizer = torch.optim.Adam(student.module.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp and cfg.amp_dtype == "fp16" and device.type == "cuda") else None
     start_epoch, step, history = 0, 0, []
     if cfg.resume and state_file.exists():
-        state = load_state(state_file)
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = restore(state_file, student.module, optimizer, scheduler)
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
         emit({"event": "resumed", "epoch": start_epoch})
-    model = student
-    if env.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+    model = wrap_ddp(student.module, env, device)
 
-        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    from tqdm.auto import tqdm
+    def step_loss(batch: dict | None) -> tuple[torch.Tensor, int] | None:
+        nonlocal teacher
+        if batch is None:
+            return None
+        images = batch["image"].to(device, non_blocking=True)
+        target = batch.get("teacher")
+        if target is None:  # no cache (or an entry missing): run the teacher now
+            if teacher is None:
+                teacher, _ = build_teacher(cfg.teacher, cfg.img_size)
+                teacher = teacher.to(device)
+            target = teacher_embed(teacher, images, autocast)
+        target = _to_device(target, device)
+        with autocast():
+            loss = student.loss(model(student.preprocessing.normalize(images.float())), target)
+        return loss, len(images)
 
-    pbar = tqdm(total=(cfg.epochs - start_epoch) * len(loader), desc="distilling", unit="step",
-                disable=not env.is_main, mininterval=0.5 if sys.stderr.isatty() else 30)
+    runner = EpochRunner(
+        loader, sampler, optimizer, scheduler, scaler, env, device, emit,
+        non_finite_message=lambda value, epoch, step: (
+            f"the distillation loss became {value} at step {step}: lower --lr (now {cfg.lr})"),
+        step_event=lambda epoch, step, value: {"event": "step", "epoch": epoch + 1, "step": step, "loss": value},
+        progress_label=("mse", ".5f"),
+        log_every=cfg.log_every,
+        stop_now=lambda step: bool(cfg.max_steps and step >= cfg.max_steps),
+        step=step,
+        progress=progress_bar(env, (cfg.epochs - start_epoch) * len(loader), "distilling"),
+    )
     emit({"event": "start", "images": len(paths), "steps_per_epoch": len(loader), "teacher": teacher_id,
           "cache": str(cfg.cache_root) if cache else None, "world_size": env.world_size})
-    stop = False
     deadline = time.monotonic() + cfg.time_limit_min * 60 if cfg.time_limit_min else None
     for epoch in range(start_epoch, cfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loss_sum, n, seen, t_epoch = 0.0, 0, 0, time.monotonic()
-        for batch in loader:
-            if batch is None:
-                continue
-            images = batch["image"].to(device, non_blocking=True)
-            target = batch.get("teacher")
-            if target is None:  # no cache (or an entry missing): run the teacher now
-                if teacher is None:
-                    teacher, _ = build_teacher(cfg.teacher, cfg.img_size)
-                    teacher = teacher.to(device)
-                target = teacher_embed(teacher, images, autocast)
-            target = _to_device(target, device)
-            with autocast():
-                output = model(preprocessing.normalize(images.float()))
-                if sam2_model is not None:  # sum of the MSEs over the three levels
-                    loss = sum(embedding_mse(s, t) for s, t in zip(output["backbone_fpn"], target, strict=True))
-                else:
-                    loss = embedding_mse(output, target)
-            backward_and_step(loss, optimizer, scaler)
-            step += 1
-            value = loss.item()
-            if not math.isfinite(value):
-                raise HRMedSegError(f"the distillation loss became {value} at step {step}: lower --lr (now {cfg.lr})")
-            loss_sum, n, seen = loss_sum + value, n + 1, seen + len(images)
-            pbar.update(1)
-            pbar.set_postfix(epoch=epoch + 1, mse=f"{value:.5f}")
-            if step % cfg.log_every == 0:
-                emit({"event": "step", "epoch": epoch + 1, "step": step, "loss": value})
-            if cfg.max_steps and step >= cfg.max_steps:
-                stop = True
-                break
-        scheduler.step()
-        elapsed = time.monotonic() - t_epoch
-        row = {"epoch": epoch + 1, "step": step,
-               "train_loss": dist_utils.all_reduce_mean(loss_sum / max(n, 1), env, device),
-               "lr": optimizer.param_groups[0]["lr"],
-               "images_per_s": dist_utils.all_reduce_sum([seen], env, device)[0] / max(elapsed, 1e-9),
-               "time_s": elapsed}
+        totals = runner.run(epoch, step_loss)
+        row = runner.row(epoch, totals)
         if env.is_main:
             history.append(row)
             provenance = {
@@ -361,26 +376,18 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
                 "n_images": len(paths), "epoch": epoch + 1, "mse": row["train_loss"],
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
-            if sam2_model is not None:
-                save_hrmedseg_sam2(sam2_model, out, provenance=provenance, settings=sam2_settings)
-            else:
-                save_encoder(unwrap(model), out, provenance=provenance)
+            student.save(model, out, provenance)
             epoch_log.write(row, step=row["epoch"])
             save_state(state_file, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
+                                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": runner.step,
                                     "history": history, "config": asdict(cfg)})
             emit({"event": "epoch", **row})
-        if deadline is not None and not stop:  # the main process decides, so every rank stops at the same epoch
-            late = torch.tensor([int(env.is_main and time.monotonic() > deadline)], device=device)
-            if env.enabled:
-                torch.distributed.broadcast(late, 0)
-            stop = bool(late.item())
-            if stop:
+        if totals.interrupted or _past(deadline, env, device):
+            if not totals.interrupted:
                 emit({"event": "time_limit", "epoch": epoch + 1})
-        if stop:
             break
-    pbar.close()
-    result = {"out": str(out), "history": history, "steps": step}
+    runner.progress.close()
+    result = {"out": str(out), "history": history, "steps": runner.step}
     if env.is_main:
         emit({"event": "done", "out": str(out), "epochs": len(history),
               "mse": history[-1]["train_loss"] if history else float("nan")})

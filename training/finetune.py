@@ -19,7 +19,6 @@ import datetime as _dt
 import logging
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -29,22 +28,23 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from hrmedseg.errors import HRMedSegError, InputError
-from hrmedseg.models.box_prior import add_box_prior
 from hrmedseg.models.fast_decoder import FastMaskDecoder
 from hrmedseg.models.info import Sam2Settings
 from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
 from hrmedseg.models.preprocessing import Preprocessing
+from hrmedseg.models.prompting import prompt_geometry
+from hrmedseg.models.training_views import BoxPromptedSegmenter, Sam2BoxPromptedSegmenter
 
 from . import distributed as dist_utils
-from .checkpointing import load_state, log_path_for, save_state, state_path_for, unwrap
+from .checkpointing import log_path_for, save_state, state_path_for, unwrap
 from .data import CropSettings, DatasetInfo, SegmentationCrops, collate, discover_samples, parse_classes, split_samples
 from .epoch_log import EpochLog, require_tensorboard
+from .loop import EpochRunner, default_workers, loader_options, progress_bar, restore, train_loader, wrap_ddp
 from .losses import segmentation_loss
 from .metrics import dice_per_mask, iou_per_mask
-from .steps import backward_and_step
 
 log = logging.getLogger(__name__)
 
@@ -150,139 +150,8 @@ class FinetuneConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Models as the training loop sees them
+# Models as the training loop sees them (the wrappers live in hrmedseg.models.training_views)
 # --------------------------------------------------------------------------------------------
-
-
-class BoxPromptedSegmenter(nn.Module):
-    """HRMedSegSAM for training: normalised images and per-image boxes -> low-res mask logits.
-
-    forward(images (B, 3, S, S), boxes [ (K_i, 4) xyxy in input pixels ]) ->
-    [ (K_i, 1, S/4, S/4) logits ] (SAM's mask decoder output, single-mask mode, with the model's
-    box prior added as at inference); with ``return_iou=True`` also [ (K_i,) predicted IoU ].
-    The prompt encoder's geometry is set to S; the saved model keeps SAM's 1024 (only buffers
-    derived from S change, no weights).
-
-    ``frozen_fast = True`` (``--train-only iou-head``, where nothing but the IoU head trains):
-    the encoder and the mask decoder run without gradient, the decoder as the engine's
-    ``FastMaskDecoder`` (the same logits to rounding, about 5x less work per box on a CPU);
-    only the IoU head is applied with gradient, to the IoU token the decoder computed.
-    """
-
-    def __init__(self, sam: nn.Module, input_size: int, box_prior: str = "none") -> None:
-        super().__init__()
-        self.sam = sam
-        self.input_size = input_size
-        self.box_prior = box_prior  # "none" or "ellipse" (models/box_prior.py); saved with the model
-        self.frozen_fast = False
-        self._fast_decoder: list = []  # built on first use; a list keeps it out of the state dict
-
-    def _decode_frozen_fast(self, embedding: torch.Tensor, dense_pe: torch.Tensor, sparse: torch.Tensor,
-                            dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen decoder's (K, 1, h, w) logits (no gradient) and its IoU head's (K, 1) output (with gradient)."""
-        decoder = self.sam.mask_decoder
-        if not self._fast_decoder or next(iter(self._fast_decoder[0].buffers())).device != embedding.device:
-            self._fast_decoder[:] = [FastMaskDecoder.from_sam(decoder, self.sam.prompt_encoder)]
-        fast = self._fast_decoder[0]
-        tokens: list[torch.Tensor] = []
-        hook = decoder.iou_prediction_head.register_forward_hook(lambda m, args, out: tokens.append(args[0]))
-        try:
-            with torch.no_grad():
-                fast.prepare(embedding.detach(), dense_pe)
-                out = fast.predict(sparse.detach(), dense.detach(), None, multimask_output=False)
-        finally:
-            hook.remove()
-        # The single-mask output is mask token 0, whose score is the head's first output.
-        return out.masks, decoder.iou_prediction_head(torch.cat(tokens))[:, :1]
-
-    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], return_iou: bool = False
-                ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
-        pe = self.sam.prompt_encoder
-        grid = self.input_size // 16
-        pe.input_image_size = (self.input_size, self.input_size)
-        pe.image_embedding_size = (grid, grid)
-        with torch.no_grad() if self.frozen_fast else nullcontext():
-            embeddings = self.sam.image_encoder(images)
-        dense_pe = pe.get_dense_pe()
-        outputs, ious = [], []
-        for i, image_boxes in enumerate(boxes):
-            if len(image_boxes) == 0:
-                outputs.append(embeddings.new_zeros((0, 1, 4 * grid, 4 * grid)))
-                ious.append(embeddings.new_zeros((0,)))
-                continue
-            sparse, dense = pe(points=None, boxes=image_boxes, masks=None)
-            if self.frozen_fast:
-                low_res, iou = self._decode_frozen_fast(embeddings[i : i + 1], dense_pe, sparse, dense)
-            else:
-                # SAM's decoder repeats one image's embedding for each prompt, hence one image at a time.
-                low_res, iou = self.sam.mask_decoder(
-                    image_embeddings=embeddings[i : i + 1],
-                    image_pe=dense_pe,
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=False,
-                )
-            outputs.append(add_box_prior(low_res, image_boxes, (self.input_size,) * 2, self.box_prior))
-            ious.append(iou[:, 0])
-        return (outputs, ious) if return_iou else outputs
-
-
-class Sam2BoxPromptedSegmenter(nn.Module):
-    """HRMedSegSAM2 for training: images and per-image boxes -> low-res mask logits.
-
-    forward(images (B, 3, S, S) normalised as SAM2ImagePredictor does (ImageNet statistics;
-    ``HRMedSegSam2ImageEncoder`` re-normalises for its encoder), boxes [ (K_i, 4) xyxy in input
-    pixels ]) -> [ (K_i, 1, S/4, S/4) logits ] (and with ``return_iou=True`` [ (K_i,) predicted
-    IoU ] of those masks): SAM2's mask decoder in single-mask mode, fed the
-    way ``SAM2ImagePredictor.set_image_batch`` + ``_predict`` feed it (no_mem_embed added to the
-    1/16 level, the 1/4 and 1/8 levels as high-res features, boxes as corner points labelled 2
-    and 3). The prompt encoder's geometry is set to S (it has no size-dependent weights); the
-    saved model keeps SAM2's 1024.
-    """
-
-    def __init__(self, sam: nn.Module, input_size: int, settings: Sam2Settings | None = None) -> None:
-        super().__init__()
-        self.sam = sam
-        self.input_size = input_size
-        self.settings = settings  # sam2 config and memory flag, saved with the model
-
-    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], return_iou: bool = False
-                ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
-        sam = self.sam
-        pe = sam.sam_prompt_encoder
-        grid = self.input_size // 16
-        pe.input_image_size = (self.input_size, self.input_size)
-        pe.image_embedding_size = (grid, grid)
-        backbone_out = sam.forward_image(images)
-        _, vision_feats, _, feat_sizes = sam._prepare_backbone_features(backbone_out)
-        if sam.directly_add_no_mem_embed:
-            vision_feats[-1] = vision_feats[-1] + sam.no_mem_embed
-        batch = images.shape[0]
-        feats = [f.permute(1, 2, 0).reshape(batch, -1, *size) for f, size in zip(vision_feats, feat_sizes)]
-        embeddings, high_res = feats[-1], feats[:-1]
-        dense_pe = pe.get_dense_pe()
-        outputs, ious = [], []
-        for i, image_boxes in enumerate(boxes):
-            if len(image_boxes) == 0:
-                outputs.append(embeddings.new_zeros((0, 1, 4 * grid, 4 * grid)))
-                ious.append(embeddings.new_zeros((0,)))
-                continue
-            # As SAM2ImagePredictor._predict: a box is two points labelled 2 (top-left) and 3 (bottom-right).
-            coords = image_boxes.reshape(-1, 2, 2).to(embeddings.dtype)
-            labels = torch.tensor([[2, 3]], dtype=torch.int, device=coords.device).repeat(len(coords), 1)
-            sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
-            low_res, iou, _, _ = sam.sam_mask_decoder(
-                image_embeddings=embeddings[i : i + 1],
-                image_pe=dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-                repeat_image=True,
-                high_res_features=[h[i : i + 1] for h in high_res] if sam.use_high_res_features_in_sam else None,
-            )
-            outputs.append(low_res)
-            ious.append(iou[:, 0])
-        return (outputs, ious) if return_iou else outputs
 
 
 def _find_encoder(model: nn.Module) -> HRMedSegEncoder:
@@ -407,23 +276,13 @@ def save_model(model: nn.Module, cfg: FinetuneConfig, path: str | os.PathLike, p
     if isinstance(model, Sam2BoxPromptedSegmenter):
         from hrmedseg.models.sam2 import save_hrmedseg_sam2
 
-        pe, size = model.sam.sam_prompt_encoder, model.sam.image_size
-        geometry = pe.input_image_size, pe.image_embedding_size
-        pe.input_image_size, pe.image_embedding_size = (size, size), (size // model.sam.backbone_stride,) * 2
-        try:
+        with prompt_geometry(model.sam.sam_prompt_encoder, model.sam.image_size, model.sam.backbone_stride):
             return save_hrmedseg_sam2(model.sam, path, provenance=provenance, settings=model.settings)
-        finally:
-            pe.input_image_size, pe.image_embedding_size = geometry
     if isinstance(model, BoxPromptedSegmenter):
         from hrmedseg.models.sam import IMAGE_SIZE, save_hrmedseg_sam
 
-        pe = model.sam.prompt_encoder
-        geometry = pe.input_image_size, pe.image_embedding_size
-        pe.input_image_size, pe.image_embedding_size = (IMAGE_SIZE, IMAGE_SIZE), (IMAGE_SIZE // 16,) * 2
-        try:
+        with prompt_geometry(model.sam.prompt_encoder, IMAGE_SIZE):
             return save_hrmedseg_sam(model.sam, path, provenance=provenance, box_prior=model.box_prior)
-        finally:
-            pe.input_image_size, pe.image_embedding_size = geometry
     from hrmedseg.models.hrmedseg_model import save_hrmedseg
 
     return save_hrmedseg(model, path, provenance=provenance)
@@ -590,17 +449,8 @@ def finetune(cfg: FinetuneConfig, on_event: Callable[[Event], None] | None = Non
         dist_utils.cleanup(env)
 
 
-def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device, emit: Callable,
-              epoch_log: EpochLog | None) -> FinetuneResult:
-    torch.manual_seed(cfg.seed + env.rank)
-    out = Path(cfg.out)
-    state_file = state_path_for(out)
-    rules = parse_classes(cfg.classes)
-    class_names = [r.name for r in rules] if rules else None
-    num_classes = len(rules) if rules else 1
-    info, train_samples, val_samples = _load_data(cfg)
-
-    model = build_model(cfg, num_classes, class_names).to(device)
+def _prepare_for_training(model: nn.Module, cfg: FinetuneConfig) -> Preprocessing:
+    """Apply --grad-checkpointing, --freeze-encoder and --train-only to ``model``; return its input normalisation."""
     encoder, preprocessing, set_grad_checkpointing = _encoder_parts(model)
     if cfg.grad_checkpointing:
         set_grad_checkpointing(True)
@@ -613,6 +463,21 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
                  freeze_all_but_iou_head(model))
         if isinstance(model, BoxPromptedSegmenter):
             model.frozen_fast = FastMaskDecoder.supports(model.sam.mask_decoder)
+    return preprocessing
+
+
+def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device, emit: Callable,
+              epoch_log: EpochLog | None) -> FinetuneResult:
+    torch.manual_seed(cfg.seed + env.rank)
+    out = Path(cfg.out)
+    state_file = state_path_for(out)
+    rules = parse_classes(cfg.classes)
+    class_names = [r.name for r in rules] if rules else None
+    num_classes = len(rules) if rules else 1
+    info, train_samples, val_samples = _load_data(cfg)
+
+    model = build_model(cfg, num_classes, class_names).to(device)
+    preprocessing = _prepare_for_training(model, cfg)
     iou_weight = cfg.iou_loss_weight if cfg.task == "box" else 0.0
 
     crop = CropSettings(size=cfg.img_size, mode=cfg.resolved_input_mode, scale=cfg.scale,
@@ -620,13 +485,10 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
     common = dict(task=cfg.task, crop=crop, classes=rules, max_boxes=cfg.max_boxes, seed=cfg.seed)
     train_set = SegmentationCrops(train_samples, train=True, repeats=cfg.repeats, box_jitter=cfg.box_jitter, **common)
     val_set = SegmentationCrops(val_samples, train=False, **common)
-    workers = cfg.num_workers if cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
-    sampler = DistributedSampler(train_set, env.world_size, env.rank, seed=cfg.seed) if env.enabled else None
-    loader_kw = dict(num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                     persistent_workers=workers > 0)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                              drop_last=len(train_set) >= cfg.batch_size * env.world_size, **loader_kw)
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, **loader_kw)
+    workers = default_workers(cfg.num_workers)
+    train_batches, sampler = train_loader(train_set, cfg.batch_size, workers, collate, env, device, cfg.seed)
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False,
+                            **loader_options(workers, collate, device))
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -638,12 +500,7 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
     start_epoch, best, before, bad_epochs, history, step = 0, -math.inf, float("nan"), 0, [], 0
     best_dice = -math.inf
     if cfg.resume and state_file.exists():
-        state = load_state(state_file)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        state = restore(state_file, unwrap(model), optimizer, scheduler, scaler)
         start_epoch, best_dice, before = state["epoch"], state["best_val_dice"], state["val_dice_before"]
         best = state.get("best_score", best_dice)
         bad_epochs, history, step = state["bad_epochs"], state["history"], state.get("step", 0)
@@ -652,16 +509,11 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
     elif cfg.resume:
         log.info("no state at %s: starting a new run", state_file)
 
-    train_model: nn.Module = model
-    if env.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # SAM's decoder has outputs unused in single-mask mode (other mask tokens, IoU head).
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=cfg.task == "box")
+    # SAM's decoder has outputs unused in single-mask mode (other mask tokens, IoU head).
+    train_model = wrap_ddp(model, env, device, find_unused_parameters=cfg.task == "box")
 
     emit({"event": "start", "model": cfg.model, "train_images": len(train_samples), "val_images": len(val_samples),
-          "epochs": cfg.epochs, "steps_per_epoch": len(train_loader), "device": str(device),
+          "epochs": cfg.epochs, "steps_per_epoch": len(train_batches), "device": str(device),
           "world_size": env.world_size})
     if start_epoch == 0 and env.is_main:
         first = evaluate(model, val_loader, preprocessing, device, autocast)
@@ -672,44 +524,36 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
     t_start = time.monotonic()
     deadline = t_start + cfg.time_limit_min * 60 if cfg.time_limit_min else None
     stopped = "epochs"
-    epoch = start_epoch
-    pbar = _progress_bar(env, (cfg.epochs - start_epoch) * len(train_loader))
+    runner = EpochRunner(
+        train_batches, sampler, optimizer, scheduler, scaler, env, device, emit,
+        non_finite_message=lambda value, epoch, step: (
+            f"the training loss became {value} at epoch {epoch + 1}, step {step}: lower --lr (now {cfg.lr}) "
+            f"or use --amp-dtype bf16"),
+        step_event=lambda epoch, step, value: {"event": "step", "epoch": epoch + 1, "step": step, "loss": value,
+                                               "lr": optimizer.param_groups[0]["lr"]},
+        log_every=cfg.log_every,
+        stop_now=lambda step: bool((deadline and time.monotonic() > deadline) or (cfg.max_steps and step >= cfg.max_steps)),
+        step=step,
+        progress=progress_bar(env, (cfg.epochs - start_epoch) * len(train_batches), "fine-tuning"),
+    )
     for epoch in range(start_epoch, cfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
         set_train_mode(train_model, cfg)
-        loss_sum, n_loss, images_seen, t_epoch = 0.0, 0, 0, time.monotonic()
         iou_loss_sum: float | torch.Tensor = 0.0  # summed on the device, read once per epoch
-        for batch in train_loader:
+
+        def step_loss(batch: dict) -> tuple[torch.Tensor, int] | None:
+            nonlocal iou_loss_sum
             parts: dict[str, torch.Tensor] = {}
             with autocast():
                 loss, _ = batch_loss(train_model, batch, preprocessing, device, iou_weight, parts)
             if loss is None:
-                continue
+                return None
             iou_loss_sum += parts.get("iou_loss", 0.0)
-            backward_and_step(loss, optimizer, scaler)
-            step += 1
-            value = loss.item()
-            if not math.isfinite(value):
-                raise HRMedSegError(f"the training loss became {value} at epoch {epoch + 1}, step {step}: lower --lr "
-                                    f"(now {cfg.lr}) or use --amp-dtype bf16")
-            loss_sum, n_loss, images_seen = loss_sum + value, n_loss + 1, images_seen + len(batch["image"])
-            if pbar is not None:
-                pbar.update(1)
-                pbar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}")
-            if step % cfg.log_every == 0:
-                emit({"event": "step", "epoch": epoch + 1, "step": step, "loss": value,
-                      "lr": optimizer.param_groups[0]["lr"]})
-            if (deadline and time.monotonic() > deadline) or (cfg.max_steps and step >= cfg.max_steps):
-                break
-        scheduler.step()
-        train_loss = dist_utils.all_reduce_mean(loss_sum / max(n_loss, 1), env, device)
-        epoch_time = time.monotonic() - t_epoch
-        row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss}
-        if iou_weight > 0:
-            row["train_iou_loss"] = dist_utils.all_reduce_mean(float(iou_loss_sum) / max(n_loss, 1), env, device)
-        row.update({"lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": images_seen * env.world_size / max(epoch_time, 1e-9), "time_s": epoch_time})
+            return loss, len(batch["image"])
+
+        totals = runner.run(epoch, step_loss)
+        step = runner.step
+        extra = {"train_iou_loss": runner.mean_over_ranks(iou_loss_sum, totals)} if iou_weight > 0 else {}
+        row = runner.row(epoch, totals, **extra)
         if env.is_main:
             row.update(evaluate(model, val_loader, preprocessing, device, autocast))
             score = _selection_score(cfg, row)
@@ -743,8 +587,7 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
             torch.distributed.broadcast(stop, 0)
         if stop.item():
             break
-    if pbar is not None:
-        pbar.close()
+    runner.progress.close()
     epochs_run = len(history)
     result = FinetuneResult(out, best_dice, before, epochs_run, history, stopped)
     if env.is_main:
@@ -757,16 +600,6 @@ def _selection_score(cfg: FinetuneConfig, row: dict) -> float:
     """Higher is better: val Dice, or minus the IoU head's val error when only that head trains."""
     value = -row.get("val_iou_mae", math.nan) if cfg.train_only == "iou-head" else row["val_dice"]
     return value if math.isfinite(value) else -math.inf
-
-
-def _progress_bar(env: dist_utils.DistEnv, total: int):
-    if not env.is_main:
-        return None
-    from tqdm.auto import tqdm
-
-    # Redirected to a file (GPU jobs, the widget): a line every 30 s instead of a redraw per step.
-    return tqdm(total=total, desc="fine-tuning", unit="step", dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 def _provenance(cfg: FinetuneConfig, info: DatasetInfo, n_train: int, n_val: int, row: dict, before: float) -> dict:

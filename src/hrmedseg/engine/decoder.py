@@ -20,13 +20,16 @@
 ``HRMedSegEncoder``) and :class:`RegionBoxDecoder` (when the mask decoder is SAM's two-block one);
 ``"onnxruntime"`` (CPU) runs that encoder exported to ONNX in ONNX Runtime, with the same decoder.
 SAM2 models have no fast path: they run their plain modules under every backend.
+
+Boxes reach SAM's and SAM2's decoders through ``hrmedseg.models.prompting``, the path
+fine-tuning's model wrappers take too.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, NamedTuple, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ from torch import nn
 
 from ..models.fast_decoder import FastSamBoxDecoder
 from ..models.preprocessing import Preprocessing
+from ..models.prompting import Sam2Features, decode_sam2_boxes, decode_sam_boxes, sam2_features
 from .crops import Crop, CropPolicy, mask_region
 
 log = logging.getLogger(__name__)
@@ -96,14 +100,7 @@ class SamBoxDecoder:
     def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """embedding (1, 256, 64, 64); boxes (N, 4) xyxy input px -> logits (N, 1, 256, 256), scores (N,)."""
         boxes = boxes.to(embedding.device, torch.float32)
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
-        logits, iou = self.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=self.multimask,
-        )
+        logits, iou = decode_sam_boxes(self.prompt_encoder, self.mask_decoder, embedding, boxes, self.multimask)
         return _best_single_mask(logits, iou, self.multimask)
 
 
@@ -131,26 +128,12 @@ class RegionBoxDecoder(FastSamBoxDecoder):
 # --------------------------------------------------------------------------------------------
 
 
-class Sam2Features(NamedTuple):
-    """What :class:`Sam2ImageEncoder` returns (and the engine caches) per crop.
-
-    The same tensors as ``SAM2ImagePredictor._features``:
-    ``image_embed`` (1, C, S/16, S/16) with ``no_mem_embed`` added (models with
-    ``directly_add_no_mem_embed``); ``high_res_feats`` ((1, C/8, S/4, S/4), (1, C/4, S/8, S/8)),
-    the 1/4 and 1/8 levels after the mask decoder's ``conv_s0`` / ``conv_s1`` (empty for models
-    without ``use_high_res_features_in_sam``). C = 256 for SAM2.
-    """
-
-    image_embed: torch.Tensor
-    high_res_feats: tuple[torch.Tensor, ...]
-
-
 def sam2_input_preprocessing(model: nn.Module) -> Preprocessing:
     """The pixel normalisation a SAM2Base model's image encoder expects, in 0..255 units.
 
     HRMedSegSAM2's encoder records it (``input_preprocessing``: ImageNet statistics, as
-    SAM2ImagePredictor and the fine-tuning apply, re-normalised inside for its LGViT); SAM2's own
-    Hiera encoder expects SAM2ImagePredictor's ImageNet statistics.
+    SAM2ImagePredictor applies, re-normalised inside for its LGViT); SAM2's own Hiera encoder
+    expects SAM2ImagePredictor's ImageNet statistics.
     """
     from ..models.sam2 import SAM2_PREDICTOR_PREPROCESSING
 
@@ -160,13 +143,12 @@ def sam2_input_preprocessing(model: nn.Module) -> Preprocessing:
 class Sam2ImageEncoder:
     """A SAM2Base model's image path, for the engine's square crops.
 
-    Preprocessing is the fine-tuning's (``hrmedseg.training.finetune``, ``--model hrmedseg-sam2``):
-    the crop (0..255 RGB, h, w <= S = ``model.image_size``) is padded bottom/right to S x S with
-    the rounded pixel mean (training's pad value) and normalised with
-    :func:`sam2_input_preprocessing`; it is never stretched. For an S x S image this is exactly
-    what ``SAM2ImagePredictor.set_image`` computes (which instead resizes any image to S x S
-    without keeping its aspect ratio). Features are then computed as ``set_image`` does:
-    ``forward_image``, ``_prepare_backbone_features``, ``no_mem_embed`` added to the 1/16 level.
+    The crop (0..255 RGB, h, w <= S = ``model.image_size``) is padded bottom/right to S x S with
+    the rounded pixel mean (``Preprocessing.pad_value``, which training pads with too) and
+    normalised with :func:`sam2_input_preprocessing`; it is never stretched. For an S x S image
+    this is exactly what ``SAM2ImagePredictor.set_image`` computes (which instead resizes any
+    image to S x S without keeping its aspect ratio). Features come from
+    ``hrmedseg.models.prompting.sam2_features`` (``no_mem_embed`` added to the 1/16 level).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -197,27 +179,22 @@ class Sam2ImageEncoder:
         model = self.model
         device = model.no_mem_embed.device
         x = self.preprocessing.normalize(self.pad(image.to(device, torch.float32)))
-        backbone_out = model.forward_image(x)
-        _, feats, _, sizes = model._prepare_backbone_features(backbone_out)
-        if model.directly_add_no_mem_embed:
-            feats[-1] = feats[-1] + model.no_mem_embed
-        # (h*w, 1, C) -> (1, C, h, w), finest level first
-        maps = [f.permute(1, 2, 0).reshape(1, -1, *size) for f, size in zip(feats, sizes)]
-        high_res = tuple(maps[:-1]) if model.use_high_res_features_in_sam else ()
-        return Sam2Features(maps[-1], high_res)
+        return sam2_features(model, x)
 
 
 class Sam2BoxDecoder:
     """SAM2's prompt encoder + mask decoder for N boxes on one crop's :class:`Sam2Features`.
 
-    Boxes are fed as ``SAM2ImagePredictor._predict`` and the fine-tuning feed them: two corner
-    points labelled 2 (top-left) and 3 (bottom-right). The decoder runs in single-mask mode (what
-    ``--model hrmedseg-sam2`` trains); in eval mode sam2's decoder then falls back to the best
-    multimask output when the single mask is unstable (``dynamic_multimask_via_stability``, as in
-    SAM2ImagePredictor). ``multimask=True`` takes the best of the three masks by predicted IoU.
+    Boxes go through ``hrmedseg.models.prompting.decode_sam2_boxes`` (two corner points labelled
+    2 (top-left) and 3 (bottom-right), as ``SAM2ImagePredictor._predict``). The decoder runs in
+    single-mask mode (what ``--model hrmedseg-sam2`` trains); in eval mode sam2's decoder then
+    falls back to the best multimask output when the single mask is unstable
+    (``dynamic_multimask_via_stability``, as in SAM2ImagePredictor). ``multimask=True`` takes the
+    best of the three masks by predicted IoU.
     """
 
     def __init__(self, model: nn.Module, multimask: bool = False) -> None:
+        self.model = model
         self.prompt_encoder = model.sam_prompt_encoder
         self.mask_decoder = model.sam_mask_decoder
         self.multimask = multimask
@@ -225,19 +202,8 @@ class Sam2BoxDecoder:
     @torch.inference_mode()
     def __call__(self, features: Sam2Features, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features of one crop; boxes (N, 4) xyxy input px -> logits (N, 1, S/4, S/4), scores (N,)."""
-        embed = features.image_embed
-        corners = boxes.to(embed.device, torch.float32).reshape(-1, 2, 2)
-        labels = torch.tensor([[2, 3]], dtype=torch.int, device=embed.device).repeat(len(corners), 1)
-        sparse, dense = self.prompt_encoder(points=(corners, labels), boxes=None, masks=None)
-        logits, iou, _, _ = self.mask_decoder(
-            image_embeddings=embed,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=self.multimask,
-            repeat_image=True,  # one crop's features for all N boxes
-            high_res_features=list(features.high_res_feats) or None,
-        )
+        boxes = boxes.to(features.image_embed.device, torch.float32)
+        logits, iou = decode_sam2_boxes(self.model, features, boxes, self.multimask)
         return _best_single_mask(logits, iou, self.multimask)
 
 

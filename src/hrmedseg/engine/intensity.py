@@ -5,7 +5,14 @@
   ``hi`` -> 255, clipped, where (lo, hi) are given (``contrast_limits``, e.g. a napari layer's)
   or are percentiles (default 1 and 99.8) of the whole image, estimated once per image from a
   small pyramid level, the full image when it is small, or a grid of sample blocks.
-- One channel becomes grey RGB (repeated); two channels become red and green.
+- One channel becomes grey RGB (repeated); two channels become red and green (blue zero).
+
+This is the one pixel pipeline: the engine (box prompts and prompt-free) and the training data
+reader (``hrmedseg.training.data``) both turn raw pixels into model RGB with
+:func:`compute_scaling` and :meth:`ChannelScaling.apply`. Training reads whole images with
+:func:`whole_image_rgb` under :data:`TRAINING_INTENSITY` (per-channel min..max), which is also
+the prompt-free engine's default; the box engine's default percentiles are 1 and 99.8.
+Without a user's channel choice (training), :func:`default_channels` picks the channels.
 """
 
 from __future__ import annotations
@@ -57,7 +64,12 @@ class ChannelScaling:
         return to_rgb(x)
 
 
+# Training maps every non-uint8 channel min..max (percentiles 0 and 100 of that channel).
+TRAINING_INTENSITY = IntensityOptions(percentiles=(0.0, 100.0))
+
+
 def to_rgb(x: np.ndarray) -> np.ndarray:
+    """(h, w, C) with C in 1..3 -> (h, w, 3): grey repeated, two channels as red and green."""
     c = x.shape[-1]
     if c == 3:
         return x
@@ -103,11 +115,40 @@ def compute_scaling(image, options: IntensityOptions = IntensityOptions()) -> Ch
         raise InputError(f"percentiles {options.percentiles!r} must satisfy 0 <= low < high <= 100")
     sample = _stats_sample(image).astype(np.float64)
     sample = np.where(np.isfinite(sample), sample, np.nan)
-    lo = np.nanpercentile(sample, p_lo, axis=0)
-    hi = np.nanpercentile(sample, p_hi, axis=0)
+    # Percentiles 0 and 100 are the min and max, found without sorting (training's default).
+    lo = np.nanmin(sample, axis=0) if p_lo == 0 else np.nanpercentile(sample, p_lo, axis=0)
+    hi = np.nanmax(sample, axis=0) if p_hi == 100 else np.nanpercentile(sample, p_hi, axis=0)
     lo = np.where(np.isfinite(lo), lo, 0.0)
     hi = np.where(np.isfinite(hi) & (hi > lo), hi, lo + 1.0)  # flat channel: avoid division by zero
     return ChannelScaling(tuple(float(v) for v in lo), tuple(float(v) for v in hi))
+
+
+def default_channels(n_source_channels: int) -> tuple[int, ...]:
+    """The channels read when nobody chose them (training data): all of 1, 2 or 3; the first 3 of 4.
+
+    Two channels are shown as red and green, as the engine shows a two-channel choice; a fourth
+    channel is taken for alpha and dropped (the readers drop uint8 RGBA alpha the same way).
+    """
+    if n_source_channels in (1, 2, 3):
+        return tuple(range(n_source_channels))
+    if n_source_channels == 4:
+        return (0, 1, 2)
+    raise InputError(f"{n_source_channels} channels cannot be shown as RGB; expected 1 to 4")
+
+
+def whole_image_rgb(image, options: IntensityOptions = TRAINING_INTENSITY) -> np.ndarray:
+    """A whole ``image`` (a LazyImage, level 0) -> (H, W, 3) uint8 model pixels.
+
+    The scaling comes from :func:`compute_scaling` (statistics of the image itself when it has at
+    most ``STATS_PIXELS`` pixels, sampled otherwise, as in the engine); values are rounded to
+    integers as the prompt-free engine rounds them.
+    """
+    h, w = image.shape_yx
+    scaling = compute_scaling(image, options)
+    rgb = scaling.apply(image.read(0, h, 0, w))
+    if scaling.lo is None:  # uint8 pass-through: already integers in 0..255
+        return np.ascontiguousarray(rgb, dtype=np.uint8)
+    return np.round(rgb).astype(np.uint8)
 
 
 def normalise(raw: np.ndarray, options: IntensityOptions | None = None, scaling: ChannelScaling | None = None) -> np.ndarray:
@@ -119,4 +160,13 @@ def normalise(raw: np.ndarray, options: IntensityOptions | None = None, scaling:
     return scaling.apply(raw)
 
 
-__all__: Sequence[str] = ["IntensityOptions", "ChannelScaling", "compute_scaling", "normalise", "to_rgb"]
+__all__: Sequence[str] = [
+    "TRAINING_INTENSITY",
+    "IntensityOptions",
+    "ChannelScaling",
+    "compute_scaling",
+    "default_channels",
+    "normalise",
+    "to_rgb",
+    "whole_image_rgb",
+]

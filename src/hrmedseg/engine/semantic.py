@@ -20,9 +20,10 @@ by ``hrmedseg.training.finetune``): ``input_mode``, ``img_size``, ``scale``. Inf
 
 All resizing is PIL-style bilinear (antialiased when shrinking), as training's ``_resize``; it is
 computed window by window from global coordinates, so tiles agree exactly where they meet.
-Pixels become RGB 0..255 as training's ``to_rgb_uint8`` did: uint8 grey/RGB pass through, other
-types are scaled min..max (percentiles 0 and 100, estimated from a pyramid level or sample
-blocks for huge images) and rounded; grey is repeated to three channels.
+Pixels become RGB 0..255 through the pipeline training reads with (``engine.intensity``,
+``TRAINING_INTENSITY``): uint8 grey/RGB pass through, other types are scaled per channel
+min..max (percentiles 0 and 100, estimated from a pyramid level or sample blocks for huge
+images) and rounded; grey is repeated to three channels, two channels are red and green.
 
 Output: one sigmoid channel per class. With one channel, ``segment`` returns instances (int32
 connected components of the foreground, 8-connected). With several, a uint8 class image where
@@ -46,14 +47,12 @@ from torch import nn
 from ..errors import HRMedSegError, InputError, WeightsError
 from ..io.readers import LazyImage, open_image
 from ..weights.checkpoint import Checkpoint, read_checkpoint
-from .intensity import ChannelScaling, IntensityOptions, compute_scaling
+from .intensity import TRAINING_INTENSITY, ChannelScaling, IntensityOptions, compute_scaling
 
 log = logging.getLogger(__name__)
 
 PROMPT_FREE_ARCHITECTURE = "hrmedseg"
 INPUT_MODES = ("crop", "fit")
-# Training's to_rgb_uint8 maps >8-bit images min..max; uint8 passes through.
-TRAINING_INTENSITY = IntensityOptions(percentiles=(0.0, 100.0))
 # Native block size for resampling 'fit' logits to native resolution (bounds memory per step).
 NATIVE_BLOCK = 2048
 

@@ -226,29 +226,39 @@ class ArrayImage(LazyImage):
         return window[:, :, list(self.channels)]
 
 
+def decode_with_pillow(path: Path) -> np.ndarray:
+    """A PNG / JPEG (any format Pillow reads) decoded in full: (H, W) grey or (H, W, 3|4) RGB(A).
+
+    Palette images become RGB(A), grey + alpha becomes grey, CMYK becomes RGB, and Pillow's
+    int32 'I' mode of 16-bit PNGs becomes uint16. Errors are :class:`InputError` naming the file.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # detects truncation and corruption cheaply
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 2**31)
+        with Image.open(path) as im:
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in ("LA",):
+                im = im.convert("L")
+            elif im.mode == "CMYK":
+                im = im.convert("RGB")
+            data = np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"cannot read image {path}: it is corrupt, truncated or not an image ({err})") from err
+    if data.dtype == np.int32 and data.size and data.min() >= 0 and data.max() < 65536:
+        data = data.astype(np.uint16)  # Pillow's 'I' mode for 16-bit PNGs
+    return data
+
+
 class DecodedFileImage(ArrayImage):
     """PNG / JPEG (and other formats Pillow reads): decoded in full on first use."""
 
     def __init__(self, path: Path, channel: int | Sequence[int] | None = None) -> None:
-        from PIL import Image
-
         self.path = path
-        try:
-            with Image.open(path) as im:
-                im.verify()  # detects truncation and corruption cheaply
-            Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 2**31)
-            with Image.open(path) as im:
-                if im.mode == "P":
-                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-                elif im.mode in ("LA",):
-                    im = im.convert("L")
-                elif im.mode == "CMYK":
-                    im = im.convert("RGB")
-                data = np.asarray(im)
-        except (OSError, SyntaxError, ValueError) as err:
-            raise InputError(f"cannot read image {path}: it is corrupt, truncated or not an image ({err})") from err
-        if data.dtype == np.int32 and data.size and data.min() >= 0 and data.max() < 65536:
-            data = data.astype(np.uint16)  # Pillow's 'I' mode for 16-bit PNGs
+        data = decode_with_pillow(path)
         st = path.stat()
         super().__init__(data, channel=channel, name=str(path), source_key=f"file:{path.resolve()}:{st.st_mtime_ns}:{st.st_size}")
 

@@ -1,0 +1,164 @@
+"""Box prompts into SAM and SAM2 decoders: the one path the engine and fine-tuning both take.
+
+- SAM (a segment_anything ``Sam``-like model: ``prompt_encoder``, ``mask_decoder``):
+  :func:`sam_box_prompt` embeds boxes as SAM's box prompt, :func:`decode_sam_boxes` runs the
+  mask decoder on one image's embedding for N boxes.
+- SAM2 (a sam2 ``SAM2Base``): :func:`sam2_features` computes what ``SAM2ImagePredictor.set_image``
+  computes (``forward_image``, ``_prepare_backbone_features``, ``no_mem_embed`` added to the 1/16
+  level), :func:`sam2_box_prompt` embeds boxes as ``SAM2ImagePredictor._predict`` does (two
+  corner points labelled 2 and 3), :func:`decode_sam2_boxes` runs its mask decoder for N boxes.
+- :func:`set_prompt_geometry` / :func:`prompt_geometry`: the input size the prompt encoder
+  scales box coordinates for (training runs at any size S; saved models keep 1024).
+
+Models trained with a shape prior add it to the decoder's low-res logits with
+``hrmedseg.models.box_prior.add_box_prior(logits, boxes, (S, S), box_prior)``; callers pass the
+prior's name, read from wherever the model's metadata is kept.
+
+Nothing here switches gradients off: the engine calls these under ``inference_mode``/``no_grad``,
+training with gradients.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
+
+import torch
+from torch import nn
+
+# SAM2's point labels for the two corners of a box (SAM2ImagePredictor._prep_prompts).
+SAM2_BOX_CORNER_LABELS = (2, 3)
+
+
+class Sam2Features(NamedTuple):
+    """A SAM2 model's image features for its mask decoder (``SAM2ImagePredictor._features``).
+
+    ``image_embed`` (B, C, S/16, S/16) with ``no_mem_embed`` added (models with
+    ``directly_add_no_mem_embed``); ``high_res_feats`` ((B, C/8, S/4, S/4), (B, C/4, S/8, S/8)),
+    the 1/4 and 1/8 levels after the mask decoder's ``conv_s0`` / ``conv_s1`` (empty for models
+    without ``use_high_res_features_in_sam``). C = 256 for SAM2.
+    """
+
+    image_embed: torch.Tensor
+    high_res_feats: tuple[torch.Tensor, ...]
+
+    def image(self, index: int) -> "Sam2Features":
+        """The features of image ``index`` of the batch (batch size 1)."""
+        return Sam2Features(self.image_embed[index : index + 1], tuple(h[index : index + 1] for h in self.high_res_feats))
+
+
+def set_prompt_geometry(prompt_encoder: nn.Module, input_size: int, stride: int = 16) -> None:
+    """Make ``prompt_encoder`` (SAM's or SAM2's) scale box coordinates for an S x S input, S = ``input_size``.
+
+    Only buffers derived from the size change (neither prompt encoder has size-dependent weights).
+    """
+    prompt_encoder.input_image_size = (input_size, input_size)
+    prompt_encoder.image_embedding_size = (input_size // stride, input_size // stride)
+
+
+@contextmanager
+def prompt_geometry(prompt_encoder: nn.Module, input_size: int, stride: int = 16) -> Iterator[None]:
+    """:func:`set_prompt_geometry` for the duration of a ``with`` block, then the geometry it had."""
+    before = prompt_encoder.input_image_size, prompt_encoder.image_embedding_size
+    set_prompt_geometry(prompt_encoder, input_size, stride)
+    try:
+        yield
+    finally:
+        prompt_encoder.input_image_size, prompt_encoder.image_embedding_size = before
+
+
+# --------------------------------------------------------------------------------------------
+# SAM
+# --------------------------------------------------------------------------------------------
+
+
+def sam_box_prompt(prompt_encoder: nn.Module, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """boxes (N, 4) xyxy input px -> SAM's (sparse (N, 2, C), dense (N, C, S/16, S/16)) prompt embeddings."""
+    return prompt_encoder(points=None, boxes=boxes, masks=None)
+
+
+def decode_sam_boxes(
+    prompt_encoder: nn.Module,
+    mask_decoder: nn.Module,
+    embedding: torch.Tensor,
+    boxes: torch.Tensor,
+    multimask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's mask decoder for N boxes on one image.
+
+    embedding (1, C, S/16, S/16); boxes (N, 4) xyxy input px -> logits (N, M, S/4, S/4) and
+    predicted IoU (N, M), M = 1 (single-mask output) or 3 (``multimask``).
+    """
+    sparse, dense = sam_box_prompt(prompt_encoder, boxes)
+    return mask_decoder(
+        image_embeddings=embedding,
+        image_pe=prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# SAM2
+# --------------------------------------------------------------------------------------------
+
+
+def sam2_features(model: nn.Module, images: torch.Tensor) -> Sam2Features:
+    """images (B, 3, S, S), normalised for the model's image encoder -> :class:`Sam2Features`."""
+    backbone_out = model.forward_image(images)
+    _, feats, _, sizes = model._prepare_backbone_features(backbone_out)
+    if model.directly_add_no_mem_embed:
+        feats[-1] = feats[-1] + model.no_mem_embed
+    batch = images.shape[0]
+    # (h*w, B, C) -> (B, C, h, w), finest level first
+    maps = [f.permute(1, 2, 0).reshape(batch, -1, *size) for f, size in zip(feats, sizes)]
+    high_res = tuple(maps[:-1]) if model.use_high_res_features_in_sam else ()
+    return Sam2Features(maps[-1], high_res)
+
+
+def sam2_box_prompt(prompt_encoder: nn.Module, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """boxes (N, 4) xyxy input px -> SAM2's (sparse (N, 2, C), dense (N, C, S/16, S/16)) prompt embeddings.
+
+    A box is two points, top-left labelled 2 and bottom-right labelled 3.
+    """
+    corners = boxes.reshape(-1, 2, 2)
+    labels = torch.tensor([SAM2_BOX_CORNER_LABELS], dtype=torch.int, device=corners.device).repeat(len(corners), 1)
+    return prompt_encoder(points=(corners, labels), boxes=None, masks=None)
+
+
+def decode_sam2_boxes(
+    model: nn.Module, features: Sam2Features, boxes: torch.Tensor, multimask: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM2's mask decoder for N boxes on one image's features (batch size 1).
+
+    boxes (N, 4) xyxy input px, cast to the embedding's dtype -> logits (N, M, S/4, S/4) and
+    predicted IoU (N, M), M = 1 or 3 (``multimask``). In eval mode sam2's decoder replaces an
+    unstable single mask by the best multimask output (``dynamic_multimask_via_stability``).
+    """
+    embed = features.image_embed
+    prompt_encoder = model.sam_prompt_encoder
+    sparse, dense = sam2_box_prompt(prompt_encoder, boxes.to(embed.device, embed.dtype))
+    logits, iou, _, _ = model.sam_mask_decoder(
+        image_embeddings=embed,
+        image_pe=prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+        repeat_image=True,  # one image's features for all N boxes
+        high_res_features=list(features.high_res_feats) or None,
+    )
+    return logits, iou
+
+
+__all__ = [
+    "SAM2_BOX_CORNER_LABELS",
+    "Sam2Features",
+    "decode_sam2_boxes",
+    "decode_sam_boxes",
+    "prompt_geometry",
+    "sam2_box_prompt",
+    "sam2_features",
+    "sam_box_prompt",
+    "set_prompt_geometry",
+]
