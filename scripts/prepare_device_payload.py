@@ -42,16 +42,28 @@ def is_val(name: str) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF >= 1 - VAL_FRACTION
 
 
-def copy_split(src: Path, dest: Path, resize_long_side: int | None) -> dict[str, list[str]]:
+def copy_split(src: Path, dest: Path, resize_long_side: int | None, compact: bool = False) -> dict[str, list[str]]:
+    """Both parts of a dataset as <dest>_train / <dest>_val folders; ``compact``: the training part
+    only, images as JPEG (quality 90, grey as one channel) under their PNG/JPEG names' stems."""
     manifest = json.loads((src / "manifest.json").read_text())
     split: dict[str, list[str]] = {"train": [], "val": []}
     for item in manifest["items"]:
         part = "val" if is_val(item["name"]) else "train"
         split[part].append(item["name"])
+        if compact and part == "val":
+            continue
         out = dest.parent / f"{dest.name}_{part}"
         for kind in ("images", "masks"):
             (out / kind).mkdir(parents=True, exist_ok=True)
         image_src, mask_src = src / item["image"], src / item["mask"]
+        if compact:
+            save_jpeg(Image.open(image_src), out / "images" / f"{item['name']}.jpg", resize_long_side)
+            mask = Image.open(mask_src)
+            if resize_long_side and max(mask.size) > resize_long_side:
+                scale = resize_long_side / max(mask.size)
+                mask = Image.fromarray(np.asarray(mask)).resize((round(mask.width * scale), round(mask.height * scale)), Image.NEAREST)
+            mask.save(out / "masks" / f"{item['name']}.png")
+            continue
         if resize_long_side is None:
             shutil.copy2(image_src, out / "images" / image_src.name)
             shutil.copy2(mask_src, out / "masks" / mask_src.name)
@@ -64,22 +76,24 @@ def copy_split(src: Path, dest: Path, resize_long_side: int | None) -> dict[str,
     return split
 
 
-def write_box_manifests(data: Path, splits: dict[str, dict[str, list[str]]]) -> None:
-    for part in ("train", "val"):
-        root = data / f"box_{part}"
-        (root / "masks").mkdir(parents=True, exist_ok=True)
-        items = []
-        for name in splits["nuclei"][part]:
-            items.append({"name": name, "image": f"../nuclei_{part}/images/{name}.png",
-                          "mask": f"../nuclei_{part}/masks/{name}.png"})
+def write_box_manifests(data: Path, splits: dict[str, dict[str, list[str]]], parts: tuple[str, ...] = ("train", "val"),
+                        nuclei_suffix: str = ".png") -> None:
+    """box_<part> (both datasets), box_<part>_nuclei and box_<part>_fundus (one each, for forgetting runs)."""
+    for part in parts:
+        nuclei = [{"name": name, "image": f"../nuclei_{part}/images/{name}{nuclei_suffix}",
+                   "mask": f"../nuclei_{part}/masks/{name}.png"} for name in splits["nuclei"][part]]
+        fundus = []
+        (data / f"box_{part}" / "masks").mkdir(parents=True, exist_ok=True)
         for name in splits["fundus"][part]:
             labels = np.asarray(Image.open(data / f"fundus_{part}" / "masks" / f"{name}.png"))
             for target, binary in (("disc", labels >= 1), ("cup", labels == 2)):
                 mask_name = f"{name}_{target}.png"
-                Image.fromarray(binary.astype(np.uint8)).save(root / "masks" / mask_name)
-                items.append({"name": f"{name}_{target}", "image": f"../fundus_{part}/images/{name}.jpg",
-                              "mask": f"masks/{mask_name}"})
-        (root / "manifest.json").write_text(json.dumps({"items": items}, indent=1))
+                Image.fromarray(binary.astype(np.uint8)).save(data / f"box_{part}" / "masks" / mask_name)
+                fundus.append({"name": f"{name}_{target}", "image": f"../fundus_{part}/images/{name}.jpg",
+                               "mask": f"../box_{part}/masks/{mask_name}"})
+        for suffix, items in (("", nuclei + fundus), ("_nuclei", nuclei), ("_fundus", fundus)):
+            (data / f"box_{part}{suffix}").mkdir(parents=True, exist_ok=True)
+            (data / f"box_{part}{suffix}" / "manifest.json").write_text(json.dumps({"items": items}, indent=1))
 
 
 # What the GPU image (torch 2.11, Python 3.12; device/KINDS.md lists its packages) lacks of this
@@ -165,9 +179,20 @@ def main() -> None:
     parser.add_argument("--fundus-size", type=int, default=1024)
     parser.add_argument("--no-wheels", action="store_true", help="only the data (no PyPI access needed)")
     parser.add_argument("--distill", action="store_true", help="what distillation from LiteMedSAM needs (see above)")
+    parser.add_argument("--finetune-compact", action="store_true",
+                        help="box fine-tuning data small enough to travel beside a model: the training split only, "
+                             "images as JPEG (quality 90), box_train{,_nuclei,_fundus} manifests, the distillation wheels")
     args = parser.parse_args()
     if args.distill:
         print(f"distillation: {write_distill_payload(args.shared, args.out, args.fundus_size)} images")
+        return
+    if args.finetune_compact:
+        data = args.out / "data"
+        splits = {"nuclei": copy_split(args.shared / "data" / "nuclei_dsb2018", data / "nuclei", None, compact=True),
+                  "fundus": copy_split(args.shared / "data" / "fundus_drishtigs", data / "fundus", args.fundus_size, compact=True)}
+        write_box_manifests(data, splits, ("train",), nuclei_suffix=".jpg")
+        download(args.out / "wheels", DISTILL_WHEELS)
+        print({name: len(split["train"]) for name, split in splits.items()}, "training images")
         return
     if not args.no_wheels:
         download_wheels(args.out / "wheels")
