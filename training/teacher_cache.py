@@ -170,18 +170,18 @@ def build_teacher(spec: str, img_size: int = SAM_INPUT_SIZE) -> tuple[nn.Module,
                     if p.dim() > 1:  # SAM leaves position embeddings at zero; give them content
                         p.normal_(std=0.02)
         return teacher.eval().requires_grad_(False), f"{spec}@{img_size}"
-    from hrmedseg.models.litemedsam import is_litemedsam_state
-    from hrmedseg.weights.checkpoint import read_checkpoint, sam_variant
+    from hrmedseg.weights.checkpoint import LITEMEDSAM, read_checkpoint, sam_variant
 
     if spec == "litemedsam":
         return build_litemedsam_teacher(spec, img_size)
     path = Path(spec)
-    state = read_checkpoint(path).state
+    checkpoint = read_checkpoint(path)
+    if checkpoint.kind == LITEMEDSAM:
+        del checkpoint
+        return build_litemedsam_teacher(spec, img_size)
+    state = checkpoint.state
     if not state:
         raise WeightsError(f"{path} holds no state dict of tensors")
-    if is_litemedsam_state(state):
-        del state
-        return build_litemedsam_teacher(spec, img_size)
     variant = sam_variant(state)
     if variant is None:
         if any(k.startswith("image_encoder.trunk.") for k in state):

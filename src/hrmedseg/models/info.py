@@ -40,8 +40,8 @@ class ModelMetadata:
     """Where a model's weights come from and how it is fed.
 
     Attributes:
-        kind: "hrmedseg_sam" (segment-anything ``Sam``), "hrmedseg_sam2" (sam2 ``SAM2Base``) or
-            "hrmedseg" (prompt-free HRMedSeg).
+        kind: "hrmedseg_sam" (segment-anything ``Sam``), "hrmedseg_sam2" (sam2 ``SAM2Base``),
+            "hrmedseg" (prompt-free HRMedSeg) or "litemedsam" (LiteMedSAM as a ``Sam``, 256 input).
         source: the file or name it was loaded from ("" when built in memory).
         provenance: the bundle's provenance record ({} when none was given).
         input_size: side S of the square (B, 3, S, S) input the image encoder takes (1024).

