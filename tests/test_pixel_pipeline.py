@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hrmedseg.engine.intensity import TRAINING_INTENSITY, compute_scaling
+from hrmedseg.engine.intensity import DEFAULT_INTENSITY, compute_scaling
 from hrmedseg.engine.semantic import InputGeometry, SemanticPredictor
 from hrmedseg.io.readers import open_image
 from hrmedseg.models.preprocessing import Preprocessing
@@ -86,7 +86,7 @@ def test_training_loader_and_engine_give_the_same_model_input(tmp_path, case):
         assert rgb[..., c].min() == 0 and rgb[..., c].max() == 255
     if n == 2:
         assert not rgb[..., 2].any()
-    scaling = compute_scaling(open_image(path, channel=engine_channels), TRAINING_INTENSITY)
+    scaling = compute_scaling(open_image(path, channel=engine_channels), DEFAULT_INTENSITY)
     np.testing.assert_array_equal(np.round(scaling.apply(pixels)).astype(np.uint8), rgb)
 
 
@@ -100,3 +100,21 @@ def test_grey_plus_alpha_png_stays_grey_not_red_and_green(tmp_path):
     assert all(np.array_equal(rgb[..., c], grey) for c in range(3))
     engine = open_image(tmp_path / "la.png")
     assert engine.n_channels == 1 and np.array_equal(engine.read(0, SHAPE[0], 0, SHAPE[1])[..., 0], grey)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_loader_and_box_engine_scale_pixels_alike(tmp_path, case):
+    """The box engine's default scaling of an image is the one training applied to it."""
+    from hrmedseg.engine import BoxPredictor
+    from hrmedseg.models import build_hrmedseg_sam
+
+    n, layout, tiff_options, engine_channels = CASES[case]
+    pixels = uint16_channels(n)
+    path = write_sample(tmp_path, layout(pixels), **tiff_options)
+    crop = CropSettings(size=SIZE, mode="crop", pad_value=(0, 0, 0))
+    trained_rgb = SegmentationCrops(discover_samples(tmp_path).samples, "semantic", crop, train=False)[0]["image"]
+
+    predictor = BoxPredictor(build_hrmedseg_sam(), device="cpu", backend="reference")
+    scaling = predictor.scaling(open_image(path, channel=engine_channels))
+    engine_rgb = np.round(scaling.apply(pixels)).astype(np.uint8)
+    np.testing.assert_array_equal(engine_rgb, trained_rgb[:, : SHAPE[0], : SHAPE[1]].permute(1, 2, 0).numpy())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hrmedseg.engine.intensity import TRAINING_INTENSITY, default_channels, whole_image_rgb
+from hrmedseg.engine.intensity import DEFAULT_INTENSITY, default_channels, whole_image_rgb
 from hrmedseg.errors import InputError
 from hrmedseg.io.readers import ArrayImage, decode_with_pillow
 
@@ -48,8 +48,8 @@ def _read_array(path: Path) -> np.ndarray:
 def to_rgb_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
     """Any grey / two-channel / RGB(A) array -> (H, W, 3) uint8, as the engine sees it.
 
-    The engine's pixel pipeline (``hrmedseg.engine.intensity``) under ``TRAINING_INTENSITY``:
-    uint8 passes through; other types are scaled per channel, min..max -> 0..255, rounded; grey is
+    The engine's pixel pipeline (``hrmedseg.engine.intensity``) under ``DEFAULT_INTENSITY``:
+    uint8 passes through; other types are scaled per channel, percentiles 1..99.8 -> 0..255, rounded; grey is
     repeated, two channels become red and green, a fourth (alpha) is dropped. Booleans are 0/255.
     """
     a = np.asarray(array)
@@ -63,7 +63,7 @@ def to_rgb_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
         a = a.astype(np.uint8) * 255
     # source_key given: a training image is read once, so no cache token is needed.
     image = ArrayImage(a, channel=list(default_channels(a.shape[-1])), axes="YXC", name=source, source_key=source)
-    return whole_image_rgb(image, TRAINING_INTENSITY)
+    return whole_image_rgb(image, DEFAULT_INTENSITY)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--contrast-limits", type=float, nargs=2, metavar=("LO", "HI"), help="map LO..HI to 0..255 (default: percentiles)")
     p.add_argument(
         "--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
-        help="for uint16/float images (default 1 99.8; prompt-free models: 0 100, min..max as in training)",
+        help="for uint16/float images: the low and high percentile mapped to 0 and 255 per channel (default 1 99.8, as in training)",
     )
     p.add_argument("--threshold", type=float, default=0.5, help="prompt-free models: foreground probability (default 0.5)")
     p.add_argument("--tile-overlap", type=int, help="prompt-free 'crop' models: tile overlap in pixels (default tile/4)")
@@ -71,12 +71,13 @@ def objects_path(out: Path, objects: str | None) -> Path:
 def load_predictor(args: argparse.Namespace):
     """The predictor for ``args`` (a separate function so tests can supply a small model)."""
     from ..engine import BoxPredictor, IntensityOptions
+    from ..engine.intensity import DEFAULT_INTENSITY
 
     predictor = BoxPredictor(
         args.model,
         device=args.device,
         cache_bytes=args.cache_mb * 2**20,
-        intensity=IntensityOptions(percentiles=tuple(args.percentiles or (1.0, 99.8)), contrast_limits=args.contrast_limits),
+        intensity=IntensityOptions(percentiles=tuple(args.percentiles or DEFAULT_INTENSITY.percentiles), contrast_limits=args.contrast_limits),
         decode_batch=args.batch,
         backend=args.backend,
     )
@@ -133,12 +134,12 @@ def run(args: argparse.Namespace) -> int:
 
 def load_semantic_predictor(args: argparse.Namespace):
     """The prompt-free predictor for ``args`` (a separate function so tests can supply a model)."""
-    from ..engine.intensity import IntensityOptions
-    from ..engine.semantic import TRAINING_INTENSITY, SemanticPredictor
+    from ..engine.intensity import DEFAULT_INTENSITY, IntensityOptions
+    from ..engine.semantic import DEFAULT_INTENSITY, SemanticPredictor
 
-    intensity = TRAINING_INTENSITY
+    intensity = DEFAULT_INTENSITY
     if args.percentiles or args.contrast_limits:
-        intensity = IntensityOptions(percentiles=tuple(args.percentiles or (0.0, 100.0)), contrast_limits=args.contrast_limits)
+        intensity = IntensityOptions(percentiles=tuple(args.percentiles or DEFAULT_INTENSITY.percentiles), contrast_limits=args.contrast_limits)
     return SemanticPredictor(args.model, device=args.device, intensity=intensity, tile_overlap=args.tile_overlap)
 
 

@@ -10,8 +10,8 @@
 This is the one pixel pipeline: the engine (box prompts and prompt-free) and the training data
 reader (``hrmedseg.training.data``) both turn raw pixels into model RGB with
 :func:`compute_scaling` and :meth:`ChannelScaling.apply`. Training reads whole images with
-:func:`whole_image_rgb` under :data:`TRAINING_INTENSITY` (per-channel min..max), which is also
-the prompt-free engine's default; the box engine's default percentiles are 1 and 99.8.
+:func:`whole_image_rgb` under :data:`DEFAULT_INTENSITY` (per-channel percentiles 1 and 99.8),
+which is also the box and prompt-free engines' default.
 Without a user's channel choice (training), :func:`default_channels` picks the channels.
 """
 
@@ -64,8 +64,9 @@ class ChannelScaling:
         return to_rgb(x)
 
 
-# Training maps every non-uint8 channel min..max (percentiles 0 and 100 of that channel).
-TRAINING_INTENSITY = IntensityOptions(percentiles=(0.0, 100.0))
+# The one default of training, the box engine and the prompt-free engine: each non-uint8 channel's
+# 1st..99.8th percentile -> 0..255, so a model sees in use what it saw in training.
+DEFAULT_INTENSITY = IntensityOptions()
 
 
 def to_rgb(x: np.ndarray) -> np.ndarray:
@@ -136,7 +137,7 @@ def default_channels(n_source_channels: int) -> tuple[int, ...]:
     raise InputError(f"{n_source_channels} channels cannot be shown as RGB; expected 1 to 4")
 
 
-def whole_image_rgb(image, options: IntensityOptions = TRAINING_INTENSITY) -> np.ndarray:
+def whole_image_rgb(image, options: IntensityOptions = DEFAULT_INTENSITY) -> np.ndarray:
     """A whole ``image`` (a LazyImage, level 0) -> (H, W, 3) uint8 model pixels.
 
     The scaling comes from :func:`compute_scaling` (statistics of the image itself when it has at
@@ -161,7 +162,7 @@ def normalise(raw: np.ndarray, options: IntensityOptions | None = None, scaling:
 
 
 __all__: Sequence[str] = [
-    "TRAINING_INTENSITY",
+    "DEFAULT_INTENSITY",
     "IntensityOptions",
     "ChannelScaling",
     "compute_scaling",

@@ -19,7 +19,7 @@ from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
 from .crops import Crop, CropPolicy, group_by_crop, logits_to_native_batch, mask_region, plan_crops, read_crop
 from .decoder import ENGINE_BACKENDS, BoxDecoder, RegionBoxDecoder, build_steps, is_sam2_model, region_margin
-from .intensity import ChannelScaling, IntensityOptions, compute_scaling
+from .intensity import DEFAULT_INTENSITY, ChannelScaling, IntensityOptions, compute_scaling
 from .labels import ObjectMask, ObjectRecord, SparseLabels, _check_policy, paste_object
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class BoxPredictor:
         self.policy = policy or CropPolicy(input_size=self.encoder.input_size)
         if self.policy.input_size != self.encoder.input_size:
             raise ValueError(f"policy input size {self.policy.input_size} != model input size {self.encoder.input_size}")
-        self.intensity = intensity or IntensityOptions()
+        self.intensity = intensity or DEFAULT_INTENSITY
         self.cache = EmbeddingCache(cache_bytes)
         self.decode_batch = max(1, int(decode_batch or (64 if self.device.type == "cuda" else 8)))
         self.mask_threshold = mask_threshold

@@ -21,9 +21,9 @@ by ``hrmedseg.training.finetune``): ``input_mode``, ``img_size``, ``scale``. Inf
 All resizing is PIL-style bilinear (antialiased when shrinking), as training's ``_resize``; it is
 computed window by window from global coordinates, so tiles agree exactly where they meet.
 Pixels become RGB 0..255 through the pipeline training reads with (``engine.intensity``,
-``TRAINING_INTENSITY``): uint8 grey/RGB pass through, other types are scaled per channel
-min..max (percentiles 0 and 100, estimated from a pyramid level or sample blocks for huge
-images) and rounded; grey is repeated to three channels, two channels are red and green.
+``DEFAULT_INTENSITY``): uint8 grey/RGB pass through, other types are scaled per channel
+between their 1st and 99.8th percentiles (estimated from a pyramid level or sample blocks for
+huge images) and rounded; grey is repeated to three channels, two channels are red and green.
 
 Output: one sigmoid channel per class. With one channel, ``segment`` returns instances (int32
 connected components of the foreground, 8-connected). With several, a uint8 class image where
@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import HRMedSegError, InputError, WeightsError
 from ..io.readers import LazyImage, open_image
 from ..weights.checkpoint import Checkpoint, read_checkpoint
-from .intensity import TRAINING_INTENSITY, ChannelScaling, IntensityOptions, compute_scaling
+from .intensity import DEFAULT_INTENSITY, ChannelScaling, IntensityOptions, compute_scaling
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class SemanticPredictor:
         geometry: overrides the geometry read from the bundle (needed for training settings
             a module does not carry; default for modules: crop tiles of ``img_size``, scale 1).
         provenance: for a module, the training provenance to read the geometry from.
-        intensity: how non-uint8 pixels become 0..255 (default: min..max, as training).
+        intensity: how non-uint8 pixels become 0..255 (default: per-channel percentiles 1 and 99.8, as training).
         tile_overlap: 'crop' tile overlap in scaled pixels (default ``img_size // 4``).
     """
 
@@ -253,7 +253,7 @@ class SemanticPredictor:
         if tile_overlap is not None:
             geometry = InputGeometry(geometry.mode, geometry.img_size, geometry.scale, tile_overlap)
         self.geometry = geometry
-        self.intensity = intensity or TRAINING_INTENSITY
+        self.intensity = intensity or DEFAULT_INTENSITY
         self.class_names = _class_names(model, prov)
         self._scalings: dict[str, ChannelScaling] = {}
         self.model_calls = 0
