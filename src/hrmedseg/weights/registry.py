@@ -444,13 +444,19 @@ class Registry:
 
 
 def _package_folder(package: str) -> Path | None:
-    """The folder of an installed Python package's resources (``a.b`` -> .../a/b), or None."""
-    from importlib.resources import files
+    """The folder of an installed Python package's resources (``a.b`` -> .../a/b), or None.
 
-    try:
-        return Path(str(files(package)))
-    except ModuleNotFoundError:
+    Found with ``importlib.util.find_spec`` on the top-level package, which imports nothing:
+    listing weights must not import (and wait for) the package's own code.
+    """
+    import importlib.util
+
+    top, *rest = package.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
         return None
+    folder = Path(next(iter(spec.submodule_search_locations))).joinpath(*rest)
+    return folder if folder.is_dir() else None
 
 
 @functools.lru_cache(maxsize=1)
