@@ -8,7 +8,7 @@ import torch
 from skimage.draw import ellipse
 
 from hrmedseg.engine import BoxPredictor
-from hrmedseg.models import load_model, load_model_with_metadata, save_hrmedseg_sam
+from hrmedseg.models import load_model_with_metadata, save_hrmedseg_sam
 from hrmedseg.models.box_prior import add_box_prior, ellipse_prior_logits
 from test_engine_predictor import tiny_sam
 

@@ -170,7 +170,6 @@ def test_missing_weights_offer_download_or_file(make_napari_viewer, qtbot, tmp_p
 def test_untrained_choice_shows_the_banner(make_napari_viewer, qtbot, monkeypatch):
     import torch
 
-    from napari_hrmedseg import _model
     from napari_hrmedseg._model import UNTRAINED_BANNER, UNTRAINED_CHOICE
     from napari_hrmedseg.annotator_widget import AnnotatorWidget
 

@@ -24,11 +24,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from hrmedseg.errors import HRMedSegError, InputError
 from hrmedseg.models.encoder_loading import load_encoder, save_encoder
@@ -46,12 +46,12 @@ from hrmedseg.models.sam2 import (
 
 from . import distributed as dist_utils
 from .checkpointing import log_path_for, save_state, state_path_for, unwrap
-from .data import IMAGE_EXTENSIONS, CropSettings, place, read_image
+from .data import IMAGE_EXTENSIONS, CropSettings, place
 from .epoch_log import EpochLog, require_tensorboard
 from .finetune import ENCODER_PRESETS
 from .loop import EpochRunner, default_workers, progress_bar, restore, train_loader, wrap_ddp
 from .losses import embedding_mse
-from .distill_views import DistillViews, ViewSettings
+from .distill_views import DistillItems, DistillViews, ViewSettings
 from .teacher_cache import LiteMedSamTeacher, Sam2Teacher, TeacherCache, build_teacher
 
 log = logging.getLogger(__name__)
@@ -103,12 +103,8 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return images
 
 
-class DistillImages(Dataset):
-    """Images resized (longest side) and padded to S x S: items {"image" (3, S, S) uint8, "index", "teacher"?}.
-
-    With a cache, ``teacher`` is the cached embedding (or an empty tensor when not cached yet).
-    Unreadable images give ``image`` None and are dropped by :func:`collate_distill`.
-    """
+class DistillImages(DistillItems):
+    """Whole images resized (longest side) and padded to S x S, one item each (see :class:`DistillItems`)."""
 
     def __init__(self, paths: list[Path], img_size: int, pad_value: tuple[int, int, int],
                  cache: TeacherCache | None = None) -> None:
@@ -119,27 +115,14 @@ class DistillImages(Dataset):
         return len(self.paths)
 
     def cache_key(self, index: int) -> tuple[Path, None]:
-        """(image file, view name) of item ``index``: whole images have no view name."""
         return self.paths[index], None
 
-    def __getitem__(self, index: int) -> dict:
-        path = self.paths[index]
-        item: dict[str, Any] = {"index": index}
-        if self.cache is not None:
-            cached = self.cache.get(path)
-            item["teacher"] = cached if cached is not None else torch.empty(0)
-        try:
-            image = read_image(path)
-        except InputError as err:
-            log.warning("skipping %s", err)
-            item["image"] = None
-            return item
+    def render(self, image: np.ndarray, index: int) -> np.ndarray:
         placed, _, _ = place(image, np.zeros(image.shape[:2], np.int32), self.crop, np.random.default_rng(0))
-        item["image"] = torch.from_numpy(np.ascontiguousarray(placed.transpose(2, 0, 1)))
-        return item
+        return placed
 
 
-def distill_dataset(cfg: DistillConfig, paths: list[Path], cache: TeacherCache | None) -> DistillImages | DistillViews:
+def distill_dataset(cfg: DistillConfig, paths: list[Path], cache: TeacherCache | None) -> DistillItems:
     """Whole images (``views_per_image`` 0), or that many augmented views of each image."""
     if cfg.views_per_image:
         settings = ViewSettings(size=cfg.img_size, min_scale=cfg.view_min_scale)
@@ -200,7 +183,7 @@ def _to_device(target, device: torch.device):
     return target.to(device, non_blocking=True).float()
 
 
-def fill_cache(teacher, dataset: DistillImages | DistillViews, cache: TeacherCache, device, autocast, batch_size: int,
+def fill_cache(teacher, dataset: DistillItems, cache: TeacherCache, device, autocast, batch_size: int,
                env: dist_utils.DistEnv, workers: int) -> int:
     """Run the teacher once on every image (or view) that has no cache entry yet (each rank on its share)."""
     missing = [i for i in range(len(dataset)) if dataset.cache_key(i) not in cache][env.rank :: env.world_size]

@@ -60,28 +60,24 @@ def draw_view(image: np.ndarray, rng: np.random.Generator, settings: ViewSetting
     return np.ascontiguousarray(np.rot90(out, int(rng.integers(0, 4))))
 
 
-class DistillViews(Dataset):
-    """``len(paths) * views_per_image`` items {"image" (3, S, S) uint8, "index", "teacher"?}.
+class DistillItems(Dataset):
+    """Items {"image" (3, S, S) uint8, "index", "teacher"?} of unlabelled images for distillation.
 
-    Item ``i`` is view ``i % views_per_image`` of image ``i // views_per_image``. With a cache,
-    ``teacher`` is the cached embedding of that view (an empty tensor when not cached yet).
-    Unreadable images give ``image`` None and are dropped by ``collate_distill``.
+    Subclasses say which image (and view) item ``index`` is (:meth:`cache_key`) and how its
+    pixels are made (:meth:`render`). With a cache, ``teacher`` is the cached embedding of that
+    item (an empty tensor when not cached yet). Unreadable images give ``image`` None and are
+    dropped by ``collate_distill``.
     """
 
-    def __init__(self, paths: list[Path], views_per_image: int, settings: ViewSettings, seed: int = 0,
-                 cache: Any | None = None) -> None:
-        if views_per_image < 1:
-            raise InputError(f"--views-per-image must be at least 1, got {views_per_image}")
-        self.paths, self.views_per_image, self.settings, self.seed, self.cache = paths, views_per_image, settings, seed, cache
+    cache: Any = None
 
-    def __len__(self) -> int:
-        return len(self.paths) * self.views_per_image
+    def cache_key(self, index: int) -> tuple[Path, str | None]:
+        """(image file, view name or None) under which the teacher's embedding of item ``index`` is cached."""
+        raise NotImplementedError
 
-    def cache_key(self, index: int) -> tuple[Path, str]:
-        """(image file, view name) under which the teacher's embedding of item ``index`` is cached."""
-        s = self.settings
-        view = f"view{index % self.views_per_image}-seed{self.seed}-{s.size}-{s.min_scale:g}-{s.jitter:g}"
-        return self.paths[index // self.views_per_image], view
+    def render(self, image: np.ndarray, index: int) -> np.ndarray:
+        """(H, W, 3) uint8 image -> the (S, S, 3) uint8 input of item ``index``."""
+        raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict:
         path, view = self.cache_key(index)
@@ -95,6 +91,28 @@ class DistillViews(Dataset):
             log.warning("skipping %s", err)
             item["image"] = None
             return item
-        rng = np.random.default_rng([self.seed, index // self.views_per_image, index % self.views_per_image])
-        item["image"] = torch.from_numpy(draw_view(image, rng, self.settings).transpose(2, 0, 1).copy())
+        item["image"] = torch.from_numpy(np.ascontiguousarray(self.render(image, index).transpose(2, 0, 1)))
         return item
+
+
+class DistillViews(DistillItems):
+    """``len(paths) * views_per_image`` items: item ``i`` is view ``i % views_per_image`` of image
+    ``i // views_per_image`` (see :class:`DistillItems` for the items)."""
+
+    def __init__(self, paths: list[Path], views_per_image: int, settings: ViewSettings, seed: int = 0,
+                 cache: Any | None = None) -> None:
+        if views_per_image < 1:
+            raise InputError(f"--views-per-image must be at least 1, got {views_per_image}")
+        self.paths, self.views_per_image, self.settings, self.seed, self.cache = paths, views_per_image, settings, seed, cache
+
+    def __len__(self) -> int:
+        return len(self.paths) * self.views_per_image
+
+    def cache_key(self, index: int) -> tuple[Path, str]:
+        s = self.settings
+        view = f"view{index % self.views_per_image}-seed{self.seed}-{s.size}-{s.min_scale:g}-{s.jitter:g}"
+        return self.paths[index // self.views_per_image], view
+
+    def render(self, image: np.ndarray, index: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, index // self.views_per_image, index % self.views_per_image])
+        return draw_view(image, rng, self.settings)

@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader
 
 from hrmedseg.errors import HRMedSegError, InputError
 from hrmedseg.models.fast_decoder import FastMaskDecoder
-from hrmedseg.models.info import Sam2Settings
 from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
 from hrmedseg.models.preprocessing import Preprocessing
 from hrmedseg.models.prompting import prompt_geometry

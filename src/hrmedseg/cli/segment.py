@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 def load_semantic_predictor(args: argparse.Namespace):
     """The prompt-free predictor for ``args`` (a separate function so tests can supply a model)."""
     from ..engine.intensity import DEFAULT_INTENSITY, IntensityOptions
-    from ..engine.semantic import DEFAULT_INTENSITY, SemanticPredictor
+    from ..engine.semantic import SemanticPredictor
 
     intensity = DEFAULT_INTENSITY
     if args.percentiles or args.contrast_limits:

@@ -18,7 +18,6 @@ from torch import nn
 
 from ..weights.bundle import WeightsError, save_bundle
 from ..weights.checkpoint import (
-    SAM_DECODER_PREFIXES,
     Checkpoint,
     extract_sam_decoder_state,
     read_checkpoint,
