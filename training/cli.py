@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 from dataclasses import fields
+from typing import Callable
 
 from hrmedseg.model_kinds import MODEL_KINDS
 
@@ -156,36 +157,33 @@ def _config_from(args: argparse.Namespace, cls):
     return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
 
+def _run(args: argparse.Namespace, config_class, train: Callable, report: Callable[[dict], None]) -> int:
+    """Build ``config_class`` from ``args``, train with it; every event to ``report`` (and stdout with --events)."""
+    def on_event(event: dict) -> None:
+        if args.events:
+            print_event(event)
+        report(event)
+
+    train(_config_from(args, config_class), on_event)
+    return 0
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneConfig, finetune
 
-    cfg = _config_from(args, FinetuneConfig)
-    events = [print_event] if args.events else []
+    return _run(args, FinetuneConfig, finetune, _log_event)
 
-    def on_event(event: dict) -> None:
-        for fn in events:
-            fn(event)
-        _log_event(event)
 
-    finetune(cfg, on_event)
-    return 0
+def _report_distill_epoch(event: dict) -> None:
+    if event.get("event") == "epoch":
+        print(f"epoch {event['epoch']}: distillation MSE {event['train_loss']:.5f}, "
+              f"{event['images_per_s']:.1f} images/s", file=sys.stderr)
 
 
 def run_distill(args: argparse.Namespace) -> int:
     from .distill import DistillConfig, distill
 
-    cfg = _config_from(args, DistillConfig)
-    events = [print_event] if args.events else []
-
-    def on_event(event: dict) -> None:
-        for fn in events:
-            fn(event)
-        if event.get("event") == "epoch":
-            print(f"epoch {event['epoch']}: distillation MSE {event['train_loss']:.5f}, "
-                  f"{event['images_per_s']:.1f} images/s", file=sys.stderr)
-
-    distill(cfg, on_event)
-    return 0
+    return _run(args, DistillConfig, distill, _report_distill_epoch)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
