@@ -20,7 +20,7 @@ fewer passes over memory:
 
 The fp32 result equals the reference to rounding (relative L2 error about 1e-6). ``bf16=True``
 runs the matrix products and convolutions in bfloat16 under autocast (AMX on recent Xeons, tensor
-cores on GPUs) with a measured relative error of about 1e-2 (README.md, section Speed). A
+cores on GPUs) with a measured relative error of about 1e-2 (docs/engine.md). A
 float32-built module moved with ``.to(torch.bfloat16)`` runs everything in bfloat16 (weights and
 activations, no autocast casts): half the memory traffic, which is what bounds it on a GPU.
 """
