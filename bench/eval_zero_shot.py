@@ -8,7 +8,7 @@ disc and cup Dice on the held-out Drishti-GS photographs at native resolution (r
 image (empty embedding cache) divided by its boxes, on this machine's CPU threads.
 
 Usage:
-  python bench/eval_zero_shot.py NAME=MODEL [NAME=MODEL ...] [--max-objects 20] [--json out.json]
+  python bench/eval_zero_shot.py NAME=MODEL [NAME=MODEL ...] [--max-objects 20] [--images N] [--json out.json]
 
 MODEL is a registry name (``litemedsam``, ``hrmedseg_sam_default``) or a weights file. The split
 is scripts/prepare_device_payload.py's (``is_val``), the one no training or distillation step saw.
@@ -37,10 +37,11 @@ def cpu_name() -> str:
     return platform.processor()
 
 
-def prompts(dataset: str, max_objects: int | None, seed: int = 0):
-    """(name, image, [(object mask, tight box)]) of every held-out image; at most ``max_objects`` each."""
+def prompts(dataset: str, max_objects: int | None, max_images: int | None = None, seed: int = 0):
+    """(name, image, [(object mask, tight box)]) of the held-out images (the first ``max_images``);
+    at most ``max_objects`` objects each."""
     rng = np.random.default_rng(seed)
-    for item in val_items(dataset):
+    for item in val_items(dataset)[:max_images]:
         image = np.asarray(Image.open(SHARED / dataset / item["image"]).convert("RGB"))
         mask = np.asarray(Image.open(SHARED / dataset / item["mask"]))
         objs = [m for m in objects(dataset, mask) if m.sum() >= 4]
@@ -56,7 +57,7 @@ def paste(obj, shape) -> np.ndarray:
     return pred
 
 
-def evaluate(models: dict[str, str], max_objects: int | None, device: str) -> dict:
+def evaluate(models: dict[str, str], max_objects: int | None, device: str, max_images: int | None = None) -> dict:
     from hrmedseg.engine import BoxPredictor
 
     predictors = {name: BoxPredictor(spec, device=device) for name, spec in models.items()}
@@ -65,7 +66,7 @@ def evaluate(models: dict[str, str], max_objects: int | None, device: str) -> di
         dice: dict[str, list[float]] = {name: [] for name in (*predictors, "ellipse")}
         seconds = dict.fromkeys(predictors, 0.0)
         n_images = 0
-        for _, image, objs in prompts(dataset, max_objects):
+        for _, image, objs in prompts(dataset, max_objects, max_images):
             n_images += 1
             boxes = np.stack([box for _, box in objs])
             for m, box in objs:
@@ -73,7 +74,7 @@ def evaluate(models: dict[str, str], max_objects: int | None, device: str) -> di
             for name, predictor in predictors.items():
                 predictor.clear_cache()
                 t0 = time.perf_counter()
-                masks = predictor.predict_boxes(image, boxes)
+                masks = list(predictor.predict_boxes(image, boxes))  # a generator: time the work, not its creation
                 seconds[name] += time.perf_counter() - t0
                 dice[name].extend(dice_iou(paste(obj, m.shape), m)[0] for obj, (m, _) in zip(masks, objs))
         entry: dict = {"images": n_images, "objects": len(dice["ellipse"])}
@@ -93,6 +94,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+", help="NAME=MODEL (registry name or weights file)")
     p.add_argument("--max-objects", type=int, default=20, help="objects per image at most (a fixed random subset)")
+    p.add_argument("--images", type=int, help="the first N held-out images per dataset (default: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the result here")
@@ -101,7 +103,7 @@ def main() -> None:
     models = dict(m.split("=", 1) for m in args.models)
     result = {"models": models, "max_objects": args.max_objects, "device": args.device, "threads": args.threads,
               "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "result": evaluate(models, args.max_objects, args.device)}
+              "images": args.images, "result": evaluate(models, args.max_objects, args.device, args.images)}
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -176,3 +176,16 @@ def test_the_published_asset_is_found_checked_and_segments_a_nucleus():
         area = obj.mask.sum()
         box_area = (box[2] - box[0]) * (box[3] - box[1])
         assert 0.2 * box_area < area < 1.5 * box_area  # a nucleus-sized blob, not empty, not the crop
+
+
+def test_a_bundle_records_the_crop_enlargement_the_engine_then_uses(tmp_path):
+    """A student distilled at 4x its teacher's resolution records max_upscale 8; the engine reads it."""
+    from hrmedseg.engine import BoxPredictor
+    from hrmedseg.models.sam import build_hrmedseg_sam, save_hrmedseg_sam
+
+    model = build_hrmedseg_sam()
+    save_hrmedseg_sam(model, tmp_path / "x8.pt", max_upscale=8)
+    save_hrmedseg_sam(model, tmp_path / "plain.pt")
+    assert load_model_with_metadata(tmp_path / "x8.pt").metadata.max_upscale == 8
+    assert BoxPredictor(str(tmp_path / "x8.pt"), device="cpu").policy.max_upscale == 8
+    assert BoxPredictor(str(tmp_path / "plain.pt"), device="cpu").policy.max_upscale == 2

@@ -46,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threshold", type=float, default=0.5, help="prompt-free models: foreground probability (default 0.5)")
     p.add_argument("--tile-overlap", type=int, help="prompt-free 'crop' models: tile overlap in pixels (default tile/4)")
-    p.add_argument("--max-upscale", type=float, default=2.0, help="largest enlargement of small objects (power of two)")
+    p.add_argument("--max-upscale", type=float, help="largest enlargement of small objects (power of two; default: "
+                   "the model's own if its weights record one, else 2)")
     p.add_argument("--batch", type=int, help="boxes per decoder call (default 64 on CUDA, 8 on CPU)")
     p.add_argument(
         "--backend", default="auto", choices=("auto", "fast", "fast-bf16", "onnxruntime", "reference"),
@@ -81,8 +82,9 @@ def load_predictor(args: argparse.Namespace):
         decode_batch=args.batch,
         backend=args.backend,
     )
-    # The policy's input size is the model's (set by BoxPredictor); only the upscale is ours.
-    predictor.policy = dataclasses.replace(predictor.policy, max_upscale=args.max_upscale)
+    # The policy's input size (and any enlargement its weights record) is the model's, set by BoxPredictor.
+    if args.max_upscale is not None:
+        predictor.policy = dataclasses.replace(predictor.policy, max_upscale=args.max_upscale)
     return predictor
 
 

@@ -88,6 +88,13 @@ def resolve_model(model: str | nn.Module | LoadedModel) -> LoadedModel:
     return loaded
 
 
+def default_policy(input_size: int, metadata: ModelMetadata | None) -> CropPolicy:
+    """The engine's crop policy for a model: its input size, and its own enlargement if it records one."""
+    if metadata is not None and metadata.max_upscale:
+        return CropPolicy(input_size=input_size, max_upscale=metadata.max_upscale)
+    return CropPolicy(input_size=input_size)
+
+
 class BoxPredictor:
     """Segment the object in each box of an image of any size, at the image's native resolution.
 
@@ -145,7 +152,7 @@ class BoxPredictor:
         self.decoder = decoder or default_decoder
         # A fast decoder keeps per-crop state between prepare and predict: one call at a time.
         self._decode_lock = threading.Lock()
-        self.policy = policy or CropPolicy(input_size=self.encoder.input_size)
+        self.policy = policy or default_policy(self.encoder.input_size, self.metadata)
         if self.policy.input_size != self.encoder.input_size:
             raise ValueError(f"policy input size {self.policy.input_size} != model input size {self.encoder.input_size}")
         self.intensity = intensity or DEFAULT_INTENSITY

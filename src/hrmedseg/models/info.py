@@ -48,6 +48,10 @@ class ModelMetadata:
         box_prior: shape prior added to the mask decoder's low-res logits ("none" or
             "ellipse", see ``hrmedseg.models.box_prior``); "none" for SAM2 and prompt-free models.
         sam2: for "hrmedseg_sam2", its sam2 config, memory flag and neck widths; else None.
+        max_upscale: the largest enlargement of small objects the box engine's crops should use
+            (``CropPolicy.max_upscale``) when the weights were made for another than its default
+            2: a student distilled from a 256-input teacher at 4x its resolution sees small
+            objects as the teacher did at 4 x 2 = 8. None: the engine's default.
     """
 
     kind: str
@@ -56,6 +60,7 @@ class ModelMetadata:
     input_size: int = 1024
     box_prior: str = "none"
     sam2: Sam2Settings | None = None
+    max_upscale: float | None = None
 
     @property
     def untrained(self) -> bool:

@@ -163,11 +163,13 @@ def assemble_hrmedseg_sam(
 
 
 def save_hrmedseg_sam(
-    model, path: str | os.PathLike, provenance: dict | None = None, box_prior: str = "none"
+    model, path: str | os.PathLike, provenance: dict | None = None, box_prior: str = "none",
+    max_upscale: float | None = None,
 ) -> Path:
     """Save a complete HRMedSegSAM (encoder + SAM prompt encoder/decoder) as one "hrmedseg_sam" bundle.
 
-    ``box_prior`` ("none" or "ellipse") is the shape prior the model was trained with. The bundle
+    ``box_prior`` ("none" or "ellipse") is the shape prior the model was trained with;
+    ``max_upscale`` the crop enlargement it was made for (``ModelMetadata.max_upscale``). The bundle
     keeps the encoder's architecture and pixel normalisation, so ``load_model`` rebuilds the same
     model with nothing else to know.
     """
@@ -178,7 +180,8 @@ def save_hrmedseg_sam(
         path,
         HRMEDSEG_SAM_ARCHITECTURE,
         model.state_dict(),
-        config={"encoder": encoder.config.to_dict(), "box_prior": box_prior},
+        config={"encoder": encoder.config.to_dict(), "box_prior": box_prior,
+                **({"max_upscale": float(max_upscale)} if max_upscale else {})},
         preprocessing=encoder.preprocessing.to_dict(),
         provenance=provenance,
     )
@@ -202,6 +205,7 @@ def hrmedseg_sam_from_checkpoint(checkpoint: Checkpoint, device: str | torch.dev
         provenance=checkpoint.provenance,
         input_size=IMAGE_SIZE,
         box_prior=checkpoint.config.get("box_prior", "none"),
+        max_upscale=checkpoint.config.get("max_upscale"),
     )
     return LoadedModel(model.eval().to(device), metadata)
 
