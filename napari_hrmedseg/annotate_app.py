@@ -119,8 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import napari
 
-        from napari_hrmedseg._sample_data import _layer
-        from napari_hrmedseg.annotator_widget import AnnotatorWidget
+        from ._sample_data import _layer
+        from .annotator_widget import AnnotatorWidget
 
         viewer = napari.Viewer(title="HRMedSeg annotator")
         if args.image is not None:
