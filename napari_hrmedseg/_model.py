@@ -19,7 +19,7 @@ UNTRAINED_BANNER = "untrained weights: masks are meaningless"
 
 # registry kinds that hold something BoxPredictor can run on its own; decoders and bare
 # encoders are parts of such models
-_RUNNABLE_KINDS = {"sam", "sam2", "model", "box_model"} | {k.architecture for k in MODEL_KINDS if k.box_prompted}
+_RUNNABLE_KINDS = {"sam", "sam2", "model", "box_model", "litemedsam"} | {k.architecture for k in MODEL_KINDS if k.box_prompted}
 
 
 def registry_choices() -> list[str]:

@@ -189,3 +189,9 @@ def test_a_bundle_records_the_crop_enlargement_the_engine_then_uses(tmp_path):
     assert load_model_with_metadata(tmp_path / "x8.pt").metadata.max_upscale == 8
     assert BoxPredictor(str(tmp_path / "x8.pt"), device="cpu").policy.max_upscale == 8
     assert BoxPredictor(str(tmp_path / "plain.pt"), device="cpu").policy.max_upscale == 2
+
+
+def test_the_annotator_offers_it():
+    from napari_hrmedseg._model import registry_choices
+
+    assert "litemedsam" in registry_choices()
