@@ -102,10 +102,6 @@ def run(args: argparse.Namespace) -> int:
     channel = None if not args.channel else (args.channel[0] if len(args.channel) == 1 else args.channel)
     image = open_image(args.image, channel=channel)
     if args.boxes is None:
-        from ..engine.semantic import is_prompt_free
-
-        if not is_prompt_free(args.model):
-            raise InputError(f"--boxes is required: model {args.model} is a box-prompt model (only prompt-free HRMedSeg models run without boxes)")
         return run_prompt_free(args, image, out, table)
     boxes = read_boxes(args.boxes)
     with warnings.catch_warnings(record=True) as caught:
@@ -151,9 +147,15 @@ def run_prompt_free(args: argparse.Namespace, image, out: Path, table: Path) -> 
     from tqdm import tqdm
 
     from ..atomic import atomic_path
+    from ..engine.semantic import NotPromptFreeError
+    from ..errors import InputError
     from ..io import write_label_tiff
 
-    predictor = load_semantic_predictor(args)
+    try:
+        predictor = load_semantic_predictor(args)  # reads the weights file once
+    except NotPromptFreeError as err:
+        raise InputError(f"--boxes is required: model {args.model} is a box-prompt model (only prompt-free HRMedSeg "
+                         f"models run without boxes)") from err
     bar = tqdm(unit="tile", disable=args.no_progress, file=sys.stderr)
 
     def progress(done: int, total: int) -> None:

@@ -191,9 +191,8 @@ def read_model_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     return read_checkpoint(resolve_spec(spec))
 
 
-def is_prompt_free(spec: str | os.PathLike) -> bool:
-    """True when ``spec`` names an "hrmedseg" (prompt-free) bundle. WeightsError when unreadable."""
-    return read_model_checkpoint(spec).kind == PROMPT_FREE_ARCHITECTURE
+class NotPromptFreeError(WeightsError):
+    """The weights hold a model that needs prompts (boxes), not a prompt-free HRMedSeg."""
 
 
 class SemanticPredictor:
@@ -231,7 +230,7 @@ class SemanticPredictor:
             checkpoint = read_model_checkpoint(model)
             kind = checkpoint.kind if checkpoint.is_bundle else "unknown"
             if kind != PROMPT_FREE_ARCHITECTURE:
-                raise WeightsError(
+                raise NotPromptFreeError(
                     f"{model} holds a '{kind}' model, not a prompt-free HRMedSeg ('{PROMPT_FREE_ARCHITECTURE}' bundle); "
                     f"box-prompt models need boxes (BoxPredictor, or hrmedseg segment --boxes)"
                 )
@@ -434,7 +433,7 @@ __all__ = [
     "InputGeometry",
     "PROMPT_FREE_ARCHITECTURE",
     "SemanticPredictor",
-    "is_prompt_free",
+    "NotPromptFreeError",
     "read_model_checkpoint",
     "resample_weights",
     "tile_starts",
