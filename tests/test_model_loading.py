@@ -155,7 +155,7 @@ def test_registry_names(files, tmp_path):
 
 def test_bundles_made_by_the_importer_load(files, tmp_path):
     """The weights importer's compact decoder bundles pair with an encoder through load_model."""
-    importing = pytest.importorskip("hrmedseg.weights.importing")
+    from hrmedseg.models import importing
     from sam2.modeling.sam2_base import SAM2Base
     from segment_anything.modeling import Sam
 

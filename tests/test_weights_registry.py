@@ -17,7 +17,7 @@ import torch
 import hrmedseg.weights.registry as registry_mod
 from hrmedseg.errors import WeightsError
 from hrmedseg.weights.bundle import load_bundle, save_bundle
-from hrmedseg.weights.importing import import_checkpoint
+from hrmedseg.models.importing import import_checkpoint, resolve_weights
 from hrmedseg.weights.registry import Registry, cache_dir, get_entry, list_weights, sidecar_path
 
 SAM_NAMES = ("sam_vit_h", "sam_vit_l", "sam_vit_b")
@@ -418,12 +418,15 @@ def test_derived_entry_is_made_from_a_local_source(tmp_path, sam_file):
         {"name": "sam_vit_b_prompt_decoder", "file": "sam_vit_b_prompt_decoder.pt",
          "architecture": "sam_prompt_decoder", "derived_from": "sam_vit_b"},
     ])
+    with pytest.raises(WeightsError, match="made on this computer from sam_vit_b.*hrmedseg weights fetch"):
+        reg.resolve("sam_vit_b_prompt_decoder")  # the registry finds files; making one is the models layer's
     with pytest.raises(WeightsError, match="made from sam_vit_b.*sam_vit_b_01ec64.pth"):
-        reg.resolve("sam_vit_b_prompt_decoder")
-    path = reg.resolve("sam_vit_b_prompt_decoder", weights_dir=sam_file.parent)
+        resolve_weights("sam_vit_b_prompt_decoder", registry=reg)
+    path = resolve_weights("sam_vit_b_prompt_decoder", weights_dir=sam_file.parent, registry=reg)
     assert path == sam_file.parent / "sam_vit_b_prompt_decoder.pt"
     assert load_bundle(path)["provenance"]["source_sha256"] == digest
     assert reg.resolve("sam_vit_b_prompt_decoder", weights_dir=sam_file.parent) == path
+    assert resolve_weights("sam_vit_b_prompt_decoder", weights_dir=sam_file.parent, registry=reg) == path
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     save_bundle(wrong / "sam_vit_b_prompt_decoder.pt", "lgvit_neck", {"x": torch.ones(1)})

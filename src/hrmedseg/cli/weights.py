@@ -54,15 +54,15 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from ..weights.registry import fetch
+    from ..models.importing import resolve_weights
 
-    print(fetch(args.name, args.weights_dir))
+    print(resolve_weights(args.name, args.weights_dir, download=True))
     return 0
 
 
 def run_import(args: argparse.Namespace) -> int:
     from ..weights.bundle import load_bundle
-    from ..weights.importing import import_checkpoint
+    from ..models.importing import import_checkpoint
     from ..weights.registry import human_size
 
     dest = import_checkpoint(args.path, dest_path=args.out, name=args.name)
@@ -76,7 +76,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_path(args: argparse.Namespace) -> int:
-    from ..weights.registry import resolve
+    from ..models.importing import resolve_weights
 
-    print(resolve(args.name, args.weights_dir, download=False))
+    print(resolve_weights(args.name, args.weights_dir, download=False))
     return 0

@@ -42,6 +42,8 @@ _EXPORTS = {
     "extract_sam2_decoder_state": ".sam2",
     "load_hrmedseg_sam2": ".sam2",
     "load_model": ".loading",
+    "import_checkpoint": ".importing",
+    "resolve_weights": ".importing",
     "load_model_with_metadata": ".loading",
     "LoadedModel": ".info",
     "ModelMetadata": ".info",

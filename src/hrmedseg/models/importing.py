@@ -26,9 +26,9 @@ from typing import Any
 
 from ..atomic import atomic_path
 from ..errors import WeightsError
-from .bundle import save_bundle
-from .cache import cache_dir
-from .checkpoint import (
+from ..weights.bundle import save_bundle
+from ..weights.cache import cache_dir
+from ..weights.checkpoint import (
     LGVIT_NECK,
     SAM,
     SAM2,
@@ -144,8 +144,8 @@ def import_checkpoint(
             provenance=_source_provenance(src, digest, holds, SAM_LICENCE),
         )
     elif kind == SAM2:
-        # Checked against sam2's own configs, which only the model layer builds.
-        from ..models.sam2 import extract_sam2_decoder_state
+        # Checked against sam2's own configs.
+        from .sam2 import extract_sam2_decoder_state
 
         kept, config = extract_sam2_decoder_state(checkpoint.state, str(src))
         dest = destination(config)
@@ -155,7 +155,7 @@ def import_checkpoint(
             provenance=_source_provenance(src, digest, holds, SAM_LICENCE),
         )
     else:  # the authors' LGViT + neck: rebuilt once, so the bundle records its config and normalisation
-        from ..models.encoder_loading import encoder_from_checkpoint, save_encoder
+        from .encoder_loading import encoder_from_checkpoint, save_encoder
 
         encoder = encoder_from_checkpoint(checkpoint)
         del checkpoint  # do not hold two copies of the tensors
@@ -170,3 +170,43 @@ def import_checkpoint(
         )
     log.info("imported %s (%s) as %s", src, kind, dest)
     return dest
+
+
+def resolve_weights(
+    name: str, weights_dir: str | os.PathLike | None = None, download: bool = False, registry: Any = None
+) -> Path:
+    """A verified local file for the registry name ``name``, making a derived entry when it is missing.
+
+    Derived entries (``derived_from`` in ``registry.json``, e.g. ``sam_vit_h_prompt_decoder``)
+    are compact bundles made on this computer from another entry by :func:`import_checkpoint`;
+    this is where that happens, so the registry (``hrmedseg.weights``) only finds and checks
+    files and never builds a model. ``registry`` defaults to the package's.
+
+    Raises:
+        WeightsError: as :meth:`Registry.resolve`, or naming the entry a derived one is made from
+            when that is not available.
+    """
+    from ..weights.registry import default_registry
+
+    registry = registry or default_registry()
+    entry = registry.get(name)
+    if entry.derived_from and registry.locate(name, weights_dir) is None:
+        return _derive(registry, entry, weights_dir, download)
+    return registry.resolve(name, weights_dir, download)
+
+
+def _derive(registry: Any, entry: Any, weights_dir: str | os.PathLike | None, download: bool) -> Path:
+    parent = registry.get(entry.derived_from)
+    try:
+        source = registry.resolve(parent.name, weights_dir, download=download)
+    except WeightsError as err:
+        raise WeightsError(
+            f"{entry.name} ({entry.file}) is made from {parent.name}, which is not available. Run "
+            f"`hrmedseg weights fetch {entry.name}` (downloads {parent.file} and keeps what hrmedseg "
+            f"needs), or `hrmedseg weights import {parent.file}` on a copy you have. {err}"
+        ) from err
+    folder = Path(weights_dir).expanduser() if weights_dir is not None else cache_dir()
+    dest = folder / entry.file
+    log.warning("making %s from %s (one-off; keeps only what hrmedseg needs)", dest, source)
+    import_checkpoint(source, dest_path=dest, name=entry.name)
+    return registry.resolve(entry.name, weights_dir)
