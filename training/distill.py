@@ -365,9 +365,10 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
                                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": runner.step,
                                     "history": history, "config": asdict(cfg)})
             emit({"event": "epoch", **row})
-        if totals.interrupted or _past(deadline, env, device):
-            if not totals.interrupted:
-                emit({"event": "time_limit", "epoch": epoch + 1})
+        if totals.interrupted:
+            break
+        if _past(deadline, env, device):
+            emit({"event": "time_limit", "epoch": epoch + 1})
             break
     runner.progress.close()
     result = {"out": str(out), "history": history, "steps": runner.step}
