@@ -96,3 +96,16 @@ def test_tensorboard_flag_without_tensorboard_fails_before_training(tmp_path, mo
         distill(cfg, events.append)
     assert events == [] and not cfg.cache_root.exists() and not (tmp_path / "enc.pt").exists()
     assert not log_path_for(cfg.out).exists() and not (tmp_path / "tb").exists()
+
+
+def test_time_limit_stops_after_an_epoch_with_the_state_saved_and_resume_goes_on(tmp_path):
+    images = make_images(tmp_path / "imgs")
+    events = []
+    cfg = DistillConfig(teacher="random:tiny", images=str(images), out=str(tmp_path / "enc.pt"), img_size=64,
+                        encoder_preset="tiny", epochs=3, batch_size=5, num_workers=0, device="cpu",
+                        cache_dir="none", time_limit_min=1e-6, views_per_image=2)
+    result = distill(cfg, events.append)
+    assert [row["epoch"] for row in result["history"]] == [1]
+    assert [e["epoch"] for e in events if e["event"] == "time_limit"] == [1]
+    cfg.resume, cfg.time_limit_min = True, None
+    assert [row["epoch"] for row in distill(cfg)["history"]] == [1, 2, 3]
