@@ -21,29 +21,29 @@ def core_modules() -> list[str]:
     ]
 
 
+def assert_fresh_import_loads_none(imports: str, bad: str) -> None:
+    """In a fresh interpreter, run ``imports``; no module in ``sys.modules`` may satisfy ``bad`` (an
+    expression of ``k``, the module name)."""
+    code = f"import importlib, sys\n{imports}\nbad = sorted(k for k in sys.modules if {bad})\nprint(bad); sys.exit(1 if bad else 0)\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_core_imports_no_qt_napari_or_training():
     modules = core_modules()
     assert "hrmedseg.engine.predictor" in modules and "hrmedseg.cli.segment" in modules
-    code = (
-        "import importlib, sys\n"
-        f"for m in {modules!r}: importlib.import_module(m)\n"
-        "bad = sorted(k for k in sys.modules if k.split('.')[0] in "
-        "('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'napari_hrmedseg')"
-        " or k.startswith('hrmedseg.training'))\n"
-        "print(bad); sys.exit(1 if bad else 0)\n"
+    assert_fresh_import_loads_none(
+        f"for m in {modules!r}: importlib.import_module(m)",
+        "k.split('.')[0] in ('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'napari_hrmedseg')"
+        " or k.startswith('hrmedseg.training')",
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_training_imports_no_qt_or_napari():
-    code = (
-        "import sys, hrmedseg.training.finetune, hrmedseg.training.distill, hrmedseg.training.cli\n"
-        "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('napari', 'qtpy', 'PyQt6', 'napari_hrmedseg'))\n"
-        "print(bad); sys.exit(1 if bad else 0)\n"
+    assert_fresh_import_loads_none(
+        "import hrmedseg.training.finetune, hrmedseg.training.distill, hrmedseg.training.cli",
+        "k.split('.')[0] in ('napari', 'qtpy', 'PyQt6', 'napari_hrmedseg')",
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_wheel_has_no_bare_training_package(tmp_path):
@@ -80,13 +80,10 @@ def test_weights_does_not_import_models():
     for path in sorted(WEIGHTS.glob("*.py")):
         models = {m for m in _imports_of(path) if m.startswith("hrmedseg.models")}
         assert not models, (path.name, models)
-    code = (
-        "import sys, hrmedseg.weights, hrmedseg.weights.checkpoint, hrmedseg.weights.registry\n"
-        "bad = sorted(k for k in sys.modules if k.startswith('hrmedseg.models'))\n"
-        "print(bad); sys.exit(1 if bad else 0)\n"
+    assert_fresh_import_loads_none(
+        "import hrmedseg.weights, hrmedseg.weights.checkpoint, hrmedseg.weights.registry",
+        "k.startswith('hrmedseg.models')",
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_weights_modules_form_no_cycle():
