@@ -21,7 +21,6 @@ Measures, with random weights (speed and geometry only, no segmentation quality)
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 import torch.nn.functional as F
+from report import print_and_save
 
 
 def nucleus_boxes(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -236,11 +236,7 @@ def main() -> None:
     if args.backends:
         results["backends"] = compare_backends(model, image, boxes, device, policy, args.backends.split(","), args.repeats)
     results["boundary_error_small_discs"] = [disc_boundary_error(r, args.size, policy) for r in (5.0, 10.0, 20.0)]
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
+    print_and_save(results, args.json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ resident memory (ru_maxrss of this process, and psutil samples).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -28,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from report import print_and_save
 
 TILE = 256
 
@@ -150,10 +150,7 @@ def main() -> None:
         "small_model": args.small,
     }
     del results["levels_used"]
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    print_and_save(results, args.json)
 
 
 if __name__ == "__main__":

@@ -17,24 +17,13 @@ is scripts/prepare_device_payload.py's (``is_val``), the one no training or dist
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import numpy as np
 import torch
 from eval_default_models import SHARED, dice_iou, ellipse_in_box, objects, tight_box, val_items
 from PIL import Image
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from report import cpu_name, print_and_save
 
 
 def prompts(dataset: str, max_objects: int | None, max_images: int | None = None, seed: int = 0):
@@ -104,11 +93,7 @@ def main() -> None:
     result = {"models": models, "max_objects": args.max_objects, "device": args.device, "threads": args.threads,
               "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "images": args.images, "result": evaluate(models, args.max_objects, args.device, args.images)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
+    print_and_save(result, args.json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,26 @@
+"""What every benchmark prints and saves: the result as JSON, and the CPU it ran on."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The CPU model, from /proc/cpuinfo where there is one (sessions land on Intel and AMD CPUs alike)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def print_and_save(result: dict, json_path: str | None) -> None:
+    """Print ``result`` as indented JSON, and write the same text to ``json_path`` when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text)
