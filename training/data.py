@@ -342,10 +342,8 @@ def discover_samples(root: str | os.PathLike, check_shapes: bool = True) -> Data
 
 
 def _store_samples(root: Path) -> list[Sample] | None:
-    try:
-        from hrmedseg.store import AnnotationStore
-    except ImportError:
-        return None
+    from hrmedseg.store import AnnotationStore
+
     try:
         store = AnnotationStore.open(root)
     except Exception:  # noqa: BLE001 - not a store: the caller reports "no pairs"

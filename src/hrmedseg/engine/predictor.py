@@ -69,13 +69,8 @@ def resolve_model(model: str | nn.Module | LoadedModel) -> LoadedModel:
         return model
     if isinstance(model, nn.Module):
         return LoadedModel(model, ModelMetadata(kind="", source=type(model).__name__))
-    try:
-        from ..models.loading import load_model_with_metadata
-    except ImportError as err:
-        raise HRMedSegError(
-            f"cannot load model {model!r}: model loading (hrmedseg.models.loading) is not available in this "
-            f"installation; pass a model object to BoxPredictor instead"
-        ) from err
+    from ..models.loading import load_model_with_metadata
+
     loaded = load_model_with_metadata(model)
     if is_sam2_model(loaded.module):
         return loaded
@@ -88,9 +83,9 @@ def resolve_model(model: str | nn.Module | LoadedModel) -> LoadedModel:
     return loaded
 
 
-def default_policy(input_size: int, metadata: ModelMetadata | None) -> CropPolicy:
+def default_policy(input_size: int, metadata: ModelMetadata) -> CropPolicy:
     """The engine's crop policy for a model: its input size, and its own enlargement if it records one."""
-    if metadata is not None and metadata.max_upscale:
+    if metadata.max_upscale:
         return CropPolicy(input_size=input_size, max_upscale=metadata.max_upscale)
     return CropPolicy(input_size=input_size)
 
