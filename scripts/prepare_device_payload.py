@@ -63,22 +63,28 @@ def copy_split(src: Path, dest: Path, resize_long_side: int | None, compact: boo
         image_src, mask_src = src / item["image"], src / item["mask"]
         if compact:
             save_jpeg(Image.open(image_src), out / "images" / f"{item['name']}.jpg", resize_long_side)
-            mask = Image.open(mask_src)
-            if resize_long_side and max(mask.size) > resize_long_side:
-                scale = resize_long_side / max(mask.size)
-                mask = Image.fromarray(np.asarray(mask)).resize((round(mask.width * scale), round(mask.height * scale)), Image.NEAREST)
-            mask.save(out / "masks" / f"{item['name']}.png")
+            shrink(Image.open(mask_src), resize_long_side, Image.NEAREST).save(out / "masks" / f"{item['name']}.png")
             continue
         if resize_long_side is None:
             shutil.copy2(image_src, out / "images" / image_src.name)
             shutil.copy2(mask_src, out / "masks" / mask_src.name)
             continue
-        image, mask = Image.open(image_src), Image.open(mask_src)
-        scale = resize_long_side / max(image.size)
-        size = (round(image.width * scale), round(image.height * scale))
-        image.resize(size, Image.BICUBIC).save(out / "images" / image_src.name, quality=92)
-        Image.fromarray(np.asarray(mask)).resize(size, Image.NEAREST).save(out / "masks" / mask_src.name)
+        shrink(Image.open(image_src), resize_long_side, Image.BICUBIC).save(out / "images" / image_src.name, quality=92)
+        shrink(Image.open(mask_src), resize_long_side, Image.NEAREST).save(out / "masks" / mask_src.name)
     return split
+
+
+def shrink(image: Image.Image, long_side: int | None, resample: int) -> Image.Image:
+    """``image`` resized so that its long side is at most ``long_side`` (None: as it is).
+
+    Label images go through a plain array first, so a 16-bit mask keeps its values.
+    """
+    if not long_side or max(image.size) <= long_side:
+        return image
+    scale = long_side / max(image.size)
+    size = (round(image.width * scale), round(image.height * scale))
+    source = image if resample != Image.NEAREST else Image.fromarray(np.asarray(image))
+    return source.resize(size, resample)
 
 
 def write_box_manifests(data: Path, splits: dict[str, dict[str, list[str]]], parts: tuple[str, ...] = ("train", "val"),
@@ -136,10 +142,7 @@ def download(dest: Path, names: tuple[str, ...]) -> None:
 
 
 def save_jpeg(image: Image.Image, dest: Path, long_side: int | None) -> None:
-    image = image.convert("RGB")
-    if long_side and max(image.size) > long_side:
-        scale = long_side / max(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    image = shrink(image.convert("RGB"), long_side, Image.BICUBIC)
     array = np.asarray(image)
     if (array == array[..., :1]).all():  # grey stored as RGB: one channel is a third of the bytes
         image = Image.fromarray(array[..., 0])
