@@ -91,7 +91,8 @@ def test_bundle_provenance_travels_with_the_model(files, tmp_path):
 
 
 def test_prompt_free_hrmedseg_bundle(tmp_path):
-    hrmedseg_model = pytest.importorskip("hrmedseg.models.hrmedseg_model")
+    from hrmedseg.models import hrmedseg_model
+
     model = hrmedseg_model.build_hrmedseg(num_classes=2, encoder_config=SMALL).eval()
     path = hrmedseg_model.save_hrmedseg(model, tmp_path / "hrmedseg.pt")
     loaded = load_model(path)
@@ -143,7 +144,6 @@ def test_missing_file_and_unknown_name(tmp_path):
 
 
 def test_registry_names(files, tmp_path):
-    pytest.importorskip("hrmedseg.weights.registry")
     weights_dir = tmp_path / "w"
     weights_dir.mkdir()
     (weights_dir / "SAM_PFD_10K.pth").write_bytes((files / "SAM_PFD_10K.pth").read_bytes())

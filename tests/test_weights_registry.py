@@ -382,10 +382,6 @@ def test_import_refuses_other_files_naming_them(tmp_path):
 
 
 def test_import_sam2_checkpoint(tmp_path):
-    try:
-        from hrmedseg.models.sam2 import extract_sam2_decoder_state  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"hrmedseg.models.sam2.extract_sam2_decoder_state not available yet: {err}")
     from sam2.build_sam import build_sam2
 
     torch.manual_seed(0)
