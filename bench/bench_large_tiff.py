@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from report import print_and_save
 
+from hrmedseg.atomic import atomic_path
+
 TILE = 256
 
 
@@ -53,15 +55,13 @@ def make_tiff(path: Path, size: int) -> None:
     levels = [size]
     while levels[-1] > 1024:
         levels.append(-(-levels[-1] // 2))
-    tmp = path.with_suffix(".part.tif")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         for i, n in enumerate(levels):
             step = 2**i
             nt = -(-n // TILE)
             tiles = (tile_pixels(ty, tx, step) for ty in range(nt) for tx in range(nt))
             kw = dict(subifds=len(levels) - 1) if i == 0 else dict(subfiletype=1)
             tw.write(tiles, shape=(n, n, 3), dtype=np.uint8, tile=(TILE, TILE), compression="zlib", compressionargs={"level": 1}, photometric="rgb", **kw)
-    os.replace(tmp, path)
 
 
 def spread_boxes(size: int, n: int, seed: int = 0) -> np.ndarray:

@@ -1,30 +1,151 @@
-"""Writes that never leave a half-written file behind: write beside the target, then rename."""
+"""Writes that never leave a half-written file behind: write beside the target, then rename.
+
+The one home of atomic writes: every writer of a final file goes through :func:`atomic_path`.
+
+- Temporary files are named ``.<target name>.<pid>.<random>.tmp`` beside the target, so a write
+  killed half-way leaves a file whose writer can be told dead; :func:`remove_stale_temps` (run by
+  every :func:`atomic_path` and by store opens) deletes those of dead writers that are older than
+  the target.
+- Final files get the mode a normal file gets under the umask (``0o666 & ~umask``), not the
+  0600 that :func:`tempfile.mkstemp` gives, so lab-mates can read projects and labels.
+- A write that fails for a reason the user can fix (full disk, read-only or forbidden folder)
+  raises :class:`hrmedseg.errors.OutputError` naming the target; the old target is untouched.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from .errors import OutputError
+
+TEMP_SUFFIX = ".tmp"
+# .<name>.<pid>.<random>.tmp (mkstemp's random part has no dots)
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+# Failures the user causes and can fix; others (bugs) keep their traceback.
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR})
+
+
+def normal_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def temp_prefix(target: Path) -> str:
+    """Prefix of this process's temporary files for ``target``: ``.<name>.<pid>.``."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def make_temp(target: Path) -> Path:
+    """An empty temporary file beside ``target`` that names this process (see the module docstring)."""
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=TEMP_SUFFIX, dir=target.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete temporary files in ``folder`` (for target ``name``, or any) whose writer is dead.
+
+    A temp file is stale when the pid in its name is not a running process (this process's own
+    are always kept: one of its writes may be in flight) and it is not newer than its target (a
+    missing target counts as older). Returns the files removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        m = _TEMP_RE.match(path.name)
+        if m is None or (name is not None and m["name"] != name):
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        target = folder / m["name"]
+        try:
+            if target.exists() and path.stat().st_mtime > target.stat().st_mtime:
+                continue
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+def _finish(tmp: Path) -> None:
+    """Make a complete temporary file durable and give it a normal file's mode."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, normal_file_mode())
+
+
+def user_error(target: Path, err: OSError) -> OutputError | None:
+    """An :class:`OutputError` naming ``target`` for failures the user can fix, else None."""
+    if isinstance(err, OutputError) or err.errno not in USER_ERRNOS:
+        return None
+    what = err.strerror or type(err).__name__
+    hint = " (free some space or write elsewhere)" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+    return OutputError(f"cannot write {target}: {what}{hint}; any existing {target.name} is unchanged")
+
+
+@contextlib.contextmanager
+def _temp_beside(target: Path) -> Iterator[Path]:
+    """A fresh temporary file beside ``target``, removed (and the error made friendly) on failure."""
+    tmp: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target.parent, target.name)
+        tmp = make_temp(target)
+        yield tmp
+    except BaseException as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and (friendly := user_error(target, err)) is not None:
+            raise friendly from err
+        raise
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces ``target``.
 
-    On any error the temporary file is removed and an existing ``target`` is untouched.
+    On any error the temporary file is removed and an existing ``target`` is untouched; a full
+    disk or a forbidden folder raises :class:`OutputError` naming ``target``.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, target)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    with _temp_beside(target) as tmp:
+        yield tmp
+        _finish(tmp)
+        os.replace(tmp, target)
+
+
+def stage_file(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write a complete, fsynced temporary file beside ``target`` with ``write(tmp)``; return it.
+
+    For writers that move several files in at once (the annotation store): the caller renames the
+    returned file onto ``target`` (it already has a normal file's mode) or deletes it.
+    """
+    target = Path(target)
+    with _temp_beside(target) as tmp:
+        write(tmp)
+        _finish(tmp)
+    return tmp

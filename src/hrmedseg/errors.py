@@ -11,3 +11,7 @@ class WeightsError(HRMedSegError, RuntimeError):
 
 class InputError(HRMedSegError, ValueError):
     """An image, a box or an annotation given by the user cannot be used; the message names it."""
+
+
+class OutputError(HRMedSegError, OSError):
+    """An output cannot be written (full disk, read-only or forbidden folder); the message names it."""

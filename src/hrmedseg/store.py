@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, remove_stale_temps, stage_file
 from .errors import InputError
 from .hashing import sha256_file
 
@@ -181,11 +181,17 @@ class AnnotationStore:
                 f"{STORE_VERSION}: update hrmedseg"
             )
         project.setdefault("images", [])
-        return cls(path, project)
+        store = cls(path, project)
+        store.remove_stale_temps()
+        return store
 
     @staticmethod
     def is_store(path: str | os.PathLike) -> bool:
         return (Path(path) / PROJECT_FILE).is_file()
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete temporary files left by saves that were killed (see :mod:`hrmedseg.atomic`)."""
+        return [p for folder in (self.path, self.path / "labels", self.path / "annotations") for p in remove_stale_temps(folder)]
 
     # -- reading ----------------------------------------------------------------------------
     def image_keys(self) -> list[str]:
@@ -264,7 +270,7 @@ class AnnotationStore:
 
         staged: list[tuple[Path, Path]] = []  # (temporary file, final path)
         try:
-            staged.append((_stage(labels_path, lambda tmp: _write_labels(tifffile, tmp, labels)), labels_path))
+            staged.append((stage_file(labels_path, lambda tmp: _write_labels(tifffile, tmp, labels)), labels_path))
             labels_sha = sha256_file(staged[0][0])
             meta = {
                 "format": IMAGE_FORMAT,
@@ -280,7 +286,7 @@ class AnnotationStore:
                 "objects": [o.to_dict() for o in sorted(annotation.objects, key=lambda o: o.id)],
             }
             text = json.dumps(meta, indent=1)
-            staged.append((_stage(ann_path, lambda tmp: tmp.write_text(text, encoding="utf-8")), ann_path))
+            staged.append((stage_file(ann_path, lambda tmp: tmp.write_text(text, encoding="utf-8")), ann_path))
             ann_sha = sha256_file(staged[1][0])
         except BaseException:
             for tmp, _ in staged:
@@ -334,23 +340,6 @@ class AnnotationStore:
 def _prev_path(path: Path) -> Path:
     """labels/a.tif -> labels/a.prev.tif (same folder, so os.replace stays atomic)."""
     return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
-def _stage(final: Path, write) -> Path:
-    """Write a complete, fsynced temporary file beside ``final``; return its path."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return tmp_path
 
 
 def _write_labels(tifffile, path: Path, labels: np.ndarray) -> None:
