@@ -61,7 +61,7 @@ def test_bad_boxes_fail_cleanly_and_keep_old_output(tmp_path, image_file, model_
     rc = main(["segment", str(image_file), "--boxes", str(boxes), "--out", str(out), "--model", str(model_file), "--device", "cpu"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "box 1" in err and "outside" in err and "Traceback" not in err
+    assert f"row 2 of box file {boxes} (5000, 10, 5100, 50)" in err and "outside" in err and "Traceback" not in err
     assert out.read_bytes() == b"previous good result"
     cols = tmp_path / "cols.csv"
     cols.write_text("left,top,right,bottom\n1,2,3,4\n")

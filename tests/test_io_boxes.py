@@ -61,9 +61,9 @@ def test_napari_shapes_csv_from_napari(tmp_path):
         ("w.csv", "a,b,c,d\n1,2,3,4\n", ["w.csv", "columns", "x0,y0,x1,y1"]),
         ("n.csv", "1,2,3\n", ["n.csv", "line 1", "4 values"]),
         ("t.csv", "x0,y0,x1,y1\n1,2,three,4\n", ["t.csv", "line 2", "'three'"]),
-        ("j.json", "[[1,2,3]]", ["j.json", "box 0"]),
+        ("j.json", "[[1,2,3]]", ["row 1 of box file", "j.json"]),
         ("k.json", '{"rects": []}', ["k.json", "'boxes'"]),
-        ("g.geojson", json.dumps({"type": "FeatureCollection", "features": [{"geometry": {"type": "Point", "coordinates": [1, 2]}}]}), ["feature 0", "Point"]),
+        ("g.geojson", json.dumps({"type": "FeatureCollection", "features": [{"geometry": {"type": "Point", "coordinates": [1, 2]}}]}), ["feature 1", "Point"]),
         ("e.csv", "\n", ["e.csv", "no rows"]),
     ],
 )
@@ -77,10 +77,10 @@ def test_bad_files(tmp_path, name, text, words):
 @pytest.mark.parametrize(
     "boxes, words",
     [
-        ([[1, 2, 3, 4], [np.nan, 1, 5, 5]], ["box 1", "NaN"]),
-        ([[5, 5, 5, 9]], ["box 0", "zero or negative"]),
-        ([[1, 1, 4, 4], [1, 1, 4, 4], [8, 9, 3, 12]], ["box 2", "zero or negative"]),
-        ([[200, 10, 220, 20]], ["box 0", "outside", "width 100"]),
+        ([[1, 2, 3, 4], [np.nan, 1, 5, 5]], ["row 2 of boxes (nan, 1, 5, 5)", "NaN"]),
+        ([[5, 5, 5, 9]], ["row 1 of boxes (5, 5, 5, 9)", "zero or negative"]),
+        ([[1, 1, 4, 4], [1, 1, 4, 4], [8, 9, 3, 12]], ["row 3 of boxes (8, 9, 3, 12)", "zero or negative"]),
+        ([[200, 10, 220, 20]], ["row 1 of boxes (200, 10, 220, 20)", "outside", "width 100"]),
         ([[1, 2, 3]], ["(N, 4)", "(1, 3)"]),
         ([["a", 1, 2, 3]], ["numbers"]),
     ],
@@ -93,6 +93,6 @@ def test_bad_boxes_name_the_box(boxes, words):
 
 
 def test_overhanging_boxes_are_clipped_with_a_warning():
-    with pytest.warns(BoxClippedWarning, match="1 box.*clipped: 1"):
+    with pytest.warns(BoxClippedWarning, match=r"1 box.*clipped: row 2 of boxes \(-5, 40, 20, 70\)"):
         out = check_boxes([[1, 2, 3, 4], [-5, 40, 20, 70]], (50, 100))
     np.testing.assert_array_equal(out, [[1, 2, 3, 4], [0, 40, 20, 50]])

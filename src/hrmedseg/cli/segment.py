@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engine import SparseLabels
     from ..errors import InputError
-    from ..io import BoxClippedWarning, check_boxes, open_image, read_boxes, write_label_tiff, write_object_table
+    from ..io import BoxClippedWarning, box_label, check_boxes, open_image, read_boxes, write_label_tiff, write_object_table
 
     out = Path(args.out)
     if out.suffix.lower() not in (".tif", ".tiff"):
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     boxes = read_boxes(args.boxes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BoxClippedWarning)
-        check_boxes(boxes, image.shape_yx, source=f"boxes in {args.boxes}")
+        check_boxes(boxes, image.shape_yx, source=f"box file {args.boxes}")
     for w in caught:
         print(f"hrmedseg segment: warning: {w.message}", file=sys.stderr)
     predictor = load_predictor(args)
@@ -122,10 +122,10 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     write_label_tiff(out, labels, max_id=len(boxes))
     write_object_table(table, records)
-    empty = [r.box_index for r in records if r.empty]
+    empty = [box_label(r.box_index, r.box, f"box file {args.boxes}") for r in records if r.empty]
     print(f"wrote {out} ({image.shape_yx[0]} x {image.shape_yx[1]}, {len(records) - len(empty)} objects) and {table}")
     if empty:
-        shown = ", ".join(map(str, empty[:20])) + (" ..." if len(empty) > 20 else "")
+        shown = "; ".join(empty[:20]) + (" ..." if len(empty) > 20 else "")
         print(f"hrmedseg segment: warning: {len(empty)} box(es) gave empty masks (listed in {table}): {shown}", file=sys.stderr)
     return 0
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..defaults import DEFAULT_BOX_MODEL  # noqa: F401  (re-exported: the engine's default)
 from ..errors import HRMedSegError, InputError
-from ..io.boxes import check_boxes
+from ..io.boxes import box_label, check_boxes
 from ..models.box_prior import add_box_prior
 from ..models.info import LoadedModel, ModelMetadata
 from ..io.readers import LazyImage, object_token, open_image
@@ -286,7 +286,7 @@ class BoxPredictor:
                 paste_object(labels, obj, oid, overlap)
             note = "empty mask" if obj.empty else ""
             if obj.empty:
-                log.warning("box %d %s gave an empty mask (id %d not in the label image)", obj.box_index, obj.box, oid)
+                log.warning("%s gave an empty mask (id %d not in the label image)", box_label(obj.box_index, obj.box, "boxes"), oid)
             records.append(ObjectRecord(oid, obj.box_index, obj.box, obj.region, 0, obj.score, obj.empty, note))
             regions[oid] = obj.region
         if isinstance(labels, SparseLabels):

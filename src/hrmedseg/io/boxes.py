@@ -22,7 +22,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -110,7 +110,7 @@ def _read_json(text: str, name: str) -> np.ndarray:
         for i, f in enumerate(features):
             geom = (f or {}).get("geometry") or {}
             if geom.get("type") not in ("Polygon", "MultiPolygon"):
-                raise InputError(f"box file {name}, feature {i}: geometry type {geom.get('type')!r} is not a Polygon")
+                raise InputError(f"box file {name}, feature {i + 1}: geometry type {geom.get('type')!r} is not a Polygon")
             pts = np.asarray(_flatten_coords(geom["coordinates"]), np.float64).reshape(-1, 2)
             boxes.append([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
         return np.asarray(boxes, np.float64).reshape(-1, 4)
@@ -122,7 +122,7 @@ def _read_json(text: str, name: str) -> np.ndarray:
         raise InputError(f"box file {name}: expected a list of boxes")
     boxes = []
     for i, b in enumerate(obj):
-        where = f"box file {name}, box {i}"
+        where = f"row {i + 1} of box file {name}"
         if isinstance(b, dict):
             keys = next((k for k in HEADER_ALIASES if set(k) <= set(b)), None)
             if keys is None:
@@ -165,12 +165,18 @@ def read_boxes(path: str | os.PathLike) -> np.ndarray:
     return boxes
 
 
+def box_label(i: int, box: Sequence[float], source: str) -> str:
+    """How messages name box ``i`` (0-based) of ``source``: 'row i+1 of SOURCE (x0, y0, x1, y1)'."""
+    return f"row {i + 1} of {source} ({', '.join(f'{float(v):g}' for v in box)})"
+
+
 def check_boxes(boxes: Any, shape_yx: tuple[int, int], source: str = "boxes") -> np.ndarray:
     """Validate boxes against an image; returns float64 (N, 4) boxes clipped to the image.
 
-    Raises InputError naming the first bad box (wrong shape, NaN/inf, zero or negative size,
-    wholly outside the image). Boxes that only overhang the image are clipped, with a
-    :class:`BoxClippedWarning` listing them.
+    Raises InputError naming the first bad box as "row N of SOURCE" (1-based, as users count
+    rows) with its values (wrong shape, NaN/inf, zero or negative size, wholly outside the
+    image). Boxes that only overhang the image are clipped, with a :class:`BoxClippedWarning`
+    listing them the same way.
     """
     try:
         arr = np.asarray(boxes, dtype=np.float64)
@@ -181,24 +187,24 @@ def check_boxes(boxes: Any, shape_yx: tuple[int, int], source: str = "boxes") ->
     if arr.ndim != 2 or arr.shape[1] != 4:
         raise InputError(f"{source} must have shape (N, 4) as x0, y0, x1, y1; got shape {arr.shape}")
     h, w = shape_yx
-    clipped_ids = []
+    clipped = []
     out = arr.copy()
     for i, (x0, y0, x1, y1) in enumerate(arr):
-        desc = f"box {i} ({x0:g}, {y0:g}, {x1:g}, {y1:g})"
+        desc = box_label(i, arr[i], source)
         if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-            raise InputError(f"{source}: {desc} holds NaN or infinity")
+            raise InputError(f"{desc} holds NaN or infinity")
         if x1 <= x0 or y1 <= y0:
-            raise InputError(f"{source}: {desc} has zero or negative size (need x1 > x0 and y1 > y0)")
+            raise InputError(f"{desc} has zero or negative size (need x1 > x0 and y1 > y0)")
         if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
-            raise InputError(f"{source}: {desc} lies outside the image (width {w}, height {h})")
+            raise InputError(f"{desc} lies outside the image (width {w}, height {h})")
         c = (max(x0, 0.0), max(y0, 0.0), min(x1, float(w)), min(y1, float(h)))
         if c != (x0, y0, x1, y1):
-            clipped_ids.append(i)
+            clipped.append(desc)
             out[i] = c
-    if clipped_ids:
-        shown = ", ".join(map(str, clipped_ids[:10])) + (" ..." if len(clipped_ids) > 10 else "")
+    if clipped:
+        shown = "; ".join(clipped[:10]) + (" ..." if len(clipped) > 10 else "")
         warnings.warn(
-            f"{source}: {len(clipped_ids)} box(es) overhang the image ({w} x {h}) and were clipped: {shown}",
+            f"{len(clipped)} box(es) overhang the image ({w} x {h}) and were clipped: {shown}",
             BoxClippedWarning,
             stacklevel=2,
         )

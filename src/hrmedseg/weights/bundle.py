@@ -38,11 +38,29 @@ def load_file(path: str | os.PathLike) -> Any:
     try:
         # mmap keeps a 2.5 GB SAM file out of memory until its tensors are touched.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise WeightsError(
-            f"cannot read weights file {path} ({path.stat().st_size} bytes): it is corrupt, truncated "
-            f"or not a PyTorch checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        ) from err
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            # torch's weights-only unpickler met a global it does not allow: code we never run.
+            raise WeightsError(
+                f"refused to load weights file {path}: it holds Python objects other than tensors and "
+                f"plain data (a pickle that could run code), which hrmedseg never executes; "
+                f"use weights saved as a state dict or an hrmedseg bundle"
+            ) from err
+        raise _unreadable(path, err) from err
+    except Exception as err:  # noqa: BLE001 - torch's unpickler fails in many ways on a foreign file (e.g. KeyError)
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: BaseException) -> WeightsError:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head and all(b in b"\t\n\r" or 32 <= b < 127 for b in head):
+        return WeightsError(f"cannot read weights file {path}: it is a text file, not a PyTorch checkpoint")
+    detail = str(err).splitlines()[0][:200] if str(err) else ""
+    return WeightsError(
+        f"cannot read weights file {path} ({path.stat().st_size} bytes): it is corrupt, truncated "
+        f"or not a PyTorch checkpoint ({type(err).__name__}: {detail})"
+    )
 
 
 def is_bundle(obj: Any) -> bool:

@@ -372,7 +372,7 @@ class Registry:
                 f"cannot download {entry.file} from {entry.url} into {folder} "
                 f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}). "
                 f"If this computer is offline, download {entry.url} elsewhere and put {entry.file} into "
-                f"{folder}, or into a folder named by {WEIGHTS_DIR_ENV} or --weights-dir."
+                f"{folder}, or into a folder named by the environment variable {WEIGHTS_DIR_ENV}."
             ) from err
         if entry.size is not None and fetched.stat().st_size != entry.size:
             bad = fetched.stat().st_size
@@ -426,8 +426,8 @@ class Registry:
             )
         return (
             f"weights {entry.name} ({entry.file}) not found (looked in {looked}). {how}; put {entry.file} "
-            f"into {dest} or into a folder named by the environment variable {WEIGHTS_DIR_ENV} or the "
-            f"--weights-dir option."
+            f"into {dest} or into a folder named by the environment variable {WEIGHTS_DIR_ENV} (`hrmedseg "
+            f"weights fetch --weights-dir DIR` downloads into one), or give the file's path as the model."
         )
 
 
