@@ -263,6 +263,25 @@ class DecodedFileImage(ArrayImage):
         super().__init__(data, channel=channel, name=str(path), source_key=f"file:{path.resolve()}:{st.st_mtime_ns}:{st.st_size}")
 
 
+def check_tiff_extents(path: Path, pages: Sequence[Any]) -> None:
+    """InputError when a page's tiles or strips reach past the end of the file (a truncated TIFF).
+
+    Reads only the pages' offset and byte-count tags, so a broken file fails when it is opened,
+    before any model work. Offset or byte count 0 is a tile the writer left empty, not an error.
+    """
+    size = path.stat().st_size
+    for page in pages:
+        offsets = np.asarray(page.dataoffsets, np.int64)
+        counts = np.asarray(page.databytecounts, np.int64)
+        ends = np.where((offsets > 0) & (counts > 0), offsets + counts, 0)
+        if ends.size and int(ends.max()) > size:
+            i = int(ends.argmax())
+            raise InputError(
+                f"TIFF {path} is truncated: page {page.index} needs bytes up to {int(ends[i])} "
+                f"(tile/strip {i + 1} of {ends.size}), but the file has {size} bytes; copy it again"
+            )
+
+
 class TiffImage(LazyImage):
     """TIFF / OME-TIFF via tifffile, decoding only the tiles or strips a window touches.
 
@@ -286,6 +305,7 @@ class TiffImage(LazyImage):
             # TiffFrames (light IFD views) lack tile geometry: use full pages
             level_pages = [[p if isinstance(p, tifffile.TiffPage) else p.aspage() for p in lv.pages] for lv in levels]
             keyframes = [lv.keyframe for lv in levels]
+            check_tiff_extents(path, [page for pages in level_pages for page in pages])
         except InputError:
             raise
         except Exception as err:  # tifffile raises many types for broken files
