@@ -93,7 +93,17 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engine import SparseLabels
     from ..errors import InputError
-    from ..io import BoxClippedWarning, box_label, check_boxes, open_image, read_boxes, write_label_tiff, write_object_table
+    from ..io import (
+        BoxClippedWarning,
+        box_label,
+        check_boxes,
+        check_free_space,
+        label_tiff_bytes,
+        open_image,
+        read_boxes,
+        write_label_tiff,
+        write_object_table,
+    )
 
     out = Path(args.out)
     if out.suffix.lower() not in (".tif", ".tiff"):
@@ -101,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     table = objects_path(out, args.objects)
     channel = None if not args.channel else (args.channel[0] if len(args.channel) == 1 else args.channel)
     image = open_image(args.image, channel=channel)
+    # Before any model work: a full disk found after an hour of segmentation loses the hour.
+    check_free_space(out, label_tiff_bytes(image.shape_yx, max_id=1))
     if args.boxes is None:
         return run_prompt_free(args, image, out, table)
     boxes = read_boxes(args.boxes)

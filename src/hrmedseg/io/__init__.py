@@ -2,7 +2,7 @@
 
 from .boxes import BoxClippedWarning, box_label, check_boxes, read_boxes
 from .readers import ArrayImage, DecodedFileImage, LazyImage, TiffImage, open_image
-from .writers import label_dtype, write_label_tiff, write_object_table
+from .writers import check_free_space, label_dtype, label_tiff_bytes, write_label_tiff, write_object_table
 
 __all__ = [
     "ArrayImage",
@@ -12,7 +12,9 @@ __all__ = [
     "TiffImage",
     "box_label",
     "check_boxes",
+    "check_free_space",
     "label_dtype",
+    "label_tiff_bytes",
     "open_image",
     "read_boxes",
     "write_label_tiff",

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from ..atomic import atomic_path
+from ..errors import OutputError
 
 TILE = 256
 BIGTIFF_BYTES = 2**31
@@ -18,6 +19,26 @@ BIGTIFF_BYTES = 2**31
 def label_dtype(max_id: int) -> np.dtype:
     """The smallest unsigned type napari and Fiji read that holds ``max_id``."""
     return np.dtype(np.uint16) if max_id < 2**16 else np.dtype(np.uint32)
+
+
+def label_tiff_bytes(shape_yx: tuple[int, int], max_id: int, tile: int = TILE) -> int:
+    """A label TIFF's size uncompressed (whole tiles): about the most it can take on disk."""
+    nty, ntx = -(-int(shape_yx[0]) // tile), -(-int(shape_yx[1]) // tile)
+    return nty * ntx * tile * tile * label_dtype(max_id).itemsize
+
+
+def check_free_space(path: str | os.PathLike, needed: int, what: str = "the label image") -> None:
+    """OutputError before the work when the disk holding ``path`` has less than ``needed`` bytes free."""
+    import shutil
+
+    target = Path(path)
+    folder = next((p for p in (target.parent, *target.parent.parents) if p.exists()), Path.cwd())
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OutputError(
+            f"not enough free space for {target}: {what} may need up to {needed / 2**20:.1f} MiB "
+            f"(uncompressed), {folder} has {free / 2**20:.1f} MiB free; free some space or write elsewhere"
+        )
 
 
 def _tiles(shape_yx: tuple[int, int], tile: int, read: Callable[[int, int, int, int], np.ndarray], dtype) -> Iterator[np.ndarray]:
