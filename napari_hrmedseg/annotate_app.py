@@ -139,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         boxes = initial_boxes(args)
         if boxes is not None:
             draw_boxes(widget.annotator.boxes_layer, boxes)
+            widget.show_box_hint()
         if args.model:
             widget.set_model(args.model)
         if args.screenshot is not None:

@@ -44,6 +44,20 @@ CHOOSE_FILE = "Choose file..."
 _OPEN_DOCKS: list[weakref.ref[AnnotatorWidget]] = []
 
 
+START_TEXT = "Choose an image and a model, then draw boxes."
+NO_BOXES_TEXT = "No boxes yet:"
+
+
+def no_boxes_hint(layer: Any) -> str:
+    """The dock's hint for an image without boxes; the fundus sample is told where to draw."""
+    source = Path(str(getattr(layer, "metadata", {}).get("hrmedseg_source", ""))).name
+    target = "the optic disc (the bright round spot)" if "fundus" in source or "fundus" in layer.name else "an object"
+    return (
+        f"{NO_BOXES_TEXT} press N (or Draw boxes) and drag a box around {target}, "
+        "or open a box file with hrmedseg-annotate --boxes FILE."
+    )
+
+
 def _shortcut_help(key: str) -> str:
     return f"{SHORTCUTS[key][0]}  [{key.replace('-', '+')}]"
 
@@ -177,7 +191,7 @@ class AnnotatorWidget(QWidget):
         store_layout.addLayout(row)
         layout.addWidget(store_box)
 
-        self.status_label = QLabel("Choose an image and a model, then draw boxes.")
+        self.status_label = QLabel(START_TEXT)
         self.status_label.setWordWrap(True)
         layout.addWidget(self.status_label)
         layout.addStretch(1)
@@ -240,6 +254,15 @@ class AnnotatorWidget(QWidget):
         layers = self._image_layers()
         i = self.image_combo.currentIndex()
         self.annotator.set_image_layer(layers[i] if 0 <= i < len(layers) else None)
+        self.show_box_hint()
+
+    def show_box_hint(self) -> None:
+        """One line on how to start when the image has no boxes (a new user sees an empty canvas)."""
+        layer, boxes = self.annotator.image_layer, self.annotator.boxes_layer
+        if layer is not None and boxes is not None and len(boxes.data) == 0:
+            self.status_label.setText(no_boxes_hint(layer))
+        elif self.status_label.text().startswith(NO_BOXES_TEXT):
+            self.status_label.setText(START_TEXT)
 
     def set_image_layer(self, layer: Any) -> None:
         self.image_combo.setCurrentIndex(self._image_layers().index(layer))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh Debian/Ubuntu machine: system libraries for napari's OpenGL canvas
 # under a virtual X server, a virtual environment in .venv, torch (CPU is enough), sam2, and this
-# package with its test and docs extras. Safe to run again: finished steps are skipped quickly.
+# package with its test and docs extras. Safe to run again: finished steps are skipped quickly
+# (the package itself is reinstalled only when pyproject.toml changed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,5 +30,14 @@ python -c "import sam2" 2>/dev/null || {
   echo "== installing sam2"
   SAM2_BUILD_CUDA=0 pip install -q --no-build-isolation "sam2==1.1.0"
 }
-echo "== installing napari-hrmedseg"
-pip install -q -e ".[testing,docs]"
+# The editable install only needs redoing when pyproject.toml (dependencies, entry points,
+# packages) changes or the venv was moved: a stamp records the hash it was installed with.
+STAMP=.venv/.hrmedseg-install-stamp
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $(pwd)"
+if [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] && python -c "import hrmedseg, napari_hrmedseg" 2>/dev/null; then
+  echo "== napari-hrmedseg is installed and up to date"
+else
+  echo "== installing napari-hrmedseg"
+  pip install -q -e ".[testing,docs]"
+  echo "$want" > "$STAMP"
+fi

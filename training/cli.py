@@ -162,6 +162,9 @@ def _run(args: argparse.Namespace, config_class, train: Callable, report: Callab
     def on_event(event: dict) -> None:
         if args.events:
             print_event(event)
+        if event.get("event") == "resumed":
+            done = int(event["epoch"])  # epochs finished before the state was saved
+            print(f"hrmedseg train: resuming from epoch {done + 1} ({done} done, state {event['state']})", file=sys.stderr)
         report(event)
 
     train(_config_from(args, config_class), on_event)

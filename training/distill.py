@@ -316,7 +316,7 @@ def _distill(cfg: DistillConfig, env: dist_utils.DistEnv, device: torch.device, 
     if cfg.resume and state_file.exists():
         state = restore(state_file, student.module, optimizer, scheduler)
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        emit({"event": "resumed", "epoch": start_epoch})
+        emit({"event": "resumed", "epoch": start_epoch, "state": str(state_file)})
     model = wrap_ddp(student.module, env, device)
 
     def step_loss(batch: dict | None) -> tuple[torch.Tensor, int] | None:

@@ -504,7 +504,7 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
         best = state.get("best_score", best_dice)
         bad_epochs, history, step = state["bad_epochs"], state["history"], state.get("step", 0)
         log.info("resuming %s at epoch %d (best val Dice %.4f)", state_file, start_epoch, best_dice)
-        emit({"event": "resumed", "epoch": start_epoch, "best_val_dice": best_dice})
+        emit({"event": "resumed", "epoch": start_epoch, "best_val_dice": best_dice, "state": str(state_file)})
     elif cfg.resume:
         log.info("no state at %s: starting a new run", state_file)
 
