@@ -22,7 +22,7 @@ from hrmedseg.store import ImageAnnotation
 from .._layer_image import layer_plane
 from .._model import UNTRAINED_BANNER, UNTRAINED_CHOICE, MissingWeights, check_weights, guard_torch_import, load_predictor
 from .._state import AnnotatorState, ModelInfo
-from .jobs import JobQueue, lower_thread_priority
+from .jobs import JobQueue, prepare_worker_thread
 from .layers import LayerBinding
 from .store_io import ProjectStore
 
@@ -182,7 +182,7 @@ class Annotator:
         box, predictor = obj.box, self.predictor
 
         def predict():
-            lower_thread_priority()
+            prepare_worker_thread()
             return predictor.predict_box(image, box)
 
         def done(result):
@@ -226,7 +226,7 @@ class Annotator:
         predictor, image_layer = self.predictor, self.image_layer
 
         def work():
-            lower_thread_priority()
+            prepare_worker_thread()
             done = 0
             for lead, items in jobs.items():
                 image = layer_plane(image_layer, lead)
