@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     timer.start()
     t0 = time.perf_counter()
     for i, obj in enumerate(precomputed):
-        ann._write(1000 + i, obj.region, obj.mask)
+        ann.layers.write(1000 + i, obj.region, obj.mask)
         pump_until(lambda t=time.perf_counter(): time.perf_counter() - t > 0.3)
     timer.stop()
     results.append(_summary("mask writes only (no model)", stamps, time.perf_counter() - t0, args.boxes))

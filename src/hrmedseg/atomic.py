@@ -2,10 +2,11 @@
 
 The one home of atomic writes: every writer of a final file goes through :func:`atomic_path`.
 
-- Temporary files are named ``.<target name>.<pid>.<random>.tmp`` beside the target, so a write
-  killed half-way leaves a file whose writer can be told dead; :func:`remove_stale_temps` (run by
-  every :func:`atomic_path` and by store opens) deletes those of dead writers that are older than
-  the target.
+- Temporary files are named ``.<target name>.<host>-<pid>.<random>.tmp`` beside the target, so a
+  write killed half-way leaves a file whose writer can be told dead. :func:`remove_stale_temps`
+  (run before every write and by store opens) deletes those whose writer is a dead process of
+  this host, and those of other hosts (a shared folder, where their pids mean nothing here) once
+  they are older than their target.
 - Final files get the mode a normal file gets under the umask (``0o666 & ~umask``), not the
   0600 that :func:`tempfile.mkstemp` gives, so lab-mates can read projects and labels.
 - A write that fails for a reason the user can fix (full disk, read-only or forbidden folder)
@@ -18,6 +19,7 @@ import contextlib
 import errno
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,8 +27,8 @@ from typing import Callable, Iterator
 from .errors import OutputError
 
 TEMP_SUFFIX = ".tmp"
-# .<name>.<pid>.<random>.tmp (mkstemp's random part has no dots)
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+# .<name>.<host>-<pid>.<random>.tmp (mkstemp's random part has no dots)
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
 # Failures the user causes and can fix; others (bugs) keep their traceback.
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR})
 
@@ -38,9 +40,13 @@ def normal_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+
+
 def temp_prefix(target: Path) -> str:
-    """Prefix of this process's temporary files for ``target``: ``.<name>.<pid>.``."""
-    return f".{target.name}.{os.getpid()}."
+    """Prefix of this process's temporary files for ``target``: ``.<name>.<host>-<pid>.``."""
+    return f".{target.name}.{_host()}-{os.getpid()}."
 
 
 def make_temp(target: Path) -> Path:
@@ -61,11 +67,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
-    """Delete temporary files in ``folder`` (for target ``name``, or any) whose writer is dead.
+    """Delete temporary files in ``folder`` (for target ``name``, or any) left by dead writers.
 
-    A temp file is stale when the pid in its name is not a running process (this process's own
-    are always kept: one of its writes may be in flight) and it is not newer than its target (a
-    missing target counts as older). Returns the files removed.
+    Stale: written on this host by a process that no longer runs (this process's own are kept:
+    one of its writes may be in flight), or written on another host and older than the target.
+    Returns the files removed.
     """
     folder = Path(folder)
     removed: list[Path] = []
@@ -73,17 +79,20 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
         entries = list(folder.iterdir())
     except OSError:
         return removed
+    host = _host()
     for path in entries:
         m = _TEMP_RE.match(path.name)
         if m is None or (name is not None and m["name"] != name):
             continue
-        pid = int(m["pid"])
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        target = folder / m["name"]
         try:
-            if target.exists() and path.stat().st_mtime > target.stat().st_mtime:
-                continue
+            if m["host"] == host:
+                pid = int(m["pid"])
+                if pid == os.getpid() or _pid_alive(pid):
+                    continue
+            else:
+                target = folder / m["name"]
+                if not target.exists() or path.stat().st_mtime >= target.stat().st_mtime:
+                    continue
             path.unlink()
             removed.append(path)
         except OSError:
