@@ -30,7 +30,7 @@ TEMP_SUFFIX = ".tmp"
 # .<name>.<host>-<pid>.<random>.tmp (mkstemp's random part has no dots)
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
 # Failures the user causes and can fix; others (bugs) keep their traceback.
-USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR})
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR, errno.EEXIST})
 
 
 def normal_file_mode() -> int:
@@ -112,6 +112,8 @@ def user_error(target: Path, err: OSError) -> OutputError | None:
     if isinstance(err, OutputError) or err.errno not in USER_ERRNOS:
         return None
     what = err.strerror or type(err).__name__
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder of the path should be
+        what = f"{err.filename or 'a part of the path'} is a file, not a folder"
     hint = " (free some space or write elsewhere)" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
     return OutputError(f"cannot write {target}: {what}{hint}; any existing {target.name} is unchanged")
 
