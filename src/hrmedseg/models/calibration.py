@@ -9,7 +9,9 @@ seconds and stores the result (atomic write: a crash never leaves a half-written
 
 Candidates (:func:`candidate_backends`): "fast" (float32, exact) always; "fast-bf16" only where
 the CPU reports bf16 instructions (:data:`BF16_FLAGS`), since elsewhere bf16 is emulated and
-slow; "onnxruntime" when it is installed. A candidate counts only if the box masks it gives on a
+slow; "onnxruntime" when it is installed and the encoder's export is already in the user cache
+(exporting takes about a minute on 2 cores, far over the few seconds calibration may take;
+ONNX Runtime was measured slower than "fast" on both CPUs tried, docs/benchmarks.md). A candidate counts only if the box masks it gives on a
 shipped sample agree with float32's at mean Dice >= :data:`AGREEMENT_DICE` (the bar the shipped
 model's bf16 masks were held to, docs/benchmarks.md).
 
@@ -98,12 +100,19 @@ def onnxruntime_installed() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
-def candidate_backends(flags: frozenset[str] | None = None, allow_bf16: bool = True) -> list[str]:
-    """Backends worth timing on this CPU: "fast", then "fast-bf16" (bf16 CPUs only), "onnxruntime"."""
+def onnx_export_ready(model: nn.Module) -> bool:
+    """True when ONNX Runtime is installed and ``model``'s encoder export is in the user cache."""
+    from .onnx_export import cached_onnx_path
+
+    return onnxruntime_installed() and cached_onnx_path(model.image_encoder).is_file()
+
+
+def candidate_backends(flags: frozenset[str] | None = None, onnx: bool = False) -> list[str]:
+    """Backends worth timing on this CPU: "fast", "fast-bf16" (bf16 CPUs only), "onnxruntime" (``onnx``)."""
     candidates = ["fast"]
-    if allow_bf16 and cpu_has_bf16(flags):
+    if cpu_has_bf16(flags):
         candidates.append("fast-bf16")
-    if onnxruntime_installed():
+    if onnx:
         candidates.append("onnxruntime")
     return candidates
 
@@ -193,7 +202,7 @@ def agreement_input(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = np.repeat(pixels[..., None], 3, axis=-1)
     size = int(model.image_encoder.img_size)
     scale = size / max(pixels.shape[:2])
-    image = torch.from_numpy(np.ascontiguousarray(pixels[..., :3])).permute(2, 0, 1)[None].float()
+    image = torch.from_numpy(np.array(pixels[..., :3])).permute(2, 0, 1)[None].float()
     h, w = round(pixels.shape[0] * scale), round(pixels.shape[1] * scale)
     image = F.interpolate(image, (h, w), mode="bilinear", align_corners=False)
     x = (image - model.pixel_mean.cpu()) / model.pixel_std.cpu()
@@ -202,21 +211,11 @@ def agreement_input(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return x, boxes
 
 
-def mask_agreement(model: nn.Module, embedding: torch.Tensor, expected: torch.Tensor, boxes: torch.Tensor) -> float:
-    """Mean Dice between the decoder's masks on ``embedding`` and on the float32 ``expected`` one.
-
-    embedding, expected: (1, 256, S/16, S/16); boxes (N, 4) xyxy input px.
-    """
-    from .prompting import decode_sam_boxes
-
-    masks = [
-        decode_sam_boxes(model.prompt_encoder, model.mask_decoder, emb.float().contiguous(), boxes)[0][:, 0] > 0
-        for emb in (embedding, expected)
-    ]
-    inter = (masks[0] & masks[1]).flatten(1).sum(1).float()
-    total = (masks[0].flatten(1).sum(1) + masks[1].flatten(1).sum(1)).float()
-    dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
-    return float(dice.mean())
+def mask_dice(masks: torch.Tensor, expected: torch.Tensor) -> float:
+    """Mean Dice over N masks, (N, H, W) bool each (1 for a pair of empty masks)."""
+    inter = (masks & expected).flatten(1).sum(1).float()
+    total = (masks.flatten(1).sum(1) + expected.flatten(1).sum(1)).float()
+    return float(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)).mean())
 
 
 def calibrate(model: nn.Module, candidates: list[str], repeats: int = 3, model_name: str = "") -> BackendChoice:
@@ -225,24 +224,27 @@ def calibrate(model: nn.Module, candidates: list[str], repeats: int = 3, model_n
     ``model``: a float32 Sam-like model with an ``HRMedSegEncoder`` (on the CPU). A few seconds:
     one warm-up and ``repeats`` calls of each candidate at the model's input size.
     """
+    from .fast_decoder import FastSamBoxDecoder
     from .runtime import build_fast_encoder, measure_interleaved
 
     reference = model.image_encoder
     x, boxes = agreement_input(model)
+    # The engine's region-limited decoder (box + 8 low-res px): the masks the engine would give.
+    decoder = FastSamBoxDecoder(model, margin=8)
     encoders, rejected, dice = {}, {}, {}
     with torch.no_grad():
         expected = None
         for name in candidates:
             try:
                 encoders[name] = build_fast_encoder(reference, name)
-                out = encoders[name](x)
+                masks = decoder(encoders[name](x).float().contiguous(), boxes)[0][:, 0] > 0
             except Exception as err:  # noqa: BLE001  (a candidate that cannot run is not chosen)
                 rejected[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
                 encoders.pop(name, None)
                 continue
             if expected is None:  # "fast" comes first: the float32 result the others must match
-                expected = out
-            dice[name] = mask_agreement(model, out, expected, boxes)
+                expected = masks
+            dice[name] = mask_dice(masks, expected)
             if dice[name] < AGREEMENT_DICE:
                 rejected[name] = f"mask Dice {dice[name]:.4f} < {AGREEMENT_DICE}"
         timings = measure_interleaved({name: (lambda e=e: e(x)) for name, e in encoders.items()}, repeats=repeats)
@@ -273,7 +275,7 @@ def cpu_choice(model: nn.Module | None = None, path: Path | None = None) -> Back
         name, model = DEFAULT_BOX_MODEL, load_model(DEFAULT_BOX_MODEL)
     model = model.eval().cpu()
     log.info("timing the encoder backends on this CPU once (%s); the choice is kept in %s", key["cpu"], path or calibration_path())
-    choice = calibrate(model, candidate_backends(), model_name=name or type(model).__name__)
+    choice = calibrate(model, candidate_backends(onnx=onnx_export_ready(model)), model_name=name or type(model).__name__)
     save_choice(choice, path)
     return choice
 
