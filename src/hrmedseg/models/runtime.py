@@ -137,10 +137,13 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
     activations in bfloat16 instead of autocasting float32 ones (half the memory traffic; same
     error). ``compile=True`` first passes the fast module through ``torch.compile`` (inductor,
     whole graph): on an H100 the fastest encoder at large batches, but the first call of each
-    input shape compiles for about a minute (docs/benchmarks.md). "onnxruntime" (CPU only) exports
-    the reference once per weights into the user cache and runs it in ONNX Runtime
+    input shape compiles for about a minute (docs/benchmarks.md). On the CPU with
+    ``HRMEDSEG_AOT=1`` the fast module is compiled ahead of time once per machine and cached
+    (:class:`hrmedseg.models.aot_cache.AotEncoder`: the eager module serves until it is ready).
+    "onnxruntime" (CPU only) exports the reference once per weights into the user cache and runs it in ONNX Runtime
     (:func:`hrmedseg.models.onnx_export.cached_onnx_encoder`).
     """
+    from .aot_cache import AotEncoder, aot_enabled
     from .cuda_graph import CudaGraphRunner
     from .fast_encoder import FastHRMedSegEncoder
 
@@ -162,6 +165,10 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
         encoder = FastHRMedSegEncoder.from_reference(reference, bf16=bf16)
     if compile:
         encoder = torch.compile(encoder, fullgraph=True, dynamic=False)
+    elif not on_cuda and aot_enabled():
+        from .onnx_export import weights_digest
+
+        encoder = AotEncoder(encoder, weights_digest(reference)[:20], backend)
     if on_cuda and cuda_graphs_enabled():
         return CudaGraphRunner(encoder)
     return encoder
