@@ -114,3 +114,21 @@ def test_candidate_whose_masks_disagree_is_not_kept(sam, calibrating, monkeypatc
     assert choice.backend == "fast"
     assert choice.dice["fast-bf16"] < AGREEMENT_DICE and "Dice" in choice.rejected["fast-bf16"]
     assert "fast-bf16" in choice.reason()
+
+
+def test_info_prints_the_choice_and_why(sam, calibrating, monkeypatch, capsys):
+    from hrmedseg.cli import main
+
+    monkeypatch.setattr(calibration, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert main(["info", "--no-calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 instructions: avx512_bf16" in out and "not measured yet" in out
+    assert not calibration_path().exists()  # --no-calibrate times nothing
+    backend = select_backend("cpu", model=sam)
+    assert main(["info", "--no-calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert f"CPU backend: {backend}: fastest agreeing with float32" in out and "fast-bf16 0." in out
+    monkeypatch.setenv("HRMEDSEG_BACKEND", "fast")
+    assert main(["info"]) == 0
+    assert "CPU backend: fast (set by HRMEDSEG_BACKEND)" in capsys.readouterr().out
+    assert len(calibrating) == 1
