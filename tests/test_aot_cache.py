@@ -76,6 +76,7 @@ def test_engine_encoder_is_aot_only_when_asked(monkeypatch):
     monkeypatch.setenv("HRMEDSEG_AOT", "1")
     encoder = build_fast_encoder(reference, "fast-bf16")
     assert isinstance(encoder, AotEncoder) and encoder.bf16 and encoder.variant == "fast-bf16"
+    assert isinstance(build_fast_encoder(reference, "fast", aot=False), FastHRMedSegEncoder)  # calibration's
 
 
 @pytest.mark.slow

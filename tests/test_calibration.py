@@ -105,8 +105,8 @@ def test_candidate_whose_masks_disagree_is_not_kept(sam, calibrating, monkeypatc
     """A "fast-bf16" that is faster but gives other masks (here: the embedding negated) loses."""
     monkeypatch.setattr(calibration, "cpu_flags", lambda: frozenset({"amx_bf16"}))
 
-    def wrong(reference, backend):
-        encoder = build_fast_encoder(reference, "fast")
+    def wrong(reference, backend, **kwargs):
+        encoder = build_fast_encoder(reference, "fast", **kwargs)
         return encoder if backend == "fast" else (lambda x: -encoder(x))
 
     monkeypatch.setattr("hrmedseg.models.runtime.build_fast_encoder", wrong)

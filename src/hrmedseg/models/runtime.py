@@ -129,7 +129,7 @@ def cuda_graphs_enabled() -> bool:
     return os.environ.get("HRMEDSEG_CUDA_GRAPHS", "1") != "0"
 
 
-def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool = False):
+def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool = False, aot: bool | None = None):
     """A callable encoder for ``backend`` built from a reference ``HRMedSegEncoder``, on its device.
 
     On a CUDA device the fast backends are replayed as CUDA graphs (``CudaGraphRunner``, one per
@@ -138,8 +138,9 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
     error). ``compile=True`` first passes the fast module through ``torch.compile`` (inductor,
     whole graph): on an H100 the fastest encoder at large batches, but the first call of each
     input shape compiles for about a minute (docs/benchmarks.md). On the CPU with
-    ``HRMEDSEG_AOT=1`` the fast module is compiled ahead of time once per machine and cached
-    (:class:`hrmedseg.models.aot_cache.AotEncoder`: the eager module serves until it is ready).
+    ``HRMEDSEG_AOT=1`` (or ``aot=True``) the fast module is compiled ahead of time once per machine
+    and cached (:class:`hrmedseg.models.aot_cache.AotEncoder`: the eager module serves until it is
+    ready); ``aot=False`` never compiles.
     "onnxruntime" (CPU only) exports the reference once per weights into the user cache and runs it in ONNX Runtime
     (:func:`hrmedseg.models.onnx_export.cached_onnx_encoder`).
     """
@@ -165,7 +166,7 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
         encoder = FastHRMedSegEncoder.from_reference(reference, bf16=bf16)
     if compile:
         encoder = torch.compile(encoder, fullgraph=True, dynamic=False)
-    elif not on_cuda and aot_enabled():
+    elif not on_cuda and (aot_enabled() if aot is None else aot):
         from .onnx_export import weights_digest
 
         encoder = AotEncoder(encoder, weights_digest(reference)[:20], backend)
