@@ -239,11 +239,14 @@ def calibrate(model: nn.Module, candidates: list[str], repeats: int = 3, model_n
                 encoders[name] = build_fast_encoder(reference, name, aot=False)  # eager: no compile jobs here
                 masks = decoder(encoders[name](x).float().contiguous(), boxes)[0][:, 0] > 0
             except Exception as err:  # noqa: BLE001  (a candidate that cannot run is not chosen)
-                rejected[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
+                rejected[name] = f"failed: {type(err).__name__}: {err}"[:120]
                 encoders.pop(name, None)
                 continue
-            if expected is None:  # "fast" comes first: the float32 result the others must match
+            if name == "fast":  # first in the list: the float32 masks the others must match
                 expected = masks
+            elif expected is None:
+                rejected[name] = "not compared: the float32 backend failed"
+                continue
             dice[name] = mask_dice(masks, expected)
             if dice[name] < AGREEMENT_DICE:
                 rejected[name] = f"mask Dice {dice[name]:.4f} < {AGREEMENT_DICE}"
