@@ -1,6 +1,6 @@
 """Image encoder speed on the CPU: fast LGViT + neck vs the reference and MobileSAM's TinyViT.
 
-    .venv/bin/python bench/bench_encoder.py [--threads 2] [--repeats 5] [--size 1024] [--onnx] [--compile]
+    .venv/bin/python bench/bench_encoder.py [--threads 2] [--repeats 5] [--size 1024] [--onnx] [--compile] [--aot]
 
 All candidates run in the same process, round-robin (one call of each per round), on one
 (1, 3, size, size) input; figures are wall-clock medians and minima. The LGViT + neck
@@ -24,6 +24,7 @@ import torch
 from hrmedseg.models import build_encoder
 from hrmedseg.models.fast_encoder import FastHRMedSegEncoder
 from hrmedseg.models.runtime import measure_interleaved
+from report import cpu_summary
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lgvit_neck_golden.pt"
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--onnx", action="store_true", help="also time the exported encoder in onnxruntime")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the fast encoder (slow to compile)")
+    parser.add_argument("--aot", action="store_true", help="also time the AOTInductor-compiled fast encoders (compiled once into a temporary cache)")
     parser.add_argument("--no-mobilesam", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     candidates = {
         "LGViT + neck, reference (authors' layout)": reference,
         "LGViT + neck, fast fp32": fast,
-        "LGViT + neck, fast bf16 (AMX)": fast_bf16,
+        "LGViT + neck, fast bf16": fast_bf16,
     }
     if args.onnx:
         from hrmedseg.models.onnx_export import OnnxEncoder, export_encoder
@@ -103,6 +105,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.compile:
         compiled = torch.compile(fast, dynamic=False)
         candidates["LGViT + neck, fast fp32 + torch.compile"] = compiled
+    if args.aot:
+        import os
+        import time
+
+        from hrmedseg.models.aot_cache import compile_to_cache, load_compiled, aot_key
+
+        os.environ.setdefault("HRMEDSEG_CACHE_DIR", tempfile.mkdtemp())
+        for label, module in (("fp32", fast), ("bf16", fast_bf16)):
+            key = aot_key("bench", f"fast-{label}", tuple(x.shape))
+            start = time.perf_counter()
+            compiled = load_compiled(key)
+            if compiled is None:
+                compile_to_cache(module, x, key)
+                compiled = load_compiled(key)
+            print(f"AOTInductor fast {label}: export + compile (or cache load) {time.perf_counter() - start:.1f} s")
+            candidates[f"LGViT + neck, fast {label} + AOTInductor"] = compiled
     if not args.no_mobilesam:
         tinyvit = mobilesam_tinyvit()
         if tinyvit is not None:
@@ -117,11 +135,13 @@ def main(argv: list[str] | None = None) -> None:
         calls = {name: (lambda m=model: m(x)) for name, model in candidates.items()}
         timings = measure_interleaved(calls, repeats=args.repeats, warmup=1)
     print(f"threads {args.threads}, input {tuple(x.shape)}, torch {torch.__version__}, {args.repeats} rounds")
-    print("| encoder | median s | min s | rel. L2 error to reference |")
-    print("| --- | --- | --- | --- |")
+    print("CPU: " + ", ".join(f"{k} {v}" for k, v in cpu_summary().items()))
+    baseline = timings["LGViT + neck, reference (authors' layout)"].median
+    print("| encoder | median s | min s | median / authors' | rel. L2 error to reference |")
+    print("| --- | --- | --- | --- | --- |")
     for name, timing in timings.items():
         err = f"{errors[name]:.1e}" if name in errors else ""
-        print(f"| {name} | {timing.median:.3f} | {timing.minimum:.3f} | {err} |")
+        print(f"| {name} | {timing.median:.3f} | {timing.minimum:.3f} | {timing.median / baseline:.2f}x | {err} |")
 
 
 if __name__ == "__main__":

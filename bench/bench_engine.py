@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 import torch.nn.functional as F
-from report import print_and_save
+from report import cpu_summary, print_and_save
 
 
 def nucleus_boxes(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -165,12 +165,14 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "cpu": cpu_summary(),
         "settings": vars(args),
     }
     boxes = nucleus_boxes(args.boxes, args.size)
     image = test_image(args.size, boxes)
     model = build_ours(args.small)
     predictor = BoxPredictor(model, device=device, policy=policy)
+    results["backend"] = predictor.backend
     # warm-up on another image (first-call allocations), then a fresh cache
     predictor.predict_box(np.zeros((300, 300), np.uint16), [10, 10, 40, 40])
     predictor.clear_cache()

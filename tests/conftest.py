@@ -16,6 +16,13 @@ def _few_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _no_backend_calibration(monkeypatch):
+    # Timing the backends takes seconds per machine and would write to the user cache: tests get
+    # the static rule unless they test the calibration itself (tests/test_calibration.py).
+    monkeypatch.setenv("HRMEDSEG_CALIBRATE", "0")
+
+
 @pytest.fixture(scope="session")
 def golden() -> dict:
     if not GOLDEN.exists():

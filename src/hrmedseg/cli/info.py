@@ -6,7 +6,8 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="show versions, devices and the weights cache folder")
+    p = sub.add_parser("info", help="show versions, devices, the CPU backend chosen and the weights cache folder")
+    p.add_argument("--no-calibrate", action="store_true", help="do not time the CPU backends if no choice is cached yet")
     p.set_defaults(func=run)
 
 
@@ -20,4 +21,32 @@ def run(args: argparse.Namespace) -> int:
     from ..weights.registry import cache_dir
 
     print(f"weights cache: {cache_dir()}")
+    print_cpu_backend(calibrate=not args.no_calibrate)
     return 0
+
+
+def print_cpu_backend(calibrate: bool = True) -> None:
+    """The CPU, its bf16 flags, and the backend "auto" picks on it, with the reason."""
+    import os
+
+    from ..models.calibration import (
+        BF16_FLAGS, calibration_enabled, calibration_key, calibration_path, cpu_choice, cpu_flags, cpu_model, load_choice,
+    )
+
+    bf16 = sorted(BF16_FLAGS & cpu_flags())
+    print(f"CPU: {cpu_model()}, bf16 instructions: {', '.join(bf16) if bf16 else 'none'}")
+    forced = os.environ.get("HRMEDSEG_BACKEND")
+    if forced:
+        print(f"CPU backend: {forced} (set by HRMEDSEG_BACKEND)")
+        return
+    if not calibration_enabled():
+        from ..models.runtime import select_backend
+
+        print(f"CPU backend: {select_backend('cpu')} (HRMEDSEG_CALIBRATE=0: static rule, bf16 only with AMX)")
+        return
+    choice = cpu_choice() if calibrate else load_choice(calibration_key())
+    if choice is None:
+        print("CPU backend: not measured yet on this machine (measured on first use; run `hrmedseg info` to measure now)")
+        return
+    print(f"CPU backend: {choice.backend}: {choice.reason()}")
+    print(f"backend choices cached in: {calibration_path()}")

@@ -41,13 +41,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def resolve_backend(backend: str, device: torch.device, allow_bf16: bool = True) -> str:
-    """The engine backend for ``backend`` ("auto": ``hrmedseg.models.runtime.select_backend``)."""
+def resolve_backend(backend: str, device: torch.device, allow_bf16: bool = True, model: nn.Module | None = None) -> str:
+    """The engine backend for ``backend`` ("auto": ``hrmedseg.models.runtime.select_backend``,
+    which on a CPU times ``model``'s encoder the first time on a machine)."""
     from ..models.runtime import select_backend
 
     if backend == "auto":
         try:
-            backend = select_backend(device, allow_bf16=allow_bf16)
+            backend = select_backend(device, allow_bf16=allow_bf16, model=model)
         except ValueError as err:  # a bad HRMEDSEG_BACKEND
             raise InputError(str(err)) from err
     elif backend not in ENGINE_BACKENDS:
@@ -113,8 +114,9 @@ class BoxPredictor:
             :class:`~hrmedseg.engine.decoder.Sam2BoxDecoder` for SAM2 models).
         backend: "auto" (default: per device, ``hrmedseg.models.runtime.select_backend``, which
             the ``HRMEDSEG_BACKEND`` environment variable overrides: the region-limited decoder
-            with the bfloat16 encoder on GPUs (replayed as a CUDA graph) and on CPUs with AMX,
-            the float32 one on other CPUs), "fast", "fast-bf16", "onnxruntime" (CPU only: the
+            with the bfloat16 encoder on GPUs (replayed as a CUDA graph); on CPUs the backend
+            measured fastest on the machine, once, among those whose masks agree with float32's:
+            :mod:`hrmedseg.models.calibration`), "fast", "fast-bf16", "onnxruntime" (CPU only: the
             encoder exported once per weights into the user cache and run in ONNX Runtime) or
             "reference" (the plain PyTorch modules). All but "fast-bf16" give the reference's
             masks up to rounding; ``self.backend`` says which one runs (always "reference" for
@@ -138,8 +140,8 @@ class BoxPredictor:
         allow_bf16: bool = True,
     ) -> None:
         self.device = resolve_device(device)
-        self.backend = resolve_backend(backend, self.device, allow_bf16)
         module, self.metadata = resolve_model(model)
+        self.backend = resolve_backend(backend, self.device, allow_bf16, module)
         self.model = module.eval().to(self.device)
         self.encoder, default_decoder = build_steps(self.model, self.backend)
         if is_sam2_model(self.model):

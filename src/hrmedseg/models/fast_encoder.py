@@ -7,6 +7,8 @@ fewer passes over memory:
 - tokens stay channels-last, (B, N, C), from the patch embedding to the neck; 1x1 convs are
   matrix products and the 3x3 (depthwise) convs run on channels-last views, so no layout copies;
 - BatchNorm is folded into the MBConv convolutions;
+- on the CPU, the bias, GELU and residual adds after matrix products run inside them (oneDNN
+  post-ops, :mod:`hrmedseg.models.fused_linear`): one pass over the activations instead of three;
 - per attention block, ``act_proj``, ``qk`` and ``up_proj`` are one matrix product (they all
   read ``norm1``'s output);
 - RoPE is never materialised: with ``q_rot = q * cos + swap(q * sin')`` (``swap`` exchanges the
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_linear import linear_add, linear_gelu
 from .lgvit import LinearAttentionBlock, MBConv
 from .neck import HRMedSegEncoder
 from .rope import rope_angles
@@ -101,12 +104,11 @@ class FastMBConv(nn.Module):
         self.register_buffer("b3", b3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.gelu(F.linear(x, self.w1, self.b1))
+        y = linear_gelu(x, self.w1, self.b1)
         # A (B, H, W, C) tensor is a channels-last (B, C, H, W) one: no copy either way.
         y = F.conv2d(y.permute(0, 3, 1, 2), self.w2, self.b2, padding=1, groups=self.w2.shape[0])
         y = F.gelu(y.permute(0, 2, 3, 1))
-        out = F.linear(y, self.w3, self.b3)
-        return F.gelu(out.add_(x))
+        return F.gelu(linear_add(y, self.w3, self.b3, x))
 
 
 class FastAttentionBlock(nn.Module):
@@ -178,9 +180,9 @@ class FastAttentionBlock(nn.Module):
         """x: (B, N, C) -> (B, N, C)."""
         c = self.dim
         h = F.layer_norm(x, (c,), self.norm1_w, self.norm1_b, self.eps1)
-        x = x + F.linear(self.attention(h, table, grid), self.w_out, self.b_out)
+        x = linear_add(self.attention(h, table, grid), self.w_out, self.b_out, x)
         h = F.layer_norm(x, (c,), self.norm2_w, self.norm2_b, self.eps2)
-        return x.add_(F.linear(F.gelu(F.linear(h, self.w_fc1, self.b_fc1)), self.w_fc2, self.b_fc2))
+        return linear_add(linear_gelu(h, self.w_fc1, self.b_fc1), self.w_fc2, self.b_fc2, x)
 
 
 class FastNeck(nn.Module):

@@ -172,6 +172,11 @@ def onnx_cache_dir() -> Path:
     return cache_dir().parent / "onnx"
 
 
+def cached_onnx_path(encoder: nn.Module, size: int | None = None) -> Path:
+    """Where :func:`cached_onnx_encoder` keeps ``encoder``'s export at ``size`` (named by its weights)."""
+    return onnx_cache_dir() / f"encoder-{weights_digest(encoder)[:20]}-{size or encoder.img_size}.onnx"
+
+
 def cached_onnx_encoder(encoder: nn.Module, size: int | None = None, threads: int | None = None) -> "OnnxEncoder":
     """``encoder`` exported once per weights and size into :func:`onnx_cache_dir`, in ONNX Runtime.
 
@@ -186,7 +191,7 @@ def cached_onnx_encoder(encoder: nn.Module, size: int | None = None, threads: in
             f"backend 'onnxruntime' needs onnx and onnxruntime ({err.name} is missing): pip install 'napari-hrmedseg[onnx]'"
         ) from err
     size = size or encoder.img_size
-    path = onnx_cache_dir() / f"encoder-{weights_digest(encoder)[:20]}-{size}.onnx"
+    path = cached_onnx_path(encoder, size)
     threads = threads or torch.get_num_threads()
     if path.exists():
         try:
@@ -199,4 +204,4 @@ def cached_onnx_encoder(encoder: nn.Module, size: int | None = None, threads: in
     return OnnxEncoder(path, threads)
 
 
-__all__ = ["OPSET", "OnnxEncoder", "cached_onnx_encoder", "export_decoder", "export_encoder", "onnx_cache_dir", "weights_digest"]
+__all__ = ["OPSET", "OnnxEncoder", "cached_onnx_encoder", "cached_onnx_path", "export_decoder", "export_encoder", "onnx_cache_dir", "weights_digest"]

@@ -5,11 +5,12 @@ Backends (each computes the same function; the reference is what the tests compa
 - ``"reference"``: the plain PyTorch modules (``HRMedSegEncoder``, segment-anything's ``MaskDecoder``).
 - ``"fast"``: ``FastHRMedSegEncoder`` / ``FastMaskDecoder`` in float32 (equal to the reference
   to rounding).
-- ``"fast-bf16"``: the fast encoder with bfloat16 products (AMX CPUs, GPUs), rel. error ~1e-2.
+- ``"fast-bf16"``: the fast encoder with bfloat16 products (CPUs with bf16 instructions, GPUs), rel. error ~1e-2.
 - ``"onnxruntime"``: the exported encoder in an ONNX Runtime session (CPU), when installed.
 
-``select_backend(device)`` returns the measured-fastest choice for a device, from the figures in
-docs/benchmarks.md (``bench/bench_encoder.py`` and ``bench/bench_gpu.py`` re-measure them).
+``select_backend(device)`` returns the measured-fastest choice for a device: on CPUs measured on
+the machine itself once and cached (:mod:`hrmedseg.models.calibration`), on GPUs from the
+figures in docs/benchmarks.md (``bench/bench_encoder.py`` and ``bench/bench_gpu.py`` re-measure them).
 The box engine (``hrmedseg.engine.BoxPredictor(backend="auto")``) takes its default from it;
 it runs "reference", "fast" and "fast-bf16" and falls back to "fast" for "onnxruntime".
 """
@@ -76,23 +77,31 @@ def measure_interleaved(
 
 def cpu_has_amx_bf16() -> bool:
     """True on x86 CPUs with AMX bf16 tiles (Sapphire Rapids and later), where bf16 products are fast."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
+    from .calibration import cpu_flags
+
+    return "amx_bf16" in cpu_flags()
 
 
-def select_backend(device: str | torch.device = "cpu", allow_bf16: bool = True) -> str:
-    """The default backend for ``device``: the fastest one measured there (docs/benchmarks.md).
+def calibratable(model: torch.nn.Module | None) -> bool:
+    """True for a float32 Sam-like model with an ``HRMedSegEncoder`` (what calibration can time)."""
+    from .neck import HRMedSegEncoder
 
-    "fast-bf16" where bf16 products are fast: on CUDA (bf16 weights and activations, CUDA
-    graphs: 1.7 ms per 1024 x 1024 image on an H100 against 3.4 ms for "fast" in float32) and on
-    CPUs with AMX tiles (encoder 0.052 s against 0.068 s, whole segment() 8-11% faster, 2
-    threads). The shipped box model's masks agree with float32 at mean Dice >= 0.997 and its
-    held-out Dice is unchanged.
-    Other CPUs get "fast" (float32, exact): bf16 without AMX was not measured faster there, and
-    ONNX Runtime was slower. ``allow_bf16=False`` keeps exact float32 everywhere.
+    encoder = getattr(model, "image_encoder", None)
+    return isinstance(encoder, HRMedSegEncoder) and next(encoder.parameters()).dtype == torch.float32
+
+
+def select_backend(device: str | torch.device = "cpu", allow_bf16: bool = True, model: torch.nn.Module | None = None) -> str:
+    """The default backend for ``device``: the fastest one measured there.
+
+    On CUDA "fast-bf16" (bf16 weights and activations, CUDA graphs: 1.7 ms per 1024 x 1024 image
+    on an H100 against 3.4 ms for "fast" in float32; docs/benchmarks.md).
+    On the CPU the choice is measured on this machine, once
+    (:func:`hrmedseg.models.calibration.cpu_choice`: the candidates timed on the real encoder
+    for a few seconds, the fastest whose masks agree with float32's kept, cached in the user cache
+    per CPU model, torch version and thread count). ``model`` is timed if it has an HRMedSeg
+    encoder, else the shipped box model. With ``HRMEDSEG_CALIBRATE=0`` a static rule applies:
+    "fast-bf16" on CPUs with AMX tiles, "fast" (float32, exact) elsewhere.
+    ``allow_bf16=False`` keeps exact float32 everywhere.
     ``HRMEDSEG_BACKEND`` overrides the choice (one of ``BACKENDS``).
     """
     forced = os.environ.get("HRMEDSEG_BACKEND")
@@ -103,8 +112,15 @@ def select_backend(device: str | torch.device = "cpu", allow_bf16: bool = True) 
     device = torch.device(device)
     if not allow_bf16:
         return "fast"
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16()):
+    if device.type == "cuda":
         return "fast-bf16"
+    if device.type == "cpu":
+        from .calibration import calibration_enabled, cpu_choice
+
+        if calibration_enabled():
+            return cpu_choice(model if calibratable(model) else None).backend
+        if cpu_has_amx_bf16():
+            return "fast-bf16"
     return "fast"
 
 
@@ -113,7 +129,7 @@ def cuda_graphs_enabled() -> bool:
     return os.environ.get("HRMEDSEG_CUDA_GRAPHS", "1") != "0"
 
 
-def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool = False):
+def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool = False, aot: bool | None = None):
     """A callable encoder for ``backend`` built from a reference ``HRMedSegEncoder``, on its device.
 
     On a CUDA device the fast backends are replayed as CUDA graphs (``CudaGraphRunner``, one per
@@ -121,10 +137,14 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
     activations in bfloat16 instead of autocasting float32 ones (half the memory traffic; same
     error). ``compile=True`` first passes the fast module through ``torch.compile`` (inductor,
     whole graph): on an H100 the fastest encoder at large batches, but the first call of each
-    input shape compiles for about a minute (docs/benchmarks.md). "onnxruntime" (CPU only) exports
-    the reference once per weights into the user cache and runs it in ONNX Runtime
+    input shape compiles for about a minute (docs/benchmarks.md). On the CPU with
+    ``HRMEDSEG_AOT=1`` (or ``aot=True``) the fast module is compiled ahead of time once per machine
+    and cached (:class:`hrmedseg.models.aot_cache.AotEncoder`: the eager module serves until it is
+    ready); ``aot=False`` never compiles.
+    "onnxruntime" (CPU only) exports the reference once per weights into the user cache and runs it in ONNX Runtime
     (:func:`hrmedseg.models.onnx_export.cached_onnx_encoder`).
     """
+    from .aot_cache import AotEncoder, aot_enabled
     from .cuda_graph import CudaGraphRunner
     from .fast_encoder import FastHRMedSegEncoder
 
@@ -146,6 +166,10 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
         encoder = FastHRMedSegEncoder.from_reference(reference, bf16=bf16)
     if compile:
         encoder = torch.compile(encoder, fullgraph=True, dynamic=False)
+    elif not on_cuda and (aot_enabled() if aot is None else aot):
+        from .onnx_export import weights_digest
+
+        encoder = AotEncoder(encoder, weights_digest(reference)[:20], backend)
     if on_cuda and cuda_graphs_enabled():
         return CudaGraphRunner(encoder)
     return encoder

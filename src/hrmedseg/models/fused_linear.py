@@ -1,0 +1,66 @@
+"""Matrix products with the element-wise op after them folded in (oneDNN post-ops on the CPU).
+
+``F.gelu(F.linear(x, w, b))`` is three passes over the (N, out) activations on the CPU: the
+bias broadcast copied into the output, the product accumulated onto it, then GELU. oneDNN does
+the bias and a following GELU or residual add inside the product (``mkldnn._linear_pointwise``,
+the kernels inductor's CPU backend picks for the same patterns): one pass, the same function
+(the product's rounding differs by ~1e-6 relative). Elsewhere (CUDA, MPS, builds without oneDNN,
+mixed dtypes) and under torch.compile / torch.export the plain ops run.
+
+Under CPU autocast (the "fast-bf16" backend) the inputs are cast to the autocast dtype first,
+as autocast does for ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """True when this torch's oneDNN fused linear runs here (probed once on a tiny input)."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w, b = torch.ones(2, 4), torch.ones(3, 4), torch.zeros(3)
+        return bool(torch.allclose(op(x, w, b, "gelu", [], "none"), F.gelu(F.linear(x, w, b))))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _operands(x: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """(x, *params) in the dtype the product runs in, or None where the fused CPU op cannot run."""
+    if x.device.type != "cpu" or not onednn_linear_available():
+        return None
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return None  # the op has no fake kernel; inductor fuses the same patterns itself
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        return tuple(t.to(dtype) for t in (x, *params))
+    if any(t.dtype != x.dtype for t in params) or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return (x, *params)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(F.linear(x, weight, bias))``: x (..., in), weight (out, in) -> (..., out)."""
+    ops = _operands(x, weight, bias)
+    if ops is None:
+        return F.gelu(F.linear(x, weight, bias))
+    return torch.ops.mkldnn._linear_pointwise(*ops, "gelu", [], "none")
+
+
+def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + other`` (a residual): x (..., in), other (..., out) -> (..., out)."""
+    ops = _operands(x, weight, bias, other)
+    if ops is None or other.shape[:-1] != x.shape[:-1] or not other.is_contiguous():
+        return F.linear(x, weight, bias) + other
+    x, weight, bias, other = ops
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
+
+
+__all__ = ["linear_add", "linear_gelu", "onednn_linear_available"]

@@ -1,0 +1,104 @@
+"""Ahead-of-time compiled encoders: used only under their own key, compiled once, reused next session."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hrmedseg.models import aot_cache, calibration
+from hrmedseg.models.aot_cache import AotEncoder, aot_key, load_compiled, package_path
+from hrmedseg.models.fast_encoder import FastHRMedSegEncoder
+from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
+from hrmedseg.models.runtime import build_fast_encoder
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(monkeypatch, tmp_path):
+    monkeypatch.setenv("HRMEDSEG_CACHE_DIR", str(tmp_path))
+
+
+def fake_package(key: dict) -> None:
+    """A package file and its key, as compile_to_cache leaves them."""
+    path = package_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"package")
+    path.with_suffix(".json").write_text(json.dumps(key, sort_keys=True))
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """aoti_load_package replaced by a recorder: which package files were loaded."""
+    loaded: list[str] = []
+
+    def load(path):
+        loaded.append(path)
+        return lambda x: x
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", load)
+    return loaded
+
+
+def test_package_is_loaded_under_its_own_key_only(loads, monkeypatch):
+    key = aot_key("w" * 20, "fast", (1, 3, 64, 64))
+    fake_package(key)
+    assert load_compiled(key) is not None and loads == [str(package_path(key))]
+    # other weights, another backend, another input size: no package
+    for other in (aot_key("x" * 20, "fast", (1, 3, 64, 64)), aot_key("w" * 20, "fast-bf16", (1, 3, 64, 64)),
+                  aot_key("w" * 20, "fast", (1, 3, 128, 128))):
+        assert load_compiled(other) is None
+    # the same cache seen from another CPU or torch version is never used
+    monkeypatch.setattr(calibration, "cpu_model", lambda: "Another CPU")
+    assert load_compiled(aot_key("w" * 20, "fast", (1, 3, 64, 64))) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert load_compiled(aot_key("w" * 20, "fast", (1, 3, 64, 64))) is None
+    assert len(loads) == 1
+
+
+def test_package_whose_stored_key_differs_is_not_used(loads):
+    """A package renamed or copied into another key's place is refused by the key stored beside it."""
+    key = aot_key("w" * 20, "fast", (1, 3, 64, 64))
+    fake_package(key)
+    stored = dict(key, cpu="Another CPU")
+    package_path(key).with_suffix(".json").write_text(json.dumps(stored))
+    assert load_compiled(key) is None
+    package_path(key).with_suffix(".json").write_text("{truncated")
+    assert load_compiled(key) is None
+    assert loads == []
+
+
+def test_engine_encoder_is_aot_only_when_asked(monkeypatch):
+    reference = HRMedSegEncoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))).eval()
+    monkeypatch.delenv("HRMEDSEG_AOT", raising=False)
+    assert isinstance(build_fast_encoder(reference, "fast"), FastHRMedSegEncoder)
+    monkeypatch.setenv("HRMEDSEG_AOT", "1")
+    encoder = build_fast_encoder(reference, "fast-bf16")
+    assert isinstance(encoder, AotEncoder) and encoder.bf16 and encoder.variant == "fast-bf16"
+    assert isinstance(build_fast_encoder(reference, "fast", aot=False), FastHRMedSegEncoder)  # calibration's
+
+
+@pytest.mark.slow
+def test_compiled_once_then_loaded_with_no_wait(monkeypatch):
+    """Real AOTInductor: the first session compiles (eager serves until then), the second loads it."""
+    torch.manual_seed(0)
+    reference = HRMedSegEncoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))).eval()
+    eager = FastHRMedSegEncoder.from_reference(reference)
+    x = torch.randn(1, 3, 256, 256)
+    expected = eager(x)
+
+    first = AotEncoder(eager, "digest", "fast")
+    out = first(x)  # served eagerly while the background thread compiles
+    torch.testing.assert_close(out, expected)
+    first.thread.join()
+    assert first.compiled is not None and package_path(aot_key("digest", "fast", tuple(x.shape))).is_file()
+    torch.testing.assert_close(first(x), expected, rtol=1e-4, atol=1e-4)
+
+    def no_compiling(*args):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(aot_cache, "compile_to_cache", no_compiling)
+    second = AotEncoder(FastHRMedSegEncoder.from_reference(reference), "digest", "fast")
+    torch.testing.assert_close(second(x), expected, rtol=1e-4, atol=1e-4)
+    assert second.compiled is not None and second.thread is None

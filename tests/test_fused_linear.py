@@ -1,0 +1,34 @@
+"""oneDNN-fused linear + GELU / residual add: the same function as the plain ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hrmedseg.models.fused_linear import linear_add, linear_gelu, onednn_linear_available
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_equals_plain_ops(autocast):
+    torch.manual_seed(0)
+    x, w, b, r = torch.randn(2, 300, 96), torch.randn(384, 96) / 10, torch.randn(384), torch.randn(2, 300, 384)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused, plain = linear_gelu(x, w, b), F.gelu(F.linear(x, w, b))
+        fused_add, plain_add = linear_add(x, w, b, r), F.linear(x, w, b) + r
+    tol = dict(rtol=2e-2, atol=5e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    assert fused.dtype == plain.dtype and fused.shape == (2, 300, 384)
+    torch.testing.assert_close(fused.float(), plain.float(), **tol)
+    torch.testing.assert_close(fused_add.float(), plain_add.float(), **tol)
+
+
+def test_non_contiguous_residual_and_other_dtypes_take_the_plain_path():
+    x, w, b = torch.randn(5, 8), torch.randn(4, 8), torch.randn(4)
+    r = torch.randn(4, 5).T  # non-contiguous
+    torch.testing.assert_close(linear_add(x, w, b, r), F.linear(x, w, b) + r)
+    xd, wd, bd = x.double(), w.double(), b.double()
+    torch.testing.assert_close(linear_gelu(xd, wd, bd), F.gelu(F.linear(xd, wd, bd)))
+
+
+def test_onednn_is_used_on_x86_builds():
+    assert onednn_linear_available() == (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
