@@ -2,6 +2,7 @@
 
 from .boxes import BoxClippedWarning, check_boxes, read_boxes
 from .readers import ArrayImage, DecodedFileImage, LazyImage, TiffImage, open_image
+from .ome_zarr import open_ome_zarr, write_label_image
 from .writers import label_dtype, write_label_tiff, write_object_table
 
 __all__ = [
@@ -13,7 +14,9 @@ __all__ = [
     "check_boxes",
     "label_dtype",
     "open_image",
+    "open_ome_zarr",
     "read_boxes",
+    "write_label_image",
     "write_label_tiff",
     "write_object_table",
 ]
