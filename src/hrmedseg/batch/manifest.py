@@ -68,8 +68,8 @@ class Manifest:
         if not self.is_complete(job):
             self.images[job.key] = {"image": job.image, "boxes": job.boxes, "status": "pending"}
 
-    def record(self, key: str, **fields: Any) -> None:
-        self.images[key].update(fields)
+    def record(self, image_key: str, /, **fields: Any) -> None:
+        self.images[image_key].update(fields)
 
     def save(self) -> None:
         self.data["modified"] = now_iso()
