@@ -114,3 +114,19 @@ def test_open_ngff_04_image_written_by_ome_zarr_py(tmp_path):
     assert image.shape_yx == (128, 160) and image.n_channels == 3
     np.testing.assert_array_equal(image.read(10, 20, 30, 50), np.moveaxis(data[:, 10:20, 30:50], 0, -1))
     assert json.loads((path / ".zattrs").read_text())["multiscales"][0]["version"] == "0.4"
+
+
+def test_sparse_windows_match_dense_rendering():
+    rng = np.random.default_rng(3)
+    sparse = SparseLabels((257, 301))
+    dense = np.zeros((257, 301), np.uint16)
+    for i in range(1, 9):
+        y0, x0 = rng.integers(0, 200, 2)
+        h, w = rng.integers(5, 57, 2)
+        mask = rng.random((h, w)) < 0.6
+        sparse.add(ObjectMask((x0, y0, x0 + w, y0 + h), (y0, y0 + h, x0, x0 + w), mask, 1.0), i)
+        dense[y0 : y0 + h, x0 : x0 + w][mask] = i
+    for _ in range(20):
+        y0, x0 = rng.integers(0, 250, 2)
+        y1, x1 = y0 + rng.integers(1, 60), x0 + rng.integers(1, 60)
+        np.testing.assert_array_equal(sparse.read(y0, min(y1, 257), x0, min(x1, 301)), dense[y0:y1, x0:x1])

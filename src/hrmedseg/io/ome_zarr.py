@@ -35,19 +35,29 @@ def _chunk_windows(shape: tuple[int, int], chunk: int) -> Iterator[tuple[int, in
             yield y0, min(y0 + chunk, shape[0]), x0, min(x0 + chunk, shape[1])
 
 
-def _write_level(array: Any, read: Callable[[int, int, int, int], np.ndarray], pool: ThreadPoolExecutor, chunk: int) -> int:
-    """Fill ``array`` chunk by chunk from ``read``; returns how many chunks held labels."""
+def _write_level(
+    array: Any, read: Callable[[int, int, int, int], np.ndarray], pool: ThreadPoolExecutor, chunk: int,
+    parents: set[tuple[int, int]] | None = None,
+) -> set[tuple[int, int]]:
+    """Fill ``array`` chunk by chunk from ``read``; returns the (row, col) of chunks holding labels.
+
+    ``parents``: the non-empty chunks of the level above; a chunk none of whose four parent
+    chunks holds a label is skipped without reading.
+    """
     dtype = array.dtype
 
-    def one(window: tuple[int, int, int, int]) -> bool:
+    def one(window: tuple[int, int, int, int]) -> tuple[int, int] | None:
         y0, y1, x0, x1 = window
+        cy, cx = y0 // chunk, x0 // chunk
+        if parents is not None and not any((2 * cy + i, 2 * cx + j) in parents for i in (0, 1) for j in (0, 1)):
+            return None
         block = read(y0, y1, x0, x1)
         if not block.any():
-            return False  # absent chunks read as the fill value, 0
+            return None  # absent chunks read as the fill value, 0
         array[y0:y1, x0:x1] = block.astype(dtype, copy=False)
-        return True
+        return cy, cx
 
-    return sum(pool.map(one, _chunk_windows(tuple(array.shape), chunk)))
+    return {c for c in pool.map(one, _chunk_windows(tuple(array.shape), chunk)) if c is not None}
 
 
 def _pyramid_shapes(shape: tuple[int, int], chunk: int, levels: int | None) -> list[tuple[int, int]]:
@@ -124,10 +134,11 @@ def write_label_image(
             array = group.create_array(str(level), shape=level_shape, chunks=(min(chunk, level_shape[0]), min(chunk, level_shape[1])),
                                        dtype=dtype, fill_value=0, **extra)
             if previous is None:
-                _write_level(array, read, pool, chunk)
+                written = _write_level(array, read, pool, chunk)
             else:
                 src = previous  # nearest neighbour: every second pixel of the level above
-                _write_level(array, lambda y0, y1, x0, x1, src=src: np.asarray(src[2 * y0 : 2 * y1 : 2, 2 * x0 : 2 * x1 : 2]), pool, chunk)
+                written = _write_level(array, lambda y0, y1, x0, x1, src=src: np.asarray(src[2 * y0 : 2 * y1 : 2, 2 * x0 : 2 * x1 : 2]),
+                                       pool, chunk, parents=written)
             previous = array
             factor = float(2**level)
             datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": [factor, factor]}]})
