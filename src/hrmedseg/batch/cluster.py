@@ -47,6 +47,11 @@ def torch_threads_per_worker(workers: int) -> int:
     return max(1, machine_cores() // max(1, workers))
 
 
+def _worker_env(threads: int) -> dict[str, str]:
+    # Fewer glibc malloc arenas for torch's threads: lower peak RSS (docs/benchmarks.md, issue 3).
+    return {"OMP_NUM_THREADS": str(threads), "MALLOC_ARENA_MAX": "2"}
+
+
 def local_cluster(workers: int | None = None, gpus: list[int] | None = None) -> tuple[Any, int]:
     """``(cluster, torch threads per worker)``: an embedded cluster bound to 127.0.0.1."""
     from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
@@ -55,7 +60,7 @@ def local_cluster(workers: int | None = None, gpus: list[int] | None = None) -> 
         threads = torch_threads_per_worker(len(gpus))
         worker_specs = {
             f"gpu{g}": {"cls": Nanny, "options": {"nthreads": 1, "host": LOCALHOST, "env": {
-                "CUDA_VISIBLE_DEVICES": str(g), "OMP_NUM_THREADS": str(threads)}}}
+                "CUDA_VISIBLE_DEVICES": str(g), **_worker_env(threads)}}}
             for g in gpus
         }
         scheduler = {"cls": Scheduler, "options": {"host": LOCALHOST, "dashboard_address": f"{LOCALHOST}:0"}}
@@ -66,7 +71,7 @@ def local_cluster(workers: int | None = None, gpus: list[int] | None = None) -> 
     threads = torch_threads_per_worker(n)
     cluster = LocalCluster(
         n_workers=n, threads_per_worker=1, processes=True, host=LOCALHOST, dashboard_address=f"{LOCALHOST}:0",
-        env={"OMP_NUM_THREADS": str(threads)}, silence_logs=40,
+        env=_worker_env(threads), silence_logs=40,
     )
     return cluster, threads
 

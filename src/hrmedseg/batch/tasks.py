@@ -46,7 +46,7 @@ class BatchConfig:
     output_format: str = "ome-zarr"
     threshold: float = 0.5
     region_size: int = 8192
-    cache_mb: int = 256
+    cache_mb: int = 64  # boxes of a task share few crops; a small cache keeps workers under 1 GiB
     backend: str = "auto"
 
 
