@@ -110,7 +110,8 @@ def write_box_manifests(data: Path, splits: dict[str, dict[str, list[str]]], par
 # What the GPU image (torch 2.11, Python 3.12; device/KINDS.md lists its packages) lacks of this
 # package's dependencies and the benchmarks' baselines. Versions are this environment's own.
 WHEELS = ("segment-anything", "hydra-core", "omegaconf", "imagecodecs", "zarr", "numcodecs", "donfig",
-          "google-crc32c", "dask", "partd", "locket", "pooch", "platformdirs")
+          "google-crc32c", "dask", "partd", "locket", "pooch", "platformdirs",
+          "distributed", "tornado", "tblib", "zict", "ome-zarr")  # the last five: hrmedseg batch
 # Published as source only: built into wheels here (pure Python; sam2 without its CUDA extension).
 SDISTS = ("sam2", "antlr4-python3-runtime", "iopath")
 EXTRA = ("monai==1.6.1",)  # BasicUNet, the training benchmark's baseline

@@ -160,3 +160,36 @@ def stage_file(target: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         write(tmp)
         _finish(tmp)
     return tmp
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it becomes ``target``.
+
+    For outputs that are folders (an OME-Zarr store, one image's results): readers see the old
+    folder or the complete new one, never a partial one. An existing ``target`` is moved aside
+    and deleted only after the new folder is in place; on any error the temporary folder is
+    removed and ``target`` is untouched. The folder's name carries this process's pid, as
+    temporary files do.
+    """
+    import shutil
+
+    target = Path(target)
+    tmp: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=TEMP_SUFFIX, dir=target.parent))
+        yield tmp
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and (friendly := user_error(target, err)) is not None:
+            raise friendly from err
+        raise

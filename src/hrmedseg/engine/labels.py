@@ -81,6 +81,17 @@ def paste_object(labels: Any, obj: ObjectMask, object_id: int, overlap: str = "n
     return int(write.sum())
 
 
+def _unpack_rows(packed: np.ndarray, width: int, r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0:r1`` (bool, (r1 - r0, width)) of a mask bit-packed row-major with ``np.packbits``.
+
+    Only the bytes of those rows are unpacked: a window of a huge object costs the window, not the object.
+    """
+    start, stop = r0 * width, r1 * width
+    b0 = start // 8
+    bits = np.unpackbits(packed[b0 : -(-stop // 8)])
+    return bits[start - 8 * b0 : stop - 8 * b0].reshape(r1 - r0, width).view(bool)
+
+
 @dataclass
 class SparseLabels:
     """A label image kept as its objects (bit-packed masks): for images too big to hold.
@@ -122,8 +133,7 @@ class SparseLabels:
             iy0, iy1, ix0, ix1 = max(y0, ry0), min(y1, ry1), max(x0, rx0), min(x1, rx1)
             if iy0 >= iy1 or ix0 >= ix1:
                 continue
-            mask = np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
-            m = mask[iy0 - ry0 : iy1 - ry0, ix0 - rx0 : ix1 - rx0]
+            m = _unpack_rows(packed, shape[1], iy0 - ry0, iy1 - ry0)[:, ix0 - rx0 : ix1 - rx0]
             win = out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
             if self.overlap == "keep_existing":
                 m = m & (win == 0)

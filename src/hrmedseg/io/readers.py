@@ -417,29 +417,6 @@ class TiffImage(LazyImage):
             return self._page_region(pages[0], y0, y1, x0, x1)[:, :, list(self.channels)]
 
 
-def _open_zarr(path: Path, channel, axes):
-    import zarr
-
-    try:
-        node = zarr.open(str(path), mode="r")
-    except Exception as err:
-        raise InputError(f"cannot open zarr store {path}: {type(err).__name__}: {str(err)[:200]}") from err
-    st = path.stat()
-    key = f"zarr:{path.resolve()}:{st.st_mtime_ns}"
-    if isinstance(node, zarr.Array):
-        return ArrayImage(node, channel=channel, axes=axes, name=str(path), source_key=key)
-    attrs = dict(node.attrs)
-    ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-    if not ms:
-        arrays = [k for k, _ in node.arrays()]
-        raise InputError(f"{path} is a zarr group without OME-Zarr 'multiscales' metadata; open one of its arrays: {arrays[:5]}")
-    m = ms[0]
-    arrays = [node[d["path"]] for d in m["datasets"]]
-    if axes is None and "axes" in m:
-        axes = "".join((a["name"] if isinstance(a, dict) else a)[0].upper() for a in m["axes"])
-    return ArrayImage(arrays, channel=channel, axes=axes, name=str(path), source_key=key)
-
-
 def open_image(
     source: Any, channel: int | Sequence[int] | None = None, axes: str | None = None, series: int = 0
 ) -> LazyImage:
@@ -459,7 +436,9 @@ def open_image(
             raise InputError(f"image file not found: {path}")
         suffix = path.name.lower()
         if path.is_dir() or suffix.endswith(".zarr"):
-            return _open_zarr(path, channel, axes)
+            from .ome_zarr import open_ome_zarr
+
+            return open_ome_zarr(path, channel, axes)
         if suffix.endswith((".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".qptiff")):
             return TiffImage(path, channel=channel, series=series)
         return DecodedFileImage(path, channel=channel)

@@ -41,6 +41,25 @@ def check_free_space(path: str | os.PathLike, needed: int, what: str = "the labe
         )
 
 
+def label_source(
+    labels: Any, shape_yx: tuple[int, int] | None = None, max_id: int | None = None
+) -> tuple[tuple[int, int], Callable[[int, int, int, int], np.ndarray], int]:
+    """``(shape (H, W), read(y0, y1, x0, x1) -> (h, w) array, largest id)`` of a label image.
+
+    ``labels``: an (H, W) array-like (numpy, zarr, memmap) or an object with ``shape_yx`` and
+    ``read`` (``hrmedseg.engine.SparseLabels``), which is never rendered in full here.
+    """
+    if hasattr(labels, "read") and hasattr(labels, "shape_yx"):
+        top = max_id if max_id is not None else int(getattr(labels, "max_id", 2**32 - 1))
+        return tuple(labels.shape_yx), labels.read, top
+    shape = tuple(labels.shape) if shape_yx is None else tuple(shape_yx)
+    if len(shape) != 2:
+        raise ValueError(f"labels must be 2D (H, W), got shape {shape}")
+    read = lambda y0, y1, x0, x1: np.asarray(labels[y0:y1, x0:x1])  # noqa: E731
+    top = max_id if max_id is not None else int(np.max(labels)) if np.prod(shape) else 0
+    return shape, read, top
+
+
 def _tiles(shape_yx: tuple[int, int], tile: int, read: Callable[[int, int, int, int], np.ndarray], dtype) -> Iterator[np.ndarray]:
     h, w = shape_yx
     for y0 in range(0, h, tile):
@@ -67,16 +86,7 @@ def write_label_tiff(
     """
     import tifffile
 
-    if hasattr(labels, "read") and hasattr(labels, "shape_yx"):
-        shape = tuple(labels.shape_yx)
-        read = labels.read
-        top = max_id if max_id is not None else int(getattr(labels, "max_id", 2**32 - 1))
-    else:
-        shape = tuple(labels.shape) if shape_yx is None else tuple(shape_yx)
-        if len(shape) != 2:
-            raise ValueError(f"labels must be 2D (H, W), got shape {shape}")
-        read = lambda y0, y1, x0, x1: np.asarray(labels[y0:y1, x0:x1])  # noqa: E731
-        top = max_id if max_id is not None else int(np.max(labels)) if np.prod(shape) else 0
+    shape, read, top = label_source(labels, shape_yx, max_id)
     dtype = label_dtype(top)
     target = Path(path)
     with atomic_path(target) as tmp:

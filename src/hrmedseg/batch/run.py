@@ -1,0 +1,99 @@
+"""The client side of a batch run: submit the images' tasks, follow them, keep the manifest.
+
+Tasks are submitted once (images already complete are skipped), results are recorded as they
+arrive (a failed image gets its error, the others go on), and a worker that dies has its tasks
+rerun elsewhere by Dask's scheduler (``distributed.scheduler.allowed-failures``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .inputs import ImageJob
+from .manifest import Manifest
+from .tasks import BatchConfig, finish_boxes, plan_box_regions, read_job_boxes, segment_box_region, segment_image
+
+
+def model_digest(model: str) -> dict[str, Any]:
+    """{"spec", "path", "sha256"} of the model's weights file (digest memoised by file size and time)."""
+    from ..models.loading import resolve_spec
+    from ..weights.registry import cached_sha256
+
+    path = resolve_spec(model)
+    return {"spec": model, "path": str(path), "sha256": cached_sha256(Path(path))}
+
+
+def _clear_stale_temporaries(out: Path) -> None:
+    """Folders an interrupted run left under temporary names (never complete images)."""
+    for p in out.glob(".*.tmp"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def submit(client: Any, job: ImageJob, cfg: BatchConfig, out: str) -> tuple[Any, list[Any]]:
+    """``(image future, region futures)``: one task, or region tasks and a merge for big slides."""
+    key = f"hrmedseg-{job.key}"
+    if cfg.mode == "boxes":
+        try:
+            groups = plan_box_regions(read_job_boxes(job), cfg.region_size)
+        except Exception as err:  # noqa: BLE001 - recorded as the image's error by the caller
+            return client.submit(_raise, err, key=key), []
+        if len(groups) > 1:
+            regions = [client.submit(segment_box_region, job, cfg, g, key=f"{key}-region{i}", pure=False) for i, g in enumerate(groups)]
+            return client.submit(finish_boxes, job, cfg, out, *regions, key=key, pure=False), regions
+    return client.submit(segment_image, job, cfg, out, key=key, pure=False), []
+
+
+def _raise(err: BaseException) -> None:
+    raise err
+
+
+def run_batch(client: Any, jobs: Sequence[ImageJob], out: str | Path, cfg: BatchConfig, progress: bool = True) -> Manifest:
+    """Segment ``jobs`` on ``client``'s cluster into ``out``; returns the saved manifest."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_stale_temporaries(out)
+    manifest = Manifest.open(out, cfg.mode, {"spec": cfg.model, "sha256": cfg.model_sha256}, cfg.output_format)
+    todo = [job for job in jobs if not manifest.is_complete(job)]
+    for job in todo:
+        manifest.add(job)
+    manifest.save()
+    skipped = len(jobs) - len(todo)
+    if skipped:
+        print(f"hrmedseg batch: {skipped} image(s) already complete in {out}, skipped", file=sys.stderr)
+    futures: dict[Any, ImageJob] = {}
+    region_futures: list[Any] = []
+    for job in todo:
+        fut, regions = submit(client, job, cfg, str(out))
+        futures[fut] = job
+        region_futures += regions
+    bar = tqdm(total=len(todo), unit="image", disable=not progress, file=sys.stderr)
+    region_bar = tqdm(total=len(region_futures), unit="region", disable=not progress or not region_futures, file=sys.stderr)
+    for fut in region_futures:
+        fut.add_done_callback(lambda _f: region_bar.update(1))
+    try:
+        for fut in as_completed(list(futures)):
+            job = futures.pop(fut)
+            if fut.status == "finished":
+                manifest.record(job.key, **fut.result(), error=None)
+            else:
+                err = fut.exception()
+                manifest.record(job.key, status="failed", error=f"{type(err).__name__}: {err}")
+                print(f"hrmedseg batch: error: {job.image}: {err}", file=sys.stderr)
+            fut.release()
+            manifest.save()
+            bar.update(1)
+    except KeyboardInterrupt:
+        client.cancel(list(futures) + region_futures)
+        manifest.save()
+        raise
+    finally:
+        bar.close()
+        region_bar.close()
+    return manifest

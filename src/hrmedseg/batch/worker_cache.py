@@ -1,0 +1,54 @@
+"""One model per Dask worker: loaded by the first task that needs it, reused by the next ones.
+
+:class:`WorkerSetup` (a Dask ``WorkerPlugin``) sets torch's thread count on every worker, so
+N workers on a machine share its cores instead of each starting one thread per core. Models
+are kept on the worker object (``get_worker()``), keyed by what they were built from; outside a
+worker (a run without a cluster) a process-wide dict plays that role.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from distributed import WorkerPlugin
+
+_LOCAL: dict[str, Any] = {"models": {}, "loads": {}}
+_LOCK = threading.Lock()
+
+
+class WorkerSetup(WorkerPlugin):
+    """Runs on each worker as it starts (and on workers that join or restart later)."""
+
+    name = "hrmedseg-worker-setup"
+
+    def __init__(self, torch_threads: int) -> None:
+        self.torch_threads = int(torch_threads)
+
+    def setup(self, worker: Any) -> None:
+        import torch
+
+        torch.set_num_threads(self.torch_threads)
+        worker._hrmedseg = {"models": {}, "loads": {}}
+
+
+def _state() -> dict[str, Any]:
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:  # not running in a Dask worker
+        return _LOCAL
+    if not hasattr(worker, "_hrmedseg"):
+        worker._hrmedseg = {"models": {}, "loads": {}}
+    return worker._hrmedseg
+
+
+def cached(key: str, build: Callable[[], Any]) -> tuple[Any, int]:
+    """``(model, times it was built in this worker)``: ``build()`` runs once per worker and key."""
+    state = _state()
+    with _LOCK:
+        if key not in state["models"]:
+            state["models"][key] = build()
+            state["loads"][key] = state["loads"].get(key, 0) + 1
+        return state["models"][key], state["loads"][key]

@@ -1,0 +1,193 @@
+"""OME-Zarr (NGFF): writing label images chunk by chunk, and opening NGFF images lazily.
+
+This module is the project's one home for NGFF. A label image is written as a multiscale
+group (NGFF 0.5 on zarr v3 by default, 0.4 on zarr v2 with ``version="0.4"``) with
+``image-label`` metadata, so ome-zarr-py and napari-ome-zarr open it as a labels layer::
+
+    labels.ome.zarr/            multiscales (axes y, x) + image-label (optional colours)
+        0/                      (H, W) full resolution, chunks of ``chunk`` x ``chunk``
+        1/ 2/ ...               each level half the previous one (nearest neighbour: labels stay labels)
+
+Only chunks holding a label are stored (absent chunks read as 0), chunks are written by a
+thread pool, and the whole store appears at once (written beside the target, then renamed).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ..atomic import atomic_dir
+from ..errors import InputError
+from .writers import label_dtype, label_source
+
+NGFF_VERSIONS = ("0.4", "0.5")
+CHUNK = 1024
+
+
+def _chunk_windows(shape: tuple[int, int], chunk: int) -> Iterator[tuple[int, int, int, int]]:
+    for y0 in range(0, shape[0], chunk):
+        for x0 in range(0, shape[1], chunk):
+            yield y0, min(y0 + chunk, shape[0]), x0, min(x0 + chunk, shape[1])
+
+
+def _write_level(
+    array: Any, read: Callable[[int, int, int, int], np.ndarray], pool: ThreadPoolExecutor, chunk: int,
+    parents: set[tuple[int, int]] | None = None,
+) -> set[tuple[int, int]]:
+    """Fill ``array`` chunk by chunk from ``read``; returns the (row, col) of chunks holding labels.
+
+    ``parents``: the non-empty chunks of the level above; a chunk none of whose four parent
+    chunks holds a label is skipped without reading.
+    """
+    dtype = array.dtype
+
+    def one(window: tuple[int, int, int, int]) -> tuple[int, int] | None:
+        y0, y1, x0, x1 = window
+        cy, cx = y0 // chunk, x0 // chunk
+        if parents is not None and not any((2 * cy + i, 2 * cx + j) in parents for i in (0, 1) for j in (0, 1)):
+            return None
+        block = read(y0, y1, x0, x1)
+        if not block.any():
+            return None  # absent chunks read as the fill value, 0
+        array[y0:y1, x0:x1] = block.astype(dtype, copy=False)
+        return cy, cx
+
+    return {c for c in pool.map(one, _chunk_windows(tuple(array.shape), chunk)) if c is not None}
+
+
+def _pyramid_shapes(shape: tuple[int, int], chunk: int, levels: int | None) -> list[tuple[int, int]]:
+    shapes = [shape]
+    while (levels is None and max(shapes[-1]) > chunk) or (levels is not None and len(shapes) < levels):
+        h, w = shapes[-1]
+        if h == 1 and w == 1:
+            break
+        shapes.append((-(-h // 2), -(-w // 2)))
+    return shapes
+
+
+def _colour_metadata(colors: Mapping[int, Sequence[int]] | None) -> list[dict] | None:
+    if colors is None:
+        return None
+    out = []
+    for value, rgba in sorted(colors.items()):
+        rgba = [int(c) for c in rgba]
+        if len(rgba) == 3:
+            rgba.append(255)
+        if len(rgba) != 4 or not all(0 <= c <= 255 for c in rgba):
+            raise InputError(f"colour of label {value} must be 3 or 4 values 0..255 (RGB or RGBA), got {list(colors[value])}")
+        out.append({"label-value": int(value), "rgba": rgba})
+    return out
+
+
+def write_label_image(
+    path: str | os.PathLike,
+    labels: Any,
+    *,
+    max_id: int | None = None,
+    colors: Mapping[int, Sequence[int]] | None = None,
+    chunk: int = CHUNK,
+    levels: int | None = None,
+    version: str = "0.5",
+    name: str = "labels",
+    workers: int | None = None,
+) -> Path:
+    """Write a label image as an OME-Zarr (NGFF) multiscale labels image, atomically.
+
+    Args:
+        path: the store to write (a folder, conventionally ``*.ome.zarr``); replaced if it exists.
+        labels: (H, W) integer labels: a numpy or zarr array, or an object with ``shape_yx`` and
+            ``read(y0, y1, x0, x1)`` such as ``hrmedseg.engine.SparseLabels``, rendered one chunk
+            at a time so the full image is never in memory.
+        max_id: the largest label (chooses uint16 or uint32); default: from ``labels``.
+        colors: optional {label value: (r, g, b[, a]) 0..255}, written as ``image-label.colors``.
+        chunk: chunk side in pixels (every level).
+        levels: number of pyramid levels; default: halve until the image fits in one chunk.
+        version: NGFF version, "0.5" (zarr v3) or "0.4" (zarr v2).
+        name: the multiscale's name in the metadata.
+        workers: threads writing chunks (default: the CPU count, at most 8).
+
+    Returns the path written.
+    """
+    import zarr
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import add_metadata, write_multiscales_metadata
+
+    if version not in NGFF_VERSIONS:
+        raise InputError(f"NGFF version {version!r} is not supported; use one of {NGFF_VERSIONS}")
+    shape, read, top = label_source(labels, max_id=max_id)
+    dtype = label_dtype(top)
+    fmt = FormatV05() if version == "0.5" else FormatV04()
+    colour_list = _colour_metadata(colors)
+    shapes = _pyramid_shapes(tuple(int(s) for s in shape), chunk, levels)
+    target = Path(path)
+    with atomic_dir(target) as tmp, ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=fmt.zarr_format)
+        extra = {"dimension_names": ["y", "x"]} if fmt.zarr_format == 3 else {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+        previous = None
+        datasets = []
+        for level, level_shape in enumerate(shapes):
+            array = group.create_array(str(level), shape=level_shape, chunks=(min(chunk, level_shape[0]), min(chunk, level_shape[1])),
+                                       dtype=dtype, fill_value=0, **extra)
+            if previous is None:
+                written = _write_level(array, read, pool, chunk)
+            else:
+                src = previous  # nearest neighbour: every second pixel of the level above
+                written = _write_level(array, lambda y0, y1, x0, x1, src=src: np.asarray(src[2 * y0 : 2 * y1 : 2, 2 * x0 : 2 * x1 : 2]),
+                                       pool, chunk, parents=written)
+            previous = array
+            factor = float(2**level)
+            datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": [factor, factor]}]})
+        write_multiscales_metadata(group, datasets, fmt=fmt, axes=["y", "x"], name=name)
+        image_label: dict[str, Any] = {"version": fmt.version}
+        if colour_list is not None:
+            image_label["colors"] = colour_list
+        add_metadata(group, {"image-label": image_label}, fmt=fmt)
+    return target
+
+
+def _multiscales(attrs: Mapping[str, Any]) -> list | None:
+    """The ``multiscales`` list of NGFF 0.4 (top-level attributes) or 0.5 (under ``ome``)."""
+    return attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+
+
+def open_ome_zarr(path: str | os.PathLike, channel: int | Sequence[int] | None = None, axes: str | None = None):
+    """Open an OME-Zarr (NGFF 0.4 or 0.5) image or a plain zarr array lazily, as a LazyImage.
+
+    A multiscale group becomes a pyramid (its ``datasets``, full resolution first) with the axes
+    its metadata names; a bioformats2raw container opens its first image (``0/``); a plain zarr
+    array is read with ``axes`` or inferred axes. Only the chunks a window touches are read.
+    """
+    import zarr
+
+    from .readers import ArrayImage
+
+    path = Path(path)
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as err:
+        raise InputError(f"cannot open zarr store {path}: {type(err).__name__}: {str(err)[:200]}") from err
+    st = path.stat()
+    key = f"zarr:{path.resolve()}:{st.st_mtime_ns}"
+    if isinstance(node, zarr.Array):
+        return ArrayImage(node, channel=channel, axes=axes, name=str(path), source_key=key)
+    attrs = dict(node.attrs)
+    ms = _multiscales(attrs)
+    if not ms and "0" in node and isinstance(node["0"], zarr.Group) and _multiscales(dict(node["0"].attrs)):
+        node = node["0"]  # bioformats2raw.layout: the first series
+        ms = _multiscales(dict(node.attrs))
+    if not ms:
+        arrays = [k for k, _ in node.arrays()]
+        raise InputError(f"{path} is a zarr group without OME-Zarr 'multiscales' metadata; open one of its arrays: {arrays[:5]}")
+    m = ms[0]
+    arrays = [node[d["path"]] for d in m["datasets"]]
+    if axes is None and "axes" in m:
+        axes = "".join((a["name"] if isinstance(a, dict) else a)[0].upper() for a in m["axes"])
+    return ArrayImage(arrays, channel=channel, axes=axes, name=str(path), source_key=key)
+
+
+__all__ = ["CHUNK", "NGFF_VERSIONS", "open_ome_zarr", "write_label_image"]

@@ -1,0 +1,200 @@
+"""``hrmedseg batch`` on a 2-process Dask LocalCluster: three modes, resume, faults, region tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from hrmedseg.batch import BatchConfig, expand_inputs, plan_box_regions, run_batch
+from hrmedseg.cli import main
+from hrmedseg.errors import InputError
+from hrmedseg.models.hrmedseg_model import build_hrmedseg, save_hrmedseg
+from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
+from hrmedseg.models.sam import build_hrmedseg_sam, save_hrmedseg_sam
+
+distributed = pytest.importorskip("distributed")
+
+KEYS = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("w")
+    torch.manual_seed(0)
+    box = save_hrmedseg_sam(build_hrmedseg_sam(HRMedSegEncoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6)))), folder / "box.pt")
+    torch.manual_seed(0)
+    small = EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6), img_size=64)
+    model = build_hrmedseg(1, small).eval()
+    nuclei = save_hrmedseg(model, folder / "nuclei.pt", provenance={"input_mode": "crop", "scale": 1.0, "img_size": 64, "classes": None})
+    return {"box": str(box), "nuclei": str(nuclei)}
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None, silence_logs=40) as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    boxes = tmp_path / "boxes"
+    folder.mkdir()
+    boxes.mkdir()
+    for i, key in enumerate(KEYS):
+        tifffile.imwrite(folder / f"{key}.tif", rng.integers(0, 255, (96 + 16 * i, 128), dtype=np.uint8))
+        (boxes / f"{key}.boxes.csv").write_text("x0,y0,x1,y1\n5,5,40,30\n60,40,120,90\n")
+    return folder, boxes
+
+
+def _labels(out: Path, key: str) -> np.ndarray:
+    return np.asarray(zarr.open_group(str(out / key / "labels.ome.zarr"), mode="r")["0"][:])
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _cli(args, address):
+    return main(["batch", *map(str, args), "--scheduler", address, "--device", "cpu", "--no-progress"])
+
+
+def test_inputs_folders_globs_and_csv(tmp_path, images):
+    folder, boxes = images
+    listing = tmp_path / "list.csv"
+    listing.write_text("image,boxes\nimages/a.tif,boxes/a.boxes.csv\nimages/b.tif,\n")
+    jobs = expand_inputs([folder, str(folder / "c*.tif"), listing], boxes=boxes)
+    assert [j.key for j in jobs] == ["a", "b", "c", "c_2", "a_2", "b_2"]
+    assert jobs[0].boxes == str(boxes / "a.boxes.csv") and jobs[4].boxes == str(tmp_path / "boxes" / "a.boxes.csv")
+    with pytest.raises(InputError, match="matches no file"):
+        expand_inputs([str(tmp_path / "none*.tif")])
+    with pytest.raises(InputError, match="no 'image'"):
+        (tmp_path / "bad.csv").write_text("file\nx.tif\n")
+        expand_inputs([tmp_path / "bad.csv"])
+
+
+def test_three_modes_on_two_workers_resume_and_model_loaded_once(tmp_path, images, models, client):
+    folder, boxes = images
+    address = client.scheduler.address
+    for args, mode in (
+        (["--boxes", boxes, "--model", models["box"]], "boxes"),
+        (["--semantic", models["nuclei"]], "semantic"),
+        (["--auto", "--model", models["nuclei"]], "auto"),
+    ):
+        out = tmp_path / mode
+        assert _cli([folder, "--out", out, *args], address) == 0
+        manifest = _manifest(out)
+        assert manifest["mode"] == mode and len(manifest["model"]["sha256"]) == 64
+        entries = manifest["images"]
+        assert sorted(entries) == list(KEYS) and {e["status"] for e in entries.values()} == {"done"}
+        assert all(e["model_loads"] == 1 for e in entries.values())  # once per worker, not per image
+        for key in KEYS:
+            labels = _labels(out, key)
+            ann = json.loads((out / key / "annotations.json").read_text())
+            assert labels.shape == tifffile.imread(folder / f"{key}.tif").shape
+            ids = sorted(int(v) for v in np.unique(labels) if v)
+            if mode == "boxes":
+                assert set(ids) <= {1, 2} and [o["prompt"]["type"] for o in ann["objects"]] == ["box", "box"]
+            else:
+                assert [o["id"] for o in ann["objects"]] == ids
+        # resume: a complete image is not redone, a missing one is
+        (out / "manifest.json").write_text(json.dumps({**manifest, "images": {k: v for k, v in entries.items() if k != "b"}}))
+        before = {k: (out / k / "annotations.json").stat().st_mtime_ns for k in ("a", "c")}
+        assert _cli([folder, "--out", out, *args], address) == 0
+        assert {k: (out / k / "annotations.json").stat().st_mtime_ns for k in ("a", "c")} == before
+        assert _manifest(out)["images"]["b"]["status"] == "done"
+
+
+def test_corrupt_image_is_recorded_and_others_finish(tmp_path, images, models, client, capsys):
+    folder, boxes = images
+    (folder / "broken.tif").write_bytes(b"II*\x00" + os.urandom(200))
+    (boxes / "broken.boxes.csv").write_text("x0,y0,x1,y1\n5,5,40,30\n")
+    out = tmp_path / "out"
+    assert _cli([folder, "--out", out, "--boxes", boxes, "--model", models["box"]], client.scheduler.address) == 1
+    entries = _manifest(out)["images"]
+    assert entries["broken"]["status"] == "failed" and "broken.tif" in entries["broken"]["error"]
+    assert all(entries[k]["status"] == "done" for k in KEYS)
+    assert not (out / "broken").exists()
+    assert "broken.tif" in capsys.readouterr().err
+
+
+class KillFirstTask(distributed.WorkerPlugin):
+    """Kills (SIGKILL) the worker that starts the first segmentation task, once."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and "hrmedseg-" in str(key) and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(key))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_killed_worker_tasks_are_retried(tmp_path, images, models, client):
+    folder, boxes = images
+    marker = tmp_path / "killed"
+    client.register_plugin(KillFirstTask(str(marker)), name="kill-first")
+    try:
+        out = tmp_path / "out"
+        cfg = BatchConfig("boxes", models["box"], model_sha256="x", device="cpu")
+        manifest = run_batch(client, expand_inputs([folder], boxes=boxes), out, cfg, progress=False)
+    finally:
+        client.unregister_worker_plugin("kill-first")
+    assert marker.exists()  # a worker really died mid-task
+    assert {e["status"] for e in manifest.images.values()} == {"done"}
+    assert all((out / k / "labels.ome.zarr").is_dir() for k in KEYS)
+
+
+def test_region_tasks_merge_without_seams(tmp_path, models, client):
+    rng = np.random.default_rng(1)
+    tifffile.imwrite(tmp_path / "slide.tif", rng.integers(0, 255, (600, 700), dtype=np.uint8), tile=(256, 256))
+    boxes = np.array([[10, 10, 90, 70], [240, 230, 300, 290], [250, 240, 330, 320], [500, 400, 690, 590], [5, 450, 120, 590]])
+    (tmp_path / "slide.boxes.csv").write_text("x0,y0,x1,y1\n" + "\n".join(",".join(map(str, b)) for b in boxes))
+    assert len(plan_box_regions(boxes.astype(float), 256)) > 1
+    jobs = expand_inputs([tmp_path / "slide.tif"], boxes=tmp_path / "slide.boxes.csv")
+    whole = run_batch(client, jobs, tmp_path / "whole", BatchConfig("boxes", models["box"], device="cpu", region_size=8192), progress=False)
+    split = run_batch(client, jobs, tmp_path / "split", BatchConfig("boxes", models["box"], device="cpu", region_size=256), progress=False)
+    assert whole.images["slide"]["regions"] == 1 and split.images["slide"]["regions"] > 1
+    np.testing.assert_array_equal(_labels(tmp_path / "whole", "slide"), _labels(tmp_path / "split", "slide"))
+    assert _labels(tmp_path / "split", "slide").any()
+
+
+def test_embedded_cluster_listens_on_localhost_and_tiff_output(tmp_path, images, models):
+    folder, boxes = images
+    out = tmp_path / "out"
+    rc = main(["batch", str(folder / "a.tif"), "--out", str(out), "--boxes", str(boxes), "--model", models["box"],
+               "--workers", "1", "--format", "tiff", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    manifest = _manifest(out)
+    assert manifest["images"]["a"]["worker"].startswith("tcp://127.0.0.1:")
+    assert tifffile.imread(out / "a" / "labels.tif").shape == (96, 128)
+
+
+def test_bad_arguments_fail_cleanly(tmp_path, images, models, capsys, monkeypatch):
+    folder, boxes = images
+    import hrmedseg.batch.cluster as cluster
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["batch", str(folder), "--out", str(tmp_path / "o"), "--boxes", str(boxes), "--model", models["box"], "--gpus", "all"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert main(["batch", str(folder), "--out", str(tmp_path / "o"), "--model", models["box"]]) == 2
+    assert "needs --boxes" in capsys.readouterr().err
+    with pytest.raises(InputError, match="TLS file not found"):
+        cluster.security_from(str(tmp_path / "ca.pem"), str(tmp_path / "c.pem"))
+    ca, cert = tmp_path / "ca.pem", tmp_path / "cert.pem"
+    ca.write_text("x")
+    cert.write_text("y")
+    security = cluster.security_from(str(ca), str(cert))
+    assert security.require_encryption and security.tls_ca_file == str(ca) and security.tls_client_cert == str(cert)
+    with pytest.raises(InputError, match="uses TLS"):
+        cluster.security_from(address="tls://10.0.0.1:8786")
