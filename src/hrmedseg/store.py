@@ -97,6 +97,15 @@ class ObjectClass:
         return cls(name=str(d["name"]), color=_check_color(d.get("color"), str(d["name"])))
 
 
+def new_class(name: str, existing: Sequence[ObjectClass], color: Sequence[int] | None = None) -> ObjectClass:
+    """A class called ``name`` (stripped, not empty): ``color``, or the palette's next colour after ``existing``."""
+    name = str(name).strip()
+    if not name:
+        raise InputError("a class name must not be empty")
+    rgb = _check_color(color, name) if color is not None else CLASS_PALETTE[len(existing) % len(CLASS_PALETTE)]
+    return ObjectClass(name, rgb)
+
+
 def _check_color(color: Any, name: str) -> tuple[int, int, int]:
     try:
         rgb = tuple(int(c) for c in color)
@@ -301,14 +310,11 @@ class AnnotationStore:
 
     def add_class(self, name: str, color: Sequence[int] | None = None) -> ObjectClass:
         """Add a class (a palette colour unless ``color`` is given); an existing one is returned as it is."""
-        name = str(name).strip()
-        if not name:
-            raise InputError("a class name must not be empty")
-        existing = {c.name: c for c in self.classes()}
-        if name in existing:
-            return existing[name]
-        rgb = _check_color(color, name) if color is not None else CLASS_PALETTE[len(existing) % len(CLASS_PALETTE)]
-        cls = ObjectClass(name, rgb)
+        existing = self.classes()
+        cls = new_class(name, existing, color)
+        for known in existing:
+            if known.name == cls.name:
+                return known
         self._project.setdefault("classes", []).append(cls.to_dict())
         self._write_project()
         return cls
