@@ -213,3 +213,32 @@ def test_bioimageio_package_passes_its_own_test(tmp_path):
     assert summary.status == "passed", summary.display() or summary
     reproduced = [d.name for d in summary.details if d.name.startswith("Reproduce test outputs")]
     assert len(reproduced) == 2 and all(d.status == "passed" for d in summary.details)
+
+
+def test_prompt_free_training_takes_store_classes_as_class_index(store):
+    from hrmedseg.training.data import class_channels, discover_samples, split_samples, store_class_rules
+
+    samples = discover_samples(store.path).samples
+    train, val = split_samples(samples, 0.34)
+    rules = store_class_rules(train, val)
+    assert [r.name for r in rules] == ["nucleus", "rim", "cup"]
+    for sample in samples:
+        annotation = store.load(sample.name)
+        _, labels = sample.load()
+        channels = class_channels(labels, rules)
+        for k, cls in enumerate(store.classes()):
+            wanted = np.isin(annotation.labels, [o.id for o in annotation.objects if o.class_name == cls.name])
+            assert np.array_equal(channels[k], wanted)
+        assert not channels.any(0)[np.isin(annotation.labels, [o.id for o in annotation.objects if o.class_name is None])].any()
+
+
+def test_store_without_classes_keeps_foreground_training(tmp_path):
+    from hrmedseg.training.data import discover_samples, store_class_rules
+
+    item = held_out(NUCLEI, 1)[0]
+    store = AnnotationStore.create(tmp_path / "p")
+    labels = np.asarray(Image.open(NUCLEI / item["mask"]))
+    store.save(ImageAnnotation(item["name"], str(NUCLEI / item["image"]), labels, objects_from_labels(labels)))
+    samples = discover_samples(store.path).samples
+    assert store_class_rules(samples) is None
+    assert np.array_equal(samples[0].load()[1], labels)  # instance labels, untouched
