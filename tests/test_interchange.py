@@ -183,6 +183,18 @@ def test_cli_export_import_and_errors(store, tmp_path, capsys):
     assert np.array_equal(AnnotationStore.open(store.path).load(key).labels, before)  # nothing changed
     assert main(["import", str(store.path), str(out / "annotations.json"), "--image", "missing"]) == 2
     assert "has no image with key 'missing'" in capsys.readouterr().err
+    assert main(["import", str(tmp_path / "never"), str(bad), "--source", store.load(key).image_source]) == 2
+    assert not (tmp_path / "never").exists()  # a failed import leaves no empty project behind
+
+    # a COCO file whose image size disagrees with the store: refused before anything is written
+    coco = json.loads((out / "annotations.json").read_text())
+    coco["images"][-1]["height"] += 1
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != coco["images"][-1]["id"]]
+    (tmp_path / "wrong.json").write_text(json.dumps(coco))
+    revisions = json.loads((store.path / "project.json").read_text())["images"]
+    assert main(["import", str(store.path), str(tmp_path / "wrong.json")]) == 2
+    assert "in the store" in capsys.readouterr().err
+    assert json.loads((store.path / "project.json").read_text())["images"] == revisions
 
 
 def test_store_written_before_classes_still_loads(store):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from ..interchange import EXPORT_FORMATS, export_annotations, import_annotations
@@ -51,8 +52,15 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    new_folder = not args.project.exists()
     store = AnnotationStore.create(args.project)
-    for key in import_annotations(store, args.file, args.image, args.source):
+    try:
+        keys = import_annotations(store, args.file, args.image, args.source)
+    except BaseException:
+        if new_folder:  # leave no empty project behind a failed import
+            shutil.rmtree(args.project, ignore_errors=True)
+        raise
+    for key in keys:
         print(f"{key}: {len(store.load(key).objects)} objects")
     return 0
 

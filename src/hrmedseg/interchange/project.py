@@ -114,10 +114,13 @@ def import_annotations(
             data = _read_json(file)
             objects, classes = geojson.read_features(data, shape, str(file))
         jobs = [(key, source, tuple(shape), objects)]
+    for key, _, shape, _ in jobs:  # every check before the first write: no half-imported file
+        _check_shape(store, key, shape, file)
     for name, color in classes.items():
         store.add_class(name, color)
     for key, source, shape, objects in jobs:
-        _save(store, key, source, shape, objects, file)
+        labels, records = paint_objects(shape, objects, file.name)
+        store.save(ImageAnnotation(image_key=key, image_source=source, labels=labels, objects=records))
     return [key for key, *_ in jobs]
 
 
@@ -164,11 +167,8 @@ def _shape(store: AnnotationStore, key: str, source: str) -> tuple[int, int]:
     return tuple(open_image(source).shape_yx)  # type: ignore[return-value]
 
 
-def _save(store: AnnotationStore, key: str, source: str, shape: tuple[int, int],
-          objects: Sequence[ImportedObject], file: Path) -> None:
+def _check_shape(store: AnnotationStore, key: str, shape: tuple[int, int], file: Path) -> None:
     if key in store:
         have = store.load(key).labels.shape
         if tuple(have) != tuple(shape):
             raise InputError(f"{file}: image '{key}' is {shape[0]} x {shape[1]} there, {have} in the store")
-    labels, records = paint_objects(shape, objects, file.name)
-    store.save(ImageAnnotation(image_key=key, image_source=source, labels=labels, objects=records))
