@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from hrmedseg.store import ObjectRecord, now_iso
+from hrmedseg.store import ObjectClass, ObjectRecord, new_class, now_iso
 
 #: planes up to this many pixels are scanned whole when an object's old pixels are removed;
 #: bigger ones only inside the object's recorded extent (keeps edits on huge images cheap)
@@ -54,6 +54,7 @@ class ObjectState:
     predicted_region: Region | None = None
     predicted_mask: np.ndarray | None = None
     edited_before: bool = False  # edited in an earlier session (reopened from a store)
+    class_name: str | None = None  # one of AnnotatorState.classes, or None (unclassified)
     created: str = field(default_factory=now_iso)
     modified: str = field(default_factory=now_iso)
     pending: bool = False  # a computation for this object is queued or running
@@ -69,6 +70,31 @@ class AnnotatorState:
         self.device: str = "auto"
         self.dirty = False
         self._next_id = 1
+        self.classes: list[ObjectClass] = []
+        self.current_class: str | None = None  # the class new objects get
+
+    # -- classes ----------------------------------------------------------------------------
+    def add_class(self, name: str, color: Any = None) -> ObjectClass:
+        """Add a class (an existing one of that name is kept as it is) and return it."""
+        cls = new_class(name, self.classes, color)
+        for known in self.classes:
+            if known.name == cls.name:
+                return known
+        self.classes.append(cls)
+        return cls
+
+    def set_class(self, object_ids: Iterable[int], class_name: str | None) -> list[int]:
+        """Put existing objects into ``class_name`` (None: unclassified); the ids changed."""
+        if class_name is not None and class_name not in {c.name for c in self.classes}:
+            raise KeyError(f"no class '{class_name}' (add it first)")
+        changed = []
+        for oid in object_ids:
+            obj = self.objects.get(int(oid))
+            if obj is not None and obj.class_name != class_name:
+                obj.class_name, obj.modified = class_name, now_iso()
+                changed.append(obj.id)
+        self.dirty |= bool(changed)
+        return changed
 
     # -- ids ------------------------------------------------------------------------------
     def peek_object_id(self, labels_max: int = 0) -> int:
@@ -82,7 +108,8 @@ class AnnotatorState:
         return candidate
 
     def add_object(self, box: Box | None, slice_index: tuple[int, ...] = (), labels_max: int = 0) -> ObjectState:
-        obj = ObjectState(id=self.new_object_id(labels_max), box=box, slice_index=tuple(slice_index))
+        obj = ObjectState(id=self.new_object_id(labels_max), box=box, slice_index=tuple(slice_index),
+                          class_name=self.current_class)
         self.objects[obj.id] = obj
         self.dirty = True
         return obj
@@ -96,6 +123,7 @@ class AnnotatorState:
             model=dict(record.model),
             score=record.score,
             edited_before=record.edited,
+            class_name=record.class_name,
             created=record.created,
             modified=record.modified,
         )
@@ -163,6 +191,7 @@ class AnnotatorState:
                     model=obj.model,
                     score=obj.score,
                     edited=edited,
+                    class_name=obj.class_name,
                     created=obj.created,
                     modified=obj.modified,
                 )

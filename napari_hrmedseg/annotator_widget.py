@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 from hrmedseg.errors import HRMedSegError
 
 from ._model import DEVICES, UNTRAINED_BANNER, UNTRAINED_CHOICE, MissingWeights, download_weights, registry_choices
+from ._interchange_widgets import ClassRow, ExportRow
 from .annotator import Annotator
 
 #: key -> (what it does, Annotator method name); documented in tooltips and the README
@@ -163,6 +164,8 @@ class AnnotatorWidget(QWidget):
         for b in (self.draw_button, self.segment_all_button, self.cancel_button, self.clear_button):
             buttons.addWidget(b)
         layout.addLayout(buttons)
+        self.class_row = ClassRow(self.annotator)
+        layout.addWidget(self.class_row)
 
         self.progress = QProgressBar()
         self.progress.setTextVisible(True)
@@ -189,6 +192,8 @@ class AnnotatorWidget(QWidget):
         row.addWidget(self.commit_button)
         row.addWidget(self.open_button)
         store_layout.addLayout(row)
+        self.export_row = ExportRow(self.annotator)
+        store_layout.addWidget(self.export_row)
         layout.addWidget(store_box)
 
         self.status_label = QLabel(START_TEXT)

@@ -252,14 +252,47 @@ class StoreLoader:
 
     store_path: Path
     key: str
+    class_index: bool = False  # labels become class indices (store class k -> k + 1; unclassified -> 0)
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray]:
-        from hrmedseg.store import AnnotationStore  # the core's store, present once it lands
+        from hrmedseg.store import AnnotationStore
 
-        annotation = AnnotationStore.open(self.store_path).load(self.key)
+        store = AnnotationStore.open(self.store_path)
+        annotation = store.load(self.key)
         source = annotation.image_source
         image = read_image(source) if isinstance(source, (str, os.PathLike)) else to_rgb_uint8(np.asarray(source))
-        return image, np.asarray(annotation.labels).astype(np.int32)
+        labels = np.asarray(annotation.labels).astype(np.int32)
+        if self.class_index:
+            index = {c.name: k + 1 for k, c in enumerate(store.classes())}
+            lookup = np.zeros(int(labels.max()) + 1, np.int32)
+            for obj in annotation.objects:
+                if obj.class_name is not None and obj.id < len(lookup):
+                    lookup[obj.id] = index[obj.class_name]
+            labels = lookup[labels]
+        return image, labels
+
+
+def store_class_rules(*sample_lists: Sequence[Sample]) -> list[ClassRule] | None:
+    """The store's object classes as output classes, when every sample comes from one store that has classes.
+
+    Switches those samples' loaders to class-index labels and returns one rule per class
+    (channel k = the objects of class k); None, changing nothing, otherwise (folders, or a store
+    without classes: then every object is foreground).
+    """
+    from hrmedseg.store import AnnotationStore
+
+    loaders = [s.loader for samples in sample_lists for s in samples]
+    if not loaders or not all(isinstance(loader, StoreLoader) for loader in loaders):
+        return None
+    stores = {Path(loader.store_path).resolve() for loader in loaders}
+    if len(stores) != 1:
+        return None
+    classes = AnnotationStore.open(stores.pop()).classes()
+    if not classes:
+        return None
+    for loader in loaders:
+        loader.class_index = True
+    return [ClassRule(c.name, "==", (k + 1,)) for k, c in enumerate(classes)]
 
 
 @dataclass

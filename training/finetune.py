@@ -39,7 +39,9 @@ from hrmedseg.models.training_views import BoxPromptedSegmenter, Sam2BoxPrompted
 
 from . import distributed as dist_utils
 from .checkpointing import log_path_for, save_state, state_path_for, unwrap
-from .data import CropSettings, DatasetInfo, SegmentationCrops, collate, discover_samples, parse_classes, split_samples
+from .data import (
+    CropSettings, DatasetInfo, SegmentationCrops, collate, discover_samples, parse_classes, split_samples, store_class_rules,
+)
 from .epoch_log import EpochLog, require_tensorboard
 from .loop import EpochRunner, default_workers, loader_options, progress_bar, restore, train_loader, wrap_ddp
 from .losses import segmentation_loss
@@ -470,10 +472,12 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
     torch.manual_seed(cfg.seed + env.rank)
     out = Path(cfg.out)
     state_file = state_path_for(out)
+    info, train_samples, val_samples = _load_data(cfg)
     rules = parse_classes(cfg.classes)
+    if rules is None and cfg.task == "semantic":  # an annotation store's object classes, if it has any
+        rules = store_class_rules(train_samples, val_samples)
     class_names = [r.name for r in rules] if rules else None
     num_classes = len(rules) if rules else 1
-    info, train_samples, val_samples = _load_data(cfg)
 
     model = build_model(cfg, num_classes, class_names).to(device)
     preprocessing = _prepare_for_training(model, cfg)

@@ -286,6 +286,24 @@ class Annotator:
         """Save labels, boxes and per-object provenance into the project folder (in a worker)."""
         return self.store.commit(project, on_done)
 
+    # ------------------------------------------------------------------ classes and export
+    def add_class(self, name: str, color: Any = None) -> Any:
+        """Add an object class to the session (kept when the image changes) and return it."""
+        return self.state.add_class(name, color)
+
+    def choose_class(self, class_name: str | None) -> list[int]:
+        """New objects get ``class_name`` from now on; selected boxes' objects change to it. The ids changed."""
+        self.state.set_class([], class_name)  # checks the name
+        self.state.current_class = class_name
+        changed = self.state.set_class(self.layers.selected_ids(), class_name)
+        if changed:
+            self.status.emit(f"{len(changed)} object(s) now {class_name or 'unclassified'}")
+        return changed
+
+    def export(self, path: str | Path, format: str) -> Any:
+        """Export the current annotation (see ``ProjectStore.export``)."""
+        return self.store.export(path, format)
+
     def open_project(self, project: str | Path) -> bool:
         """Restore this image's labels and boxes from a project folder; False if it has none."""
         ann = self.store.load(project)

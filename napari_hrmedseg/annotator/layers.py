@@ -88,9 +88,10 @@ class LayerBinding:
         self.show_model()
 
     def _fresh_state(self) -> None:
-        model = self.state.model
+        old = self.state
         self.state = AnnotatorState()
-        self.state.model = model
+        # the model and the classes belong to the session, not to one image
+        self.state.model, self.state.classes, self.state.current_class = old.model, old.classes, old.current_class
 
     def _disconnect(self) -> None:
         if self.boxes_layer is not None:
@@ -120,6 +121,17 @@ class LayerBinding:
 
     def _on_paint(self, event: Any = None) -> None:
         self.state.dirty = True
+
+    def selected_ids(self) -> list[int]:
+        """Object ids of the boxes selected with the select tool in the boxes layer.
+
+        While drawing (rectangle mode) napari keeps the last box drawn selected: that is no choice
+        a person made, so it counts as none.
+        """
+        if self.boxes_layer is None or str(self.boxes_layer.mode) not in ("select", "direct"):
+            return []
+        ids = self._box_ids()
+        return [int(ids[i]) for i in sorted(self.boxes_layer.selected_data) if i < len(ids) and ids[i] > 0]
 
     def _box_ids(self) -> np.ndarray:
         feats = self.boxes_layer.features

@@ -14,6 +14,7 @@ import numpy as np
 from psygnal import Signal
 
 from hrmedseg.errors import InputError
+from hrmedseg.interchange import EXPORT_FORMATS
 from hrmedseg.store import AnnotationStore, ImageAnnotation, image_key_for
 
 from .._layer_image import spatial_shape
@@ -72,8 +73,13 @@ class ProjectStore:
         self.project = project
         annotation = self.annotation()
 
+        classes = list(self.layers.state.classes)
+
         def save() -> ImageAnnotation:
-            AnnotationStore.create(project).save(annotation)
+            store = AnnotationStore.create(project)
+            for cls in classes:  # the store must know every class its objects name
+                store.add_class(cls.name, cls.color)
+            store.save(annotation)
             return annotation
 
         def saved(ann: ImageAnnotation) -> None:
@@ -81,6 +87,22 @@ class ProjectStore:
             self.status.emit(f"committed {len(ann.objects)} objects of '{ann.image_key}' to {project}")
 
         return self.jobs.submit(save, saved, f"saving to {project}", on_done=on_done)
+
+    def export(self, path: str | Path, format: str, on_done: Callable[[], None] | None = None) -> Any:
+        """Write what the layers show now (committed or not) as ``format`` (see ``EXPORT_FORMATS``), in a job."""
+        if self.layers.labels_layer is None:
+            raise ValueError("no image layer chosen")
+        writer = EXPORT_FORMATS[format].write
+        annotation, classes = self.annotation(), list(self.layers.state.classes)
+
+        def write() -> Path:
+            writer(Path(path), [annotation], classes)
+            return Path(path)
+
+        def written(out: Path) -> None:
+            self.status.emit(f"exported {len(annotation.objects)} objects of '{annotation.image_key}' to {out}")
+
+        return self.jobs.submit(write, written, f"exporting to {path}", on_done=on_done)
 
     def load(self, project: str | Path) -> ImageAnnotation | None:
         """The bound image's annotation in ``project``; None (and a status) if it has none.
@@ -90,6 +112,8 @@ class ProjectStore:
         """
         store = AnnotationStore.open(project)
         self.project = Path(project)
+        for cls in store.classes():
+            self.layers.state.add_class(cls.name, cls.color)
         image_layer = self.layers.image_layer
         key = self.image_key()
         if key not in store.image_keys():

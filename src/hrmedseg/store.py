@@ -2,14 +2,18 @@
 
 Layout (format "hrmedseg-annotations", version 1)::
 
-    <project>/project.json               {"format", "version", "images": [{key, labels, annotations,
+    <project>/project.json               {"format", "version", "classes": [{name, color}],
+                                          "images": [{key, labels, annotations,
                                             labels_sha256, annotations_sha256, revision, modified}]}
     <project>/labels/<image_key>.tif      label image (0 = background, k = object k), zlib-compressed
     <project>/annotations/<image_key>.json
         {"format": "hrmedseg-annotations/image", "version": 1, "image_key", "image_source",
          "shape", "layer_name", "labels_file", "labels_sha256", "modified",
          "objects": [{id, box_xyxy, prompt: {"type": "box", ...}, model: {name, sha256 | path},
-                      score, edited, created, modified}]}
+                      score, edited, class, created, modified}]}
+
+Object classes (``classes`` in project.json, ``class`` of an object: a class name or null) were
+added within version 1: stores written before them load with no classes and unclassified objects.
 
 Crash safety: a save writes both files of an image under temporary names, moves the current
 files aside (``*.prev.*``), moves the new ones in, and only then replaces ``project.json``, which
@@ -71,6 +75,47 @@ def _check_key(image_key: str) -> str:
     return image_key
 
 
+# Colours given to new classes in turn (matplotlib's tab10): distinct, and readable on images.
+CLASS_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)
+
+
+@dataclass(frozen=True)
+class ObjectClass:
+    """A class objects can belong to: its name and its display colour (R, G, B, 0-255)."""
+
+    name: str
+    color: tuple[int, int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "color": [int(c) for c in self.color]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ObjectClass":
+        return cls(name=str(d["name"]), color=_check_color(d.get("color"), str(d["name"])))
+
+
+def new_class(name: str, existing: Sequence[ObjectClass], color: Sequence[int] | None = None) -> ObjectClass:
+    """A class called ``name`` (stripped, not empty): ``color``, or the palette's next colour after ``existing``."""
+    name = str(name).strip()
+    if not name:
+        raise InputError("a class name must not be empty")
+    rgb = _check_color(color, name) if color is not None else CLASS_PALETTE[len(existing) % len(CLASS_PALETTE)]
+    return ObjectClass(name, rgb)
+
+
+def _check_color(color: Any, name: str) -> tuple[int, int, int]:
+    try:
+        rgb = tuple(int(c) for c in color)
+    except (TypeError, ValueError):
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+        raise InputError(f"class '{name}': colour {color!r} is not three integers 0-255 (R, G, B)")
+    return rgb  # type: ignore[return-value]
+
+
 @dataclass
 class ObjectRecord:
     """One object of a label image: its id, the box that prompted it and the model that made it.
@@ -78,7 +123,8 @@ class ObjectRecord:
     ``box_xyxy`` is (x0, y0, x1, y1) in pixels of the full-resolution image plane (None for
     objects painted by hand); ``prompt`` is {"type": "box", "box_xyxy": [...]} plus, for nD
     images, "slice": the indices of the leading axes; ``model`` is {"name": ..., "sha256": ...}
-    or {"name": ..., "path": ...}; ``edited`` says a person changed the mask after the model.
+    or {"name": ..., "path": ...}; ``edited`` says a person changed the mask after the model;
+    ``class_name`` names one of the store's classes (None: unclassified).
     """
 
     id: int
@@ -87,6 +133,7 @@ class ObjectRecord:
     model: dict[str, Any] = field(default_factory=dict)
     score: float | None = None
     edited: bool = False
+    class_name: str | None = None
     created: str = field(default_factory=now_iso)
     modified: str = field(default_factory=now_iso)
 
@@ -98,6 +145,7 @@ class ObjectRecord:
             "model": self.model,
             "score": None if self.score is None else float(self.score),
             "edited": bool(self.edited),
+            "class": self.class_name,
             "created": self.created,
             "modified": self.modified,
         }
@@ -112,6 +160,7 @@ class ObjectRecord:
             model=dict(d.get("model") or {}),
             score=d.get("score"),
             edited=bool(d.get("edited", False)),
+            class_name=d.get("class"),
             created=d.get("created") or now_iso(),
             modified=d.get("modified") or now_iso(),
         )
@@ -157,7 +206,8 @@ class AnnotationStore:
         if path.exists() and not path.is_dir():
             raise InputError(f"cannot create an annotation store at {path}: it is a file")
         path.mkdir(parents=True, exist_ok=True)
-        project = {"format": STORE_FORMAT, "version": STORE_VERSION, "created": now_iso(), "images": []}
+        project = {"format": STORE_FORMAT, "version": STORE_VERSION, "created": now_iso(), "classes": [],
+                   "images": []}
         store = cls(path, project)
         store._write_project()
         return store
@@ -181,6 +231,7 @@ class AnnotationStore:
                 f"{STORE_VERSION}: update hrmedseg"
             )
         project.setdefault("images", [])
+        project.setdefault("classes", [])
         store = cls(path, project)
         store.remove_stale_temps()
         return store
@@ -249,6 +300,31 @@ class AnnotationStore:
                 return key
         return None
 
+    # -- classes ----------------------------------------------------------------------------
+    def classes(self) -> list[ObjectClass]:
+        """The store's object classes, in the order they were added (index + 1 = class index)."""
+        return [ObjectClass.from_dict(d) for d in self._project.get("classes", [])]
+
+    def get_class(self, name: str) -> ObjectClass:
+        for cls in self.classes():
+            if cls.name == name:
+                return cls
+        raise InputError(
+            f"class '{name}' is not in the annotation store {self.path} "
+            f"(it has: {', '.join(c.name for c in self.classes()) or 'no classes'})"
+        )
+
+    def add_class(self, name: str, color: Sequence[int] | None = None) -> ObjectClass:
+        """Add a class (a palette colour unless ``color`` is given); an existing one is returned as it is."""
+        existing = self.classes()
+        cls = new_class(name, existing, color)
+        for known in existing:
+            if known.name == cls.name:
+                return known
+        self._project.setdefault("classes", []).append(cls.to_dict())
+        self._write_project()
+        return cls
+
     # -- writing ----------------------------------------------------------------------------
     def save(self, annotation: ImageAnnotation) -> None:
         """Save (add or replace) one image's annotation; crash-safe, see the module docstring."""
@@ -261,6 +337,11 @@ class AnnotationStore:
         ids = {o.id for o in annotation.objects}
         if len(ids) != len(annotation.objects):
             raise InputError(f"image '{key}': two objects share an id")
+        known = {c.name for c in self.classes()}
+        for obj in annotation.objects:
+            if obj.class_name is not None and obj.class_name not in known:
+                raise InputError(f"image '{key}', object {obj.id}: class '{obj.class_name}' is not in the store "
+                                 "(add it with AnnotationStore.add_class first)")
         labels_rel = f"labels/{key}.tif"
         ann_rel = f"annotations/{key}.json"
         labels_path = self.path / labels_rel

@@ -152,6 +152,18 @@ def load_hrmedseg(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return hrmedseg_from_checkpoint(read_checkpoint(path), device).module
 
 
+def hrmedseg_from_config(config: dict, preprocessing: dict | None = None) -> HRMedSeg:
+    """A new HRMedSeg (random weights) as ``HRMedSeg.config_dict()`` and ``Preprocessing.to_dict()`` describe it.
+
+    JSON in, model out: what a bioimage.io package's ``pytorch_state_dict`` architecture calls.
+    Raises KeyError / TypeError / ValueError for an incomplete or malformed config.
+    """
+    encoder = HRMedSegEncoder(EncoderConfig.from_dict(config["encoder"]), Preprocessing.recorded(preprocessing or {}))
+    decoder_kwargs = {k: v for k, v in (config.get("decoder") or {}).items() if k in _DECODER_KEYS}
+    return HRMedSeg(int(config["num_classes"]), encoder, tuple(config.get("pool_sizes", (5, 9, 13))),
+                    config.get("class_names"), **decoder_kwargs)
+
+
 def hrmedseg_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> LoadedModel:
     """:func:`load_hrmedseg` for a file already read: ``LoadedModel(HRMedSeg, metadata)``.
 
@@ -161,16 +173,9 @@ def hrmedseg_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device 
     path = checkpoint.source
     config = checkpoint.require_bundle(HRMEDSEG_ARCHITECTURE).config
     try:
-        encoder_config = EncoderConfig.from_dict(config["encoder"])
-        num_classes = int(config["num_classes"])
-        pool_sizes = tuple(config.get("pool_sizes", (5, 9, 13)))
-        class_names = config.get("class_names")
-        decoder_kwargs = {k: v for k, v in (config.get("decoder") or {}).items() if k in _DECODER_KEYS}
+        model = hrmedseg_from_config(config, checkpoint.preprocessing)
     except (KeyError, TypeError, ValueError) as err:
         raise WeightsError(f"{path}: its hrmedseg config is incomplete or malformed ({err!r})") from err
-    preprocessing = Preprocessing.recorded(checkpoint.preprocessing)
-    encoder = HRMedSegEncoder(encoder_config, preprocessing)
-    model = HRMedSeg(num_classes, encoder, pool_sizes, class_names, **decoder_kwargs)
     load_matching(model, checkpoint.state, path)
     metadata = ModelMetadata(
         kind=HRMEDSEG_ARCHITECTURE, source=path, provenance=checkpoint.provenance, input_size=int(model.img_size)
@@ -178,4 +183,4 @@ def hrmedseg_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device 
     return LoadedModel(model.eval().to(device), metadata)
 
 
-__all__ = ["HRMedSeg", "build_hrmedseg", "save_hrmedseg", "load_hrmedseg", "hrmedseg_from_checkpoint"]
+__all__ = ["HRMedSeg", "build_hrmedseg", "save_hrmedseg", "load_hrmedseg", "hrmedseg_from_checkpoint", "hrmedseg_from_config"]
