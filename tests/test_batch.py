@@ -162,8 +162,10 @@ def test_region_tasks_merge_without_seams(tmp_path, models, client):
     (tmp_path / "slide.boxes.csv").write_text("x0,y0,x1,y1\n" + "\n".join(",".join(map(str, b)) for b in boxes))
     assert len(plan_box_regions(boxes.astype(float), 256)) > 1
     jobs = expand_inputs([tmp_path / "slide.tif"], boxes=tmp_path / "slide.boxes.csv")
-    whole = run_batch(client, jobs, tmp_path / "whole", BatchConfig("boxes", models["box"], device="cpu", region_size=8192), progress=False)
-    split = run_batch(client, jobs, tmp_path / "split", BatchConfig("boxes", models["box"], device="cpu", region_size=256), progress=False)
+    # The reference backend: the fast CPU kernels (oneDNN post-ops) may round differently between
+    # processes, which flips a few threshold pixels; this test is about where regions meet.
+    whole = run_batch(client, jobs, tmp_path / "whole", BatchConfig("boxes", models["box"], device="cpu", region_size=8192, backend="reference"), progress=False)
+    split = run_batch(client, jobs, tmp_path / "split", BatchConfig("boxes", models["box"], device="cpu", region_size=256, backend="reference"), progress=False)
     assert whole.images["slide"]["regions"] == 1 and split.images["slide"]["regions"] > 1
     np.testing.assert_array_equal(_labels(tmp_path / "whole", "slide"), _labels(tmp_path / "split", "slide"))
     assert _labels(tmp_path / "split", "slide").any()
