@@ -101,6 +101,7 @@ def check_prompts(
     point_labels: Sequence[Any] | None = None,
     mask_inputs: Sequence[Any] | None = None,
     object_size: float | None = None,
+    source: str = "boxes",
 ) -> ObjectPrompts:
     """Check the prompts of N objects against an image of ``shape_yx`` (H, W).
 
@@ -108,7 +109,8 @@ def check_prompts(
     points / point_labels / mask_inputs: None, or one entry per object (None, or that object's
     (P, 2) xy clicks / (P,) labels (default all positive) / (1, h, w) or (h, w) low-res logits).
     object_size: side of a clicks-only object's extent; default the median longest side of the
-    boxes given, else :data:`DEFAULT_OBJECT_SIZE`. Raises InputError naming the bad object.
+    boxes given, else :data:`DEFAULT_OBJECT_SIZE`. source: names the boxes in errors. Raises
+    InputError naming the bad object (its 0-based position).
     """
     if boxes is None:
         if points is None:
@@ -118,7 +120,7 @@ def check_prompts(
         arr = np.asarray(boxes, np.float64)
         arr = arr[None] if arr.ndim == 1 and arr.shape[0] == 4 else arr
     if arr.ndim != 2 or arr.shape[1] != 4:
-        check_boxes(arr, shape_yx)  # raises its error naming the shape
+        check_boxes(arr, shape_yx, source)  # raises its error naming the shape
     n = len(arr)
     pts_in = _per_object(points, n, "points")
     lab_in = _per_object(point_labels, n, "point_labels")
@@ -126,7 +128,7 @@ def check_prompts(
     boxed = ~np.isnan(arr).all(axis=1)
     if boxed.any():
         # A stand-in box in rows without one keeps check_boxes' "box i" the object's position.
-        out = check_boxes(np.where(boxed[:, None], arr, [0.0, 0.0, 1.0, 1.0]), shape_yx)
+        out = check_boxes(np.where(boxed[:, None], arr, [0.0, 0.0, 1.0, 1.0]), shape_yx, source)
         out[~boxed] = np.nan
     else:
         out = arr.copy()

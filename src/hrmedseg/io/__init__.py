@@ -1,6 +1,7 @@
-"""Lazy reading and atomic writing of large images, and box files."""
+"""Lazy reading and atomic writing of large images, and box and point files."""
 
 from .boxes import BoxClippedWarning, check_boxes, read_boxes
+from .points import PointPrompts, prompts_for_objects, read_points
 from .readers import ArrayImage, DecodedFileImage, LazyImage, TiffImage, open_image
 from .writers import label_dtype, write_label_tiff, write_object_table
 
@@ -9,11 +10,14 @@ __all__ = [
     "BoxClippedWarning",
     "DecodedFileImage",
     "LazyImage",
+    "PointPrompts",
     "TiffImage",
     "check_boxes",
     "label_dtype",
     "open_image",
+    "prompts_for_objects",
     "read_boxes",
+    "read_points",
     "write_label_tiff",
     "write_object_table",
 ]
