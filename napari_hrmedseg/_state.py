@@ -11,13 +11,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from hrmedseg.store import ObjectClass, ObjectRecord, new_class, now_iso
+from hrmedseg.store import ObjectClass, ObjectRecord, new_class, now_iso, object_prompt, prompt_points
 
 #: planes up to this many pixels are scanned whole when an object's old pixels are removed;
 #: bigger ones only inside the object's recorded extent (keeps edits on huge images cheap)
 FULL_SCAN_PIXELS = 64_000_000
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in full-resolution pixels
+Click = tuple[float, float, int]  # x, y in full-resolution pixels; label 1 positive, 0 negative
 Region = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
 
 
@@ -43,11 +44,19 @@ class ModelInfo:
 
 @dataclass
 class ObjectState:
-    """One object: its box prompt, the slice of an nD image it lives on, and what the model gave."""
+    """One object: its box prompt and clicks, the slice of an nD image it lives on, and what the model gave.
+
+    ``low_res_logits`` and ``crop`` are the engine's last result for it (``ObjectMask``), fed
+    back as SAM's mask prompt on the same crop when a click is added (``use_mask_prompt``).
+    """
 
     id: int
     box: Box | None
     slice_index: tuple[int, ...] = ()
+    clicks: list[Click] = field(default_factory=list)
+    low_res_logits: Any = field(default=None, repr=False)
+    crop: Any = None
+    use_mask_prompt: bool = False
     model: dict[str, Any] = field(default_factory=dict)
     score: float | None = None
     # the model's mask (region, bool array) as last written: tells whether a person edited it since
@@ -120,6 +129,7 @@ class AnnotatorState:
             id=record.id,
             box=record.box_xyxy,
             slice_index=tuple(record.prompt.get("slice", slice_index)),
+            clicks=[(float(x), float(y), int(lab)) for (x, y), lab in zip(*prompt_points(record.prompt))],
             model=dict(record.model),
             score=record.score,
             edited_before=record.edited,
@@ -134,6 +144,7 @@ class AnnotatorState:
     def move_box(self, object_id: int, box: Box) -> ObjectState:
         obj = self.objects[object_id]
         obj.box = box
+        obj.crop = obj.low_res_logits = None  # another box: another crop, no earlier mask to refine
         obj.modified = now_iso()
         self.dirty = True
         return obj
@@ -152,6 +163,20 @@ class AnnotatorState:
     def is_current(self, object_id: int, generation: int) -> bool:
         obj = self.objects.get(object_id)
         return obj is not None and obj.generation == generation
+
+    def set_clicks(self, object_id: int, clicks: list[Click]) -> ObjectState:
+        """Replace an object's clicks; a click added to the old ones refines the last mask (mask prompt)."""
+        obj = self.objects[object_id]
+        obj.use_mask_prompt = len(clicks) > len(obj.clicks) and clicks[: len(obj.clicks)] == obj.clicks
+        obj.clicks = list(clicks)
+        obj.modified = now_iso()
+        self.dirty = True
+        return obj
+
+    def median_box_side(self) -> float | None:
+        """The median longest side of the boxes so far (the scale of an object started by a click)."""
+        sides = [max(b[2] - b[0], b[3] - b[1]) for b in (o.box for o in self.objects.values()) if b is not None]
+        return float(np.median(sides)) if sides else None
 
     def record_prediction(self, object_id: int, region: Region, mask: np.ndarray, score: float | None) -> None:
         obj = self.objects[object_id]
@@ -177,12 +202,9 @@ class AnnotatorState:
             if obj is None:
                 records.append(ObjectRecord(id=oid, prompt={"type": "paint"}, edited=True))
                 continue
-            prompt: dict[str, Any] = {"type": "box" if obj.box is not None else "paint"}
-            if obj.box is not None:
-                prompt["box_xyxy"] = [float(v) for v in obj.box]
-            if obj.slice_index:
-                prompt["slice"] = list(obj.slice_index)
-            edited = obj.edited_before or obj.box is None or not self._matches_prediction(labels, obj)
+            prompt = object_prompt(obj.box, [c[:2] for c in obj.clicks], [c[2] for c in obj.clicks], obj.slice_index)
+            prompted = obj.box is not None or bool(obj.clicks)
+            edited = obj.edited_before or not prompted or not self._matches_prediction(labels, obj)
             records.append(
                 ObjectRecord(
                     id=oid,

@@ -12,6 +12,7 @@ from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -167,6 +168,19 @@ class AnnotatorWidget(QWidget):
         self.class_row = ClassRow(self.annotator)
         layout.addWidget(self.class_row)
 
+        clicks_row = QHBoxLayout()
+        self.clicks_button = QPushButton("Add clicks")
+        self.clicks_button.setToolTip(
+            "Add mode on the clicks layer: a click refines the object under it (else the last one drawn; "
+            "on empty space after 'Draw boxes' it starts an object of clicks alone). Alt+click: negative. "
+            "Delete a click (select mode) to recompute."
+        )
+        self.negative_check = QCheckBox("Negative clicks")
+        self.negative_check.setToolTip("Every click says 'not this object' (as Alt+click does)")
+        clicks_row.addWidget(self.clicks_button)
+        clicks_row.addWidget(self.negative_check)
+        layout.addLayout(clicks_row)
+
         self.progress = QProgressBar()
         self.progress.setTextVisible(True)
         self.progress.setVisible(False)
@@ -209,6 +223,8 @@ class AnnotatorWidget(QWidget):
         self.download_button.clicked.connect(self._download)
         self.choose_button.clicked.connect(self._choose_file)
         self.draw_button.clicked.connect(self.annotator.next_object)
+        self.clicks_button.clicked.connect(self.annotator.start_clicks)
+        self.negative_check.toggled.connect(lambda on: setattr(self.annotator, "negative_clicks", on))
         self.segment_all_button.clicked.connect(self.annotator.segment_all)
         self.cancel_button.clicked.connect(self.annotator.cancel)
         self.clear_button.clicked.connect(self.annotator.clear)

@@ -1,7 +1,7 @@
-"""The annotator: box prompts in an image layer's boxes layer become masks in its masks layer.
+"""The annotator: box prompts and clicks on an image layer become masks in its masks layer.
 
-``Annotator`` joins three parts and a model: a ``LayerBinding`` (the layers and the annotation
-state), a ``JobQueue`` (every model call in a worker thread, one at a time: the predictor is not
+``Annotator`` joins four parts and a model: a ``LayerBinding`` (the layers and the annotation
+state), a ``ClickBinding`` (the clicks layer: positive and negative clicks per object), a ``JobQueue`` (every model call in a worker thread, one at a time: the predictor is not
 shared between threads) and a ``ProjectStore`` (commit and reopen). Qt-free apart from napari's
 thread workers: the dock only builds controls and calls these methods; tests drive this class.
 """
@@ -22,6 +22,7 @@ from hrmedseg.store import ImageAnnotation
 from .._layer_image import layer_plane
 from .._model import UNTRAINED_BANNER, UNTRAINED_CHOICE, MissingWeights, check_weights, guard_torch_import, load_predictor
 from .._state import AnnotatorState, ModelInfo
+from .clicks import ClickBinding
 from .jobs import JobQueue, prepare_worker_thread
 from .layers import LayerBinding
 from .store_io import ProjectStore
@@ -45,12 +46,17 @@ class Annotator:
         guard_torch_import()  # before any worker imports torch (see its docstring)
         self.viewer = viewer
         self.layers = LayerBinding(viewer)
+        self.clicks = ClickBinding(self.layers)
         self.jobs = JobQueue()
         self.store = ProjectStore(self.layers, self.jobs)
         self.predictor: Any = None
         self._queue: "OrderedDict[int, int]" = OrderedDict()  # object id -> generation, to segment
         self.layers.objects_changed.connect(self._enqueue_all)
+        self.layers.objects_changed.connect(lambda ids: self.clicks.select(ids[-1]))  # the last drawn
         self.layers.objects_removed.connect(self._dequeue_all)
+        self.layers.objects_removed.connect(self.clicks.drop_objects)
+        self.clicks.clicks_changed.connect(self._enqueue_all)
+        self.clicks.objects_removed.connect(self._dequeue_all)
         self.jobs.idle.connect(self._pump)
         self.jobs.error.connect(self._on_error)
         self.store.status.connect(self.status.emit)
@@ -72,6 +78,19 @@ class Annotator:
     @property
     def labels_layer(self) -> Any:
         return self.layers.labels_layer
+
+    @property
+    def clicks_layer(self) -> Any:
+        return self.clicks.points_layer
+
+    @property
+    def negative_clicks(self) -> bool:
+        """Every click negative (the dock's toggle); otherwise only Alt+click is."""
+        return self.clicks.negative
+
+    @negative_clicks.setter
+    def negative_clicks(self, value: bool) -> None:
+        self.clicks.negative = bool(value)
 
     @property
     def overlap(self) -> str:
@@ -104,10 +123,15 @@ class Annotator:
         self.cancel()
         self._queue.clear()
         self.layers.bind(layer)
+        self.clicks.bind()
 
     def start_boxes(self) -> None:
         """Select the boxes layer in rectangle mode, ready to draw the next object."""
         self.layers.start_boxes()
+
+    def start_clicks(self) -> None:
+        """Select the clicks layer in add mode: a click refines the object under it (Alt: negative)."""
+        self.clicks.start_clicks()
 
     # ------------------------------------------------------------------ model
     def set_model(self, choice: Any, device: str = "auto", on_done: Callable[[], None] | None = None) -> Any:
@@ -175,25 +199,33 @@ class Annotator:
             return
         object_id, generation = self._queue.popitem(last=False)
         obj = self.state.objects.get(object_id)
-        if obj is None or obj.box is None:
+        if obj is None or (obj.box is None and not obj.clicks):
             self._pump()
             return
         image = layer_plane(self.image_layer, obj.slice_index)
-        box, predictor = obj.box, self.predictor
+        predictor = self.predictor
+        if obj.clicks:
+            prompt = click_prompt(obj, self.state.median_box_side())
+            predict = lambda: next(iter(predictor.predict_boxes(image, **prompt)))  # noqa: E731
+        else:
+            box = obj.box
+            predict = lambda: predictor.predict_box(image, box)  # noqa: E731
 
-        def predict():
+        def work():
             prepare_worker_thread()
-            return predictor.predict_box(image, box)
+            return predict()
 
         def done(result):
             self._apply(object_id, generation, result)
 
-        self.jobs.submit(predict, done, f"segmenting object {object_id}")
+        self.jobs.submit(work, done, f"segmenting object {object_id}")
 
     def _apply(self, object_id: int, generation: int, result: Any) -> None:
         if not self.state.is_current(object_id, generation):
             return  # the box moved or was deleted while this ran; a newer request follows
         obj = self.state.objects[object_id]
+        # what a next click refines: these logits as SAM's mask prompt, on this (cached) crop
+        obj.low_res_logits, obj.crop = getattr(result, "low_res_logits", None), getattr(result, "crop", None)
         if getattr(result, "empty", False) or result.mask is None or not np.any(result.mask):
             self.layers.write(object_id, None, None, slice_index=obj.slice_index)
             self.state.record_prediction(object_id, result.region, np.zeros((0, 0), bool), result.score)
@@ -215,26 +247,28 @@ class Annotator:
         self._queue.clear()
         jobs: dict[tuple[int, ...], list[tuple[int, int, tuple]]] = {}
         for oid, obj in sorted(self.state.objects.items()):
-            if obj.box is None or (only_missing and obj.predicted_mask is not None):
+            if (obj.box is None and not obj.clicks) or (only_missing and obj.predicted_mask is not None):
                 continue
-            jobs.setdefault(obj.slice_index, []).append((oid, self.state.request(oid), obj.box))
+            jobs.setdefault(obj.slice_index, []).append((oid, self.state.request(oid), obj))
         total = sum(len(v) for v in jobs.values())
         if total == 0:
             self.status.emit("no boxes to segment")
             return None
         cancel = threading.Event()
         predictor, image_layer = self.predictor, self.image_layer
+        object_size = self.state.median_box_side()
 
         def work():
             prepare_worker_thread()
             done = 0
             for lead, items in jobs.items():
                 image = layer_plane(image_layer, lead)
-                boxes = [box for _, _, box in items]
+                objs = [obj for _, _, obj in items]
                 if hasattr(predictor, "predict_boxes"):
-                    results = predictor.predict_boxes(image, boxes, cancel=cancel)
+                    prompts = clicks_prompts(objs, object_size)
+                    results = predictor.predict_boxes(image, cancel=cancel, **prompts)
                 else:
-                    results = (predictor.predict_box(image, b) for b in boxes)
+                    results = (predictor.predict_box(image, o.box) for o in objs)
                 for (oid, gen, _), result in zip(items, results):
                     done += 1
                     yield oid, gen, result, done, total
@@ -260,11 +294,13 @@ class Annotator:
 
     # ------------------------------------------------------------------ commands
     def next_object(self) -> int:
-        """Ready a new object: a fresh label id for painting and rectangle mode for the next box."""
+        """Ready a new object: a fresh label id for painting and rectangle mode for the next box;
+        a click off every object now starts a new one."""
         # the id the next box will get, so painting now and drawing next agree
         new_id = self.state.peek_object_id(self.layers.labels_max())
         if self.labels_layer is not None:
             self.labels_layer.selected_label = new_id
+        self.clicks.select(None)
         self.start_boxes()
         return new_id
 
@@ -312,5 +348,35 @@ class Annotator:
         self.cancel()
         self._queue.clear()
         self.layers.restore(ann)
+        self.clicks.restore()
         self.status.emit(f"opened '{ann.image_key}' from {project}: {len(ann.objects)} objects")
         return True
+
+
+def _click_arrays(obj: Any) -> tuple[np.ndarray, np.ndarray]:
+    """An object's clicks as ((P, 2) xy, (P,) labels)."""
+    xy = np.array([c[:2] for c in obj.clicks], np.float64).reshape(-1, 2)
+    return xy, np.array([c[2] for c in obj.clicks], np.int64)
+
+
+def clicks_prompts(objs: list[Any], object_size: float | None) -> dict[str, Any]:
+    """``BoxPredictor.predict_boxes`` keywords for objects' boxes (NaN: none) and clicks."""
+    boxes = np.array([o.box if o.box is not None else [np.nan] * 4 for o in objs], np.float64).reshape(-1, 4)
+    xy, labels = zip(*[_click_arrays(o) for o in objs]) if objs else ((), ())
+    return dict(boxes=boxes, points=list(xy), point_labels=list(labels), object_size=object_size)
+
+
+def click_prompt(obj: Any, object_size: float | None) -> dict[str, Any]:
+    """``predict_boxes`` keywords for one object: its box and clicks, and, when a click was just
+    added and every click lies in the crop of its last result, that crop and its logits as mask
+    prompt (no new encoder call). Otherwise the engine plans a crop (cached when unchanged)."""
+    prompt = clicks_prompts([obj], object_size)
+    crop = obj.crop
+    if crop is not None:
+        xy = prompt["points"][0]
+        inside = ((xy >= [crop.x0, crop.y0]) & (xy < [crop.x0 + crop.size, crop.y0 + crop.size])).all()
+        if inside:
+            prompt["crops"] = [crop]
+            if obj.use_mask_prompt and obj.low_res_logits is not None:
+                prompt["mask_inputs"] = [obj.low_res_logits]
+    return prompt

@@ -15,6 +15,11 @@ Layout (format "hrmedseg-annotations", version 1)::
 Object classes (``classes`` in project.json, ``class`` of an object: a class name or null) were
 added within version 1: stores written before them load with no classes and unclassified objects.
 
+An object's ``prompt`` (:func:`object_prompt`) is {"type": "box" | "box+points" | "points" |
+"paint", "box_xyxy": [...], "points": [[x, y], ...], "point_labels": [1, 0, ...], "slice": [...]}:
+everything the model was given, so a commit can be re-run exactly (:func:`prompt_points` reads
+the clicks back; prompts saved before clicks existed simply have none).
+
 Crash safety: a save writes both files of an image under temporary names, moves the current
 files aside (``*.prev.*``), moves the new ones in, and only then replaces ``project.json``, which
 records the sha256 of the files it belongs to. A reader takes, for each file, the current or the
@@ -116,13 +121,41 @@ def _check_color(color: Any, name: str) -> tuple[int, int, int]:
     return rgb  # type: ignore[return-value]
 
 
+def object_prompt(
+    box: Sequence[float] | None,
+    points: Sequence[Sequence[float]] = (),
+    point_labels: Sequence[int] = (),
+    slice_index: Sequence[int] = (),
+) -> dict[str, Any]:
+    """An object's ``prompt`` record: its box and clicks (x, y, full-resolution px; labels 1 / 0)."""
+    kind = "+".join(k for k, present in (("box", box is not None), ("points", len(points) > 0)) if present)
+    prompt: dict[str, Any] = {"type": kind or "paint"}
+    if box is not None:
+        prompt["box_xyxy"] = [float(v) for v in box]
+    if len(points):
+        prompt["points"] = [[float(x), float(y)] for x, y in points]
+        prompt["point_labels"] = [int(v) for v in point_labels]
+    if len(slice_index):
+        prompt["slice"] = [int(v) for v in slice_index]
+    return prompt
+
+
+def prompt_points(prompt: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The clicks of a ``prompt`` record: ((P, 2) float64 xy, (P,) int64 labels); P = 0 for none."""
+    xy = np.asarray(prompt.get("points") or [], np.float64).reshape(-1, 2)
+    labels = np.asarray(prompt.get("point_labels") or [1] * len(xy), np.int64).reshape(-1)
+    if len(labels) != len(xy):
+        raise InputError(f"prompt has {len(xy)} points but {len(labels)} point labels")
+    return xy, labels
+
+
 @dataclass
 class ObjectRecord:
     """One object of a label image: its id, the box that prompted it and the model that made it.
 
     ``box_xyxy`` is (x0, y0, x1, y1) in pixels of the full-resolution image plane (None for
-    objects painted by hand); ``prompt`` is {"type": "box", "box_xyxy": [...]} plus, for nD
-    images, "slice": the indices of the leading axes; ``model`` is {"name": ..., "sha256": ...}
+    objects painted by hand); ``prompt`` is :func:`object_prompt`'s record (box, clicks and,
+    for nD images, "slice": the indices of the leading axes); ``model`` is {"name": ..., "sha256": ...}
     or {"name": ..., "path": ...}; ``edited`` says a person changed the mask after the model;
     ``class_name`` names one of the store's classes (None: unclassified).
     """

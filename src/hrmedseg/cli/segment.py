@@ -1,10 +1,12 @@
 """``hrmedseg segment``: segmentation of an image file into a label TIFF.
 
     hrmedseg segment slide.ome.tif --boxes boxes.csv --out labels.tif [--model NAME|PATH] [--device auto]
+    hrmedseg segment slide.ome.tif --boxes boxes.csv --points clicks.csv --out labels.tif
     hrmedseg segment slide.ome.tif --out labels.tif --model PROMPT_FREE_MODEL   # an "hrmedseg" bundle
 
 With boxes: LABELS.tif (tiled, compressed, the image's Y x X shape; box i gets label i + 1) and a
-per-object table (id, box, area, score, empty) beside it, both atomically. With a prompt-free
+per-object table (id, box, area, score, empty) beside it, both atomically. ``--points`` adds
+positive/negative clicks to objects by id (i + 1 for box i; higher ids: objects of clicks alone). With a prompt-free
 HRMedSeg model no boxes are needed: one class gives instance labels and a table (id, area),
 several classes a class image (class c -> c + 1) and a table (class, name, area).
 """
@@ -32,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="TIFF/OME-TIFF, OME-Zarr/zarr, PNG or JPEG")
     p.add_argument(
         "--boxes", help="CSV (x0,y0,x1,y1), JSON/GeoJSON rectangles or napari Shapes CSV (not for prompt-free models)"
+    )
+    p.add_argument(
+        "--points", help="CSV/JSON clicks: object id (i + 1 for box i), x, y, label (1 positive, 0 negative); "
+        "ids past the boxes are objects of clicks alone"
     )
     p.add_argument("--out", required=True, help="label image to write (.tif)")
     p.add_argument("--objects", help="per-object CSV to write (default: OUT with .objects.csv)")
@@ -93,14 +99,16 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engine import SparseLabels
     from ..errors import InputError
+    from ..engine.prompts import check_prompts
     from ..io import (
         BoxClippedWarning,
         box_label,
-        check_boxes,
         check_free_space,
         label_tiff_bytes,
         open_image,
+        prompts_for_objects,
         read_boxes,
+        read_points,
         write_label_tiff,
         write_object_table,
     )
@@ -113,12 +121,21 @@ def run(args: argparse.Namespace) -> int:
     image = open_image(args.image, channel=channel)
     # Before any model work: a full disk found after an hour of segmentation loses the hour.
     check_free_space(out, label_tiff_bytes(image.shape_yx, max_id=1))
-    if args.boxes is None:
+    if args.boxes is None and args.points is None:
         return run_prompt_free(args, image, out, table)
-    boxes = read_boxes(args.boxes)
+    boxes = None if args.boxes is None else read_boxes(args.boxes)
+    clicks: dict = {}
+    if args.points is not None:
+        boxes, points, point_labels = prompts_for_objects(boxes, read_points(args.points), f"point file {args.points}")
+        clicks = dict(points=points, point_labels=point_labels)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BoxClippedWarning)
-        check_boxes(boxes, image.shape_yx, source=f"box file {args.boxes}")
+        try:
+            check_prompts(boxes, image.shape_yx, source=f"box file {args.boxes}", **clicks)
+        except InputError as err:
+            if not clicks:
+                raise
+            raise InputError(f"{err} (object i is id i + 1 in {args.points})") from None
     for w in caught:
         print(f"hrmedseg segment: warning: {w.message}", file=sys.stderr)
     predictor = load_predictor(args)
@@ -128,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BoxClippedWarning)  # already reported above
             labels, records = predictor.segment(
-                image, boxes, labels=labels, overlap=args.overlap, progress=lambda done, total: bar.update(done - bar.n)
+                image, boxes, labels=labels, overlap=args.overlap, progress=lambda done, total: bar.update(done - bar.n),
+                **clicks,
             )
     finally:
         bar.close()

@@ -6,6 +6,10 @@
 - :class:`SamBoxDecoder`: an embedding and N boxes in crop-input pixels -> low-res mask logits
   (N, 1, 256, 256) and predicted IoU scores (N,), one mask per box (SAM's single-mask output,
   which SamPredictor also uses for box prompts). A faster decoder only has to match this call.
+  Every step also takes, as keywords, per-object clicks ``points`` (N, P, 2) xy input px with
+  ``point_labels`` (N, P) (1 positive, 0 negative) and a low-res mask prompt ``mask_inputs``
+  (N, 1, 256, 256) (an earlier call's logits, SAM's ``mask_input``); ``boxes`` may then be
+  None (objects prompted by points alone). A decoder given only boxes is called with boxes only.
 - :class:`RegionBoxDecoder`: the same call on ``FastSamBoxDecoder`` (hrmedseg.models.fast_decoder),
   plus ``margin=``: logits are computed only under each box plus ``margin`` low-res pixels
   (:func:`region_margin` gives the margin that covers everything the engine reads).
@@ -38,7 +42,7 @@ from torch import nn
 
 from ..models.fast_decoder import FastSamBoxDecoder
 from ..models.preprocessing import Preprocessing
-from ..models.prompting import Sam2Features, decode_sam2_boxes, decode_sam_boxes, sam2_features
+from ..models.prompting import Sam2Features, decode_sam2_boxes, decode_sam_boxes, prompt_tensors, sam2_features
 from .crops import Crop, CropPolicy, mask_region
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,8 @@ ENGINE_BACKENDS = ("reference", "fast", "fast-bf16", "onnxruntime")
 
 
 class BoxDecoder(Protocol):
-    def __call__(self, embedding: Any, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(self, embedding: Any, boxes: torch.Tensor | None, **prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 
 def is_sam2_model(model: nn.Module) -> bool:
@@ -97,25 +102,36 @@ class SamBoxDecoder:
         self.multimask = multimask
 
     @torch.inference_mode()
-    def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """embedding (1, 256, 64, 64); boxes (N, 4) xyxy input px -> logits (N, 1, 256, 256), scores (N,)."""
-        boxes = boxes.to(embedding.device, torch.float32)
-        logits, iou = decode_sam_boxes(self.prompt_encoder, self.mask_decoder, embedding, boxes, self.multimask)
+    def __call__(
+        self,
+        embedding: torch.Tensor,
+        boxes: torch.Tensor | None,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """embedding (1, 256, 64, 64); boxes (N, 4) xyxy input px (and the module docstring's
+        prompts) -> logits (N, 1, 256, 256), scores (N,)."""
+        p = prompt_tensors(embedding.device, boxes, points, point_labels, mask_inputs)
+        logits, iou = decode_sam_boxes(self.prompt_encoder, self.mask_decoder, embedding, multimask=self.multimask, **p)
         return _best_single_mask(logits, iou, self.multimask)
 
 
 class RegionBoxDecoder(FastSamBoxDecoder):
     """``FastSamBoxDecoder`` whose region margin is given per call.
 
-    ``decoder(embedding, boxes, margin=None)``: ``margin`` None computes the full low-res logits
-    (as SAM); an int computes them only under each box plus ``margin`` low-res pixels and fills
-    the rest with -1e4. The engine passes :func:`region_margin` of the batch, so every logit it
-    reads is computed.
+    ``decoder(embedding, boxes, margin=None, extent=None, **prompts)``: ``margin`` None computes
+    the full low-res logits (as SAM); an int computes them only under each ``extent`` box (input
+    px; default the boxes) plus ``margin`` low-res pixels and fills the rest with -1e4. The
+    engine passes :func:`region_margin` of the batch and each object's extent (its box and
+    clicks), so every logit it reads is computed.
     """
 
-    def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor, margin: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, embedding: torch.Tensor, boxes: torch.Tensor | None, margin: int | None = None, **prompts: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.margin = margin
-        return super().__call__(embedding, boxes)
+        return super().__call__(embedding, boxes, **prompts)
 
     @staticmethod
     def low_res_size(embedding: torch.Tensor) -> int:
@@ -185,8 +201,8 @@ class Sam2ImageEncoder:
 class Sam2BoxDecoder:
     """SAM2's prompt encoder + mask decoder for N boxes on one crop's :class:`Sam2Features`.
 
-    Boxes go through ``hrmedseg.models.prompting.decode_sam2_boxes`` (two corner points labelled
-    2 (top-left) and 3 (bottom-right), as ``SAM2ImagePredictor._predict``). The decoder runs in
+    Prompts go through ``hrmedseg.models.prompting.decode_sam2_boxes`` (a box is two corner points
+    labelled 2 (top-left) and 3 (bottom-right), before the clicks, as ``SAM2ImagePredictor._predict``). The decoder runs in
     single-mask mode (what ``--model hrmedseg-sam2`` trains); in eval mode sam2's decoder then
     falls back to the best multimask output when the single mask is unstable
     (``dynamic_multimask_via_stability``, as in SAM2ImagePredictor). ``multimask=True`` takes the
@@ -200,10 +216,18 @@ class Sam2BoxDecoder:
         self.multimask = multimask
 
     @torch.inference_mode()
-    def __call__(self, features: Sam2Features, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features of one crop; boxes (N, 4) xyxy input px -> logits (N, 1, S/4, S/4), scores (N,)."""
-        boxes = boxes.to(features.image_embed.device, torch.float32)
-        logits, iou = decode_sam2_boxes(self.model, features, boxes, self.multimask)
+    def __call__(
+        self,
+        features: Sam2Features,
+        boxes: torch.Tensor | None,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """features of one crop; boxes (N, 4) xyxy input px (and the module docstring's prompts)
+        -> logits (N, 1, S/4, S/4), scores (N,)."""
+        p = prompt_tensors(features.image_embed.device, boxes, points, point_labels, mask_inputs)
+        logits, iou = decode_sam2_boxes(self.model, features, multimask=self.multimask, **p)
         return _best_single_mask(logits, iou, self.multimask)
 
 

@@ -18,11 +18,16 @@ OVERLAP_POLICIES = ("new_wins", "keep_existing")
 
 @dataclass
 class ObjectMask:
-    """One box's result.
+    """One object's result.
 
-    box: the (clipped) box, xyxy native pixels. region: (y0, y1, x0, x1) native pixels.
+    box: the (clipped) box, xyxy native pixels (for an object of clicks alone, ``has_box``
+    False, its extent: the window its mask may fill). region: (y0, y1, x0, x1) native pixels.
     mask: bool array of the region's shape. score: the decoder's predicted IoU.
-    empty: the mask has no pixel. box_index: position of the box in the call's input.
+    empty: the mask has no pixel. box_index: position of the object in the call's input.
+    crop, level: the crop it was decoded in and the pyramid level read. points (P, 2) native
+    xy and point_labels (P,): its clicks. low_res_logits: (1, h_lr, w_lr) float32 CPU logits
+    over the crop's input square (what the mask was thresholded from), to pass back as
+    ``mask_inputs`` with ``crops=[crop]`` when the object is refined.
     """
 
     box: tuple[float, float, float, float]
@@ -32,6 +37,10 @@ class ObjectMask:
     box_index: int = 0
     crop: Any = None
     level: int = 0
+    has_box: bool = True
+    points: Any = None
+    point_labels: Any = None
+    low_res_logits: Any = field(default=None, repr=False)
 
     @property
     def empty(self) -> bool:

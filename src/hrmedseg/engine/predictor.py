@@ -12,15 +12,16 @@ from torch import nn
 
 from ..defaults import DEFAULT_BOX_MODEL  # noqa: F401  (re-exported: the engine's default)
 from ..errors import HRMedSegError, InputError
-from ..io.boxes import box_label, check_boxes
+from ..io.boxes import box_label
 from ..models.box_prior import add_box_prior
 from ..models.info import LoadedModel, ModelMetadata
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
 from .crops import Crop, CropPolicy, group_by_crop, logits_to_native_batch, mask_region, plan_crops, read_crop
-from .decoder import ENGINE_BACKENDS, BoxDecoder, RegionBoxDecoder, build_steps, is_sam2_model, region_margin
+from .decoder import ENGINE_BACKENDS, Sam2Features, BoxDecoder, RegionBoxDecoder, build_steps, is_sam2_model, region_margin
 from .intensity import DEFAULT_INTENSITY, ChannelScaling, IntensityOptions, compute_scaling
 from .labels import ObjectMask, ObjectRecord, SparseLabels, _check_policy, paste_object
+from .prompts import ObjectPrompts, check_prompts
 
 log = logging.getLogger(__name__)
 
@@ -189,17 +190,37 @@ class BoxPredictor:
         self.cache.put(key, (emb, level))
         return emb, level
 
-    def _decode(self, emb: Any, input_boxes: torch.Tensor, native_boxes: np.ndarray, crop: Crop, shape_yx) -> tuple:
-        """Decoder call; a :class:`RegionBoxDecoder` computes only the cells ``mask_region`` reads."""
+    def _decode(self, emb: Any, prompts: ObjectPrompts, batch: list[int], crop: Crop, shape_yx) -> tuple:
+        """One decoder call for objects ``batch`` of one crop (equal :meth:`ObjectPrompts.signature`).
+
+        Prompts go in the crop's input frame; a decoder is given clicks and mask prompts only
+        when there are some (a box-only decoder keeps working). A :class:`RegionBoxDecoder`
+        computes only the cells ``mask_region`` reads around each object's extent.
+        """
+        n_points, has_box, has_mask = prompts.signature(batch[0])
+        input_boxes = torch.from_numpy(crop.box_to_input(prompts.boxes[batch])) if has_box else None
+        extra: dict[str, Any] = {}
+        if n_points:
+            xy = np.stack([prompts.points[i] for i in batch])  # (N, P, 2)
+            extra["points"] = torch.from_numpy((xy - [crop.x0, crop.y0]) * crop.scale)
+            extra["point_labels"] = torch.from_numpy(np.stack([prompts.point_labels[i] for i in batch]))
+        if has_mask:
+            extra["mask_inputs"] = torch.stack([prompts.mask_inputs[i] for i in batch])  # (N, 1, h, w)
+            side = 4 * int((emb.image_embed if isinstance(emb, Sam2Features) else emb).shape[-1])
+            if tuple(extra["mask_inputs"].shape[-2:]) != (side, side):
+                raise InputError(f"mask inputs of objects {batch} are {tuple(extra['mask_inputs'].shape[-2:])}; this model's low-res logits are ({side}, {side})")
+        extents = prompts.extents[batch]
         with self._decode_lock:
             if isinstance(self.decoder, RegionBoxDecoder):
-                margin = region_margin(native_boxes, crop, self.policy, shape_yx, self.decoder.low_res_size(emb))
-                logits, scores = self.decoder(emb, input_boxes, margin=margin)
+                margin = region_margin(extents, crop, self.policy, shape_yx, self.decoder.low_res_size(emb))
+                extra["extent"] = torch.from_numpy(crop.box_to_input(extents))
+                logits, scores = self.decoder(emb, input_boxes, margin=margin, **extra)
             else:
-                logits, scores = self.decoder(emb, input_boxes)
+                logits, scores = self.decoder(emb, input_boxes, **extra)
         # Models trained with a shape prior (models/box_prior.py) predict only its correction.
-        prior = self.metadata.box_prior
-        return add_box_prior(logits, input_boxes, (crop.input_size, crop.input_size), prior), scores
+        if has_box:
+            logits = add_box_prior(logits, input_boxes, (crop.input_size, crop.input_size), self.metadata.box_prior)
+        return logits, scores
 
     def clear_cache(self) -> None:
         """Forget embeddings (needed after editing an in-memory array in place)."""
@@ -217,41 +238,78 @@ class BoxPredictor:
         boxes: Any,
         progress: Callable[[int, int], Any] | None = None,
         cancel: Any = None,
+        *,
+        points: Sequence[Any] | None = None,
+        point_labels: Sequence[Any] | None = None,
+        mask_inputs: Sequence[Any] | None = None,
+        crops: Sequence[Crop | None] | None = None,
+        object_size: float | None = None,
     ) -> Iterator[ObjectMask]:
-        """Yield an :class:`ObjectMask` per box, in input order.
+        """Yield an :class:`ObjectMask` per object, in input order.
 
-        Boxes sharing a crop are encoded once and decoded ``decode_batch`` at a time.
+        Objects are prompted by ``boxes`` (N, 4) native xyxy and/or clicks (see
+        :mod:`hrmedseg.engine.prompts`): ``points`` one (P_i, 2) native xy list per object,
+        ``point_labels`` (P_i,) 1 positive / 0 negative (default positive); a box row of NaN, or
+        ``boxes`` None, means clicks alone (the crop then sits around the clicks at the scale of
+        an ``object_size`` px object: default the median box side). ``mask_inputs``: per object
+        None or an earlier result's ``low_res_logits`` (SAM's mask prompt), which needs that
+        result's crop in ``crops`` (per object None or a :class:`Crop` to use; the object's
+        embedding is then the cached one of that crop). Objects sharing a crop are encoded once
+        and decoded ``decode_batch`` at a time (objects with as many clicks together).
+
         ``progress(done, total)`` is called after each yielded object; when ``cancel.is_set()``
-        becomes true the generator stops before the next decoder call. Every box is checked
-        before any work starts (InputError naming the box; overhanging boxes are clipped with
+        becomes true the generator stops before the next decoder call. Every prompt is checked
+        before any work starts (InputError naming the object; overhanging boxes are clipped with
         a warning).
         """
         image = open_image(image)
-        boxes = check_boxes(boxes, image.shape_yx)
-        total = len(boxes)
-        crops = plan_crops(boxes, image.shape_yx, self.policy, lambda c: self._cache_key(image, c, self.scaling(image)) in self.cache)
+        prompts = check_prompts(boxes, image.shape_yx, points, point_labels, mask_inputs, object_size)
+        total = len(prompts)
+        given = self._check_crops(crops, prompts)
+        planned = plan_crops(prompts.extents, image.shape_yx, self.policy, lambda c: self._cache_key(image, c, self.scaling(image)) in self.cache)
+        plan = [g or c for g, c in zip(given, planned)]
         ready: dict[int, ObjectMask] = {}
         next_out = 0
-        for crop, members in group_by_crop(crops).items():
+        for crop, members in group_by_crop(plan).items():
             if cancel is not None and cancel.is_set():
                 return
             emb, level = self.embedding(image, crop)
-            for start in range(0, len(members), self.decode_batch):
-                if cancel is not None and cancel.is_set():
-                    return
-                batch = members[start : start + self.decode_batch]
-                input_boxes = torch.from_numpy(crop.box_to_input(boxes[batch]))
-                logits, scores = self._decode(emb, input_boxes, boxes[batch], crop, image.shape_yx)
-                self.decoder_calls += 1
-                regions = [mask_region(boxes[i], crop, self.policy, image.shape_yx) for i in batch]
-                masks = logits_to_native_batch(logits, crop, regions, self.mask_threshold)
-                for j, (i, region, mask) in enumerate(zip(batch, regions, masks)):
-                    ready[i] = ObjectMask(tuple(float(v) for v in boxes[i]), region, mask, float(scores[j]), i, crop, level)
-                while next_out in ready:
-                    yield ready.pop(next_out)
-                    next_out += 1
-                    if progress is not None:
-                        progress(next_out, total)
+            groups: dict[tuple, list[int]] = {}
+            for i in members:
+                groups.setdefault(prompts.signature(i), []).append(i)
+            for group in groups.values():
+                for start in range(0, len(group), self.decode_batch):
+                    if cancel is not None and cancel.is_set():
+                        return
+                    batch = group[start : start + self.decode_batch]
+                    logits, scores = self._decode(emb, prompts, batch, crop, image.shape_yx)
+                    self.decoder_calls += 1
+                    regions = [mask_region(prompts.extents[i], crop, self.policy, image.shape_yx) for i in batch]
+                    masks = logits_to_native_batch(logits, crop, regions, self.mask_threshold)
+                    kept = logits.detach().float().cpu()
+                    for j, (i, region, mask) in enumerate(zip(batch, regions, masks)):
+                        ready[i] = ObjectMask(
+                            tuple(float(v) for v in prompts.extents[i]), region, mask, float(scores[j]), i, crop, level,
+                            has_box=prompts.has_box(i), points=prompts.points[i], point_labels=prompts.point_labels[i],
+                            low_res_logits=kept[j],
+                        )
+                    while next_out in ready:
+                        yield ready.pop(next_out)
+                        next_out += 1
+                        if progress is not None:
+                            progress(next_out, total)
+
+    def _check_crops(self, crops: Sequence[Crop | None] | None, prompts: ObjectPrompts) -> list[Crop | None]:
+        """Per-object crops to use (None: plan one); a mask prompt must come with its crop."""
+        given = [None] * len(prompts) if crops is None else list(crops)
+        if len(given) != len(prompts):
+            raise InputError(f"crops has {len(given)} entries, but there are {len(prompts)} objects")
+        for i, crop in enumerate(given):
+            if prompts.mask_inputs[i] is not None and crop is None:
+                raise InputError(f"object {i} has a mask input but no crop: pass the earlier result's crop in crops")
+            if crop is not None and crop.input_size != self.policy.input_size:
+                raise InputError(f"crop of object {i} is for a {crop.input_size} px input, but the model takes {self.policy.input_size}")
+        return given
 
     def segment(
         self,
@@ -262,6 +320,7 @@ class BoxPredictor:
         overlap: str = "new_wins",
         progress: Callable[[int, int], Any] | None = None,
         cancel: Any = None,
+        **prompts: Any,
     ) -> tuple[Any, list[ObjectRecord]]:
         """Segment every box into a label image; returns (labels, per-object records).
 
@@ -269,7 +328,9 @@ class BoxPredictor:
         (H, W) array-like to write into (numpy, memmap, zarr; only each object's region is
         touched), or a :class:`SparseLabels`. ``overlap``: "new_wins" or "keep_existing" (see
         :mod:`hrmedseg.engine.labels`). Empty masks are kept in the records (``empty=True``,
-        area 0) and logged. If cancelled, records cover the boxes done so far.
+        area 0) and logged. If cancelled, records cover the boxes done so far. ``prompts``:
+        :meth:`predict_boxes`'s keywords (``points``, ``point_labels``, ``mask_inputs``,
+        ``crops``, ``object_size``); ``boxes`` may then be None or hold NaN rows.
         """
         _check_policy(overlap)
         image = open_image(image)
@@ -280,7 +341,7 @@ class BoxPredictor:
             raise InputError(f"labels have shape {shape}, but the image is {tuple(image.shape_yx)} (H, W)")
         records: list[ObjectRecord] = []
         regions: dict[int, tuple] = {}
-        for obj in self.predict_boxes(image, boxes, progress=progress, cancel=cancel):
+        for obj in self.predict_boxes(image, boxes, progress=progress, cancel=cancel, **prompts):
             oid = first_id + obj.box_index
             if isinstance(labels, SparseLabels):
                 labels.add(obj, oid)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .prompting import prompt_tensors, sam_prompt
+
 
 @dataclass
 class PreparedCrop:
@@ -446,7 +448,8 @@ class FastMaskDecoder(nn.Module):
 
 
 class FastSamBoxDecoder:
-    """The engine's box-decoder call on ``FastMaskDecoder``: a drop-in for ``engine.decoder.SamBoxDecoder``.
+    """The engine's box-decoder call on ``FastMaskDecoder``: a drop-in for ``engine.decoder.SamBoxDecoder``
+    (clicks and mask prompts too; a mask prompt takes the slower per-object image side).
 
     ``decoder(embedding (1, 256, h, w), boxes (N, 4) xyxy input px) -> (logits (N, 1, 4h, 4w), scores (N,))``.
     The per-crop work runs once per embedding tensor (recognised by identity and version), so
@@ -471,18 +474,31 @@ class FastSamBoxDecoder:
         self._prepared_for: torch.Tensor | None = None
 
     @torch.inference_mode()
-    def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        embedding: torch.Tensor,
+        boxes: torch.Tensor | None,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        extent: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts as ``hrmedseg.models.prompting.sam_prompt`` (input px); ``extent`` (N, 4): the
+        boxes whose regions are computed with a margin (default ``boxes``; with neither, the full grid)."""
         if embedding is not self._prepared_for:
             self.fast.prepare(embedding, self.prompt_encoder.get_dense_pe())
             self._prepared_for = embedding
-        boxes = boxes.to(embedding.device, torch.float32)
-        sparse, _ = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        p = prompt_tensors(embedding.device, boxes, points, point_labels, mask_inputs)
+        sparse, dense = sam_prompt(self.prompt_encoder, **p)
         h, w = embedding.shape[-2:]
         input_size = self.prompt_encoder.input_image_size
         regions = None
-        if self.margin is not None:
-            regions = regions_from_boxes(boxes.cpu(), input_size, (4 * h, 4 * w), self.margin)
-        out = self.fast.predict(sparse, None, regions, multimask_output=self.multimask)
+        extent = p["boxes"] if extent is None else extent
+        if self.margin is not None and extent is not None:
+            regions = regions_from_boxes(extent.cpu(), input_size, (4 * h, 4 * w), self.margin)
+        # Without a mask prompt every object shares the crop's dense prompt (the fast path).
+        dense = None if mask_inputs is None else dense
+        out = self.fast.predict(sparse, dense, regions, multimask_output=self.multimask)
         logits = out.masks if regions is None else paste_regions(out.masks, regions, (4 * h, 4 * w))
         iou = out.iou_predictions
         if self.multimask:  # keep the best of the three, as the engine's SamBoxDecoder does

@@ -1,12 +1,19 @@
-"""Box prompts into SAM and SAM2 decoders: the one path the engine and fine-tuning both take.
+"""Prompts into SAM and SAM2 decoders: the one path the engine and fine-tuning both take.
+
+A prompt is, per object, an optional box (N, 4) xyxy, optional points (N, P, 2) xy with labels
+(N, P) (1 positive, 0 negative, as SAM), and an optional low-res mask prompt (N, 1, S/4, S/4),
+the logits of an earlier prediction (SAM's ``mask_input``); all in the model's input pixels.
 
 - SAM (a segment_anything ``Sam``-like model: ``prompt_encoder``, ``mask_decoder``):
-  :func:`sam_box_prompt` embeds boxes as SAM's box prompt, :func:`decode_sam_boxes` runs the
-  mask decoder on one image's embedding for N boxes.
+  :func:`sam_prompt` embeds them as ``SamPredictor.predict_torch`` does (points, then the box;
+  without a box SAM's prompt encoder pads one "not a point" token), :func:`sam_box_prompt` is
+  its box-only case, :func:`decode_sam_boxes` runs the mask decoder on one image's embedding
+  for N objects.
 - SAM2 (a sam2 ``SAM2Base``): :func:`sam2_features` computes what ``SAM2ImagePredictor.set_image``
   computes (``forward_image``, ``_prepare_backbone_features``, ``no_mem_embed`` added to the 1/16
-  level), :func:`sam2_box_prompt` embeds boxes as ``SAM2ImagePredictor._predict`` does (two
-  corner points labelled 2 and 3), :func:`decode_sam2_boxes` runs its mask decoder for N boxes.
+  level), :func:`sam2_prompt` embeds prompts as ``SAM2ImagePredictor._predict`` does (a box is
+  two corner points labelled 2 and 3, put before the clicks), :func:`sam2_box_prompt` is its
+  box-only case, :func:`decode_sam2_boxes` runs its mask decoder for N objects.
 - :func:`set_prompt_geometry` / :func:`prompt_geometry`: the input size the prompt encoder
   scales box coordinates for (training runs at any size S; saved models keep 1024).
 
@@ -67,29 +74,70 @@ def prompt_geometry(prompt_encoder: nn.Module, input_size: int, stride: int = 16
         prompt_encoder.input_image_size, prompt_encoder.image_embedding_size = before
 
 
+def prompt_tensors(
+    device: torch.device,
+    boxes: torch.Tensor | None = None,
+    points: torch.Tensor | None = None,
+    point_labels: torch.Tensor | None = None,
+    mask_inputs: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """The prompts on ``device`` as keywords (coordinates and logits float32, labels int).
+
+    Points without labels are all positive (label 1).
+    """
+    if points is not None and point_labels is None:
+        point_labels = torch.ones(points.shape[:2], dtype=torch.int)
+    prompts = dict(boxes=boxes, points=points, point_labels=point_labels, mask_inputs=mask_inputs)
+    return {
+        k: None if v is None else torch.as_tensor(v).to(device, torch.int if k == "point_labels" else torch.float32)
+        for k, v in prompts.items()
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # SAM
 # --------------------------------------------------------------------------------------------
 
 
+def sam_prompt(
+    prompt_encoder: nn.Module,
+    boxes: torch.Tensor | None = None,
+    points: torch.Tensor | None = None,
+    point_labels: torch.Tensor | None = None,
+    mask_inputs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's (sparse (N, T, C), dense (N, C, S/16, S/16)) prompt embeddings for N objects.
+
+    boxes (N, 4) xyxy and points (N, P, 2) xy input px, point_labels (N, P) (1, 0; -1 pads),
+    mask_inputs (N, 1, S/4, S/4) logits; any may be None (not all). T = P + 2 with a box,
+    P + 1 without (SAM pads a "not a point" token), 2 for a box alone.
+    """
+    pts = None if points is None else (points, point_labels)
+    return prompt_encoder(points=pts, boxes=boxes, masks=mask_inputs)
+
+
 def sam_box_prompt(prompt_encoder: nn.Module, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """boxes (N, 4) xyxy input px -> SAM's (sparse (N, 2, C), dense (N, C, S/16, S/16)) prompt embeddings."""
-    return prompt_encoder(points=None, boxes=boxes, masks=None)
+    return sam_prompt(prompt_encoder, boxes)
 
 
 def decode_sam_boxes(
     prompt_encoder: nn.Module,
     mask_decoder: nn.Module,
     embedding: torch.Tensor,
-    boxes: torch.Tensor,
+    boxes: torch.Tensor | None,
     multimask: bool = False,
+    points: torch.Tensor | None = None,
+    point_labels: torch.Tensor | None = None,
+    mask_inputs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's mask decoder for N boxes on one image.
+    """SAM's mask decoder for N objects on one image.
 
-    embedding (1, C, S/16, S/16); boxes (N, 4) xyxy input px -> logits (N, M, S/4, S/4) and
-    predicted IoU (N, M), M = 1 (single-mask output) or 3 (``multimask``).
+    embedding (1, C, S/16, S/16); boxes (N, 4) xyxy input px, points/point_labels/mask_inputs
+    as :func:`sam_prompt` -> logits (N, M, S/4, S/4) and predicted IoU (N, M), M = 1
+    (single-mask output) or 3 (``multimask``).
     """
-    sparse, dense = sam_box_prompt(prompt_encoder, boxes)
+    sparse, dense = sam_prompt(prompt_encoder, boxes, points, point_labels, mask_inputs)
     return mask_decoder(
         image_embeddings=embedding,
         image_pe=prompt_encoder.get_dense_pe(),
@@ -117,35 +165,65 @@ def sam2_features(model: nn.Module, images: torch.Tensor) -> Sam2Features:
     return Sam2Features(maps[-1], high_res)
 
 
-def sam2_box_prompt(prompt_encoder: nn.Module, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """boxes (N, 4) xyxy input px -> SAM2's (sparse (N, 2, C), dense (N, C, S/16, S/16)) prompt embeddings.
+def sam2_prompt(
+    prompt_encoder: nn.Module,
+    boxes: torch.Tensor | None = None,
+    points: torch.Tensor | None = None,
+    point_labels: torch.Tensor | None = None,
+    mask_inputs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM2's (sparse (N, T, C), dense (N, C, S/16, S/16)) prompt embeddings for N objects.
 
-    A box is two points, top-left labelled 2 and bottom-right labelled 3.
+    Inputs as :func:`sam_prompt`. As ``SAM2ImagePredictor._predict``: a box is two points,
+    top-left labelled 2 and bottom-right labelled 3, put before the clicks; everything goes in
+    as points (SAM2's prompt encoder then pads one "not a point" token).
     """
-    corners = boxes.reshape(-1, 2, 2)
-    labels = torch.tensor([SAM2_BOX_CORNER_LABELS], dtype=torch.int, device=corners.device).repeat(len(corners), 1)
-    return prompt_encoder(points=(corners, labels), boxes=None, masks=None)
+    coords, labels = [], []
+    if boxes is not None:
+        corners = boxes.reshape(-1, 2, 2)
+        coords.append(corners)
+        labels.append(torch.tensor([SAM2_BOX_CORNER_LABELS], dtype=torch.int, device=corners.device).repeat(len(corners), 1))
+    if points is not None:
+        coords.append(points)
+        labels.append(point_labels.to(points.device, torch.int))
+    return prompt_encoder(points=(torch.cat(coords, dim=1), torch.cat(labels, dim=1)), boxes=None, masks=mask_inputs)
+
+
+def sam2_box_prompt(prompt_encoder: nn.Module, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """boxes (N, 4) xyxy input px -> SAM2's (sparse (N, 2, C), dense (N, C, S/16, S/16)) prompt embeddings."""
+    return sam2_prompt(prompt_encoder, boxes)
 
 
 def decode_sam2_boxes(
-    model: nn.Module, features: Sam2Features, boxes: torch.Tensor, multimask: bool = False
+    model: nn.Module,
+    features: Sam2Features,
+    boxes: torch.Tensor | None,
+    multimask: bool = False,
+    points: torch.Tensor | None = None,
+    point_labels: torch.Tensor | None = None,
+    mask_inputs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM2's mask decoder for N boxes on one image's features (batch size 1).
+    """SAM2's mask decoder for N objects on one image's features (batch size 1).
 
-    boxes (N, 4) xyxy input px, cast to the embedding's dtype -> logits (N, M, S/4, S/4) and
-    predicted IoU (N, M), M = 1 or 3 (``multimask``). In eval mode sam2's decoder replaces an
-    unstable single mask by the best multimask output (``dynamic_multimask_via_stability``).
+    boxes (N, 4) xyxy input px and the rest as :func:`sam2_prompt`, cast to the embedding's
+    dtype -> logits (N, M, S/4, S/4) and predicted IoU (N, M), M = 1 or 3 (``multimask``). In
+    eval mode sam2's decoder replaces an unstable single mask by the best multimask output
+    (``dynamic_multimask_via_stability``).
     """
     embed = features.image_embed
     prompt_encoder = model.sam_prompt_encoder
-    sparse, dense = sam2_box_prompt(prompt_encoder, boxes.to(embed.device, embed.dtype))
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(embed.device, embed.dtype)
+
+    sparse, dense = sam2_prompt(prompt_encoder, cast(boxes), cast(points), point_labels, cast(mask_inputs))
     logits, iou, _, _ = model.sam_mask_decoder(
         image_embeddings=embed,
         image_pe=prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
         multimask_output=multimask,
-        repeat_image=True,  # one image's features for all N boxes
+        repeat_image=True,  # one image's features for all N objects
         high_res_features=list(features.high_res_feats) or None,
     )
     return logits, iou
@@ -157,8 +235,11 @@ __all__ = [
     "decode_sam2_boxes",
     "decode_sam_boxes",
     "prompt_geometry",
+    "prompt_tensors",
     "sam2_box_prompt",
     "sam2_features",
+    "sam2_prompt",
     "sam_box_prompt",
+    "sam_prompt",
     "set_prompt_geometry",
 ]

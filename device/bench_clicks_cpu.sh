@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# CPU time per click (box + clicks + the previous logits as mask prompt, on the cached crop) and,
+# as the baseline in the same run, per box on the cached crop, for the default model and
+# LiteMedSAM, on the device machine's CPU cores (the helpers' 2 shared cores give noisy figures).
+# Uses the package's nuclei sample only: no held-out data travels. Writes $OUT/bench_clicks_cpu.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs}; mkdir -p "$OUT"
+PY=${PY:-python3}
+lscpu | grep -E "Model name|^CPU\(s\)" | tee "$OUT/lscpu.txt"
+for threads in ${THREADS:-2 8}; do
+  CUDA_VISIBLE_DEVICES= $PY bench/bench_clicks.py hrmedseg_sam_default=hrmedseg_sam_default litemedsam=litemedsam \
+    --timing-only --max-objects 20 --threads "$threads" --json "$OUT/bench_clicks_cpu_t$threads.json"
+done

@@ -1,0 +1,157 @@
+"""Clicks and mask prompts in the engine give what SAM's and SAM2's own predictors give.
+
+A small random-weight model on a 1024 x 1024 image: the engine's crop is then the whole image at
+scale 1, so its prompts, logits and masks are comparable one to one with ``SamPredictor`` (and
+``SAM2ImagePredictor``) given the same box, clicks and mask input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hrmedseg.engine import BoxPredictor, Crop
+from hrmedseg.errors import InputError
+from test_engine_predictor import tiny_sam
+
+BOX = np.array([300.0, 350.0, 600.0, 640.0])  # box + context fits half the input at scale 1
+CLICKS = np.array([[450.0, 500.0], [380.0, 600.0]])
+LABELS = np.array([1, 0])
+
+
+@pytest.fixture(scope="module")
+def sam():
+    model = tiny_sam(3)
+    with torch.no_grad():  # away from the init, so prompts visibly change the logits
+        for p in list(model.mask_decoder.parameters()) + list(model.prompt_encoder.parameters()):
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sam_predictor(sam, image):
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    return predictor
+
+
+def _theirs(sam_predictor, **prompts):
+    masks, scores, low = sam_predictor.predict(multimask_output=False, return_logits=True, **prompts)
+    return masks[0], float(scores[0]), torch.from_numpy(low)
+
+
+def _assert_logits_close(ours, theirs):
+    """Equal wherever ours were computed (the fast backend fills cells beyond every region with -1e4)."""
+    computed = ours > -1e3
+    assert computed.float().mean() > 0.05
+    torch.testing.assert_close(ours[computed], theirs[computed], atol=1e-3, rtol=1e-3)
+
+
+def _assert_mask_equal(obj, theirs_logits):
+    y0, y1, x0, x1 = obj.region
+    theirs = theirs_logits[y0:y1, x0:x1]
+    sure = np.abs(theirs) > 1e-3  # pixels right at the threshold may round either way
+    np.testing.assert_array_equal(obj.mask[sure], (theirs > 0)[sure])
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_box_and_clicks_then_mask_prompt_equal_sam_predictor(sam, image, sam_predictor, backend):
+    predictor = BoxPredictor(sam, device="cpu", backend=backend)
+    obj = next(predictor.predict_boxes(image, BOX[None], points=[CLICKS], point_labels=[LABELS]))
+    assert obj.crop == Crop(1.0, 0, 0, 1024, 1024) and obj.has_box
+    masks, score, low = _theirs(sam_predictor, point_coords=CLICKS, point_labels=LABELS, box=BOX)
+    _assert_logits_close(obj.low_res_logits, low)
+    assert obj.score == pytest.approx(score, abs=1e-4)
+    _assert_mask_equal(obj, masks)
+    box_only = next(predictor.predict_boxes(image, BOX[None]))
+    assert (box_only.low_res_logits - obj.low_res_logits).abs().max() > 0.1, "the clicks must change the logits"
+
+    # The next click: all clicks, and the previous logits as SAM's mask input, on the same crop.
+    more, more_labels = np.r_[CLICKS, [[520.0, 420.0]]], np.r_[LABELS, 1]
+    again = next(predictor.predict_boxes(image, BOX[None], points=[more], point_labels=[more_labels],
+                                         mask_inputs=[obj.low_res_logits], crops=[obj.crop]))
+    masks, score, low = _theirs(sam_predictor, point_coords=more, point_labels=more_labels, box=BOX,
+                                mask_input=obj.low_res_logits.numpy())
+    _assert_logits_close(again.low_res_logits, low)
+    _assert_mask_equal(again, masks)
+    assert predictor.encoder_calls == 1  # every prompt on the one cached crop
+
+
+def test_clicks_alone_equal_sam_predictor(sam, image, sam_predictor):
+    predictor = BoxPredictor(sam, device="cpu", backend="reference")
+    clicks, labels = np.array([[500.0, 500.0], [560.0, 520.0]]), np.array([1, 1])
+    obj = next(predictor.predict_boxes(image, None, points=[clicks], point_labels=[labels], object_size=300))
+    assert not obj.has_box and obj.crop == Crop(1.0, 0, 0, 1024, 1024)
+    # the extent: a 300 px square centred on the positive clicks
+    np.testing.assert_allclose(obj.box, [380.0, 360.0, 680.0, 660.0])
+    masks, _, low = _theirs(sam_predictor, point_coords=clicks, point_labels=labels)
+    _assert_logits_close(obj.low_res_logits, low)
+    _assert_mask_equal(obj, masks)
+
+
+def test_mixed_prompts_in_one_call_equal_one_by_one(sam, image):
+    """Objects with 0, 1 and 2 clicks, and one without a box, batched on one crop."""
+    predictor = BoxPredictor(sam, device="cpu", backend="fast")
+    boxes = np.array([BOX, BOX + 40, [np.nan] * 4, BOX - 30, BOX + 20])
+    points = [None, CLICKS[:1], np.array([[500.0, 480.0]]), CLICKS, None]
+    labels = [None, [1], [1], LABELS, None]
+    together = list(predictor.predict_boxes(image, boxes, points=points, point_labels=labels))
+    assert [o.box_index for o in together] == [0, 1, 2, 3, 4] and predictor.encoder_calls == 1
+    # one batch per (clicks, box?) group, none padded: {0, 4}, {1}, {2}, {3}
+    assert predictor.decoder_calls == 4
+    for i, obj in enumerate(together):
+        alone = next(predictor.predict_boxes(image, boxes[i : i + 1], points=[points[i]], point_labels=[labels[i]],
+                                             object_size=float(BOX[2] - BOX[0])))
+        torch.testing.assert_close(obj.low_res_logits, alone.low_res_logits, atol=1e-4, rtol=1e-4)
+        np.testing.assert_array_equal(obj.mask, alone.mask)
+
+
+def test_bad_prompts_name_the_object(sam):
+    predictor = BoxPredictor(sam, device="cpu", backend="reference")
+    img = np.zeros((100, 100), np.uint8)
+    with pytest.raises(InputError, match="object 1 has neither a box nor points"):
+        list(predictor.predict_boxes(img, [[1, 1, 5, 5], [np.nan] * 4]))
+    with pytest.raises(InputError, match=r"point \(150, 3\) of object 0 lies outside"):
+        list(predictor.predict_boxes(img, [[1, 1, 5, 5]], points=[[[150, 3]]]))
+    with pytest.raises(InputError, match="labels of object 0 must be 1 .* or 0"):
+        list(predictor.predict_boxes(img, [[1, 1, 5, 5]], points=[[[2, 3]]], point_labels=[[2]]))
+    with pytest.raises(InputError, match="object 0 has 1 points but 2 point labels"):
+        list(predictor.predict_boxes(img, [[1, 1, 5, 5]], points=[[[2, 3]]], point_labels=[[1, 0]]))
+    with pytest.raises(InputError, match="points has 2 entries, but there are 1 objects"):
+        list(predictor.predict_boxes(img, [[1, 1, 5, 5]], points=[None, None]))
+    with pytest.raises(InputError, match="object 0 has a mask input but no crop"):
+        list(predictor.predict_boxes(img, [[1, 1, 5, 5]], mask_inputs=[torch.zeros(1, 256, 256)]))
+    first = predictor.predict_box(img, [1, 1, 5, 5])
+    with pytest.raises(InputError, match=r"mask inputs of objects \[0\] are \(64, 64\)"):
+        list(predictor.predict_boxes(img, [[1, 1, 5, 5]], mask_inputs=[torch.zeros(64, 64)], crops=[first.crop]))
+    with pytest.raises(InputError, match="box 1 .*outside"):  # positions stay those of the call
+        list(predictor.predict_boxes(img, [[np.nan] * 4, [200, 200, 220, 220]], points=[[[2, 2]], None]))
+
+
+def test_sam2_clicks_and_mask_prompt_equal_sam2_image_predictor(image):
+    pytest.importorskip("sam2")
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from test_engine_sam2 import _tiny_sam2
+
+    model = _tiny_sam2()
+    predictor = BoxPredictor(model, device="cpu")
+    theirs = SAM2ImagePredictor(model)
+    theirs.set_image(image)
+    obj = next(predictor.predict_boxes(image, BOX[None], points=[CLICKS], point_labels=[LABELS]))
+    _, _, low = theirs.predict(point_coords=CLICKS, point_labels=LABELS, box=BOX, multimask_output=False, return_logits=True)
+    torch.testing.assert_close(obj.low_res_logits.clamp(-32, 32), torch.from_numpy(low), atol=1e-4, rtol=1e-4)
+    again = next(predictor.predict_boxes(image, BOX[None], points=[CLICKS], point_labels=[LABELS],
+                                         mask_inputs=[obj.low_res_logits], crops=[obj.crop]))
+    _, _, low = theirs.predict(point_coords=CLICKS, point_labels=LABELS, box=BOX, mask_input=obj.low_res_logits.numpy(),
+                               multimask_output=False, return_logits=True)
+    torch.testing.assert_close(again.low_res_logits.clamp(-32, 32), torch.from_numpy(low), atol=1e-4, rtol=1e-4)
+    assert predictor.encoder_calls == 1
