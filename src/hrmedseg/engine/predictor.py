@@ -302,3 +302,14 @@ class BoxPredictor:
             if not r.empty and r.area == 0:
                 r.note = "covered by later objects" if overlap == "new_wins" else "all pixels already labelled"
         return labels, records
+
+    def segment_auto(self, image: Any, proposer: Any = "nuclei", labels: Any = None, options: Any = None, **kwargs: Any) -> tuple[Any, list[ObjectRecord]]:
+        """Segment every object without boxes (see :func:`hrmedseg.engine.auto.segment_auto`).
+
+        ``proposer``: "nuclei" (the bundled prompt-free nuclei model), "grid" (SAM's automatic
+        mask generator's point grid on this model), a prompt-free model name/path or a
+        ``SemanticPredictor``; ``options``: an :class:`~hrmedseg.engine.auto.AutoOptions`.
+        """
+        from .auto import segment_auto
+
+        return segment_auto(self, image, proposer, labels=labels, options=options, **kwargs)
