@@ -67,7 +67,7 @@ class AutoOptions:
     halo: int = 128
     min_area: int = 16
     threshold: float = 0.5
-    split_distance: int = 4
+    split_distance: int = 8
     box_pad: float = 2.0
     points_per_side: int = 32
     pred_iou_thresh: float = 0.88
