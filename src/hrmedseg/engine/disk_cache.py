@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 DEFAULT_DISK_CACHE_BYTES = 4 * 2**30
+#: "0" switches the default disk cache (``disk_cache=True``) off, e.g. for test runs.
+DISK_CACHE_ENV = "HRMEDSEG_DISK_CACHE"
 #: Source keys of images whose identity lasts beyond this process (``hrmedseg.io.readers``).
 PERSISTENT_SOURCES = ("file:", "zarr:")
 
@@ -248,8 +250,9 @@ class DiskEmbeddingCache:
 
 
 def resolve_disk_cache(disk_cache: Any) -> DiskEmbeddingCache | None:
-    """None/False: off; True: the default root; a path: that root; a :class:`DiskEmbeddingCache` as is."""
-    if disk_cache is None or disk_cache is False:
+    """None/False: off; True: the default root (off when ``$HRMEDSEG_DISK_CACHE`` is "0"); a path:
+    that root; a :class:`DiskEmbeddingCache` as is."""
+    if disk_cache is None or disk_cache is False or (disk_cache is True and os.environ.get(DISK_CACHE_ENV) == "0"):
         return None
     if disk_cache is True:
         return DiskEmbeddingCache()
