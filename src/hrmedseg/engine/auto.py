@@ -150,7 +150,7 @@ def _window(image: LazyImage, core: tuple[int, int, int, int], halo: int) -> tup
 
 
 def propose_semantic(
-    image: LazyImage, semantic: SemanticPredictor, scaling_apply: Callable[[np.ndarray], np.ndarray], options: AutoOptions, cancel: Any = None
+    image: LazyImage, semantic: Any, scaling_apply: Callable[[np.ndarray], np.ndarray], options: AutoOptions, cancel: Any = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per tile: (boxes (N, 4) xyxy native, scores (N,) = object area) of the objects it owns.
 
@@ -196,9 +196,10 @@ def grid_points_masks(predictor: "BoxPredictor", image: LazyImage, crop: Crop, o
             predictor.decoder_calls += 1
             logits, iou = logits.flatten(0, 1), iou.flatten()
             stable = calculate_stability_score(logits, predictor.mask_threshold, 1.0)
-            keep = (iou >= options.pred_iou_thresh) & (stable >= options.stability_score_thresh)
+            masks = logits > predictor.mask_threshold
+            keep = (iou >= options.pred_iou_thresh) & (stable >= options.stability_score_thresh) & masks.flatten(1).any(1)
             if keep.any():
-                masks = logits[keep] > predictor.mask_threshold
+                masks = masks[keep]
                 # low-res (S/4) boxes -> input px; drop masks that are padding or the whole crop
                 b = batched_mask_to_box(masks).float() * (crop.input_size / logits.shape[-1])
                 b[:, 2:] += crop.input_size / logits.shape[-1]
@@ -237,8 +238,9 @@ def propose_grid(predictor: "BoxPredictor", image: LazyImage, options: AutoOptio
 
 
 def resolve_proposer(proposer: Any, device: Any) -> SemanticPredictor | str:
-    """``"grid"``, or the prompt-free predictor for ``"nuclei"``, a model name/path or a SemanticPredictor."""
-    if isinstance(proposer, SemanticPredictor) or proposer == "grid":
+    """``"grid"``, or the prompt-free predictor for ``"nuclei"`` or a model name/path; anything with
+    ``segment(rgb, threshold)`` (a :class:`SemanticPredictor`) is used as it is."""
+    if hasattr(proposer, "segment") or proposer == "grid":
         return proposer
     if proposer == "nuclei":
         from ..defaults import DEFAULT_PROMPT_FREE_MODELS
