@@ -95,13 +95,13 @@ def load_predictor(choice: str | os.PathLike | Any, device: str = "auto") -> tup
         return BoxPredictor(build_hrmedseg_sam(), device=device), ModelInfo(name="untrained-random", untrained=True)
     if isinstance(choice, (str, os.PathLike)) and (os.sep in str(choice) or Path(choice).is_file()):
         path = Path(choice).expanduser().resolve()
-        predictor = BoxPredictor(str(path), device=device)
+        predictor = BoxPredictor(str(path), device=device, disk_cache=True)  # reopened images skip the encoder
         info = ModelInfo(name=path.name, path=str(path), sha256=sha256_file(path))
     elif isinstance(choice, str):
         from hrmedseg.weights import registry
 
         path = registry.resolve(choice, download=False)
-        predictor = BoxPredictor(choice, device=device)
+        predictor = BoxPredictor(choice, device=device, disk_cache=True)
         info = ModelInfo(name=choice, path=str(path), sha256=sha256_file(path))
     else:  # a model object (tests, notebooks)
         predictor = BoxPredictor(choice, device=device)

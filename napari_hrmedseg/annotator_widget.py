@@ -158,11 +158,13 @@ class AnnotatorWidget(QWidget):
         )
         self.segment_all_button = QPushButton("Segment all")
         self.segment_all_button.setToolTip("Recompute every box (batched), with progress; Cancel stops it")
+        self.every_object_button = QPushButton("Find all")
+        self.every_object_button.setToolTip("Segment every object without boxes (prompt-free proposals, then the box model); one undo step")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.clear_button = QPushButton("Clear")
         self.clear_button.setToolTip(_shortcut_help("Shift-C"))
-        for b in (self.draw_button, self.segment_all_button, self.cancel_button, self.clear_button):
+        for b in (self.draw_button, self.segment_all_button, self.every_object_button, self.cancel_button, self.clear_button):
             buttons.addWidget(b)
         layout.addLayout(buttons)
         self.class_row = ClassRow(self.annotator)
@@ -226,6 +228,7 @@ class AnnotatorWidget(QWidget):
         self.clicks_button.clicked.connect(self.annotator.start_clicks)
         self.negative_check.toggled.connect(lambda on: setattr(self.annotator, "negative_clicks", on))
         self.segment_all_button.clicked.connect(self.annotator.segment_all)
+        self.every_object_button.clicked.connect(lambda: self.annotator.segment_every_object())
         self.cancel_button.clicked.connect(self.annotator.cancel)
         self.clear_button.clicked.connect(self.annotator.clear)
         self.commit_button.clicked.connect(self.commit)

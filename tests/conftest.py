@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# The on-disk embedding cache is on by default for the CLI and the annotator; tests ask for it explicitly.
+os.environ["HRMEDSEG_DISK_CACHE"] = "0"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -283,6 +283,12 @@ class Annotator:
         self.progress.emit(0, total)
         return self.jobs.submit(work, None, f"segmenting {total} boxes", on_yield=on_yield, cancel=cancel)
 
+    def segment_every_object(self, proposer: Any = "nuclei") -> Any:
+        """Find and segment every object of the current plane without boxes (see ``every_object``)."""
+        from .every_object import segment_every_object
+
+        return segment_every_object(self, proposer)
+
     def cancel(self) -> None:
         """Stop "Segment all" (results already written stay; Ctrl+Z removes them one by one)."""
         self.jobs.cancel()

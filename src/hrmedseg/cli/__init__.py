@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 
 from ..errors import HRMedSegError
 
-CORE_COMMANDS = ("weights", "segment", "export_onnx", "info", "batch", "interchange")
+CORE_COMMANDS = ("weights", "segment", "export_onnx", "info", "batch", "interchange", "cache")
 ENTRY_POINT_GROUP = "hrmedseg.commands"
 
 

@@ -3,12 +3,16 @@
     hrmedseg segment slide.ome.tif --boxes boxes.csv --out labels.tif [--model NAME|PATH] [--device auto]
     hrmedseg segment slide.ome.tif --boxes boxes.csv --points clicks.csv --out labels.tif
     hrmedseg segment slide.ome.tif --out labels.tif --model PROMPT_FREE_MODEL   # an "hrmedseg" bundle
+    hrmedseg segment slide.ome.tif --auto --out labels.tif [--proposer nuclei|grid|MODEL]   # every object, no boxes
 
 With boxes: LABELS.tif (tiled, compressed, the image's Y x X shape; box i gets label i + 1) and a
 per-object table (id, box, area, score, empty) beside it, both atomically. ``--points`` adds
 positive/negative clicks to objects by id (i + 1 for box i; higher ids: objects of clicks alone). With a prompt-free
 HRMedSeg model no boxes are needed: one class gives instance labels and a table (id, area),
-several classes a class image (class c -> c + 1) and a table (class, name, area).
+several classes a class image (class c -> c + 1) and a table (class, name, area). With
+``--auto`` a box model segments every object without boxes (``hrmedseg.engine.auto``: proposals
+of the prompt-free nuclei model or of a point grid, then the box model on each proposal's box).
+Box models keep crop embeddings in the user cache on disk (``hrmedseg cache info|clear``).
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cache-mb", type=int, default=256, help="embedding cache bound in MiB (4 MiB per crop, 16 MiB for SAM2 models; default 256)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--auto", action="store_true", help="segment every object without boxes (box model on each proposal)")
+    p.add_argument("--proposer", default="nuclei", help="--auto: nuclei (the bundled prompt-free model), grid (SAM point grid) or a prompt-free model name/path")
+    p.add_argument("--no-disk-cache", action="store_true", help="do not read or write crop embeddings in the user cache")
     p.set_defaults(func=run)
 
 
@@ -87,6 +94,7 @@ def load_predictor(args: argparse.Namespace):
         intensity=IntensityOptions(percentiles=tuple(args.percentiles or DEFAULT_INTENSITY.percentiles), contrast_limits=args.contrast_limits),
         decode_batch=args.batch,
         backend=args.backend,
+        disk_cache=not getattr(args, "no_disk_cache", False),
     )
     # The policy's input size (and any enlargement its weights record) is the model's, set by BoxPredictor.
     if args.max_upscale is not None:
@@ -121,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
     image = open_image(args.image, channel=channel)
     # Before any model work: a full disk found after an hour of segmentation loses the hour.
     check_free_space(out, label_tiff_bytes(image.shape_yx, max_id=1))
+    if args.auto:
+        if args.boxes is not None or args.points is not None:
+            raise InputError("--auto finds the objects itself; give --boxes/--points or --auto, not both")
+        return run_auto(args, image, out, table)
     if args.boxes is None and args.points is None:
         return run_prompt_free(args, image, out, table)
     boxes = None if args.boxes is None else read_boxes(args.boxes)
@@ -150,7 +162,14 @@ def run(args: argparse.Namespace) -> int:
             )
     finally:
         bar.close()
-    write_label_tiff(out, labels, max_id=len(boxes))
+    return write_results(image, out, table, labels, records)
+
+
+def write_results(image, out: Path, table: Path, labels, records) -> int:
+    """Label TIFF + per-object table (both atomic), a summary line, a warning for empty masks."""
+    from ..io import write_label_tiff, write_object_table
+
+    write_label_tiff(out, labels, max_id=max((r.id for r in records), default=0))
     write_object_table(table, records)
     empty = [box_label(r.box_index, r.box, f"box file {args.boxes}") for r in records if r.empty]
     print(f"wrote {out} ({image.shape_yx[0]} x {image.shape_yx[1]}, {len(records) - len(empty)} objects) and {table}")
@@ -158,6 +177,27 @@ def run(args: argparse.Namespace) -> int:
         shown = "; ".join(empty[:20]) + (" ..." if len(empty) > 20 else "")
         print(f"hrmedseg segment: warning: {len(empty)} box(es) gave empty masks (listed in {table}): {shown}", file=sys.stderr)
     return 0
+
+
+def run_auto(args: argparse.Namespace, image, out: Path, table: Path) -> int:
+    """``--auto``: every object of the image, proposed then segmented by the box model."""
+    from tqdm import tqdm
+
+    from ..engine import SparseLabels
+
+    predictor = load_predictor(args)
+    labels = SparseLabels(tuple(image.shape_yx), overlap="keep_existing")
+    bar = tqdm(unit="object", disable=args.no_progress, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        labels, records = predictor.segment_auto(image, proposer=args.proposer, labels=labels, progress=progress)
+    finally:
+        bar.close()
+    return write_results(image, out, table, labels, records)
 
 
 def load_semantic_predictor(args: argparse.Namespace):

@@ -17,6 +17,7 @@ from ..models.box_prior import add_box_prior
 from ..models.info import LoadedModel, ModelMetadata
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
+from .disk_cache import PERSISTENT_SOURCES, image_identity, model_digest, resolve_disk_cache
 from .crops import Crop, CropPolicy, group_by_crop, logits_to_native_batch, mask_region, plan_crops, read_crop
 from .decoder import ENGINE_BACKENDS, Sam2Features, BoxDecoder, RegionBoxDecoder, build_steps, is_sam2_model, region_margin
 from .intensity import DEFAULT_INTENSITY, ChannelScaling, IntensityOptions, compute_scaling
@@ -125,6 +126,8 @@ class BoxPredictor:
         allow_bf16: for "auto": False keeps exact float32 on every device.
         decode_batch: boxes per decoder call (memory vs. speed); None: 64 on CUDA, 8 elsewhere
             (the fastest measured, docs/benchmarks.md).
+        disk_cache: a second cache level on disk (:mod:`hrmedseg.engine.disk_cache`): None or
+            False (default) off, True the user cache, a folder, or a ``DiskEmbeddingCache``.
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class BoxPredictor:
         mask_threshold: float = 0.0,
         backend: str = "auto",
         allow_bf16: bool = True,
+        disk_cache: Any = None,
     ) -> None:
         self.device = resolve_device(device)
         module, self.metadata = resolve_model(model)
@@ -155,6 +159,9 @@ class BoxPredictor:
             raise ValueError(f"policy input size {self.policy.input_size} != model input size {self.encoder.input_size}")
         self.intensity = intensity or DEFAULT_INTENSITY
         self.cache = EmbeddingCache(cache_bytes)
+        self.disk_cache = resolve_disk_cache(disk_cache)
+        # Disk keys name the weights by content (a process's object token means nothing on disk).
+        self._model_digest = model_digest(self.model) if self.disk_cache is not None else None
         self.decode_batch = max(1, int(decode_batch or (64 if self.device.type == "cuda" else 8)))
         self.mask_threshold = mask_threshold
         self._model_token = object_token(self.model)
@@ -184,10 +191,22 @@ class BoxPredictor:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        pixels, level = read_crop(image, crop, scaling.apply)
+        pixels = disk_key = None
+        if self.disk_cache is not None:
+            if not image.source_key.startswith(PERSISTENT_SOURCES):  # arrays are keyed by their pixels
+                pixels, level = read_crop(image, crop, scaling.apply)
+            disk_key = (image_identity(image.source_key, pixels), image.channels, crop.scale, crop.y0, crop.x0, crop.size, scaling.key, self._model_digest, self.backend)
+            hit = self.disk_cache.get(disk_key, self.device)
+            if hit is not None:
+                self.cache.put(key, hit)
+                return hit
+        if pixels is None:
+            pixels, level = read_crop(image, crop, scaling.apply)
         emb = self.encoder(pixels)
         self.encoder_calls += 1
         self.cache.put(key, (emb, level))
+        if disk_key is not None:
+            self.disk_cache.put(disk_key, emb, level)
         return emb, level
 
     def _decode(self, emb: Any, prompts: ObjectPrompts, batch: list[int], crop: Crop, shape_yx) -> tuple:
@@ -365,3 +384,14 @@ class BoxPredictor:
             if not r.empty and r.area == 0:
                 r.note = "covered by later objects" if overlap == "new_wins" else "all pixels already labelled"
         return labels, records
+
+    def segment_auto(self, image: Any, proposer: Any = "nuclei", labels: Any = None, options: Any = None, **kwargs: Any) -> tuple[Any, list[ObjectRecord]]:
+        """Segment every object without boxes (see :func:`hrmedseg.engine.auto.segment_auto`).
+
+        ``proposer``: "nuclei" (the bundled prompt-free nuclei model), "grid" (SAM's automatic
+        mask generator's point grid on this model), a prompt-free model name/path or a
+        ``SemanticPredictor``; ``options``: an :class:`~hrmedseg.engine.auto.AutoOptions`.
+        """
+        from .auto import segment_auto
+
+        return segment_auto(self, image, proposer, labels=labels, options=options, **kwargs)

@@ -147,6 +147,25 @@ def decode_sam_boxes(
     )
 
 
+
+def decode_sam_points(
+    prompt_encoder: nn.Module, mask_decoder: nn.Module, embedding: torch.Tensor, points: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's mask decoder for N single positive points on one image (the automatic mask generator's prompt).
+
+    embedding (1, C, S/16, S/16); points (N, 2) xy input px -> logits (N, 3, S/4, S/4) and
+    predicted IoU (N, 3): SAM's three multimask outputs, as ``SamAutomaticMaskGenerator`` asks.
+    """
+    labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=points.device)
+    sparse, dense = prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
+    return mask_decoder(
+        image_embeddings=embedding,
+        image_pe=prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=True,
+    )
+
 # --------------------------------------------------------------------------------------------
 # SAM2
 # --------------------------------------------------------------------------------------------
@@ -234,6 +253,7 @@ __all__ = [
     "Sam2Features",
     "decode_sam2_boxes",
     "decode_sam_boxes",
+    "decode_sam_points",
     "prompt_geometry",
     "prompt_tensors",
     "sam2_box_prompt",

@@ -1,0 +1,90 @@
+"""Peak memory and time of "segment every object" (BoxPredictor.segment_auto) on a large tiled TIFF.
+
+The slide is bench_large_tiff.py's (procedural purple blobs on pink, tiled 256, zlib, 2x
+pyramid), made once in --workdir in a child process. The measured run opens it lazily, proposes
+objects tile by tile with the bundled prompt-free nuclei model (``--tile`` native px plus a halo),
+segments each proposal with the box model into a SparseLabels and writes the label TIFF tile by
+tile. Reports wall time, proposals and peak resident memory (psutil samples and ru_maxrss).
+
+    .venv/bin/python bench/bench_auto_large.py --size 2048                      # quick, CPU
+    python bench/bench_auto_large.py --size 40000 --device cuda --threads 16    # device/bench_auto_large.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench_large_tiff import TILE
+from report import cpu_name, print_and_save
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=40000)
+    ap.add_argument("--tile", type=int, default=2048, help="auto proposal tile (native px)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--box-model", default="hrmedseg_sam_default")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "hrmedseg_bench"))
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"slide_{args.size}.tif"
+    if not path.exists():
+        bench = Path(__file__).with_name("bench_large_tiff.py")
+        subprocess.run([sys.executable, str(bench), "--make-only", "--size", str(args.size), "--workdir", str(work)], check=True)
+
+    import psutil
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from hrmedseg.engine import BoxPredictor, SparseLabels
+    from hrmedseg.engine.auto import AutoOptions
+    from hrmedseg.io import open_image, write_label_tiff
+
+    proc = psutil.Process()
+    peak = [proc.memory_info().rss]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.05):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    threading.Thread(target=sample, daemon=True).start()
+    rss_start = proc.memory_info().rss
+    predictor = BoxPredictor(args.box_model, device=args.device)
+    image = open_image(path)
+    t = time.perf_counter()
+    labels, records = predictor.segment_auto(image, labels=SparseLabels(image.shape_yx, overlap="keep_existing"), options=AutoOptions(tile=args.tile))
+    t_seg = time.perf_counter() - t
+    peak_segment = peak[0]
+    t = time.perf_counter()
+    write_label_tiff(work / f"auto_labels_{args.size}.tif", labels, max_id=len(records))
+    t_write = time.perf_counter() - t
+    stop.set()
+    print_and_save({
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_name(), "threads": args.threads, "device": args.device, "torch": torch.__version__,
+        "image": f"{args.size} x {args.size} RGB uint8, tiled {TILE}, zlib, {len(image.levels)} levels",
+        "uncompressed_gb": round(args.size**2 * 3 / 1e9, 2),
+        "objects": len(records), "empty": sum(r.empty for r in records),
+        "segment_auto_s": round(t_seg, 1), "write_labels_s": round(t_write, 1),
+        "encoder_calls": predictor.encoder_calls,
+        "rss_start_mib": round(rss_start / 2**20),
+        "peak_rss_during_segment_mib": round(peak_segment / 2**20),
+        "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Instance quality of "segment every object" on the held-out DSB 2018 nuclei, next to the classical baseline.
+
+Three methods in one run, on the same held-out images (scripts/prepare_device_payload.py's
+``is_val`` split, which no training step saw), read at native resolution from ../shared:
+
+- ``auto``: ``BoxPredictor.segment_auto`` (prompt-free nuclei proposals, each box through the box model);
+- ``proposals``: the proposals alone (the prompt-free model's foreground split by the watershed),
+  to show what the box stage adds;
+- ``watershed``: Otsu threshold + distance-transform watershed (scikit-image), no learning.
+
+Per method: mean per-image F1 at IoU 0.5, pooled F1 (matches over all images), mean Dice of
+matched objects, seconds per image on this machine's CPU threads.
+
+Usage:
+  python bench/eval_auto.py [--images N] [--box-model NAME] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from eval_default_models import SHARED, val_items
+from PIL import Image
+from report import cpu_name, print_and_save
+
+from hrmedseg.engine import BoxPredictor
+from hrmedseg.engine.auto import AutoOptions, resolve_proposer, split_instances
+from hrmedseg.training.metrics import match_instances, watershed_instances
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, help="only the first N held-out images")
+    ap.add_argument("--box-model", default="hrmedseg_sam_default")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    predictor = BoxPredictor(args.box_model, device=args.device)
+    proposer = resolve_proposer("nuclei", predictor.device)
+    options = AutoOptions()
+    methods = {
+        "auto": lambda img: predictor.segment_auto(img, proposer=proposer, options=options)[0],
+        "proposals": lambda img: split_instances(proposer.segment(img, threshold=options.threshold) > 0, options.split_distance),
+        "watershed": lambda img: watershed_instances(img, options.split_distance),
+    }
+    rows: dict[str, list[dict]] = {name: [] for name in methods}
+    seconds = dict.fromkeys(methods, 0.0)
+    items = val_items("nuclei_dsb2018")[: args.images]
+    for item in items:
+        image = np.asarray(Image.open(SHARED / "nuclei_dsb2018" / item["image"]).convert("RGB"))
+        gt = np.asarray(Image.open(SHARED / "nuclei_dsb2018" / item["mask"]))
+        for name, run in methods.items():
+            predictor.clear_cache()
+            t0 = time.perf_counter()
+            labels = run(image)
+            seconds[name] += time.perf_counter() - t0
+            rows[name].append(match_instances(labels, gt))
+    result: dict = {"images": len(items), "objects": int(sum(r["n_gt"] for r in rows["auto"])), "cpu": cpu_name(),
+                    "threads": torch.get_num_threads(), "box_model": args.box_model}
+    for name, rs in rows.items():
+        tp, n = sum(r["tp"] for r in rs), sum(r["n_pred"] + r["n_gt"] for r in rs)
+        result[name] = {
+            "f1_mean": float(np.mean([r["f1"] for r in rs])),
+            "f1_pooled": 2 * tp / n if n else 1.0,
+            "matched_dice": float(np.nanmean([r["matched_dice"] for r in rs])),
+            "seconds_per_image": seconds[name] / len(items),
+        }
+    print_and_save(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Segment every object of an image without boxes: proposals, then the box model for each.
+
+    from hrmedseg.engine import BoxPredictor
+    predictor = BoxPredictor("hrmedseg_sam_default")
+    labels, records = predictor.segment_auto("slide.ome.tif")          # nuclei proposer by default
+
+Two stages:
+
+1. **Proposals** (boxes, xyxy native pixels), tile by tile so that memory stays bounded:
+   - ``proposer="nuclei"`` (or any prompt-free HRMedSeg model / :class:`SemanticPredictor`):
+     the prompt-free model's foreground on the tile, split into instances by a distance-transform
+     watershed (touching nuclei become separate objects);
+   - ``proposer="grid"`` (any SAM box model, no prompt-free model needed): a grid of point
+     prompts per crop, filtered by predicted IoU and stability and de-duplicated by box NMS, as
+     segment_anything's ``SamAutomaticMaskGenerator`` does (its ``amg`` helpers are reused).
+2. **Masks**: each proposal's box goes through :meth:`BoxPredictor.segment` (a crop around the
+   box at the box model's scale) into a :class:`SparseLabels` or any label array.
+
+No seams: a tile is read with a ``halo`` of context on every side, and an object belongs to the
+one tile that holds its box centre, so an object cut by a tile border is proposed once, from a
+window that holds it whole (when it is smaller than the halo); its final mask comes from a crop
+around its own box, not from the tile. Proposals of neighbouring tiles that still overlap (an
+object larger than the halo) are merged by box NMS over the whole image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..io.readers import LazyImage, open_image
+from .crops import Crop
+from .semantic import Cancelled, SemanticPredictor, tile_starts
+
+if TYPE_CHECKING:
+    from .predictor import BoxPredictor
+
+log = logging.getLogger(__name__)
+
+PROPOSERS = ("nuclei", "grid")
+
+
+@dataclass(frozen=True)
+class AutoOptions:
+    """Settings of :func:`segment_auto`.
+
+    tile: native side of a proposal tile (its pixels are read in one piece, plus the halo).
+    halo: native context read around each tile; objects up to this size are never cut.
+    min_area: proposals with fewer native pixels are dropped.
+    threshold: foreground probability of the prompt-free proposer.
+    split_distance: smallest distance (native px) between the centres of two touching objects
+        the watershed split keeps apart (about a nucleus radius).
+    box_pad: native pixels added around each proposal's box before the box model sees it
+        (SAM is prompted with boxes slightly larger than the object).
+    points_per_side, pred_iou_thresh, stability_score_thresh, points_batch: grid proposer,
+        as ``SamAutomaticMaskGenerator``'s arguments of the same names.
+    nms_iou: box IoU above which two proposals are one object.
+    """
+
+    tile: int = 2048
+    halo: int = 128
+    min_area: int = 16
+    threshold: float = 0.5
+    split_distance: int = 8
+    box_pad: float = 2.0
+    points_per_side: int = 32
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    points_batch: int = 64
+    nms_iou: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.tile < 64 or self.halo < 0 or self.halo >= self.tile:
+            raise InputError(f"auto tiles need tile >= 64 and 0 <= halo < tile (got tile {self.tile}, halo {self.halo})")
+
+
+def tiles(shape_yx: tuple[int, int], tile: int) -> Iterator[tuple[int, int, int, int]]:
+    """Disjoint (y0, y1, x0, x1) tiles of ``tile`` native pixels covering the image, raster order."""
+    h, w = shape_yx
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            yield y0, min(y0 + tile, h), x0, min(x0 + tile, w)
+
+
+def owned(boxes: np.ndarray, core: tuple[int, int, int, int]) -> np.ndarray:
+    """(N,) bool: boxes (N, 4) xyxy whose centre lies in ``core`` (y0, y1, x0, x1), half-open."""
+    y0, y1, x0, x1 = core
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    return (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+
+
+def split_instances(foreground: np.ndarray, min_distance: int) -> np.ndarray:
+    """(h, w) bool -> int32 instances: distance-transform watershed of each connected blob.
+
+    Markers are the maxima of the distance to the background at least ``min_distance`` apart,
+    so two touching round objects become two labels and a lone one stays whole.
+    """
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    blobs, n = ndimage.label(foreground, structure=np.ones((3, 3), bool), output=np.int32)
+    if n == 0:
+        return blobs
+    distance = ndimage.distance_transform_edt(foreground)
+    peaks = peak_local_max(distance, min_distance=max(1, int(min_distance)), labels=blobs, exclude_border=False)
+    markers = np.zeros(foreground.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    # A blob without a peak (flat, thin) is its own marker, so it keeps a label.
+    unmarked = np.isin(blobs, np.setdiff1d(np.arange(1, n + 1), blobs[markers > 0]))
+    markers[unmarked] = blobs[unmarked] + len(peaks)
+    return watershed(-distance, markers, mask=foreground).astype(np.int32)
+
+
+def instance_boxes(instances: np.ndarray, min_area: int, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """(N, 4) xyxy boxes (native px, ``origin`` = the window's (y0, x0)) of labels with >= ``min_area`` px."""
+    from scipy import ndimage
+
+    slices = ndimage.find_objects(instances)
+    areas = np.bincount(instances.ravel(), minlength=len(slices) + 1)
+    oy, ox = origin
+    out = [
+        (s[1].start + ox, s[0].start + oy, s[1].stop + ox, s[0].stop + oy)
+        for i, s in enumerate(slices, start=1)
+        if s is not None and areas[i] >= min_area
+    ]
+    return np.asarray(out, np.float64).reshape(-1, 4)
+
+
+def nms_boxes(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Indices of ``boxes`` kept by torchvision's box NMS, highest score first."""
+    import torchvision
+
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    keep = torchvision.ops.nms(torch.as_tensor(boxes, dtype=torch.float32), torch.as_tensor(scores, dtype=torch.float32), iou)
+    return keep.numpy()
+
+
+def _window(image: LazyImage, core: tuple[int, int, int, int], halo: int) -> tuple[int, int, int, int]:
+    h, w = image.shape_yx
+    y0, y1, x0, x1 = core
+    return max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
+
+
+def propose_semantic(
+    image: LazyImage, semantic: Any, scaling_apply: Callable[[np.ndarray], np.ndarray], options: AutoOptions, cancel: Any = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per tile: (boxes (N, 4) xyxy native, scores (N,) = object area) of the objects it owns.
+
+    Each tile's window (tile + halo) is mapped to 0..255 with the whole image's intensity map
+    (``scaling_apply``, so tiles agree) and segmented by the prompt-free model.
+    """
+    for core in tiles(image.shape_yx, options.tile):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("auto segmentation cancelled")
+        wy0, wy1, wx0, wx1 = _window(image, core, options.halo)
+        rgb = np.clip(np.rint(scaling_apply(image.read(wy0, wy1, wx0, wx1))), 0, 255).astype(np.uint8)
+        foreground = semantic.segment(rgb, threshold=options.threshold) > 0
+        instances = split_instances(foreground, options.split_distance)
+        boxes = instance_boxes(instances, options.min_area, (wy0, wx0))
+        keep = owned(boxes, core)
+        boxes = boxes[keep]
+        yield boxes, (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def grid_points_masks(predictor: "BoxPredictor", image: LazyImage, crop: Crop, options: AutoOptions) -> tuple[np.ndarray, np.ndarray]:
+    """SAM's automatic mask generator on one crop: (boxes (N, 4) xyxy native, predicted IoU (N,)).
+
+    A ``points_per_side``² grid over the crop's valid pixels, three masks per point, kept when
+    predicted IoU >= ``pred_iou_thresh`` and stability >= ``stability_score_thresh``, then box
+    NMS; only the kept masks' boxes are returned (the box model makes the final masks).
+    """
+    from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, calculate_stability_score
+
+    from ..models.prompting import decode_sam_points
+    from .decoder import is_sam2_model
+
+    model = predictor.model
+    if is_sam2_model(model):
+        raise InputError("the grid proposer needs a SAM-family box model; for SAM2 models use proposer='nuclei' or a prompt-free model")
+    emb, _ = predictor.embedding(image, crop)
+    h_in, w_in = crop.valid_input_shape(image.shape_yx)
+    grid = build_point_grid(options.points_per_side) * np.array([w_in, h_in])
+    boxes, scores = [], []
+    with torch.inference_mode():
+        for start in range(0, len(grid), options.points_batch):
+            pts = torch.as_tensor(grid[start : start + options.points_batch], dtype=torch.float32, device=predictor.device)
+            logits, iou = decode_sam_points(model.prompt_encoder, model.mask_decoder, emb, pts)
+            predictor.decoder_calls += 1
+            logits, iou = logits.flatten(0, 1), iou.flatten()
+            stable = calculate_stability_score(logits, predictor.mask_threshold, 1.0)
+            masks = logits > predictor.mask_threshold
+            keep = (iou >= options.pred_iou_thresh) & (stable >= options.stability_score_thresh) & masks.flatten(1).any(1)
+            if keep.any():
+                masks = masks[keep]
+                # low-res (S/4) boxes -> input px; drop masks that are padding or the whole crop
+                b = batched_mask_to_box(masks).float() * (crop.input_size / logits.shape[-1])
+                b[:, 2:] += crop.input_size / logits.shape[-1]
+                boxes.append(b.cpu().numpy())
+                scores.append(iou[keep].float().cpu().numpy())
+    if not boxes:
+        return np.zeros((0, 4)), np.zeros(0)
+    b, s = np.concatenate(boxes), np.concatenate(scores)
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, w_in)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, h_in)
+    whole = ((b[:, 2] - b[:, 0]) >= 0.95 * w_in) & ((b[:, 3] - b[:, 1]) >= 0.95 * h_in)
+    b, s = b[~whole], s[~whole]
+    keep = nms_boxes(b, s, options.nms_iou)
+    return crop.input_to_native(b[keep]), s[keep]
+
+
+def propose_grid(predictor: "BoxPredictor", image: LazyImage, options: AutoOptions, cancel: Any = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per crop of the model's input size (scale 1, ``halo`` overlap): the grid proposals it owns."""
+    size = predictor.policy.input_size
+    h, w = image.shape_yx
+    overlap = min(options.halo, size // 2 - 1)
+    ys, xs = tile_starts(h, size, overlap), tile_starts(w, size, overlap)
+    # A crop owns the middle of its overlaps with its neighbours.
+    for iy, y0 in enumerate(ys):
+        for ix, x0 in enumerate(xs):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("auto segmentation cancelled")
+            cy0 = 0 if iy == 0 else (y0 + ys[iy - 1] + size) // 2
+            cy1 = h if iy == len(ys) - 1 else (ys[iy + 1] + y0 + size) // 2
+            cx0 = 0 if ix == 0 else (x0 + xs[ix - 1] + size) // 2
+            cx1 = w if ix == len(xs) - 1 else (xs[ix + 1] + x0 + size) // 2
+            crop = Crop(1.0, y0, x0, size, size)
+            boxes, scores = grid_points_masks(predictor, image, crop, options)
+            keep = owned(boxes, (cy0, cy1, cx0, cx1)) if len(boxes) else np.zeros(0, bool)
+            yield boxes[keep], scores[keep]
+
+
+def resolve_proposer(proposer: Any, device: Any) -> SemanticPredictor | str:
+    """``"grid"``, or the prompt-free predictor for ``"nuclei"`` or a model name/path; anything with
+    ``segment(rgb, threshold)`` (a :class:`SemanticPredictor`) is used as it is."""
+    if hasattr(proposer, "segment") or proposer == "grid":
+        return proposer
+    if proposer == "nuclei":
+        from ..defaults import DEFAULT_PROMPT_FREE_MODELS
+
+        proposer = DEFAULT_PROMPT_FREE_MODELS["nuclei"]
+    semantic = SemanticPredictor(proposer, device=device)
+    if semantic.num_classes != 1:
+        raise InputError(f"proposer {proposer}: a prompt-free model with one class is needed (it has {semantic.num_classes})")
+    return semantic
+
+
+def propose(
+    predictor: "BoxPredictor", image: Any, proposer: Any = "nuclei", options: AutoOptions | None = None, cancel: Any = None
+) -> np.ndarray:
+    """(N, 4) xyxy native boxes of every object the proposer finds, padded by ``box_pad``, raster order."""
+    options = options or AutoOptions()
+    image = open_image(image)
+    source = resolve_proposer(proposer, predictor.device)
+    parts = (
+        propose_grid(predictor, image, options, cancel)
+        if source == "grid"
+        else propose_semantic(image, source, predictor.scaling(image).apply, options, cancel)
+    )
+    boxes, scores = zip(*parts)  # every image has at least one tile
+    b, s = np.concatenate(boxes), np.concatenate(scores)
+    b = b[nms_boxes(b, s, options.nms_iou)]
+    h, w = image.shape_yx
+    pad = options.box_pad
+    b = np.stack([(b[:, 0] - pad).clip(0, w), (b[:, 1] - pad).clip(0, h), (b[:, 2] + pad).clip(0, w), (b[:, 3] + pad).clip(0, h)], 1)
+    order = np.lexsort((b[:, 0], b[:, 1]))
+    return b[order].reshape(-1, 4)
+
+
+def segment_auto(
+    predictor: "BoxPredictor",
+    image: Any,
+    proposer: Any = "nuclei",
+    labels: Any = None,
+    options: AutoOptions | None = None,
+    first_id: int = 1,
+    progress: Callable[[int, int], Any] | None = None,
+    cancel: Any = None,
+) -> tuple[Any, list]:
+    """Every object of ``image``: (labels, per-object records; each record's ``box`` is its proposal).
+
+    See the module docstring; ``labels`` as in :meth:`BoxPredictor.segment` (a
+    :class:`SparseLabels` keeps memory bounded on slides). Overlaps: the first object keeps its
+    pixels (``keep_existing``), so a box model's mask never eats into a neighbour already drawn.
+    """
+    image = open_image(image)
+    boxes = propose(predictor, image, proposer, options, cancel)
+    log.info("auto: %d proposals on %s", len(boxes), image.name)
+    return predictor.segment(image, boxes, labels=labels, first_id=first_id, overlap="keep_existing", progress=progress, cancel=cancel)
+
+
+__all__ = ["AutoOptions", "PROPOSERS", "propose", "segment_auto", "split_instances", "tiles"]

@@ -1,0 +1,127 @@
+"""Segment every object (hrmedseg.engine.auto): real nuclei against the classical baseline, no seams, the grid proposer."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, SHARED
+from PIL import Image
+from torchvision.ops import box_iou
+from test_engine_predictor import DiscDecoder, tiny_sam
+
+from hrmedseg.engine import BoxPredictor, SparseLabels
+from hrmedseg.engine.auto import AutoOptions, owned, propose, split_instances
+from hrmedseg.training.metrics import match_instances, watershed_instances
+
+NUCLEI = SHARED / "data" / "nuclei_dsb2018"
+
+
+class BrightProposer:
+    """Stub prompt-free model: foreground = grey > 128 (one class)."""
+
+    num_classes = 1
+
+    def __init__(self):
+        self.windows = []
+
+    def segment(self, rgb, threshold=0.5):
+        self.windows.append(rgb.shape[:2])
+        return (np.asarray(rgb).mean(-1) > 128).astype(np.int32)
+
+
+def discs(shape, centres, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]] + 0.5
+    truth = np.zeros(shape, np.int32)
+    for k, (cy, cx) in enumerate(centres, start=1):
+        truth[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = k
+    return truth
+
+
+def test_object_across_tile_borders_is_one_object():
+    # Tiles of 64: one disc sits on the corner where four tiles meet, one inside a tile.
+    truth = discs((200, 200), [(64, 64), (150, 40), (100, 160)], r=12)
+    image = np.where(truth > 0, 220, 10).astype(np.uint8)
+    proposer = BrightProposer()
+    predictor = BoxPredictor(tiny_sam(), device="cpu", decoder=DiscDecoder())
+    options = AutoOptions(tile=64, halo=32, box_pad=0)
+    boxes = propose(predictor, image, proposer, options)
+    assert len(proposer.windows) == 16  # every tile was read with its halo
+    assert max(proposer.windows) == (128, 128)
+    assert len(boxes) == 3
+    labels, records = predictor.segment_auto(image, proposer=proposer, options=options, labels=SparseLabels((200, 200)))
+    rendered = labels.read(0, 200, 0, 200)
+    scores = match_instances(rendered, truth, iou_threshold=0.8)
+    assert scores["tp"] == 3 and scores["n_pred"] == 3  # the corner disc is one object, not four
+    corner = rendered[truth == 1]
+    assert (corner == corner[0]).mean() > 0.95
+
+
+def test_ownership_by_box_centre():
+    boxes = np.array([[0, 0, 10, 10], [60, 60, 70, 70], [50, 50, 80, 80.0]])
+    assert owned(boxes, (0, 64, 0, 64)).tolist() == [True, False, False]
+    assert owned(boxes, (64, 128, 64, 128)).tolist() == [False, True, True]
+
+
+def test_watershed_split_separates_touching_discs():
+    two = discs((60, 100), [(30, 35), (30, 62)], r=15) > 0  # overlapping: one blob
+    assert split_instances(two, 8).max() == 2
+    one = discs((60, 100), [(30, 50)], r=15) > 0
+    assert split_instances(one, 8).max() == 1
+
+
+def disc_points_decoder(radii=(20.3, 40.3, 600.0), ious=(0.95, 0.5, 0.95)):
+    """Stub of ``decode_sam_points``: mask m of a point = disc of radius radii[m] input px around it."""
+
+    def decode(prompt_encoder, mask_decoder, embedding, points):
+        c = torch.arange(256, dtype=torch.float32) * 4 + 2  # low-res cell centres, input px
+        d = torch.sqrt((c[None, :, None] - points[:, 1, None, None]) ** 2 + (c[None, None, :] - points[:, 0, None, None]) ** 2)
+        logits = torch.stack([100 * (r - d) for r in radii], 1)  # steep: stable masks
+        return logits, torch.tensor(ious).expand(len(points), 3)
+
+    return decode
+
+
+def test_grid_proposer_filters_and_maps_point_masks(monkeypatch):
+    import hrmedseg.models.prompting as prompting
+
+    monkeypatch.setattr(prompting, "decode_sam_points", disc_points_decoder())
+    image = np.zeros((300, 260), np.uint8)
+    predictor = BoxPredictor(tiny_sam(), device="cpu")
+    options = AutoOptions(points_per_side=4, box_pad=0)
+    boxes = propose(predictor, image, "grid", options)
+    assert predictor.encoder_calls == 1 and predictor.decoder_calls == 1  # one crop, 16 points in one batch
+    # mask 0 (IoU 0.95) is kept, mask 1 fails pred_iou_thresh, mask 2 covers the whole crop
+    assert len(boxes) == 16
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    assert np.allclose(sizes, 40, atol=8)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    grid = np.stack(np.meshgrid((np.arange(4) + 0.5) / 4 * 260, (np.arange(4) + 0.5) / 4 * 300), -1).reshape(-1, 2)
+    assert np.abs(np.sort(centres, 0) - np.sort(grid, 0)).max() < 4
+    iou = box_iou(torch.as_tensor(boxes), torch.as_tensor(boxes)).fill_diagonal_(0)
+    assert float(iou.max()) <= options.nms_iou
+
+
+@pytest.mark.skipif(not NUCLEI.exists(), reason="real DSB 2018 nuclei not available")
+def test_auto_beats_watershed_on_held_out_nuclei():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from prepare_device_payload import is_val  # the split lives in one place
+
+    items = [it for it in json.loads((NUCLEI / "manifest.json").read_text())["items"] if is_val(it["name"])][:4]
+    predictor = BoxPredictor("hrmedseg_sam_default", device="cpu")
+    ours, baseline = [], []
+    for item in items:
+        image = np.asarray(Image.open(NUCLEI / item["image"]).convert("RGB"))
+        truth = np.asarray(Image.open(NUCLEI / item["mask"]))
+        labels, records = predictor.segment_auto(image)
+        assert len(records) > 0
+        ours.append(match_instances(labels, truth))
+        baseline.append(match_instances(watershed_instances(image), truth))
+
+    def pooled(rows):
+        return 2 * sum(r["tp"] for r in rows) / sum(r["n_pred"] + r["n_gt"] for r in rows)
+
+    assert pooled(ours) > pooled(baseline) + 0.05
