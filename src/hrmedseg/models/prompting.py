@@ -89,7 +89,10 @@ def decode_sam_boxes(
     embedding (1, C, S/16, S/16); boxes (N, 4) xyxy input px -> logits (N, M, S/4, S/4) and
     predicted IoU (N, M), M = 1 (single-mask output) or 3 (``multimask``).
     """
-    sparse, dense = sam_box_prompt(prompt_encoder, boxes)
+    return _run_sam_decoder(prompt_encoder, mask_decoder, embedding, *sam_box_prompt(prompt_encoder, boxes), multimask)
+
+
+def _run_sam_decoder(prompt_encoder, mask_decoder, embedding, sparse, dense, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return mask_decoder(
         image_embeddings=embedding,
         image_pe=prompt_encoder.get_dense_pe(),
@@ -110,13 +113,7 @@ def decode_sam_points(
     """
     labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=points.device)
     sparse, dense = prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
-    return mask_decoder(
-        image_embeddings=embedding,
-        image_pe=prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=True,
-    )
+    return _run_sam_decoder(prompt_encoder, mask_decoder, embedding, sparse, dense, multimask=True)
 
 # --------------------------------------------------------------------------------------------
 # SAM2
