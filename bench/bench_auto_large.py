@@ -18,13 +18,12 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bench_large_tiff import TILE
-from report import cpu_name, print_and_save
+from report import PeakRSS, cpu_name, print_and_save
 
 
 def main() -> None:
@@ -44,7 +43,6 @@ def main() -> None:
         bench = Path(__file__).with_name("bench_large_tiff.py")
         subprocess.run([sys.executable, str(bench), "--make-only", "--size", str(args.size), "--workdir", str(work)], check=True)
 
-    import psutil
     import torch
 
     torch.set_num_threads(args.threads)
@@ -52,26 +50,18 @@ def main() -> None:
     from hrmedseg.engine.auto import AutoOptions
     from hrmedseg.io import open_image, write_label_tiff
 
-    proc = psutil.Process()
-    peak = [proc.memory_info().rss]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.wait(0.05):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-
-    threading.Thread(target=sample, daemon=True).start()
-    rss_start = proc.memory_info().rss
+    rss = PeakRSS()
+    rss_start = rss.start
     predictor = BoxPredictor(args.box_model, device=args.device)
     image = open_image(path)
     t = time.perf_counter()
     labels, records = predictor.segment_auto(image, labels=SparseLabels(image.shape_yx, overlap="keep_existing"), options=AutoOptions(tile=args.tile))
     t_seg = time.perf_counter() - t
-    peak_segment = peak[0]
+    peak_segment = rss.peak
     t = time.perf_counter()
     write_label_tiff(work / f"auto_labels_{args.size}.tif", labels, max_id=len(records))
     t_write = time.perf_counter() - t
-    stop.set()
+    rss.stop()
     print_and_save({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_name(), "threads": args.threads, "device": args.device, "torch": torch.__version__,

@@ -21,13 +21,12 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from report import print_and_save
+from report import PeakRSS, print_and_save
 
 from hrmedseg.atomic import atomic_path
 
@@ -95,7 +94,6 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--make-only", "--size", str(args.size), "--workdir", str(work)], check=True)
         t_make = time.perf_counter() - t
 
-    import psutil
     import torch
 
     torch.set_num_threads(args.threads)
@@ -104,16 +102,8 @@ def main() -> None:
     from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
     from hrmedseg.models.sam import build_hrmedseg_sam
 
-    proc = psutil.Process()
-    peak = [proc.memory_info().rss]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.wait(0.05):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-
-    threading.Thread(target=sample, daemon=True).start()
-    rss_start = proc.memory_info().rss
+    rss = PeakRSS()
+    rss_start = rss.start
     torch.manual_seed(0)
     model = build_hrmedseg_sam(HRMedSegEncoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))) if args.small else None)
     image = open_image(path)
@@ -122,12 +112,12 @@ def main() -> None:
     t = time.perf_counter()
     labels, records = predictor.segment(image, boxes, labels=SparseLabels(image.shape_yx))
     t_seg = time.perf_counter() - t
-    peak_segment = peak[0]
+    peak_segment = rss.peak
     out = work / f"labels_{args.size}.tif"
     t = time.perf_counter()
     write_label_tiff(out, labels, max_id=len(boxes))
     t_write = time.perf_counter() - t
-    stop.set()
+    rss.stop()
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, threads {args.threads}",
@@ -145,7 +135,7 @@ def main() -> None:
         "tiles_total_level0": (-(-args.size // TILE)) ** 2,
         "empty": sum(r.empty for r in records),
         "rss_start_mib": round(rss_start / 2**20),
-        "peak_rss_sampled_mib": round(peak[0] / 2**20),
+        "peak_rss_sampled_mib": round(rss.peak / 2**20),
         "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "small_model": args.small,
     }

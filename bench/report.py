@@ -30,3 +30,28 @@ def print_and_save(result: dict, json_path: str | None) -> None:
     print(text)
     if json_path:
         Path(json_path).write_text(text)
+
+
+class PeakRSS:
+    """Peak resident memory of this process, sampled every 50 ms in a thread (psutil).
+
+    ``start``: RSS when created; ``peak``: the highest sample so far; ``stop()`` ends sampling.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._interval = interval
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def stop(self) -> None:
+        self._stop.set()

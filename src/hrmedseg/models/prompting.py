@@ -157,14 +157,7 @@ def decode_sam_points(
     predicted IoU (N, 3): SAM's three multimask outputs, as ``SamAutomaticMaskGenerator`` asks.
     """
     labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=points.device)
-    sparse, dense = prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
-    return mask_decoder(
-        image_embeddings=embedding,
-        image_pe=prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=True,
-    )
+    return decode_sam_boxes(prompt_encoder, mask_decoder, embedding, None, multimask=True, points=points[:, None, :], point_labels=labels)
 
 # --------------------------------------------------------------------------------------------
 # SAM2
