@@ -110,7 +110,7 @@ def test_auto_beats_watershed_on_held_out_nuclei():
     sys.path.insert(0, str(REPO / "scripts"))
     from prepare_device_payload import is_val  # the split lives in one place
 
-    items = [it for it in json.loads((NUCLEI / "manifest.json").read_text())["items"] if is_val(it["name"])][:4]
+    items = [it for it in json.loads((NUCLEI / "manifest.json").read_text())["items"] if is_val(it["name"])][:8]
     predictor = BoxPredictor("hrmedseg_sam_default", device="cpu")
     ours, baseline = [], []
     for item in items:
@@ -124,4 +124,4 @@ def test_auto_beats_watershed_on_held_out_nuclei():
     def pooled(rows):
         return 2 * sum(r["tp"] for r in rows) / sum(r["n_pred"] + r["n_gt"] for r in rows)
 
-    assert pooled(ours) > pooled(baseline)
+    assert pooled(ours) > pooled(baseline) + 0.03  # 0.09 on 24 images (docs/benchmarks.md)
