@@ -132,7 +132,7 @@ def test_bad_prompts_name_the_object(sam):
     first = predictor.predict_box(img, [1, 1, 5, 5])
     with pytest.raises(InputError, match=r"mask inputs of objects \[0\] are \(64, 64\)"):
         list(predictor.predict_boxes(img, [[1, 1, 5, 5]], mask_inputs=[torch.zeros(64, 64)], crops=[first.crop]))
-    with pytest.raises(InputError, match="box 1 .*outside"):  # positions stay those of the call
+    with pytest.raises(InputError, match=r"row 2 of boxes .*outside"):  # rows stay those of the call (1-based)
         list(predictor.predict_boxes(img, [[np.nan] * 4, [200, 200, 220, 220]], points=[[[2, 2]], None]))
 
 
