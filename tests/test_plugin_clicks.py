@@ -112,11 +112,15 @@ def test_deleting_a_click_recomputes(annotator, predictor, qtbot):  # noqa: F811
 
 def test_click_on_empty_space_starts_an_object_of_clicks_alone(annotator, predictor, qtbot):  # noqa: F811
     ann = annotator
-    box_id, _ = _box_object(ann, qtbot)
+    box_id, box_obj = _box_object(ann, qtbot)
+    ann.start_clicks()
+    _click(ann.clicks_layer, (85, 100))  # the box's object: a new click must not inherit its id
+    _wait(qtbot, ann)
+    assert len(box_obj.clicks) == 1
     ann.next_object()  # nothing selected: a click off every object starts one
     ann.start_clicks()
     _click(ann.clicks_layer, (150, 220), modifiers=("Alt",))  # a negative click alone starts nothing
-    assert len(ann.clicks_layer.data) == 0 and set(ann.state.objects) == {box_id}
+    assert len(ann.clicks_layer.data) == 1 and set(ann.state.objects) == {box_id}
     _click(ann.clicks_layer, (150, 220))
     _wait(qtbot, ann)
     (new_id,) = set(ann.state.objects) - {box_id}
@@ -132,6 +136,6 @@ def test_click_on_empty_space_starts_an_object_of_clicks_alone(annotator, predic
     records = {r.id: r for r in ann.annotation().objects}
     if new_id in records:  # (a random model may give it no pixel; then it has no record)
         assert records[new_id].prompt == {"type": "points", "points": [[220.0, 150.0]], "point_labels": [1]}
-    ann.clicks_layer.selected_data = {0}
+    ann.clicks_layer.selected_data = {1}
     ann.clicks_layer.remove_selected()  # its last click: the object goes
     assert new_id not in ann.state.objects and not (ann.labels_layer.data == new_id).any()

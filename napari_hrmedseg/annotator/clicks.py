@@ -100,7 +100,8 @@ class ClickBinding:
     # ------------------------------------------------------------------ events
     def _on_press(self, layer: Any, event: Any) -> None:
         negative = self.negative or "Alt" in set(getattr(event, "modifiers", ()) or ())
-        layer.feature_defaults[LABEL] = 0 if negative else 1
+        # napari copies a selected point's features into the defaults: a new click starts unassigned
+        layer.feature_defaults = {OBJECT_ID: 0, LABEL: 0 if negative else 1}
 
     def _on_data(self, event: Any) -> None:
         if str(getattr(event, "action", "")) in ("added", "removed", "changed"):
@@ -153,11 +154,17 @@ class ClickBinding:
                 keep = np.setdiff1d(np.arange(len(ids)), drop)
                 layer.data, ids, labels = np.asarray(layer.data)[keep], ids[keep], labels[keep]
             if len(ids):
-                layer.features = {OBJECT_ID: ids, LABEL: labels}
-                layer.face_color = [POSITIVE_COLOR if v else NEGATIVE_COLOR for v in labels]
+                self._set_features(ids, labels)
             self._sync(np.asarray(layer.data, float), ids, labels)
         finally:
             self._reconciling = False
+
+    def _set_features(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        """Every point's object and label (and colour)."""
+        layer = self.points_layer
+        layer.features = {OBJECT_ID: ids, LABEL: labels}
+        if len(ids):
+            layer.face_color = [POSITIVE_COLOR if v else NEGATIVE_COLOR for v in labels]
 
     def _sync(self, data: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> None:
         """Set each object's clicks from the layer; emit what changed."""
@@ -194,7 +201,7 @@ class ClickBinding:
         try:
             labels = np.asarray(self.points_layer.features[LABEL], np.int64)[keep]
             self.points_layer.data = np.asarray(self.points_layer.data)[keep]
-            self.points_layer.features = {OBJECT_ID: ids[keep], LABEL: labels}
+            self._set_features(ids[keep], labels)
         finally:
             self._reconciling = False
 
@@ -211,7 +218,6 @@ class ClickBinding:
         self._reconciling = True
         try:
             self.points_layer.data = np.asarray(rows, float)
-            self.points_layer.features = {OBJECT_ID: np.asarray(ids, np.int64), LABEL: np.asarray(labels, np.int64)}
-            self.points_layer.face_color = [POSITIVE_COLOR if v else NEGATIVE_COLOR for v in labels]
+            self._set_features(np.asarray(ids, np.int64), np.asarray(labels, np.int64))
         finally:
             self._reconciling = False

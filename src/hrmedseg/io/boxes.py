@@ -99,11 +99,28 @@ def _napari_shapes(rows: list[list[str]], header: list[str], name: str) -> np.nd
     return np.asarray(boxes, np.float64).reshape(-1, 4)
 
 
-def _read_json(text: str, name: str) -> np.ndarray:
+def parse_json(text: str, name: str, kind: str) -> Any:
+    """``text`` of the ``kind`` file ("box", "point") ``name`` parsed, or InputError naming it."""
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise InputError(f"box file {name} is not valid JSON: {err}") from err
+        raise InputError(f"{kind} file {name} is not valid JSON: {err}") from err
+
+
+def json_list(obj: Any, name: str, key: str) -> list:
+    """The list of a parsed JSON file: ``obj`` itself, or ``obj[key]`` ("boxes", "points")."""
+    kind = key[:-1] if key != "boxes" else "box"
+    if isinstance(obj, dict):
+        if key not in obj:
+            raise InputError(f"{kind} file {name}: JSON object has no '{key}' key (keys: {sorted(obj)[:8]})")
+        obj = obj[key]
+    if not isinstance(obj, list):
+        raise InputError(f"{kind} file {name}: expected a list of {key}")
+    return obj
+
+
+def _read_json(text: str, name: str) -> np.ndarray:
+    obj = parse_json(text, name, "box")
     if isinstance(obj, dict) and obj.get("type") in ("FeatureCollection", "Feature"):
         features = obj["features"] if obj["type"] == "FeatureCollection" else [obj]
         boxes = []
@@ -114,12 +131,7 @@ def _read_json(text: str, name: str) -> np.ndarray:
             pts = np.asarray(_flatten_coords(geom["coordinates"]), np.float64).reshape(-1, 2)
             boxes.append([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
         return np.asarray(boxes, np.float64).reshape(-1, 4)
-    if isinstance(obj, dict):
-        if "boxes" not in obj:
-            raise InputError(f"box file {name}: JSON object has no 'boxes' key (keys: {sorted(obj)[:8]})")
-        obj = obj["boxes"]
-    if not isinstance(obj, list):
-        raise InputError(f"box file {name}: expected a list of boxes")
+    obj = json_list(obj, name, "boxes")
     boxes = []
     for i, b in enumerate(obj):
         where = f"row {i + 1} of box file {name}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .boxes import json_list, parse_json
 
 ID_ALIASES = ("object", "id", "object_id")
 LABEL_WORDS = {"1": 1, "0": 0, "positive": 1, "negative": 0, "pos": 1, "neg": 0, "+": 1, "-": 0, "true": 1, "false": 0}
@@ -72,16 +72,7 @@ def _read_csv(text: str, name: str) -> list[tuple[int, float, float, int]]:
 
 
 def _read_json(text: str, name: str) -> list[tuple[int, float, float, int]]:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"point file {name} is not valid JSON: {err}") from err
-    if isinstance(obj, dict):
-        if "points" not in obj:
-            raise InputError(f"point file {name}: JSON object has no 'points' key (keys: {sorted(obj)[:8]})")
-        obj = obj["points"]
-    if not isinstance(obj, list):
-        raise InputError(f"point file {name}: expected a list of points")
+    obj = json_list(parse_json(text, name, "point"), name, "points")
     out = []
     for n, p in enumerate(obj, start=1):
         where = f"point {n} of {name}"
