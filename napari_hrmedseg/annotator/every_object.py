@@ -14,7 +14,7 @@ import numpy as np
 
 from .._layer_image import layer_plane
 from .._state import object_edit, rectangle_from_box
-from .jobs import lower_thread_priority
+from .jobs import prepare_worker_thread
 from .layers import OBJECT_ID
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def segment_every_object(annotator: "Annotator", proposer: Any = "nuclei") -> An
     def work():
         from hrmedseg.engine.auto import propose
 
-        lower_thread_priority()
+        prepare_worker_thread()
         image = layer_plane(image_layer, lead)
         boxes = propose(predictor, image, proposer, cancel=cancel)
         return list(predictor.predict_boxes(image, boxes, cancel=cancel))
