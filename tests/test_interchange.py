@@ -137,6 +137,66 @@ def test_label_tiff_round_trip(store, tmp_path):
     assert np.array_equal(copy.load(key).labels, store.load(key).labels)
 
 
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_export_is_an_ngff_labels_group(store, tmp_path, version):
+    """Read back by zarr, ome-zarr-py's reader and napari-ome-zarr: pyramid, class colours, properties."""
+    import zarr
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Labels, Reader
+
+    from hrmedseg.interchange.label_image import write_ngff_labels
+
+    key = store.image_keys()[-1]  # the fundus photograph: rim and cup classified
+    annotation = store.load(key)
+    out = tmp_path / f"{key}.ome.zarr"
+    write_ngff_labels(out, [annotation], store.classes(), version=version)
+
+    root = zarr.open_group(str(out), mode="r")
+    assert root.metadata.zarr_format == (3 if version == "0.5" else 2)
+    meta = (lambda g: dict(g.attrs)["ome"] if version == "0.5" else dict(g.attrs))
+    assert meta(root)["labels"] == ["annotations"]
+    image = root["annotations"]
+    ms = meta(image)["multiscales"][0]
+    levels = [np.asarray(image[d["path"]][:]) for d in ms["datasets"]]
+    assert np.array_equal(levels[0], annotation.labels) and len(levels) >= 2
+    assert np.array_equal(levels[1], annotation.labels[::2, ::2])  # nearest neighbour: labels stay labels
+    image_label = meta(image)["image-label"]
+    colours = {c["label-value"]: c["rgba"] for c in image_label["colors"]}
+    classes = {c.name: [*c.color, 255] for c in store.classes()}
+    assert colours == {o.id: classes[o.class_name] if o.class_name else [128, 128, 128, 255] for o in annotation.objects}
+    assert [(p["label-value"], p["class"]) for p in image_label["properties"]] == \
+           [(o.id, o.class_name) for o in annotation.objects]
+
+    nodes = list(Reader(parse_url(str(out)))())
+    assert isinstance(nodes[0].specs[0], Labels)
+    (label_node,) = [n for n in nodes if any(isinstance(s, Label) for s in n.specs)]
+    assert np.array_equal(np.asarray(label_node.data[0]), annotation.labels)
+    assert {k: [round(255 * c) for c in v] for k, v in label_node.metadata["color"].items()} == colours
+
+    napari_ome_zarr = pytest.importorskip("napari_ome_zarr")
+    (layer,) = napari_ome_zarr.napari_get_reader(str(out))(str(out))
+    data, layer_meta, kind = layer
+    assert kind == "labels" and np.array_equal(np.asarray(data[0]), annotation.labels)
+    assert layer_meta["properties"]["class"] == [o.class_name for o in annotation.objects]
+
+
+def test_ome_zarr_cli_export_and_import_round_trip(store, tmp_path, capsys):
+    out = tmp_path / "zarrs"
+    assert main(["export", str(store.path), "--format", "ome-zarr", "--out", str(out)]) == 0
+    written = capsys.readouterr().out.split()
+    assert written == [str(out / f"{k}.ome.zarr") for k in store.image_keys()]
+    copy = AnnotationStore.create(tmp_path / "copy")
+    for key, path in zip(store.image_keys(), written):
+        original = store.load(key)
+        assert import_annotations(copy, path, image_source=original.image_source) == [key]
+        assert np.array_equal(copy.load(key).labels, original.labels)
+    assert main(["import", str(copy.path), str(tmp_path / "missing.ome.zarr")]) == 2
+    assert "file to import not found" in capsys.readouterr().err
+    (tmp_path / "empty.ome.zarr").mkdir()
+    assert main(["import", str(copy.path), str(tmp_path / "empty.ome.zarr"), "--image", key]) == 2
+    assert "empty.ome.zarr" in capsys.readouterr().err
+
+
 def test_import_qupath_drawn_polygons(tmp_path):
     """Free-hand outlines as QuPath writes them (a bare list of features, float vertices)."""
     item = held_out(NUCLEI, 1)[0]

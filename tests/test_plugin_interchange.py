@@ -58,3 +58,25 @@ def test_export_button_writes_the_chosen_format(annotator, qtbot, tmp_path, monk
     assert feature["properties"]["classification"]["name"] == "nucleus"
     assert shapely.geometry.shape(feature["geometry"]).area == (ann.labels_layer.data == 1).sum()
     assert (ann.labels_layer.data == 1).any()
+
+
+def test_export_button_offers_ome_zarr(annotator, qtbot, tmp_path, monkeypatch):
+    import zarr
+    from qtpy.QtWidgets import QFileDialog
+
+    ann, widget = annotator, annotator.widget
+    combo = widget.export_row.format_combo
+    assert [combo.itemText(i) for i in range(combo.count())] == ["geojson", "coco", "tiff", "ome-zarr"]
+    widget.class_row.add_class("nucleus")
+    _drag(ann.boxes_layer, (20, 30), (80, 100))
+    _wait(qtbot, ann)
+    out = tmp_path / "nuclei.ome.zarr"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(out), ""))
+    combo.setCurrentText("ome-zarr")
+    widget.export_row.export_button.click()
+    qtbot.waitUntil(out.exists, timeout=60_000)
+    _wait(qtbot, ann)
+    label_image = zarr.open_group(str(out / "annotations"), mode="r")
+    assert (label_image["0"][:] == ann.labels_layer.data).all()
+    (colour,) = label_image.attrs["ome"]["image-label"]["colors"]
+    assert colour == {"label-value": 1, "rgba": [*ann.state.classes[0].color, 255]}
