@@ -101,6 +101,32 @@ def test_geojson_round_trip_keeps_every_object(store, tmp_path):
     assert copy.classes() == store.classes()
 
 
+def test_split_object_is_one_multipolygon_feature(store, tmp_path):
+    """A nucleus cut in two (one object, two pieces) is one Feature with a MultiPolygon, and comes back whole."""
+    key = store.image_keys()[0]
+    annotation = store.load(key)
+    labels = annotation.labels.copy()
+    sizes = np.bincount(labels.ravel())
+    big = int(np.argmax(sizes[1:]) + 1)
+    column = labels[:, int(np.median(np.nonzero(labels == big)[1]))]  # a view: the cut goes into labels
+    column[column == big] = 0
+    from scipy.ndimage import label as components
+
+    assert components(labels == big)[1] >= 2  # the cut really splits it
+    annotation.labels = labels
+    store.save(annotation)
+
+    (path,) = export_annotations(store, "geojson", tmp_path / "split.geojson", [key])
+    features = [f for f in json.loads(path.read_text())["features"] if f["properties"]["object_id"] == big]
+    assert len(features) == 1
+    geometry = shapely.geometry.shape(features[0]["geometry"])
+    assert geometry.geom_type == "MultiPolygon" and len(geometry.geoms) >= 2
+    assert geometry.area == (labels == big).sum()
+    copy = AnnotationStore.create(tmp_path / "copy")
+    import_annotations(copy, path, image_key=key, image_source=annotation.image_source)
+    assert np.array_equal(copy.load(key).labels, labels)
+
+
 def test_coco_loads_in_pycocotools_and_round_trips_pixel_exact(store, tmp_path):
     from pycocotools.coco import COCO
 
