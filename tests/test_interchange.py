@@ -330,6 +330,18 @@ def test_prompt_free_training_takes_store_classes_as_class_index(store):
         assert not channels.any(0)[np.isin(annotation.labels, [o.id for o in annotation.objects if o.class_name is None])].any()
 
 
+def test_prompt_free_finetune_on_a_project_trains_one_channel_per_store_class(store, tmp_path):
+    """End to end (tiny model, CPU): the bundle's classes are the store's, in the store's order."""
+    from hrmedseg.models.hrmedseg_model import load_hrmedseg
+    from hrmedseg.training.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(data=str(store.path), out=str(tmp_path / "model.pt"), encoder_preset="tiny",
+                         img_size=64, batch_size=2, epochs=1, num_workers=0, device="cpu", val_fraction=0.34)
+    finetune(cfg)
+    model = load_hrmedseg(cfg.out)
+    assert model.num_classes == 3 and model.class_names == ("nucleus", "rim", "cup")
+
+
 def test_store_without_classes_keeps_foreground_training(tmp_path):
     from hrmedseg.training.data import discover_samples, store_class_rules
 
