@@ -341,6 +341,20 @@ def test_prompt_free_finetune_on_a_project_trains_one_channel_per_store_class(st
     model = load_hrmedseg(cfg.out)
     assert model.num_classes == 3 and model.class_names == ("nucleus", "rim", "cup")
 
+    # and it leaves as a bioimage.io package whose model card is made from the bundle's provenance
+    from bioimageio.core import test_model
+    from bioimageio.spec import load_description
+
+    rdf = tmp_path / "package" / "rdf.yaml"
+    assert main(["export-model", cfg.out, "--out", str(rdf.parent)]) == 0
+    description = load_description(rdf)
+    assert description.validation_summary.status == "valid-format", description.validation_summary
+    assert [a.id for a in description.outputs[0].axes][1] == "channel"
+    assert [str(n) for n in description.outputs[0].axes[1].channel_names] == ["nucleus", "rim", "cup"]
+    card = (rdf.parent / "README.md").read_text()
+    assert "nucleus, rim, cup" in card and f"| data | {store.path} |" in card and "| val_dice |" in card
+    assert test_model(rdf).status == "passed"
+
 
 def test_store_without_classes_keeps_foreground_training(tmp_path):
     from hrmedseg.training.data import discover_samples, store_class_rules
