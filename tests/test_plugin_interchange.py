@@ -80,3 +80,30 @@ def test_export_button_offers_ome_zarr(annotator, qtbot, tmp_path, monkeypatch):
     assert (label_image["0"][:] == ann.labels_layer.data).all()
     (colour,) = label_image.attrs["ome"]["image-label"]["colors"]
     assert colour == {"label-value": 1, "rgba": [*ann.state.classes[0].color, 255]}
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_annotator_segments_an_ngff_image_opened_by_napari_ome_zarr(make_napari_viewer, predictor, qtbot, tmp_path, version):
+    """napari's reader plugin opens the OME-Zarr pyramid lazily; the dock annotates its full resolution."""
+    pytest.importorskip("napari_ome_zarr")
+    from test_ngff_reading import write_ngff_image
+
+    from napari_hrmedseg._state import ModelInfo
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
+
+    path = tmp_path / "nuclei.ome.zarr"
+    rgb = write_ngff_image(path, version)
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(path), plugin="napari-ome-zarr")
+    layer = layers[0]
+    assert layer.multiscale and [tuple(a.shape[-2:]) for a in layer.data][0] == rgb.shape[:2]
+    widget = AnnotatorWidget(viewer)
+    ann = widget.annotator
+    ann.use_predictor(predictor, ModelInfo(name="random-test", untrained=True))
+    ann.set_image_layer(layer)
+    assert ann.labels_layer.data.shape == rgb.shape[:2]
+    _drag(ann.boxes_layer, (20, 30), (120, 150))
+    _wait(qtbot, ann)
+    assert list(ann.boxes_layer.features["object_id"]) == [1]
+    assert ann.state.objects[1].box is not None
+    widget.close()
