@@ -223,6 +223,16 @@ def test_ome_zarr_cli_export_and_import_round_trip(store, tmp_path, capsys):
     assert "empty.ome.zarr" in capsys.readouterr().err
 
 
+def test_cli_imports_a_plain_png_label_image(tmp_path, capsys):
+    """A dataset's own mask PNG (DSB 2018 instance labels) becomes a project, ids kept."""
+    item = held_out(NUCLEI, 1)[0]
+    project = tmp_path / "p"
+    assert main(["import", str(project), str(NUCLEI / item["mask"]), "--source", str(NUCLEI / item["image"])]) == 0
+    key = item["name"]
+    assert capsys.readouterr().out.strip() == f"{key}: {item['n_instances']} objects"
+    assert np.array_equal(AnnotationStore.open(project).load(key).labels, np.asarray(Image.open(NUCLEI / item["mask"])))
+
+
 def test_import_qupath_drawn_polygons(tmp_path):
     """Free-hand outlines as QuPath writes them (a bare list of features, float vertices)."""
     item = held_out(NUCLEI, 1)[0]
