@@ -90,6 +90,7 @@ def write_label_image(
     *,
     max_id: int | None = None,
     colors: Mapping[int, Sequence[int]] | None = None,
+    properties: Sequence[Mapping[str, Any]] | None = None,
     chunk: int = CHUNK,
     levels: int | None = None,
     version: str = "0.5",
@@ -105,6 +106,8 @@ def write_label_image(
             at a time so the full image is never in memory.
         max_id: the largest label (chooses uint16 or uint32); default: from ``labels``.
         colors: optional {label value: (r, g, b[, a]) 0..255}, written as ``image-label.colors``.
+        properties: optional ``image-label.properties``: one dict per label, each with its
+            ``label-value`` (napari-ome-zarr shows them as the layer's features).
         chunk: chunk side in pixels (every level).
         levels: number of pyramid levels; default: halve until the image fits in one chunk.
         version: NGFF version, "0.5" (zarr v3) or "0.4" (zarr v2).
@@ -146,6 +149,8 @@ def write_label_image(
         image_label: dict[str, Any] = {"version": fmt.version}
         if colour_list is not None:
             image_label["colors"] = colour_list
+        if properties is not None:
+            image_label["properties"] = [dict(p) for p in properties]
         add_metadata(group, {"image-label": image_label}, fmt=fmt)
     return target
 
