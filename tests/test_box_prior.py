@@ -135,3 +135,14 @@ def test_engine_prior_option(prior_model_path):
     plain = BoxPredictor(model, device="cpu", backend="reference").predict_box(image, box)
     auto = BoxPredictor(model, device="cpu", backend="reference", prior="auto").predict_box(image, box)
     assert np.array_equal(auto.mask, plain.mask) or np.array_equal(auto.mask, prior_alone.mask)
+
+
+def test_cli_prior_flag_reaches_the_engine(prior_model_path):
+    from hrmedseg.cli import build_parser
+    from hrmedseg.cli.segment import load_predictor
+
+    argv = ["segment", "img.png", "--out", "l.tif", "--model", str(prior_model_path), "--device", "cpu", "--no-disk-cache"]
+    assert load_predictor(build_parser().parse_args(argv)).prior == "model"
+    assert load_predictor(build_parser().parse_args([*argv, "--prior", "auto"])).prior == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--prior", "circle"])
