@@ -63,6 +63,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--backend", default="auto", choices=("auto", "fast", "fast-bf16", "onnxruntime", "reference"),
         help="box models: auto (bf16 encoder on GPUs, with CUDA graphs, and on AMX CPUs; exact float32 on other CPUs), fast (exact float32), fast-bf16, onnxruntime (CPU; needs the onnx extra), or reference (plain PyTorch)",
     )
+    p.add_argument(
+        "--prior", default="model", choices=("model", "ellipse", "auto"),
+        help="box models: each mask is the model's (default), the ellipse inscribed in its box, or auto: the ellipse "
+             "where its IoU with the model's mask is at least the model's predicted IoU",
+    )
     p.add_argument("--cache-mb", type=int, default=256, help="embedding cache bound in MiB (4 MiB per crop, 16 MiB for SAM2 models; default 256)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--auto", action="store_true", help="segment every object without boxes (box model on each proposal)")
@@ -95,6 +100,7 @@ def load_predictor(args: argparse.Namespace):
         decode_batch=args.batch,
         backend=args.backend,
         disk_cache=not getattr(args, "no_disk_cache", False),
+        prior=getattr(args, "prior", "model"),
     )
     # The policy's input size (and any enlargement its weights record) is the model's, set by BoxPredictor.
     if args.max_upscale is not None:
