@@ -98,7 +98,7 @@ class CropFrames:
     Features of one frame: ``backbone_fpn`` [(1, C/8, S/4, S/4), (1, C/4, S/8, S/8),
     (1, C, S/16, S/16)] (after the mask decoder's ``conv_s0`` / ``conv_s1``, as
     ``SAM2Base.forward_image`` returns them) and ``vision_pos_enc`` (the same three maps'
-    positional encodings, which do not depend on the pixels: computed once, shared).
+    positional encodings, which do not depend on the pixels: computed once, cached, shared).
     """
 
     def __init__(
@@ -108,6 +108,7 @@ class CropFrames:
         self.predictor, self.video, self.slices, self.crop = predictor, video, slices, crop
         self.scaling, self.batch_size, self.step = scaling, max(1, int(batch_size)), 1
         self._positions: list[torch.Tensor] | None = None
+        self._positions_key = ("sam2-video-positions", predictor._model_token, crop.input_size)
         self._latest: dict[int, list[torch.Tensor]] = {}  # the last batch, whatever the cache keeps
         # A frame's image is never read by sam2 past the cache lookup; a stand-in keeps its shape.
         self._image_stand_in = torch.zeros(1, 3, 1, 1, device=video.device)
@@ -137,11 +138,14 @@ class CropFrames:
         self.predictor.encoder_calls += 1
         if self._positions is None:
             self._positions = [p[:1].clone() for p in out["vision_pos_enc"]]
+            self.predictor.cache.put(self._positions_key, self._positions)
         self._latest = {t: [level[i : i + 1].clone() for level in out["backbone_fpn"]] for i, t in enumerate(frames)}
         for t, features in self._latest.items():
             self.predictor.cache.put(self._key(t), features)
 
     def get(self, t: int, default: Any = None) -> tuple[torch.Tensor, dict]:
+        if self._positions is None:
+            self._positions = self.predictor.cache.get(self._positions_key)
         features = self._cached(t)
         if features is None or self._positions is None:
             batch = [t]
@@ -268,7 +272,7 @@ def propagate_sam2(
         crop = tracking_crop(obj.extents[0], shape_yx, predictor, margin)
         frames = CropFrames(predictor, video, slices, crop, scaling, batch)
         state = new_inference_state(video, frames, crop.input_size)
-        box = crop.box_to_input(obj.boxes[0])[0] if obj.has_box(0) else None
+        box = crop.box_to_input(obj.boxes[:1])[0] if obj.has_box(0) else None
         points = (obj.points[0] - [crop.x0, crop.y0]) * crop.scale if len(obj.points[0]) else None
         video.add_new_points_or_box(
             state, frame_idx=z0, obj_id=oid, box=box, points=points,
