@@ -41,8 +41,9 @@ def write_ngff_labels(
     ``class`` and provenance (``object_id``, ``score``, ``model``, ``edited``).
     """
     import zarr
-    from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.writer import add_metadata
+
+    from ..io.ome_zarr import ngff_format
 
     (annotation,) = annotations
     labels = labels_2d(annotation)
@@ -52,7 +53,7 @@ def write_ngff_labels(
     if any(r.class_name for r in records):
         colors = {r.id: class_rgba[r.class_name] if r.class_name else UNCLASSIFIED_RGBA for r in records}
     properties = [{"label-value": r.id, "class": r.class_name, **provenance(r)} for r in records]
-    fmt = FormatV05() if version == "0.5" else FormatV04()
+    fmt = ngff_format(version)
     with atomic_dir(path) as tmp:
         write_label_image(tmp / NGFF_LABEL_NAME, labels, colors=colors, properties=properties, version=version,
                           name=annotation.image_key)

@@ -70,6 +70,15 @@ def _pyramid_shapes(shape: tuple[int, int], chunk: int, levels: int | None) -> l
     return shapes
 
 
+def ngff_format(version: str):
+    """ome-zarr-py's format object of NGFF ``version`` ("0.5": zarr v3, "0.4": zarr v2); InputError otherwise."""
+    from ome_zarr.format import FormatV04, FormatV05
+
+    if version not in NGFF_VERSIONS:
+        raise InputError(f"NGFF version {version!r} is not supported; use one of {NGFF_VERSIONS}")
+    return FormatV05() if version == "0.5" else FormatV04()
+
+
 def _colour_metadata(colors: Mapping[int, Sequence[int]] | None) -> list[dict] | None:
     if colors is None:
         return None
@@ -117,14 +126,11 @@ def write_label_image(
     Returns the path written.
     """
     import zarr
-    from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.writer import add_metadata, write_multiscales_metadata
 
-    if version not in NGFF_VERSIONS:
-        raise InputError(f"NGFF version {version!r} is not supported; use one of {NGFF_VERSIONS}")
+    fmt = ngff_format(version)
     shape, read, top = label_source(labels, max_id=max_id)
     dtype = label_dtype(top)
-    fmt = FormatV05() if version == "0.5" else FormatV04()
     colour_list = _colour_metadata(colors)
     shapes = _pyramid_shapes(tuple(int(s) for s in shape), chunk, levels)
     target = Path(path)
@@ -195,4 +201,4 @@ def open_ome_zarr(path: str | os.PathLike, channel: int | Sequence[int] | None =
     return ArrayImage(arrays, channel=channel, axes=axes, name=str(path), source_key=key)
 
 
-__all__ = ["CHUNK", "NGFF_VERSIONS", "open_ome_zarr", "write_label_image"]
+__all__ = ["CHUNK", "NGFF_VERSIONS", "ngff_format", "open_ome_zarr", "write_label_image"]
