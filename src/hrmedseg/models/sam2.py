@@ -33,7 +33,7 @@ from .info import LoadedModel, ModelMetadata, Sam2Settings
 from .layers import LayerNorm2d
 from .neck import EncoderConfig, HRMedSegEncoder, SamNeck
 from .preprocessing import Preprocessing
-from .state_dict import describe_mismatch
+from .state_dict import compare_state, describe_mismatch
 
 SAM2_DECODER_ARCHITECTURE = "sam2_prompt_decoder"
 HRMEDSEG_SAM2_ARCHITECTURE = "hrmedseg_sam2"
@@ -367,9 +367,7 @@ def read_sam2_decoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 def _load_decoder_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load decoder tensors into SAM2Base: all image-path tensors required, memory tensors optional."""
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("image_encoder.")}
-    unexpected = sorted(set(state) - set(own))
-    missing = [k for k in own if _is_image_path_key(k) and k not in state]
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    missing, unexpected, mismatched = compare_state(own, state, [k for k in own if _is_image_path_key(k)])
     if unexpected or missing or mismatched:
         raise WeightsError(f"{source} does not fit the SAM2 decoder: " + describe_mismatch(missing, unexpected, mismatched))
     model.load_state_dict(state, strict=False)

@@ -30,7 +30,7 @@ from torch import nn
 from ..weights.bundle import WeightsError
 from .info import LoadedModel, Sam2Settings
 from .sam2 import DEFAULT_SAM2_CONFIG, _is_image_path_key, build_sam2_base, read_sam2_decoder
-from .state_dict import describe_mismatch
+from .state_dict import compare_state, describe_mismatch
 
 # sam2 fills small holes in its masks with a CUDA extension (sam2._C); without it, every frame
 # would only warn that the step is skipped.
@@ -148,9 +148,8 @@ def load_sam2_memory(loaded: LoadedModel, checkpoint: str | os.PathLike) -> Load
     if not found.get("memory") or not memory:
         raise WeightsError(f"{checkpoint} holds no SAM2 video-memory tensors; pass a SAM2 checkpoint such as sam2.1_hiera_tiny.pt")
     own = model.state_dict()
-    unexpected = sorted(set(memory) - set(own))
-    missing = sorted(k for k in own if not k.startswith("image_encoder.") and not _is_image_path_key(k) and k not in memory)
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in memory.items() if k in own and v.shape != own[k].shape]
+    required = sorted(k for k in own if not k.startswith("image_encoder.") and not _is_image_path_key(k))
+    missing, unexpected, mismatched = compare_state(own, memory, required)
     if unexpected or missing or mismatched:
         raise WeightsError(f"{checkpoint} does not fit this model's memory modules: " + describe_mismatch(missing, unexpected, mismatched))
     model.load_state_dict(memory, strict=False)
