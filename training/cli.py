@@ -26,28 +26,27 @@ def print_event(event: dict) -> None:
     print(EVENT_PREFIX + json.dumps(clean, default=str), flush=True)
 
 
-def _iou_mae_text(event: dict) -> str:
-    """', IoU-head MAE 0.0812' for box runs (the score's error on the held-out masks), else ''."""
-    value = event.get("val_iou_mae")
-    return f", IoU-head MAE {value:.4f}" if isinstance(value, float) and math.isfinite(value) else ""
+# Optional validation figures a log line reports when the run has them: (event key, label).
+# val_dice_clicks: --clicks runs' Dice after the simulated clicks; val_iou_mae: box runs' score error.
+_OPTIONAL_FIGURES = (("val_dice_clicks", "after clicks"), ("val_iou_mae", "IoU-head MAE"))
 
 
-def _clicks_text(event: dict) -> str:
-    """', after clicks 0.9512' for --clicks runs (val Dice after the simulated clicks), else ''."""
-    value = event.get("val_dice_clicks")
-    return f", after clicks {value:.4f}" if isinstance(value, float) and math.isfinite(value) else ""
+def _optional_figures_text(event: dict) -> str:
+    """', after clicks 0.9512, IoU-head MAE 0.0812' for the figures ``event`` has (finite), else ''."""
+    values = [(label, event.get(key)) for key, label in _OPTIONAL_FIGURES]
+    return "".join(f", {label} {v:.4f}" for label, v in values if isinstance(v, float) and math.isfinite(v))
 
 
 def _log_event(event: dict) -> None:
     kind = event.get("event")
     if kind == "baseline":
-        print(f"before training: val Dice {event['val_dice']:.4f}{_clicks_text(event)}{_iou_mae_text(event)} on "
+        print(f"before training: val Dice {event['val_dice']:.4f}{_optional_figures_text(event)} on "
               f"{event.get('val_masks', 0)} held-out masks", file=sys.stderr)
     elif kind == "epoch":
         print(
             f"epoch {event['epoch']}: train loss {event['train_loss']:.4f}, val loss {event['val_loss']:.4f}, "
-            f"val Dice {event['val_dice']:.4f}{_clicks_text(event)}"
-            f"{_iou_mae_text(event)}{' (best, saved)' if event['improved'] else ''}, "
+            f"val Dice {event['val_dice']:.4f}{_optional_figures_text(event)}"
+            f"{' (best, saved)' if event['improved'] else ''}, "
             f"{event['images_per_s']:.1f} images/s",
             file=sys.stderr,
         )

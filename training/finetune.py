@@ -367,6 +367,12 @@ def batch_loss(model: nn.Module, batch: dict, preprocessing: Preprocessing, devi
     return loss, len(masks)
 
 
+def _dice_at_mask_size(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(K,) Dice on the CPU of (K, 1, h, w) low-res ``logits``, upsampled bilinearly, against (K, H, W) ``masks``."""
+    up = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    return dice_per_mask(up[:, 0] > 0, masks).cpu()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, preprocessing: Preprocessing, device: torch.device,
              autocast: Callable, clicks: int = 0) -> dict[str, float]:
@@ -401,8 +407,7 @@ def evaluate(model: nn.Module, loader: DataLoader, preprocessing: Preprocessing,
             masks = masks.to(device)
             low_target = F.adaptive_avg_pool2d(masks[:, None].float(), logits.shape[-2:])
             losses.append((segmentation_loss(logits, low_target).item(), len(masks)))
-            up = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-            dices.append(dice_per_mask(up[:, 0] > 0, masks).cpu())
+            dices.append(_dice_at_mask_size(logits, masks))
             # The IoU head's error against the IoU the loss trains it on (the thresholded mask at the
             # loss's resolution).
             iou_errors.append((pred_iou.float() - actual_iou(logits, low_target)).abs().cpu())
@@ -411,9 +416,7 @@ def evaluate(model: nn.Module, loader: DataLoader, preprocessing: Preprocessing,
             with autocast():
                 last, _ = model(images, boxes, refine=InteractiveRefinement(
                     boxes, masks, [True] * clicks, unwrap(model).input_size))[-1]
-            full = torch.cat([m for m in masks if len(m)])
-            up = F.interpolate(last.float(), size=full.shape[-2:], mode="bilinear", align_corners=False)
-            click_dices.append(dice_per_mask(up[:, 0] > 0, full).cpu())
+            click_dices.append(_dice_at_mask_size(last, torch.cat([m for m in masks if len(m)])))
     model.train()
     result: dict = {"val_loss": float("nan"), "val_dice": float("nan"), "val_masks": 0}
     if dices and sum(len(d) for d in dices):
