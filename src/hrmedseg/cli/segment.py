@@ -168,16 +168,19 @@ def run(args: argparse.Namespace) -> int:
             )
     finally:
         bar.close()
-    return write_results(image, out, table, labels, records)
+    return write_results(image, out, table, labels, records, source=f"box file {args.boxes}" if args.boxes else f"point file {args.points}")
 
 
-def write_results(image, out: Path, table: Path, labels, records) -> int:
-    """Label TIFF + per-object table (both atomic), a summary line, a warning for empty masks."""
-    from ..io import write_label_tiff, write_object_table
+def write_results(image, out: Path, table: Path, labels, records, source: str) -> int:
+    """Label TIFF + per-object table (both atomic), a summary line, a warning for empty masks.
+
+    ``source`` names where the boxes came from, for the warning's "row N of SOURCE".
+    """
+    from ..io import box_label, write_label_tiff, write_object_table
 
     write_label_tiff(out, labels, max_id=max((r.id for r in records), default=0))
     write_object_table(table, records)
-    empty = [box_label(r.box_index, r.box, f"box file {args.boxes}") for r in records if r.empty]
+    empty = [box_label(r.box_index, r.box, source) for r in records if r.empty]
     print(f"wrote {out} ({image.shape_yx[0]} x {image.shape_yx[1]}, {len(records) - len(empty)} objects) and {table}")
     if empty:
         shown = "; ".join(empty[:20]) + (" ..." if len(empty) > 20 else "")
@@ -203,7 +206,7 @@ def run_auto(args: argparse.Namespace, image, out: Path, table: Path) -> int:
         labels, records = predictor.segment_auto(image, proposer=args.proposer, labels=labels, progress=progress)
     finally:
         bar.close()
-    return write_results(image, out, table, labels, records)
+    return write_results(image, out, table, labels, records, source="the automatic proposals")
 
 
 def load_semantic_predictor(args: argparse.Namespace):
