@@ -21,8 +21,10 @@ Measures, with random weights (speed and geometry only, no segmentation quality)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import time
+from unittest import mock
 from datetime import datetime, timezone
 
 import numpy as np
@@ -140,6 +142,49 @@ def compare_backends(model, image, boxes, device, policy, backends: list[str], r
     return out
 
 
+@contextlib.contextmanager
+def step_timer(predictor, device):
+    """Time the steps of predictor's calls: yields {step: seconds}, summed over calls.
+
+    The real functions run, wrapped (module attributes of hrmedseg.engine.predictor and the
+    encoder's and decoder's classes' ``__call__``), so the breakdown is of the real call path.
+    """
+    import hrmedseg.engine.predictor as engine
+
+    seconds: dict[str, float] = {}
+
+    def timing(step, fn):
+        def run(*args, **kwargs):
+            out, t = timed(lambda: fn(*args, **kwargs), device)
+            seconds[step] = seconds.get(step, 0.0) + t
+            return out
+        return run
+
+    steps = {
+        "intensity_stats": (engine, "compute_scaling"),
+        "read_and_resize_crop": (engine, "read_crop"),
+        "box_prior": (engine, "add_box_prior"),
+        "prior_rule": (engine, "apply_prior_rule"),
+        "mask_to_native": (engine, "logits_to_native_batch"),
+        "encoder": (type(predictor.encoder), "__call__"),
+        "decoder": (type(predictor.decoder), "__call__"),
+    }
+    with contextlib.ExitStack() as stack:
+        for step, (owner, name) in steps.items():
+            stack.enter_context(mock.patch.object(owner, name, timing(step, getattr(owner, name))))
+        yield seconds
+
+
+def first_box_breakdown(predictor, image, box, device) -> dict:
+    """One first box on a new region (fresh caches), end to end and per step; "other" is the rest."""
+    predictor.clear_cache()
+    with step_timer(predictor, device) as seconds:
+        _, total = timed(lambda: predictor.predict_box(image, box), device)
+    out = {"total_s": round(total, 4)} | {f"{k}_s": round(v, 4) for k, v in seconds.items()}
+    out["other_s"] = round(total - sum(seconds.values()), 4)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -184,6 +229,8 @@ def main() -> None:
     first_box = boxes[0]
     _, t_first = timed(lambda: predictor.predict_box(image, first_box), device)
     results["first_box_new_region_s"] = round(t_first, 4)
+    # Where the first box's time goes (a new region again: fresh caches, the same box)
+    results["first_box_breakdown"] = first_box_breakdown(predictor, image, first_box, device)
     crop = predictor.predict_box(image, first_box).crop
     same = [b for b in boxes[1:] if crop.y0 <= b[1] - 16 and b[3] + 16 <= crop.y0 + crop.size and crop.x0 <= b[0] - 16 and b[2] + 16 <= crop.x0 + crop.size]
     rng = np.random.default_rng(1)

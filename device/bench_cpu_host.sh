@@ -15,3 +15,7 @@ for t in ${THREADS:-2 16}; do
   OMP_NUM_THREADS=$t timeout 300 python3 bench/bench_engine.py --threads "$t" --no-baseline \
     --backends fast,fast-bf16 --repeats 2 --json "$OUT/engine_t$t.json" > /dev/null 2>"$OUT/engine_t$t.err"
 done
+# Where the first box on a new region goes (encoder, decoder, mask to native, crop I/O, ...)
+for t in ${THREADS:-2 16}; do
+  python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print('threads', sys.argv[2], 'first box', r['first_box_new_region_s'], 's; breakdown', r['first_box_breakdown'])" "$OUT/engine_t$t.json" "$t" | tee "$OUT/first_box_t$t.txt"
+done
