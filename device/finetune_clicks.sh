@@ -24,12 +24,13 @@ $PY -m hrmedseg.training.cli finetune --model hrmedseg-sam --init "$INIT" --data
   --out runs/ft_clicks.pt --input-mode crop --img-size 1024 --scale 2 --batch-size "${BATCH:-8}" --max-boxes "${BOXES:-8}" \
   --clicks "$CLICKS" --click-mask-only 2 --lr "${LR:-5e-5}" --lr-decay 0.98 --epochs 400 --patience 400 --amp \
   --num-workers "$WORKERS" --time-limit-min "$MINUTES" --device "$DEVICE" \
-  --note "click fine-tuning (--clicks $CLICKS) from hrmedseg_sam_default on box_train (device/finetune_clicks.sh)" $EXTRA 2>&1 \
+  --note "${NOTE:-click fine-tuning (--clicks $CLICKS) from $INIT on box_train (device/finetune_clicks.sh)}" $EXTRA 2>&1 \
   | tr '\r' '\n' | grep -v "step/s" > "$OUT_DIR/finetune_clicks.txt" || echo "ft_clicks failed"
 grep "^done\|^before\|^epoch" "$OUT_DIR/finetune_clicks.txt" | tail -5
 echo "fine-tuning: $(( $(date +%s) - start )) s"
 $PY -c "from hrmedseg.weights.bundle import convert_bundle_dtype as c; c('runs/ft_clicks.pt', '$OUT_DIR/ft_clicks.pt')"
 cp runs/ft_clicks.log.csv "$OUT_DIR/"
+if [ -n "${SKIP_BENCH:-}" ]; then exit 0; fi  # the held-out benchmark runs elsewhere (e.g. with LiteMedSAM on a CPU)
 # The held-out split as bench/bench_clicks.py reads it (manifests over the payload's *_val folders).
 $PY - "$DATA" runs/heldout <<'PY'
 import json, sys
