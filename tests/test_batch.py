@@ -265,3 +265,50 @@ def test_prompt_free_tile_tasks_merge_without_seams(tmp_path, models, client, mo
     ann = json.loads((tmp_path / "split" / "slide" / "annotations.json").read_text())
     assert [o["id"] for o in ann["objects"]] == sorted(int(v) for v in np.unique(tiled) if v)
     assert split.images["slide"]["objects"] == whole.images["slide"]["objects"]
+
+
+def test_ctrl_c_stops_cleanly_and_rerun_resumes(tmp_path, models):
+    """SIGINT after the first image completes: exit 130, one line, only complete images, no workers left."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    keys = [f"img{i}" for i in range(6)]
+    for i, key in enumerate(keys):
+        tifffile.imwrite(folder / f"{key}.tif", _smooth_image((320, 320), i))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "hrmedseg.cli", "batch", str(folder), "--out", str(out), "--auto", "--model", models["nuclei"],
+           "--workers", "1", "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "manifest.json").exists() and "done" in {e["status"] for e in _manifest(out)["images"].values()}):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.poll() is not None else "timeout"
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "hrmedseg batch: interrupted"
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [" ".join(c.cmdline()[-3:]) for c in alive]
+    done = {k for k, e in _manifest(out)["images"].items() if e["status"] == "done"}
+    assert done and done < set(keys)
+    # Every image folder is complete (one may be complete but not yet in the manifest: it is redone);
+    # no temporary (partial) folder is left.
+    folders = {p.name for p in out.iterdir() if p.name != "manifest.json"}
+    assert done <= folders <= set(keys)
+    for key in folders:
+        assert _labels(out, key).shape == (320, 320) and (out / key / "annotations.json").is_file()
+    # re-running finishes the rest and leaves the done images as they were
+    before = {k: (out / k / "annotations.json").stat().st_mtime_ns for k in done}
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=600).returncode == 0
+    assert {k: (out / k / "annotations.json").stat().st_mtime_ns for k in done} == before
+    assert {e["status"] for e in _manifest(out)["images"].values()} == {"done"}
