@@ -229,3 +229,86 @@ def test_model_loading_skips_torchvision_until_segment_anything_names_are_used(m
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _smooth_image(shape, seed):
+    from scipy import ndimage
+
+    img = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), 6)
+    return ((img - img.min()) / (img.max() - img.min()) * 255).astype(np.uint8)
+
+
+def test_plan_tiles_covers_the_image_once():
+    from hrmedseg.batch import plan_tiles
+
+    assert plan_tiles((300, 256), 300) == [None]
+    cells = plan_tiles((300, 400), 128)
+    cover = np.zeros((300, 400), np.int32)
+    for y0, y1, x0, x1 in cells:
+        cover[y0:y1, x0:x1] += 1
+    assert len(cells) == 12 and (cover == 1).all()
+
+
+@pytest.mark.parametrize("mode", ["semantic", "auto"])
+def test_prompt_free_tile_tasks_merge_without_seams(tmp_path, models, client, mode):
+    tifffile.imwrite(tmp_path / "slide.tif", _smooth_image((300, 400), 2), tile=(128, 128))
+    jobs = expand_inputs([tmp_path / "slide.tif"])
+    whole = run_batch(client, jobs, tmp_path / "whole", BatchConfig(mode, models["nuclei"], device="cpu", region_size=8192), progress=False)
+    split = run_batch(client, jobs, tmp_path / "split", BatchConfig(mode, models["nuclei"], device="cpu", region_size=128), progress=False)
+    assert whole.images["slide"]["regions"] == 1 and split.images["slide"]["regions"] == 12
+    one, tiled = _labels(tmp_path / "whole", "slide"), _labels(tmp_path / "split", "slide")
+    np.testing.assert_array_equal(one, tiled)
+    # Objects cut by a cell border are one object, not one per cell.
+    crossing = set(np.unique(tiled[127])) & set(np.unique(tiled[128])) - {0}
+    crossing |= set(np.unique(tiled[:, 255])) & set(np.unique(tiled[:, 256])) - {0}
+    assert tiled.max() > 3 and crossing
+    ann = json.loads((tmp_path / "split" / "slide" / "annotations.json").read_text())
+    assert [o["id"] for o in ann["objects"]] == sorted(int(v) for v in np.unique(tiled) if v)
+    assert split.images["slide"]["objects"] == whole.images["slide"]["objects"]
+
+
+def test_ctrl_c_stops_cleanly_and_rerun_resumes(tmp_path, models):
+    """SIGINT after the first image completes: exit 130, one line, only complete images, no workers left."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    keys = [f"img{i}" for i in range(6)]
+    for i, key in enumerate(keys):
+        tifffile.imwrite(folder / f"{key}.tif", _smooth_image((320, 320), i))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "hrmedseg.cli", "batch", str(folder), "--out", str(out), "--auto", "--model", models["nuclei"],
+           "--workers", "1", "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "manifest.json").exists() and "done" in {e["status"] for e in _manifest(out)["images"].values()}):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.poll() is not None else "timeout"
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "hrmedseg batch: interrupted"
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [" ".join(c.cmdline()[-3:]) for c in alive]
+    done = {k for k, e in _manifest(out)["images"].items() if e["status"] == "done"}
+    assert done and done < set(keys)
+    # Every image folder is complete (one may be complete but not yet in the manifest: it is redone);
+    # no temporary (partial) folder is left.
+    folders = {p.name for p in out.iterdir() if p.name != "manifest.json"}
+    assert done <= folders <= set(keys)
+    for key in folders:
+        assert _labels(out, key).shape == (320, 320) and (out / key / "annotations.json").is_file()
+    # re-running finishes the rest and leaves the done images as they were
+    before = {k: (out / k / "annotations.json").stat().st_mtime_ns for k in done}
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=600).returncode == 0
+    assert {k: (out / k / "annotations.json").stat().st_mtime_ns for k in done} == before
+    assert {e["status"] for e in _manifest(out)["images"].values()} == {"done"}

@@ -294,3 +294,18 @@ def test_cli_without_boxes_needs_a_prompt_free_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--boxes is required" in err and "box.pt" in err and "Traceback" not in err
     assert out.read_bytes() == b"previous"
+
+
+def test_label_blocks_within_windows_split_the_model_calls():
+    from hrmedseg.batch.tasks import plan_tiles
+    from hrmedseg.engine.semantic import assemble_labels
+
+    torch.manual_seed(0)
+    model = build_hrmedseg(1, EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6), img_size=64)).eval()
+    predictor = SemanticPredictor(model, device="cpu", geometry=InputGeometry("crop", 64, 1.0))
+    image = np.random.default_rng(0).integers(0, 255, (150, 200), dtype=np.uint8)
+    whole = predictor.segment(image)
+    calls = predictor.model_calls
+    blocks = [b for window in plan_tiles(image.shape, 70) for b in predictor.label_blocks(image, within=window)]
+    assert predictor.model_calls == 2 * calls  # each model call made by exactly one window
+    np.testing.assert_array_equal(assemble_labels(image.shape, 1, blocks), whole)

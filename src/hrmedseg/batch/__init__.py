@@ -10,7 +10,7 @@
 from .inputs import ImageJob, expand_inputs
 from .manifest import Manifest
 from .run import model_digest, run_batch
-from .tasks import MODES, OUTPUT_FORMATS, BatchConfig, auto_instances, plan_box_regions
+from .tasks import MODES, OUTPUT_FORMATS, BatchConfig, plan_box_regions, plan_tiles
 from .worker_cache import WorkerSetup
 
 __all__ = [
@@ -20,9 +20,9 @@ __all__ = [
     "ImageJob",
     "Manifest",
     "WorkerSetup",
-    "auto_instances",
     "expand_inputs",
     "model_digest",
     "plan_box_regions",
+    "plan_tiles",
     "run_batch",
 ]

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 from .inputs import ImageJob
 from .manifest import Manifest
-from .tasks import BatchConfig, finish_boxes, plan_box_regions, read_job_boxes, segment_box_region, segment_image
+from .tasks import (BatchConfig, finish_boxes, finish_prompt_free, plan_box_regions, plan_tiles, read_job_boxes, segment_box_region,
+                    segment_image, segment_tile)
 
 
 def model_digest(model: str) -> dict[str, Any]:
@@ -34,16 +35,24 @@ def _clear_stale_temporaries(out: Path) -> None:
 
 
 def submit(client: Any, job: ImageJob, cfg: BatchConfig, out: str) -> tuple[Any, list[Any]]:
-    """``(image future, region futures)``: one task, or region tasks and a merge for big slides."""
+    """``(image future, region futures)``: one task, or region / tile tasks and a merge for big slides.
+
+    Planning reads box files (boxes) or the image's header (prompt-free: its size), never pixels.
+    """
+    from ..io import image_shape_yx
+
     key = f"hrmedseg-{job.key}"
     if cfg.mode == "boxes":
-        try:
-            groups = plan_box_regions(read_job_boxes(job), cfg.region_size)
-        except Exception as err:  # noqa: BLE001 - recorded as the image's error by the caller
-            return client.submit(_raise, err, key=key), []
-        if len(groups) > 1:
-            regions = [client.submit(segment_box_region, job, cfg, g, key=f"{key}-region{i}", pure=False) for i, g in enumerate(groups)]
-            return client.submit(finish_boxes, job, cfg, out, *regions, key=key, pure=False), regions
+        plan, part, finish = lambda: plan_box_regions(read_job_boxes(job), cfg.region_size), segment_box_region, finish_boxes
+    else:
+        plan, part, finish = lambda: plan_tiles(image_shape_yx(job.image), cfg.region_size), segment_tile, finish_prompt_free
+    try:
+        groups = plan()
+    except Exception as err:  # noqa: BLE001 - recorded as the image's error by the caller
+        return client.submit(_raise, err, key=key), []
+    if len(groups) > 1:
+        regions = [client.submit(part, job, cfg, g, key=f"{key}-region{i}", pure=False) for i, g in enumerate(groups)]
+        return client.submit(finish, job, cfg, out, *regions, key=key, pure=False), regions
     return client.submit(segment_image, job, cfg, out, key=key, pure=False), []
 
 

@@ -8,6 +8,14 @@ Boxes on a slide larger than ``BatchConfig.region_size`` are split into region t
 grouped by the region cell holding their centre); each returns its objects' bit-packed masks and
 a final task pastes all of them in box order into one :class:`~hrmedseg.engine.SparseLabels`,
 so the result is the same however the slide was split (no seams).
+
+Prompt-free modes (``semantic``, ``auto``) on a slide larger than ``region_size`` are split into
+tile tasks, one per ``region_size`` cell: each runs the model calls of
+:class:`~hrmedseg.engine.semantic.SemanticPredictor`'s own overlapping tiling whose kept block
+starts in its cell (``within``), so every pixel gets the logits of the same model tile as in one
+task, and returns its thresholded blocks (foreground bit-packed). The final task assembles them
+with :func:`~hrmedseg.engine.semantic.assemble_labels`, which labels connected components over
+the whole slide: an object cut by a cell border is one object, as in one task.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ class BatchConfig:
 
     mode: "boxes", "semantic" or "auto". model: registry name or weights path. model_sha256:
     digest recorded in outputs. output_format: "ome-zarr" or "tiff". region_size: boxes spread
-    over more than this many pixels (either axis) are split into region tasks of this size.
+    over more than this many pixels (either axis) are split into region tasks of this size;
+    prompt-free images larger than this (either axis) into tile tasks of this size.
     """
 
     mode: str
@@ -95,15 +104,12 @@ def semantic_predictor(cfg: BatchConfig):
     return cached(f"semantic:{cfg.model}:{cfg.device}", build)
 
 
-def auto_instances(predictor: Any, image: Any, threshold: float) -> np.ndarray:
-    """Automatic instances: connected components of a one-class prompt-free model's mask.
-
-    (H, W) int32, ids 1..N. Stands in for the annotators' ``segment_auto`` until it lands:
-    swapping it in means changing this function only.
-    """
-    if predictor.num_classes != 1:
+def prompt_free_predictor(cfg: BatchConfig):
+    """``(SemanticPredictor, loads)`` for the semantic and auto modes; auto needs one class."""
+    predictor, loads = semantic_predictor(cfg)
+    if cfg.mode == "auto" and predictor.num_classes != 1:
         raise InputError(f"--auto needs a one-class (nuclei-like) prompt-free model; {predictor.source} has {predictor.num_classes} classes")
-    return predictor.segment(image, threshold=threshold)
+    return predictor, loads
 
 
 def read_job_boxes(job: ImageJob) -> np.ndarray:
@@ -134,6 +140,30 @@ def plan_box_regions(boxes: np.ndarray, region_size: int) -> list[np.ndarray]:
     return [np.asarray(g) for g in groups.values()]
 
 
+def plan_tiles(shape_yx: tuple[int, int], region_size: int) -> list[tuple[int, int, int, int] | None]:
+    """Tile task windows (y0, y1, x0, x1) of a prompt-free image: ``[None]`` (the whole image in
+    one task) if it is at most ``region_size`` on both axes, else its ``region_size`` cells, row-major."""
+    h, w = shape_yx
+    if max(h, w) <= region_size:
+        return [None]
+    return [(y, min(y + region_size, h), x, min(x + region_size, w)) for y in range(0, h, region_size) for x in range(0, w, region_size)]
+
+
+def _task_stats(t0: float, loads: int) -> dict[str, Any]:
+    return {"seconds": time.perf_counter() - t0, "worker": _worker_name(), "model_loads": loads, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _image_summary(job: ImageJob, parts: Sequence[dict[str, Any]], t0: float, objects: int, write_s: float) -> dict[str, Any]:
+    """The manifest entry of an image whose ``parts`` (region or tile task results) were merged."""
+    segment_s = sum(p["seconds"] for p in parts)
+    return {"key": job.key, "status": "done", "objects": objects, "regions": len(parts),
+            "segment_seconds": round(segment_s, 3), "write_seconds": round(write_s, 3),
+            "seconds": round(segment_s + time.perf_counter() - t0, 3),
+            "worker": _worker_name(), "region_workers": sorted({p["worker"] for p in parts}),
+            "model_loads": max(p["model_loads"] for p in parts),
+            "peak_rss_mib": max([p["peak_rss_mib"] for p in parts] + [_peak_rss_mib()])}
+
+
 @releases_memory
 def segment_box_region(job: ImageJob, cfg: BatchConfig, indices: Sequence[int]) -> dict[str, Any]:
     """Segment the boxes ``indices`` of ``job``'s image; returns their packed masks and timings."""
@@ -151,8 +181,7 @@ def segment_box_region(job: ImageJob, cfg: BatchConfig, indices: Sequence[int]) 
             PackedObject(int(indices[o.box_index]), tuple(o.box), tuple(o.region), np.packbits(o.mask, axis=None), float(o.score))
             for o in predictor.predict_boxes(image, boxes[indices])
         ]
-    return {"objects": objects, "shape_yx": tuple(image.shape_yx), "seconds": time.perf_counter() - t0,
-            "worker": _worker_name(), "model_loads": loads, "peak_rss_mib": _peak_rss_mib()}
+    return {"objects": objects, "shape_yx": tuple(image.shape_yx), **_task_stats(t0, loads)}
 
 
 @releases_memory
@@ -172,12 +201,52 @@ def finish_boxes(job: ImageJob, cfg: BatchConfig, out: str, *parts: dict[str, An
         records.append(ObjectRecord(id=packed.box_index + 1, box_xyxy=tuple(box), prompt={"type": "box", "box_xyxy": box},
                                     model=model, score=packed.score))
     write_s = write_image_outputs(Path(out), job, labels, records, cfg.output_format, max_id=max(len(objects), 1))
-    return {"key": job.key, "status": "done", "objects": len(records), "regions": len(parts),
-            "segment_seconds": round(sum(p["seconds"] for p in parts), 3), "write_seconds": round(write_s, 3),
-            "seconds": round(sum(p["seconds"] for p in parts) + time.perf_counter() - t0, 3),
-            "worker": _worker_name(), "region_workers": sorted({p["worker"] for p in parts}),
-            "model_loads": max(p["model_loads"] for p in parts),
-            "peak_rss_mib": max([p["peak_rss_mib"] for p in parts] + [_peak_rss_mib()])}
+    return _image_summary(job, parts, t0, len(records), write_s)
+
+
+@releases_memory
+def segment_tile(job: ImageJob, cfg: BatchConfig, within: tuple[int, int, int, int] | None) -> dict[str, Any]:
+    """Prompt-free blocks of the model calls owned by ``within`` (None: the whole image).
+
+    ``blocks``: (y0, y1, x0, x1, data): one class, the foreground bit-packed (``np.packbits``
+    of the (h, w) block); several, the (h, w) uint8 class block.
+    """
+    from ..io import open_image
+
+    t0 = time.perf_counter()
+    predictor, loads = prompt_free_predictor(cfg)
+    image = open_image(job.image)
+    one_class = predictor.num_classes == 1
+    blocks = [(y0, y1, x0, x1, np.packbits(b, axis=None) if one_class else b)
+              for y0, y1, x0, x1, b in predictor.label_blocks(image, cfg.threshold, within=within)]
+    return {"blocks": blocks, "shape_yx": tuple(image.shape_yx), "num_classes": predictor.num_classes,
+            "class_names": list(predictor.class_names), **_task_stats(t0, loads)}
+
+
+def _unpacked(parts: Sequence[dict[str, Any]]):
+    for part in parts:
+        for y0, y1, x0, x1, data in part["blocks"]:
+            if part["num_classes"] == 1:
+                data = np.unpackbits(data, count=(y1 - y0) * (x1 - x0)).reshape(y1 - y0, x1 - x0).view(bool)
+            yield y0, y1, x0, x1, data
+
+
+@releases_memory
+def finish_prompt_free(job: ImageJob, cfg: BatchConfig, out: str, *parts: dict[str, Any]) -> dict[str, Any]:
+    """Assemble every tile's blocks into the image's labels (instances labelled over the whole
+    image, so none is cut at a tile border) and write the image's outputs."""
+    from ..engine.semantic import assemble_labels
+    from ..store import ObjectRecord
+
+    t0 = time.perf_counter()
+    num_classes = parts[0]["num_classes"]
+    labels = assemble_labels(parts[0]["shape_yx"], num_classes, _unpacked(parts))
+    model = {"name": cfg.model, "sha256": cfg.model_sha256}
+    ids = [int(v) for v in np.unique(labels) if v]
+    records = [ObjectRecord(id=i, prompt={"type": cfg.mode}, model=model) for i in ids]
+    write_s = write_image_outputs(Path(out), job, labels, records, cfg.output_format, max_id=max(ids, default=0),
+                                  class_names=None if num_classes == 1 else parts[0]["class_names"])
+    return _image_summary(job, parts, t0, len(records), write_s)
 
 
 @releases_memory
@@ -185,22 +254,4 @@ def segment_image(job: ImageJob, cfg: BatchConfig, out: str) -> dict[str, Any]:
     """One task for one image: segment it in ``cfg.mode`` and write its outputs."""
     if cfg.mode == "boxes":
         return finish_boxes(job, cfg, out, segment_box_region(job, cfg, np.arange(len(read_job_boxes(job)))))
-    from ..io import open_image
-    from ..store import ObjectRecord
-
-    t0 = time.perf_counter()
-    predictor, loads = semantic_predictor(cfg)
-    image = open_image(job.image)
-    if cfg.mode == "auto":
-        labels = auto_instances(predictor, image, cfg.threshold)
-    else:
-        labels = predictor.segment(image, threshold=cfg.threshold)
-    segment_s = time.perf_counter() - t0
-    model = {"name": cfg.model, "sha256": cfg.model_sha256}
-    ids = [int(v) for v in np.unique(labels) if v]
-    records = [ObjectRecord(id=i, prompt={"type": cfg.mode}, model=model) for i in ids]
-    write_s = write_image_outputs(Path(out), job, labels, records, cfg.output_format, max_id=max(ids, default=0),
-                                  class_names=None if predictor.num_classes == 1 else predictor.class_names)
-    return {"key": job.key, "status": "done", "objects": len(records), "regions": 1, "segment_seconds": round(segment_s, 3),
-            "write_seconds": round(write_s, 3), "seconds": round(time.perf_counter() - t0, 3), "worker": _worker_name(),
-            "model_loads": loads, "peak_rss_mib": _peak_rss_mib()}
+    return finish_prompt_free(job, cfg, out, segment_tile(job, cfg, None))

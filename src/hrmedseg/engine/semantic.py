@@ -38,7 +38,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -161,6 +161,35 @@ def kept_bounds(starts: Sequence[int], n: int, tile: int) -> list[int]:
     """Boundaries [0, b1, ..., n]: tile k keeps [b_k, b_k+1), cut mid-way through each overlap."""
     inner = [(starts[k + 1] + min(starts[k] + tile, n)) // 2 for k in range(len(starts) - 1)]
     return [0, *inner, n]
+
+
+Window = tuple[int, int, int, int]  # (y0, y1, x0, x1) native pixels, half-open
+
+
+def _starts_in(within: Window | None, y: int, x: int) -> bool:
+    return within is None or (within[0] <= y < within[1] and within[2] <= x < within[3])
+
+
+def assemble_labels(shape_yx: tuple[int, int], num_classes: int, blocks: Iterable[tuple[int, int, int, int, np.ndarray]]) -> np.ndarray:
+    """The (H, W) label image of :meth:`SemanticPredictor.segment` from its thresholded blocks.
+
+    ``blocks``: (y0, y1, x0, x1, block) as :meth:`SemanticPredictor.label_blocks` yields them,
+    disjoint and covering the image, in any order and from any number of processes. One class:
+    bool foreground blocks, labelled here as a whole (8-connected), so an object cut by a block
+    border is one object; several classes: uint8 class blocks, pasted.
+    """
+    if num_classes == 1:
+        foreground = np.zeros(shape_yx, bool)
+        for y0, y1, x0, x1, block in blocks:
+            foreground[y0:y1, x0:x1] = block
+        from scipy import ndimage
+
+        labels, _ = ndimage.label(foreground, structure=np.ones((3, 3), bool), output=np.int32)
+        return labels
+    classes = np.zeros(shape_yx, np.uint8)
+    for y0, y1, x0, x1, block in blocks:
+        classes[y0:y1, x0:x1] = block
+    return classes
 
 
 def _native_ranges(n_native: int, n_scaled: int, bounds: Sequence[int]) -> list[tuple[int, int]]:
@@ -305,18 +334,24 @@ class SemanticPredictor:
 
     # ------------------------------------------------------------------ tiling
 
-    def _blocks(self, image: LazyImage, progress, cancel) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
-        """Disjoint native blocks (y0, y1, x0, x1, logits (C2, h, w)) covering the image."""
+    def _blocks(self, image: LazyImage, progress, cancel, within: Window | None = None) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+        """Disjoint native blocks (y0, y1, x0, x1, logits (C2, h, w)) covering the image.
+
+        ``within`` (y0, y1, x0, x1): only the model calls whose kept native block starts in this
+        window (the first pixel of a 'fit' image's one call is (0, 0)). Windows that tile the
+        image split its model calls into disjoint sets whose blocks, together, are the whole
+        image's: how a batch run cuts one slide into tile tasks without seams.
+        """
         if self.geometry.mode == "fit":
-            yield from self._fit_blocks(image, progress, cancel)
+            yield from self._fit_blocks(image, progress, cancel, within)
         else:
-            yield from self._crop_blocks(image, progress, cancel)
+            yield from self._crop_blocks(image, progress, cancel, within)
 
     def _check_cancel(self, cancel) -> None:
         if cancel is not None and cancel.is_set():
             raise Cancelled("prediction cancelled")
 
-    def _crop_blocks(self, image: LazyImage, progress, cancel):
+    def _crop_blocks(self, image: LazyImage, progress, cancel, within: Window | None = None):
         g = self.geometry
         h, w = image.shape_yx
         hs, ws = max(1, round(h * g.scale)), max(1, round(w * g.scale))
@@ -333,7 +368,7 @@ class SemanticPredictor:
             for tx, sx in enumerate(xs):
                 self._check_cancel(cancel)
                 (y0, y1), (x0, x1) = ny[ty], nx[tx]
-                if y1 > y0 and x1 > x0:
+                if y1 > y0 and x1 > x0 and _starts_in(within, y0, x0):
                     tile_rows = (sy, min(sy + g.img_size, hs))
                     tile_cols = (sx, min(sx + g.img_size, ws))
                     rgb = self._resized_window(image, 0, (hs, ws), tile_rows, tile_cols)
@@ -343,9 +378,11 @@ class SemanticPredictor:
                 if progress is not None:
                     progress(done, total)
 
-    def _fit_blocks(self, image: LazyImage, progress, cancel):
+    def _fit_blocks(self, image: LazyImage, progress, cancel, within: Window | None = None):
         g = self.geometry
         h, w = image.shape_yx
+        if not _starts_in(within, 0, 0):
+            return
         factor = g.img_size / max(h, w)
         fh, fw = max(1, round(h * factor)), max(1, round(w * factor))
         # The smallest pyramid level that is still at least the model's input size.
@@ -397,27 +434,34 @@ class SemanticPredictor:
         -> value c + 1, later classes overwrite earlier ones (disc ⊃ cup: 1 = rim, 2 = cup).
         Only the (H, W) result and one block of logits are held in memory.
         """
+        image = open_image(image)
+        return assemble_labels(image.shape_yx, self.num_classes, self.label_blocks(image, threshold, progress, cancel))
+
+    def label_blocks(
+        self, image: Any, threshold: float = 0.5, progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
+        within: Window | None = None,
+    ) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
+        """Thresholded native blocks (y0, y1, x0, x1, block) for :func:`assemble_labels`.
+
+        One class: bool foreground (h, w); several: uint8 classes (h, w), class channel c ->
+        c + 1, later classes overwrite earlier ones. ``within``: as in ``_blocks``, only the
+        model calls owned by that native window (a batch tile task).
+        """
         if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
             raise InputError(f"threshold {threshold!r} must be a probability strictly between 0 and 1")
-        image = open_image(image)
-        cut = math.log(threshold / (1.0 - threshold))  # sigmoid(x) > t  <=>  x > logit(t)
-        if self.num_classes == 1:
-            foreground = np.zeros(image.shape_yx, bool)
-            for y0, y1, x0, x1, block in self._blocks(image, progress, cancel):
-                foreground[y0:y1, x0:x1] = (block[0] > cut).cpu().numpy()
-            from scipy import ndimage
-
-            labels, _ = ndimage.label(foreground, structure=np.ones((3, 3), bool), output=np.int32)
-            return labels
         if self.num_classes > 255:
             raise InputError(f"{self.source} has {self.num_classes} classes; class label images hold at most 255")
-        classes = np.zeros(image.shape_yx, np.uint8)
-        for y0, y1, x0, x1, block in self._blocks(image, progress, cancel):
+        image = open_image(image)
+        cut = math.log(threshold / (1.0 - threshold))  # sigmoid(x) > t  <=>  x > logit(t)
+        for y0, y1, x0, x1, block in self._blocks(image, progress, cancel, within):
             above = (block > cut).cpu().numpy()
-            region = classes[y0:y1, x0:x1]
+            if self.num_classes == 1:
+                yield y0, y1, x0, x1, above[0]
+                continue
+            classes = np.zeros(above.shape[1:], np.uint8)
             for c in range(self.num_classes):
-                region[above[c]] = c + 1
-        return classes
+                classes[above[c]] = c + 1
+            yield y0, y1, x0, x1, classes
 
     def table(self, labels: np.ndarray) -> list[dict]:
         """Rows for the per-object (one class) or per-class (several) CSV: id/class and area."""
@@ -431,6 +475,7 @@ class SemanticPredictor:
 __all__ = [
     "Cancelled",
     "InputGeometry",
+    "assemble_labels",
     "PROMPT_FREE_ARCHITECTURE",
     "SemanticPredictor",
     "NotPromptFreeError",

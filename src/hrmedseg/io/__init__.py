@@ -2,7 +2,7 @@
 
 from .boxes import BoxClippedWarning, box_label, check_boxes, read_boxes
 from .points import PointPrompts, prompts_for_objects, read_points
-from .readers import ArrayImage, DecodedFileImage, LazyImage, TiffImage, open_image
+from .readers import ArrayImage, DecodedFileImage, LazyImage, TiffImage, image_shape_yx, open_image
 from .ome_zarr import open_ome_zarr, write_label_image
 from .writers import check_free_space, label_dtype, label_tiff_bytes, write_label_tiff, write_object_table
 
@@ -18,6 +18,7 @@ __all__ = [
     "check_free_space",
     "label_dtype",
     "label_tiff_bytes",
+    "image_shape_yx",
     "open_image",
     "open_ome_zarr",
     "prompts_for_objects",

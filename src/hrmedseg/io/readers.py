@@ -226,6 +226,9 @@ class ArrayImage(LazyImage):
         return window[:, :, list(self.channels)]
 
 
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".qptiff")
+
+
 def decode_with_pillow(path: Path) -> np.ndarray:
     """A PNG / JPEG (any format Pillow reads) decoded in full: (H, W) grey or (H, W, 3|4) RGB(A).
 
@@ -417,6 +420,21 @@ class TiffImage(LazyImage):
             return self._page_region(pages[0], y0, y1, x0, x1)[:, :, list(self.channels)]
 
 
+def image_shape_yx(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image file from its header: Pillow formats are not decoded (``open_image``
+    decodes them in full), others are opened lazily. Errors are :class:`InputError` naming the file."""
+    path = Path(path)
+    if path.is_file() and not path.name.lower().endswith(TIFF_SUFFIXES):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                return im.size[1], im.size[0]
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+            raise InputError(f"cannot read image {path}: it is corrupt, truncated or not an image ({err})") from err
+    return open_image(path).shape_yx
+
+
 def open_image(
     source: Any, channel: int | Sequence[int] | None = None, axes: str | None = None, series: int = 0
 ) -> LazyImage:
@@ -439,7 +457,7 @@ def open_image(
             from .ome_zarr import open_ome_zarr
 
             return open_ome_zarr(path, channel, axes)
-        if suffix.endswith((".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".qptiff")):
+        if suffix.endswith(TIFF_SUFFIXES):
             return TiffImage(path, channel=channel, series=series)
         return DecodedFileImage(path, channel=channel)
     return ArrayImage(source, channel=channel, axes=axes)
