@@ -155,16 +155,13 @@ def _multiscales(attrs: Mapping[str, Any]) -> list | None:
     return attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
 
 
-def open_ome_zarr(path: str | os.PathLike, channel: int | Sequence[int] | None = None, axes: str | None = None):
-    """Open an OME-Zarr (NGFF 0.4 or 0.5) image or a plain zarr array lazily, as a LazyImage.
+def ome_zarr_arrays(path: str | os.PathLike) -> tuple[list[Any], str | None, str]:
+    """(arrays, axes letters or None, cache key) of an OME-Zarr image or a plain zarr array, lazily.
 
-    A multiscale group becomes a pyramid (its ``datasets``, full resolution first) with the axes
-    its metadata names; a bioformats2raw container opens its first image (``0/``); a plain zarr
-    array is read with ``axes`` or inferred axes. Only the chunks a window touches are read.
+    A multiscale group gives its ``datasets`` (full resolution first) and the axes its metadata
+    names; a bioformats2raw container its first image (``0/``); a plain zarr array itself and None.
     """
     import zarr
-
-    from .readers import ArrayImage
 
     path = Path(path)
     try:
@@ -174,7 +171,7 @@ def open_ome_zarr(path: str | os.PathLike, channel: int | Sequence[int] | None =
     st = path.stat()
     key = f"zarr:{path.resolve()}:{st.st_mtime_ns}"
     if isinstance(node, zarr.Array):
-        return ArrayImage(node, channel=channel, axes=axes, name=str(path), source_key=key)
+        return [node], None, key
     attrs = dict(node.attrs)
     ms = _multiscales(attrs)
     if not ms and "0" in node and isinstance(node["0"], zarr.Group) and _multiscales(dict(node["0"].attrs)):
@@ -184,10 +181,21 @@ def open_ome_zarr(path: str | os.PathLike, channel: int | Sequence[int] | None =
         arrays = [k for k, _ in node.arrays()]
         raise InputError(f"{path} is a zarr group without OME-Zarr 'multiscales' metadata; open one of its arrays: {arrays[:5]}")
     m = ms[0]
-    arrays = [node[d["path"]] for d in m["datasets"]]
-    if axes is None and "axes" in m:
-        axes = "".join((a["name"] if isinstance(a, dict) else a)[0].upper() for a in m["axes"])
-    return ArrayImage(arrays, channel=channel, axes=axes, name=str(path), source_key=key)
+    axes = "".join((a["name"] if isinstance(a, dict) else a)[0].upper() for a in m["axes"]) if "axes" in m else None
+    return [node[d["path"]] for d in m["datasets"]], axes, key
 
 
-__all__ = ["CHUNK", "NGFF_VERSIONS", "open_ome_zarr", "write_label_image"]
+def open_ome_zarr(path: str | os.PathLike, channel: int | Sequence[int] | None = None, axes: str | None = None):
+    """Open an OME-Zarr (NGFF 0.4 or 0.5) image or a plain zarr array lazily, as a LazyImage.
+
+    A multiscale group becomes a pyramid with the axes its metadata names (``axes`` overrides
+    them; a plain zarr array is read with ``axes`` or inferred axes); see :func:`ome_zarr_arrays`.
+    Only the chunks a window touches are read.
+    """
+    from .readers import ArrayImage
+
+    arrays, found, key = ome_zarr_arrays(path)
+    return ArrayImage(arrays, channel=channel, axes=axes or found, name=str(path), source_key=key)
+
+
+__all__ = ["CHUNK", "NGFF_VERSIONS", "ome_zarr_arrays", "open_ome_zarr", "write_label_image"]
