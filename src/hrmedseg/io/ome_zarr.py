@@ -84,6 +84,23 @@ def _colour_metadata(colors: Mapping[int, Sequence[int]] | None) -> list[dict] |
     return out
 
 
+def _is_volume(labels: Any) -> bool:
+    return not hasattr(labels, "shape_yx") and len(getattr(labels, "shape", ())) == 3
+
+
+class _Plane:
+    """Plane ``z`` of a (Z, H, W) zarr array, read and written like a 2D one (for the chunk writer)."""
+
+    def __init__(self, array: Any, z: int) -> None:
+        self.array, self.z, self.shape, self.dtype = array, z, tuple(array.shape[1:]), array.dtype
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        return self.array[(self.z, *key)]
+
+    def __setitem__(self, key: tuple, value: np.ndarray) -> None:
+        self.array[(self.z, *key)] = value
+
+
 def write_label_image(
     path: str | os.PathLike,
     labels: Any,
@@ -102,7 +119,8 @@ def write_label_image(
         path: the store to write (a folder, conventionally ``*.ome.zarr``); replaced if it exists.
         labels: (H, W) integer labels: a numpy or zarr array, or an object with ``shape_yx`` and
             ``read(y0, y1, x0, x1)`` such as ``hrmedseg.engine.SparseLabels``, rendered one chunk
-            at a time so the full image is never in memory.
+            at a time so the full image is never in memory; or a (Z, H, W) array (a stack:
+            axes z, y, x, chunks of one plane, pyramid levels in y and x only).
         max_id: the largest label (chooses uint16 or uint32); default: from ``labels``.
         colors: optional {label value: (r, g, b[, a]) 0..255}, written as ``image-label.colors``.
         chunk: chunk side in pixels (every level).
@@ -119,30 +137,39 @@ def write_label_image(
 
     if version not in NGFF_VERSIONS:
         raise InputError(f"NGFF version {version!r} is not supported; use one of {NGFF_VERSIONS}")
-    shape, read, top = label_source(labels, max_id=max_id)
+    # A (Z, H, W) volume (a propagated stack) is written plane by plane, with a z axis.
+    planes = [labels[z] for z in range(labels.shape[0])] if _is_volume(labels) else [labels]
+    if max_id is None and _is_volume(labels):
+        max_id = int(np.max(labels)) if np.size(labels) else 0
+    sources = [label_source(plane, max_id=max_id) for plane in planes]
+    shape, top = sources[0][0], max(src[2] for src in sources)
     dtype = label_dtype(top)
     fmt = FormatV05() if version == "0.5" else FormatV04()
     colour_list = _colour_metadata(colors)
     shapes = _pyramid_shapes(tuple(int(s) for s in shape), chunk, levels)
+    lead, axes = ((len(planes),), ["z", "y", "x"]) if _is_volume(labels) else ((), ["y", "x"])
     target = Path(path)
     with atomic_dir(target) as tmp, ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=fmt.zarr_format)
-        extra = {"dimension_names": ["y", "x"]} if fmt.zarr_format == 3 else {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
-        previous = None
+        extra = {"dimension_names": axes} if fmt.zarr_format == 3 else {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+        previous: list[Any] = [None] * len(planes)
+        written: list[Any] = [None] * len(planes)
         datasets = []
         for level, level_shape in enumerate(shapes):
-            array = group.create_array(str(level), shape=level_shape, chunks=(min(chunk, level_shape[0]), min(chunk, level_shape[1])),
+            array = group.create_array(str(level), shape=lead + level_shape, chunks=(1,) * len(lead) + (min(chunk, level_shape[0]), min(chunk, level_shape[1])),
                                        dtype=dtype, fill_value=0, **extra)
-            if previous is None:
-                written = _write_level(array, read, pool, chunk)
-            else:
-                src = previous  # nearest neighbour: every second pixel of the level above
-                written = _write_level(array, lambda y0, y1, x0, x1, src=src: np.asarray(src[2 * y0 : 2 * y1 : 2, 2 * x0 : 2 * x1 : 2]),
-                                       pool, chunk, parents=written)
-            previous = array
+            for z, (_, read, _) in enumerate(sources):
+                target_plane = _Plane(array, z) if lead else array
+                if previous[z] is None:
+                    written[z] = _write_level(target_plane, read, pool, chunk)
+                else:
+                    src = previous[z]  # nearest neighbour: every second pixel of the level above
+                    written[z] = _write_level(target_plane, lambda y0, y1, x0, x1, src=src: np.asarray(src[2 * y0 : 2 * y1 : 2, 2 * x0 : 2 * x1 : 2]),
+                                              pool, chunk, parents=written[z])
+                previous[z] = target_plane
             factor = float(2**level)
-            datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": [factor, factor]}]})
-        write_multiscales_metadata(group, datasets, fmt=fmt, axes=["y", "x"], name=name)
+            datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(lead) + [factor, factor]}]})
+        write_multiscales_metadata(group, datasets, fmt=fmt, axes=axes, name=name)
         image_label: dict[str, Any] = {"version": fmt.version}
         if colour_list is not None:
             image_label["colors"] = colour_list
