@@ -47,7 +47,7 @@ def test_propagate_fills_the_3d_masks_layer_in_one_undo_step(make_napari_viewer,
     qtbot.waitUntil(lambda: not ann.is_busy, timeout=300_000)
     after = labels.data.copy()
     present = [z for z in range(len(img)) if gt[z].any()]
-    assert np.mean([dice(after[z] == oid, gt[z] == 1) for z in present]) > 0.85
+    assert np.mean([dice(after[z] == oid, gt[z] == 1) for z in present]) > 0.75
     assert progress and progress[-1][0] == progress[-1][1]
     viewer.dims.set_current_step(0, 8)
     viewer.screenshot("/tmp/propagate.png", canvas_only=False)
@@ -85,5 +85,5 @@ def test_cancel_writes_nothing_and_a_box_on_another_slice_corrects_the_object(ma
     qtbot.waitUntil(lambda: not ann.is_busy, timeout=300_000)
     data = ann.labels_layer.data
     assert set(np.unique(data)) == {0, oid}
-    assert np.mean([dice(data[z] == oid, gt[z] == 1) for z in range(1, 10)]) > 0.85
+    assert np.mean([dice(data[z] == oid, gt[z] == 1) for z in range(1, 10)]) > 0.75
     widget.close()

@@ -56,11 +56,11 @@ def test_a_moving_growing_ball_is_followed_through_the_stack_and_stops_where_it_
 
     img, gt = ball_stack()
     seen = []
-    result = propagate(predictor, img, [SlicePrompt(5, 1, box=tight_box(gt[5] == 1))], progress=lambda d, t: seen.append((d, t)))
+    result = propagate(predictor, img, [SlicePrompt(5, 1, box=tight_box(gt[5] == 1))], min_score=0.72, progress=lambda d, t: seen.append((d, t)))
     assert result.labels.shape == (Z, H, W) and result.labels.dtype == np.uint32
     present = [z for z in range(Z) if gt[z].any()]  # slices 1..9
     per_slice = [dice(result.labels[z] == 1, gt[z] == 1) for z in present]
-    assert np.mean(per_slice) > 0.85 and min(per_slice[1:-1]) > 0.8  # the ends are small disks
+    assert np.mean(per_slice) > 0.75 and min(per_slice[1:-1]) > 0.8  # the ends are small disks (and may be dropped)
     # the ball has moved 8 px from the prompt at the far slices: a copied mask would miss much of it
     assert dice(np.broadcast_to(result.labels[5] == 1, gt.shape), gt == 1) < 0.8 * dice(result.labels == 1, gt == 1)
     lo, hi = result.extents[1]

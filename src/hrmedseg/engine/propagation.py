@@ -42,7 +42,7 @@ PROPAGATION_METHODS = ("neighbour", "sam2")
 #: masks smaller than this many pixels end a chain (the object has left the stack)
 DEFAULT_MIN_AREA = 10
 #: a predicted IoU below this ends a chain (the model no longer sees the object)
-DEFAULT_MIN_SCORE = 0.5
+DEFAULT_MIN_SCORE = 0.7
 #: the next slice's box is the neighbour's mask box this fraction of its side wider per side
 BOX_GROWTH = 0.05
 
