@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ from prepare_device_payload import is_val  # noqa: E402  the split lives in one 
 
 from hrmedseg.training.metrics import otsu_foreground  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# HRMEDSEG_SHARED_DATA: another folder of the same layout (the device machine has no ../shared).
+SHARED = Path(os.environ.get("HRMEDSEG_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:

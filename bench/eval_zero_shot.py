@@ -10,7 +10,8 @@ image (empty embedding cache) divided by its boxes, on this machine's CPU thread
 Usage:
   python bench/eval_zero_shot.py NAME=MODEL [NAME=MODEL ...] [--max-objects 20] [--images N] [--json out.json]
 
-MODEL is a registry name (``litemedsam``, ``hrmedseg_sam_default``) or a weights file. The split
+MODEL is a registry name (``litemedsam``, ``hrmedseg_sam_default``) or a weights file, optionally
+with ``@RULE``, the engine's box-prior rule (``BoxPredictor(prior=...)``: model, ellipse, auto). The split
 is scripts/prepare_device_payload.py's (``is_val``), the one no training or distillation step saw.
 """
 
@@ -49,7 +50,11 @@ def paste(obj, shape) -> np.ndarray:
 def evaluate(models: dict[str, str], max_objects: int | None, device: str, max_images: int | None = None) -> dict:
     from hrmedseg.engine import BoxPredictor
 
-    predictors = {name: BoxPredictor(spec, device=device) for name, spec in models.items()}
+    def predictor(spec: str) -> BoxPredictor:
+        model, _, prior = spec.partition("@")
+        return BoxPredictor(model, device=device, prior=prior or "model")
+
+    predictors = {name: predictor(spec) for name, spec in models.items()}
     results: dict = {}
     for dataset in ("nuclei_dsb2018", "fundus_drishtigs"):
         dice: dict[str, list[float]] = {name: [] for name in (*predictors, "ellipse")}

@@ -111,7 +111,10 @@ def write_box_manifests(data: Path, splits: dict[str, dict[str, list[str]]], par
 # package's dependencies and the benchmarks' baselines. Versions are this environment's own.
 WHEELS = ("segment-anything", "hydra-core", "omegaconf", "imagecodecs", "zarr", "numcodecs", "donfig",
           "google-crc32c", "dask", "partd", "locket", "pooch", "platformdirs",
-          "distributed", "tornado", "tblib", "zict", "ome-zarr")  # the last five: hrmedseg batch
+          "distributed", "tornado", "tblib", "zict", "ome-zarr",  # hrmedseg batch
+          # the CLI imports every command module, so the interchange formats' libraries too
+          "shapely", "ome-zarr-models", "pydantic-zarr", "pycocotools", "Deprecated", "rangehttpserver",
+          "pydantic", "pydantic-core", "annotated-types", "typing-inspection")
 # Published as source only: built into wheels here (pure Python; sam2 without its CUDA extension).
 SDISTS = ("sam2", "antlr4-python3-runtime", "iopath")
 EXTRA = ("monai==1.6.1",)  # BasicUNet, the training benchmark's baseline
@@ -122,7 +125,7 @@ def download_wheels(dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip"]
     pinned = [f"{name}=={version(name)}" for name in WHEELS]
-    platforms = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64") for a in ("--platform", p)]
+    platforms = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64") for a in ("--platform", p)]
     subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", *platforms,
                     "-d", str(dest), *pinned, *EXTRA], check=True)
     env = {**os.environ, "SAM2_BUILD_CUDA": "0"}
@@ -137,7 +140,7 @@ BUNDLED_SAMPLES = Path(__file__).resolve().parents[1] / "src" / "hrmedseg" / "da
 
 def download(dest: Path, names: tuple[str, ...]) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    platforms = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64") for a in ("--platform", p)]
+    platforms = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64") for a in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
                     "3.12", *platforms, "-d", str(dest), *(f"{n}=={version(n)}" for n in names)], check=True)
 

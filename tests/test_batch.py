@@ -200,3 +200,32 @@ def test_bad_arguments_fail_cleanly(tmp_path, images, models, capsys, monkeypatc
     assert security.require_encryption and security.tls_ca_file == str(ca) and security.tls_client_cert == str(cert)
     with pytest.raises(InputError, match="uses TLS"):
         cluster.security_from(address="tls://10.0.0.1:8786")
+
+
+def test_merge_adds_packed_masks_as_add_does():
+    from hrmedseg.engine import ObjectMask, SparseLabels
+
+    rng = np.random.default_rng(3)
+    by_mask, by_bits = SparseLabels((300, 400)), SparseLabels((300, 400))
+    for i, region in enumerate([(10, 90, 20, 157), (50, 300, 100, 399), (0, 7, 0, 5)]):
+        mask = rng.random((region[1] - region[0], region[3] - region[2])) < 0.5
+        by_mask.add(ObjectMask((0, 0, 1, 1), region, mask, 1.0), i + 1)
+        by_bits.add_packed(region, np.packbits(mask, axis=None), i + 1)
+    np.testing.assert_array_equal(by_mask.read(0, 300, 0, 400), by_bits.read(0, 300, 0, 400))
+    with pytest.raises(ValueError, match="packed bytes"):
+        by_bits.add_packed((0, 10, 0, 10), np.zeros(3, np.uint8), 9)
+
+
+def test_model_loading_skips_torchvision_until_segment_anything_names_are_used(models):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from hrmedseg.batch.tasks import box_predictor; from hrmedseg.batch import BatchConfig\n"
+        f"box_predictor(BatchConfig('boxes', {models['box']!r}, device='cpu'))\n"
+        "assert 'torchvision' not in sys.modules, 'torchvision imported'\n"
+        "import segment_anything; assert 'vit_b' in segment_anything.sam_model_registry\n"
+        "from segment_anything import SamPredictor; assert 'torchvision' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -82,3 +82,67 @@ def test_training_forward_adds_the_prior():
         with_prior = wrapped(images, boxes)[0]
     expected = ellipse_prior_logits(boxes[0], plain.shape[-2:], (256, 256))
     assert torch.allclose(with_prior - plain, expected, atol=1e-5)
+
+
+def _ellipse_and_box():
+    box = torch.tensor([[40.0, 60.0, 200.0, 160.0]])
+    return box, ellipse_prior_logits(box, (64, 64), (256, 256))
+
+
+def test_prior_rule_auto_takes_the_ellipse_only_within_the_models_own_error():
+    from hrmedseg.models.box_prior import apply_prior_rule
+
+    box, ellipse = _ellipse_and_box()
+    # The model's mask: the ellipse shifted by 2 cells (IoU with the ellipse about 0.85).
+    shifted = torch.roll(ellipse, shifts=2, dims=-1)
+    iou = ((shifted > 0) & (ellipse > 0)).sum() / ((shifted > 0) | (ellipse > 0)).sum()
+    assert 0.7 < iou < 0.95
+    unsure = apply_prior_rule(shifted, torch.tensor([float(iou) - 0.05]), box, (256, 256), "auto")
+    sure = apply_prior_rule(shifted, torch.tensor([float(iou) + 0.05]), box, (256, 256), "auto")
+    assert torch.equal(unsure, ellipse)  # the model predicts more error than its distance to the ellipse
+    assert torch.equal(sure, shifted)  # the model is surer of its mask than of the ellipse: keep it
+    assert torch.equal(apply_prior_rule(shifted, torch.tensor([1.0]), box, (256, 256), "model"), shifted)
+    assert torch.equal(apply_prior_rule(shifted, torch.tensor([1.0]), box, (256, 256), "ellipse"), ellipse)
+    with pytest.raises(ValueError, match="unknown prior rule"):
+        apply_prior_rule(shifted, torch.tensor([1.0]), box, (256, 256), "blend")
+
+
+def test_prior_rule_auto_is_per_object():
+    from hrmedseg.models.box_prior import apply_prior_rule
+
+    box, ellipse = _ellipse_and_box()
+    boxes = box.repeat(2, 1)
+    # Garbage masks (random logits, IoU with the ellipse well below 0.5): object 0 scored low, object 1 high.
+    garbage = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 5
+    out = apply_prior_rule(garbage, torch.tensor([0.05, 0.99]), boxes, (256, 256), "auto")
+    assert torch.equal(out[0], ellipse[0]) and torch.equal(out[1], garbage[1])
+
+
+def test_engine_prior_option(prior_model_path):
+    image = np.random.default_rng(1).integers(0, 255, (300, 400, 3), np.uint8)
+    box = np.array([50.0, 60.0, 130.0, 100.0])
+    from hrmedseg.errors import InputError
+
+    with pytest.raises(InputError, match="unknown prior"):
+        BoxPredictor(prior_model_path, device="cpu", prior="circle")
+    # A random model without a prior: "ellipse" gives what the zero decoder + ellipse prior gives.
+    ellipse_only = BoxPredictor(tiny_sam(seed=5), device="cpu", backend="reference", prior="ellipse").predict_box(image, box)
+    prior_alone = BoxPredictor(prior_model_path, device="cpu", backend="reference").predict_box(image, box)
+    assert ellipse_only.region == prior_alone.region
+    assert np.array_equal(ellipse_only.mask, prior_alone.mask)
+    # "auto" returns either the model's mask or that ellipse, never anything else.
+    model = tiny_sam(seed=5)
+    plain = BoxPredictor(model, device="cpu", backend="reference").predict_box(image, box)
+    auto = BoxPredictor(model, device="cpu", backend="reference", prior="auto").predict_box(image, box)
+    assert np.array_equal(auto.mask, plain.mask) or np.array_equal(auto.mask, prior_alone.mask)
+
+
+def test_cli_prior_flag_reaches_the_engine(prior_model_path):
+    from hrmedseg.cli import build_parser
+    from hrmedseg.cli.segment import load_predictor
+
+    argv = ["segment", "img.png", "--out", "l.tif", "--model", str(prior_model_path), "--device", "cpu", "--no-disk-cache"]
+    assert load_predictor(build_parser().parse_args(argv)).prior == "model"
+    assert load_predictor(build_parser().parse_args([*argv, "--prior", "auto"])).prior == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--prior", "circle"])

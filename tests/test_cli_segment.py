@@ -101,3 +101,25 @@ def test_corrupt_image_names_the_file(tmp_path, model_file, capsys):
     boxes.write_text("1,1,5,5\n")
     assert main(["segment", str(bad), "--boxes", str(boxes), "--out", str(tmp_path / "l.tif"), "--model", str(model_file)]) == 2
     assert "broken.tif" in capsys.readouterr().err
+
+
+def test_empty_masks_are_reported_by_row(tmp_path, image_file, model_file, capsys, monkeypatch):
+    """A box whose mask comes out empty is named in a warning (row N of the box file), not a crash."""
+    from hrmedseg.cli import segment as segment_cli
+
+    real_load = segment_cli.load_predictor
+
+    def load_blind_predictor(args):
+        predictor = real_load(args)
+        predictor.mask_threshold = 1e9  # no logit reaches it: every box gives an empty mask
+        return predictor
+
+    monkeypatch.setattr(segment_cli, "load_predictor", load_blind_predictor)
+    boxes = tmp_path / "b.csv"
+    boxes.write_text("x0,y0,x1,y1\n10,10,60,50\n300,200,380,290\n")
+    out = tmp_path / "labels.tif"
+    rc = main(["segment", str(image_file), "--boxes", str(boxes), "--out", str(out), "--model", str(model_file), "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "2 box(es) gave empty masks" in err and f"row 2 of box file {boxes} (300, 200, 380, 290)" in err
+    assert not tifffile.imread(out).any()

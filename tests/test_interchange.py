@@ -101,6 +101,32 @@ def test_geojson_round_trip_keeps_every_object(store, tmp_path):
     assert copy.classes() == store.classes()
 
 
+def test_split_object_is_one_multipolygon_feature(store, tmp_path):
+    """A nucleus cut in two (one object, two pieces) is one Feature with a MultiPolygon, and comes back whole."""
+    key = store.image_keys()[0]
+    annotation = store.load(key)
+    labels = annotation.labels.copy()
+    sizes = np.bincount(labels.ravel())
+    big = int(np.argmax(sizes[1:]) + 1)
+    column = labels[:, int(np.median(np.nonzero(labels == big)[1]))]  # a view: the cut goes into labels
+    column[column == big] = 0
+    from scipy.ndimage import label as components
+
+    assert components(labels == big)[1] >= 2  # the cut really splits it
+    annotation.labels = labels
+    store.save(annotation)
+
+    (path,) = export_annotations(store, "geojson", tmp_path / "split.geojson", [key])
+    features = [f for f in json.loads(path.read_text())["features"] if f["properties"]["object_id"] == big]
+    assert len(features) == 1
+    geometry = shapely.geometry.shape(features[0]["geometry"])
+    assert geometry.geom_type == "MultiPolygon" and len(geometry.geoms) >= 2
+    assert geometry.area == (labels == big).sum()
+    copy = AnnotationStore.create(tmp_path / "copy")
+    import_annotations(copy, path, image_key=key, image_source=annotation.image_source)
+    assert np.array_equal(copy.load(key).labels, labels)
+
+
 def test_coco_loads_in_pycocotools_and_round_trips_pixel_exact(store, tmp_path):
     from pycocotools.coco import COCO
 
@@ -135,6 +161,76 @@ def test_label_tiff_round_trip(store, tmp_path):
     copy = AnnotationStore.create(tmp_path / "copy")
     import_annotations(copy, path, image_key=key, image_source=store.load(key).image_source)
     assert np.array_equal(copy.load(key).labels, store.load(key).labels)
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_export_is_an_ngff_labels_group(store, tmp_path, version):
+    """Read back by zarr, ome-zarr-py's reader and napari-ome-zarr: pyramid, class colours, properties."""
+    import zarr
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Labels, Reader
+
+    from hrmedseg.interchange.label_image import write_ngff_labels
+
+    key = store.image_keys()[-1]  # the fundus photograph: rim and cup classified
+    annotation = store.load(key)
+    out = tmp_path / f"{key}.ome.zarr"
+    write_ngff_labels(out, [annotation], store.classes(), version=version)
+
+    root = zarr.open_group(str(out), mode="r")
+    assert root.metadata.zarr_format == (3 if version == "0.5" else 2)
+    meta = (lambda g: dict(g.attrs)["ome"] if version == "0.5" else dict(g.attrs))
+    assert meta(root)["labels"] == ["annotations"]
+    image = root["annotations"]
+    ms = meta(image)["multiscales"][0]
+    levels = [np.asarray(image[d["path"]][:]) for d in ms["datasets"]]
+    assert np.array_equal(levels[0], annotation.labels) and len(levels) >= 2
+    assert np.array_equal(levels[1], annotation.labels[::2, ::2])  # nearest neighbour: labels stay labels
+    image_label = meta(image)["image-label"]
+    colours = {c["label-value"]: c["rgba"] for c in image_label["colors"]}
+    classes = {c.name: [*c.color, 255] for c in store.classes()}
+    assert colours == {o.id: classes[o.class_name] if o.class_name else [128, 128, 128, 255] for o in annotation.objects}
+    assert [(p["label-value"], p["class"]) for p in image_label["properties"]] == \
+           [(o.id, o.class_name) for o in annotation.objects]
+
+    nodes = list(Reader(parse_url(str(out)))())
+    assert isinstance(nodes[0].specs[0], Labels)
+    (label_node,) = [n for n in nodes if any(isinstance(s, Label) for s in n.specs)]
+    assert np.array_equal(np.asarray(label_node.data[0]), annotation.labels)
+    assert {k: [round(255 * c) for c in v] for k, v in label_node.metadata["color"].items()} == colours
+
+    napari_ome_zarr = pytest.importorskip("napari_ome_zarr")
+    (layer,) = napari_ome_zarr.napari_get_reader(str(out))(str(out))
+    data, layer_meta, kind = layer
+    assert kind == "labels" and np.array_equal(np.asarray(data[0]), annotation.labels)
+    assert layer_meta["properties"]["class"] == [o.class_name for o in annotation.objects]
+
+
+def test_ome_zarr_cli_export_and_import_round_trip(store, tmp_path, capsys):
+    out = tmp_path / "zarrs"
+    assert main(["export", str(store.path), "--format", "ome-zarr", "--out", str(out)]) == 0
+    written = capsys.readouterr().out.split()
+    assert written == [str(out / f"{k}.ome.zarr") for k in store.image_keys()]
+    copy = AnnotationStore.create(tmp_path / "copy")
+    for key, path in zip(store.image_keys(), written):
+        original = store.load(key)
+        assert import_annotations(copy, path, image_source=original.image_source) == [key]
+        assert np.array_equal(copy.load(key).labels, original.labels)
+    assert main(["import", str(copy.path), str(tmp_path / "missing.ome.zarr")]) == 2
+    assert "file to import not found" in capsys.readouterr().err
+    (tmp_path / "empty.ome.zarr").mkdir()
+    assert main(["import", str(copy.path), str(tmp_path / "empty.ome.zarr"), "--image", key]) == 2
+    assert "empty.ome.zarr" in capsys.readouterr().err
+
+
+def test_cli_imports_a_plain_png_label_image(tmp_path, capsys):
+    """A dataset's own mask PNG (DSB 2018 instance labels) becomes a project, ids kept."""
+    item = held_out(NUCLEI, 1)[0]
+    project = tmp_path / "p"
+    assert main(["import", str(project), str(NUCLEI / item["mask"]), "--source", str(NUCLEI / item["image"])]) == 0
+    key = item["name"]
+    assert capsys.readouterr().out.strip() == f"{key}: {item['n_instances']} objects"
+    assert np.array_equal(AnnotationStore.open(project).load(key).labels, np.asarray(Image.open(NUCLEI / item["mask"])))
 
 
 def test_import_qupath_drawn_polygons(tmp_path):
@@ -242,6 +338,32 @@ def test_prompt_free_training_takes_store_classes_as_class_index(store):
             wanted = np.isin(annotation.labels, [o.id for o in annotation.objects if o.class_name == cls.name])
             assert np.array_equal(channels[k], wanted)
         assert not channels.any(0)[np.isin(annotation.labels, [o.id for o in annotation.objects if o.class_name is None])].any()
+
+
+def test_prompt_free_finetune_on_a_project_trains_one_channel_per_store_class(store, tmp_path):
+    """End to end (tiny model, CPU): the bundle's classes are the store's, in the store's order."""
+    from hrmedseg.models.hrmedseg_model import load_hrmedseg
+    from hrmedseg.training.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(data=str(store.path), out=str(tmp_path / "model.pt"), encoder_preset="tiny",
+                         img_size=64, batch_size=2, epochs=1, num_workers=0, device="cpu", val_fraction=0.34)
+    finetune(cfg)
+    model = load_hrmedseg(cfg.out)
+    assert model.num_classes == 3 and model.class_names == ("nucleus", "rim", "cup")
+
+    # and it leaves as a bioimage.io package whose model card is made from the bundle's provenance
+    from bioimageio.core import test_model
+    from bioimageio.spec import load_description
+
+    rdf = tmp_path / "package" / "rdf.yaml"
+    assert main(["export-model", cfg.out, "--out", str(rdf.parent)]) == 0
+    description = load_description(rdf)
+    assert description.validation_summary.status == "valid-format", description.validation_summary
+    assert [a.id for a in description.outputs[0].axes][1] == "channel"
+    assert [str(n) for n in description.outputs[0].axes[1].channel_names] == ["nucleus", "rim", "cup"]
+    card = (rdf.parent / "README.md").read_text()
+    assert "nucleus, rim, cup" in card and f"| data | {store.path} |" in card and "| val_dice |" in card
+    assert test_model(rdf).status == "passed"
 
 
 def test_store_without_classes_keeps_foreground_training(tmp_path):

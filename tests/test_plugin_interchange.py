@@ -58,3 +58,52 @@ def test_export_button_writes_the_chosen_format(annotator, qtbot, tmp_path, monk
     assert feature["properties"]["classification"]["name"] == "nucleus"
     assert shapely.geometry.shape(feature["geometry"]).area == (ann.labels_layer.data == 1).sum()
     assert (ann.labels_layer.data == 1).any()
+
+
+def test_export_button_offers_ome_zarr(annotator, qtbot, tmp_path, monkeypatch):
+    import zarr
+    from qtpy.QtWidgets import QFileDialog
+
+    ann, widget = annotator, annotator.widget
+    combo = widget.export_row.format_combo
+    assert [combo.itemText(i) for i in range(combo.count())] == ["geojson", "coco", "tiff", "ome-zarr"]
+    widget.class_row.add_class("nucleus")
+    _drag(ann.boxes_layer, (20, 30), (80, 100))
+    _wait(qtbot, ann)
+    out = tmp_path / "nuclei.ome.zarr"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(out), ""))
+    combo.setCurrentText("ome-zarr")
+    widget.export_row.export_button.click()
+    qtbot.waitUntil(out.exists, timeout=60_000)
+    _wait(qtbot, ann)
+    label_image = zarr.open_group(str(out / "annotations"), mode="r")
+    assert (label_image["0"][:] == ann.labels_layer.data).all()
+    (colour,) = label_image.attrs["ome"]["image-label"]["colors"]
+    assert colour == {"label-value": 1, "rgba": [*ann.state.classes[0].color, 255]}
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_annotator_segments_an_ngff_image_opened_by_napari_ome_zarr(make_napari_viewer, predictor, qtbot, tmp_path, version):
+    """napari's reader plugin opens the OME-Zarr pyramid lazily; the dock annotates its full resolution."""
+    pytest.importorskip("napari_ome_zarr")
+    from test_ngff_reading import write_ngff_image
+
+    from napari_hrmedseg._state import ModelInfo
+    from napari_hrmedseg.annotator_widget import AnnotatorWidget
+
+    path = tmp_path / "nuclei.ome.zarr"
+    rgb = write_ngff_image(path, version)
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(path), plugin="napari-ome-zarr")
+    layer = layers[0]
+    assert layer.multiscale and [tuple(a.shape[-2:]) for a in layer.data][0] == rgb.shape[:2]
+    widget = AnnotatorWidget(viewer)
+    ann = widget.annotator
+    ann.use_predictor(predictor, ModelInfo(name="random-test", untrained=True))
+    ann.set_image_layer(layer)
+    assert ann.labels_layer.data.shape == rgb.shape[:2]
+    _drag(ann.boxes_layer, (20, 30), (120, 150))
+    _wait(qtbot, ann)
+    assert list(ann.boxes_layer.features["object_id"]) == [1]
+    assert ann.state.objects[1].box is not None
+    widget.close()

@@ -4,7 +4,10 @@ The paper's recipe by default: Adam lr 1e-4, exponential decay 0.98 per epoch, l
 0.8 * Dice + 0.2 * focal. Box models also train their decoder's IoU prediction head as SAM
 does: MSE between the predicted IoU of each output mask and its actual IoU with the target
 (``iou_loss_weight``, 1.0 by default; ``train_only="iou-head"`` trains that head alone, leaving
-the masks exactly as they were). Each epoch ends with a validation pass on held-out images; the best
+the masks exactly as they were). ``clicks=N`` (``--clicks N``) adds SAM's interactive recipe to box
+fine-tuning: after each box prediction, N simulated clicks with the previous logits as mask
+prompt (plus ``click_mask_only`` mask-only iterations), a loss on every iteration
+(:mod:`hrmedseg.training.clicks`). Each epoch ends with a validation pass on held-out images; the best
 model is written to ``out`` (an hrmedseg bundle that ``hrmedseg segment`` and the annotator
 load), the resumable state to ``<out stem>.state.pt`` and a line to ``<out stem>.log.csv`` (and
 TensorBoard scalars to the ``tensorboard`` folder, when set).
@@ -19,6 +22,7 @@ import datetime as _dt
 import logging
 import math
 import os
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hrmedseg.engine.prompts import NEGATIVE, POSITIVE
 from hrmedseg.errors import HRMedSegError, InputError
 from hrmedseg.models.fast_decoder import FastMaskDecoder
 from hrmedseg.models.neck import EncoderConfig, HRMedSegEncoder
@@ -39,6 +44,7 @@ from hrmedseg.models.training_views import BoxPromptedSegmenter, Sam2BoxPrompted
 
 from . import distributed as dist_utils
 from .checkpointing import log_path_for, save_state, state_path_for, unwrap
+from .clicks import ClickSchedule, InteractiveRefinement
 from .data import (
     CropSettings, DatasetInfo, SegmentationCrops, collate, discover_samples, parse_classes, split_samples, store_class_rules,
 )
@@ -105,6 +111,8 @@ class FinetuneConfig:
     tensorboard: str | None = None  # a folder for TensorBoard scalars, besides the CSV log
     iou_loss_weight: float = 1.0  # box models: weight of SAM's IoU-prediction MSE (0: off)
     train_only: str | None = None  # "iou-head": freeze everything but the decoder's IoU prediction head
+    clicks: int = 0  # box models: SAM's click iterations after the box per step (training/clicks.py); 0: boxes only
+    click_mask_only: int = 2  # with --clicks: iterations that feed only the previous mask (SAM: 2)
 
     def check(self) -> None:
         if self.model not in MODELS:
@@ -136,6 +144,12 @@ class FinetuneConfig:
                 raise InputError("--train-only iou-head applies to the box models (hrmedseg-sam, hrmedseg-sam2)")
             if self.iou_loss_weight == 0:
                 raise InputError("--train-only iou-head needs the IoU loss: --iou-loss-weight above 0")
+        if self.clicks < 0 or self.click_mask_only < 0:
+            raise InputError("--clicks and --click-mask-only must be 0 or more")
+        if self.clicks and self.task != "box":
+            raise InputError("--clicks applies to the box models (hrmedseg-sam, hrmedseg-sam2)")
+        if self.clicks and self.train_only:
+            raise InputError("--clicks trains the mask decoder; it cannot go with --train-only iou-head")
         if self.tensorboard:
             require_tensorboard()  # fail now, not after loading data and models
 
@@ -176,6 +190,17 @@ def _encoder_parts(model: nn.Module) -> tuple[nn.Module, Preprocessing, Callable
 def _prompt_encoder(model: nn.Module) -> nn.Module:
     inner = unwrap(model)
     return inner.sam.sam_prompt_encoder if isinstance(inner, Sam2BoxPromptedSegmenter) else inner.sam.prompt_encoder
+
+
+def click_prompt_parts(prompt_encoder: nn.Module) -> list[nn.Module]:
+    """The parts of SAM's / SAM2's prompt encoder that ``--clicks`` trains: the negative and
+    positive point embeddings and the mask prompt's downscaling convolutions.
+
+    The box-corner embeddings and ``no_mask_embed`` stay frozen, so a box alone is embedded as
+    before the run.
+    """
+    points = prompt_encoder.point_embeddings
+    return [points[NEGATIVE], points[POSITIVE], prompt_encoder.mask_downscaling]
 
 
 def iou_head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -300,13 +325,15 @@ def normalize(images: torch.Tensor, preprocessing: Preprocessing) -> torch.Tenso
 
 
 def batch_loss(model: nn.Module, batch: dict, preprocessing: Preprocessing, device: torch.device,
-               iou_loss_weight: float = 0.0, parts: dict[str, torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor | None, int]:
+               iou_loss_weight: float = 0.0, parts: dict[str, torch.Tensor] | None = None,
+               click_plan: list[bool] | None = None) -> tuple[torch.Tensor | None, int]:
     """Loss of one batch and the number of masks it covered (None when it has no object).
 
     Box models: the mask loss plus ``iou_loss_weight`` times SAM's IoU-prediction MSE; with
     ``parts`` (a dict) the two terms are stored there, detached, as ``mask_loss`` / ``iou_loss``
     (tensors: reading them is left to the caller, so the step does not wait for the device).
+    With ``click_plan`` (:meth:`ClickSchedule.plan`) the box prediction is refined by SAM's click
+    iterations (training/clicks.py) and the loss is the mean over the box and every iteration.
     """
     images = normalize(batch["image"].to(device, non_blocking=True), preprocessing)
     if "target" in batch:
@@ -316,30 +343,46 @@ def batch_loss(model: nn.Module, batch: dict, preprocessing: Preprocessing, devi
     boxes = [b.to(device) for b in batch["boxes"]]
     if sum(len(b) for b in boxes) == 0:
         return None, 0
-    outputs, ious = model(images, boxes, return_iou=True)
-    logits = torch.cat([o for o in outputs if len(o)])
+    per_image_masks = [m.to(device, non_blocking=True) for m in batch["masks"]]
+    masks = torch.cat([m for m in per_image_masks if len(m)])
+    if click_plan is None:
+        outputs, ious = model(images, boxes, return_iou=True)
+        iterations = [(torch.cat([o for o in outputs if len(o)]), torch.cat([p for p in ious if len(p)]))]
+    else:
+        refine = InteractiveRefinement(boxes, per_image_masks, click_plan, unwrap(model).input_size)
+        iterations = model(images, boxes, refine=refine)
     # Loss at the decoder's 1/4 resolution: soft (area-averaged) targets, cheap for many masks.
-    masks = torch.cat([m for m in batch["masks"] if len(m)]).to(device, non_blocking=True)
-    target = F.adaptive_avg_pool2d(masks[:, None].float(), logits.shape[-2:])
-    loss = segmentation_loss(logits, target)
+    target = F.adaptive_avg_pool2d(masks[:, None].float(), iterations[0][0].shape[-2:])
+    mask_terms = [segmentation_loss(logits, target) for logits, _ in iterations]
+    loss = torch.stack(mask_terms).mean()
     if parts is not None:
         parts["mask_loss"] = loss.detach()
     if iou_loss_weight > 0:
         # The box prior is already in the logits (the wrapper adds it), so the actual IoU is that of
         # the mask inference returns.
-        term = iou_loss(torch.cat([p for p in ious if len(p)]), logits, target)
+        term = torch.stack([iou_loss(pred_iou, logits, target) for logits, pred_iou in iterations]).mean()
         loss = loss + iou_loss_weight * term
         if parts is not None:
             parts["iou_loss"] = term.detach()
     return loss, len(masks)
 
 
+def _dice_at_mask_size(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(K,) Dice on the CPU of (K, 1, h, w) low-res ``logits``, upsampled bilinearly, against (K, H, W) ``masks``."""
+    up = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    return dice_per_mask(up[:, 0] > 0, masks).cpu()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, preprocessing: Preprocessing, device: torch.device,
-             autocast: Callable) -> dict[str, float]:
-    """Mean validation loss and Dice (per object for box prompts; per image and class otherwise)."""
+             autocast: Callable, clicks: int = 0) -> dict[str, float]:
+    """Mean validation loss and Dice (per object for box prompts; per image and class otherwise).
+
+    ``clicks`` (box models): also ``val_dice_clicks``, the Dice after that many simulated clicks
+    with mask prompts (training/clicks.py's annotator, no mask-only iterations).
+    """
     model.eval()
-    losses, dices, per_class, iou_errors = [], [], [], []
+    losses, dices, per_class, iou_errors, click_dices = [], [], [], [], []
     for batch in loader:
         images = normalize(batch["image"].to(device), preprocessing)
         if "target" in batch:
@@ -364,11 +407,16 @@ def evaluate(model: nn.Module, loader: DataLoader, preprocessing: Preprocessing,
             masks = masks.to(device)
             low_target = F.adaptive_avg_pool2d(masks[:, None].float(), logits.shape[-2:])
             losses.append((segmentation_loss(logits, low_target).item(), len(masks)))
-            up = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-            dices.append(dice_per_mask(up[:, 0] > 0, masks).cpu())
+            dices.append(_dice_at_mask_size(logits, masks))
             # The IoU head's error against the IoU the loss trains it on (the thresholded mask at the
             # loss's resolution).
             iou_errors.append((pred_iou.float() - actual_iou(logits, low_target)).abs().cpu())
+        if clicks:
+            masks = [m.to(device) for m in batch["masks"]]
+            with autocast():
+                last, _ = model(images, boxes, refine=InteractiveRefinement(
+                    boxes, masks, [True] * clicks, unwrap(model).input_size))[-1]
+            click_dices.append(_dice_at_mask_size(last, torch.cat([m for m in masks if len(m)])))
     model.train()
     result: dict = {"val_loss": float("nan"), "val_dice": float("nan"), "val_masks": 0}
     if dices and sum(len(d) for d in dices):
@@ -382,6 +430,8 @@ def evaluate(model: nn.Module, loader: DataLoader, preprocessing: Preprocessing,
         result["val_dice_per_class"] = torch.cat(per_class).nanmean(0).tolist()
     if iou_errors and sum(len(e) for e in iou_errors):
         result["val_iou_mae"] = torch.cat(iou_errors).mean().item()
+    if clicks:
+        result["val_dice_clicks"] = torch.cat(click_dices).mean().item() if click_dices else float("nan")
     return result
 
 
@@ -459,6 +509,9 @@ def _prepare_for_training(model: nn.Module, cfg: FinetuneConfig) -> Preprocessin
         encoder.requires_grad_(False)
     if cfg.task == "box":
         _prompt_encoder(model).requires_grad_(False)  # boxes keep SAM's / SAM2's prompt embedding
+        if cfg.clicks:
+            for part in click_prompt_parts(_prompt_encoder(model)):
+                part.requires_grad_(True)
     if cfg.train_only == "iou-head":
         log.info("--train-only iou-head: training %d parameters of the IoU prediction head, nothing else",
                  freeze_all_but_iou_head(model))
@@ -482,6 +535,8 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
     model = build_model(cfg, num_classes, class_names).to(device)
     preprocessing = _prepare_for_training(model, cfg)
     iou_weight = cfg.iou_loss_weight if cfg.task == "box" else 0.0
+    schedule = ClickSchedule(cfg.clicks, cfg.click_mask_only) if cfg.clicks else None
+    plan_rng = random.Random(cfg.seed + env.rank)  # where the mask-only iterations go, step by step
 
     crop = CropSettings(size=cfg.img_size, mode=cfg.resolved_input_mode, scale=cfg.scale,
                         pad_value=preprocessing.pad_value)
@@ -519,7 +574,7 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
           "epochs": cfg.epochs, "steps_per_epoch": len(train_batches), "device": str(device),
           "world_size": env.world_size})
     if start_epoch == 0 and env.is_main:
-        first = evaluate(model, val_loader, preprocessing, device, autocast)
+        first = evaluate(model, val_loader, preprocessing, device, autocast, cfg.clicks)
         before = first["val_dice"]
         emit({"event": "baseline", "val_dice": before, **{k: v for k, v in first.items() if k != "val_dice"}})
     dist_utils.barrier(env)
@@ -547,7 +602,8 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
             nonlocal iou_loss_sum
             parts: dict[str, torch.Tensor] = {}
             with autocast():
-                loss, _ = batch_loss(train_model, batch, preprocessing, device, iou_weight, parts)
+                loss, _ = batch_loss(train_model, batch, preprocessing, device, iou_weight, parts,
+                                     schedule.plan(plan_rng) if schedule else None)
             if loss is None:
                 return None
             iou_loss_sum += parts.get("iou_loss", 0.0)
@@ -558,7 +614,7 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
         extra = {"train_iou_loss": runner.mean_over_ranks(iou_loss_sum, totals)} if iou_weight > 0 else {}
         row = runner.row(epoch, totals, **extra)
         if env.is_main:
-            row.update(evaluate(model, val_loader, preprocessing, device, autocast))
+            row.update(evaluate(model, val_loader, preprocessing, device, autocast, cfg.clicks))
             score = _selection_score(cfg, row)
             improved = score > best or not out.exists() or (best == -math.inf and epoch == start_epoch)
             if improved:
@@ -600,8 +656,14 @@ def _finetune(cfg: FinetuneConfig, env: dist_utils.DistEnv, device: torch.device
 
 
 def _selection_score(cfg: FinetuneConfig, row: dict) -> float:
-    """Higher is better: val Dice, or minus the IoU head's val error when only that head trains."""
+    """Higher is better: val Dice, or minus the IoU head's val error when only that head trains.
+
+    With ``--clicks``: the mean of the box's val Dice and the val Dice after the clicks (a model
+    that refines well but lost its box masks is no better than one that never refines).
+    """
     value = -row.get("val_iou_mae", math.nan) if cfg.train_only == "iou-head" else row["val_dice"]
+    if cfg.clicks:
+        value = (value + row.get("val_dice_clicks", math.nan)) / 2
     return value if math.isfinite(value) else -math.inf
 
 
@@ -626,7 +688,8 @@ def _provenance(cfg: FinetuneConfig, info: DatasetInfo, n_train: int, n_val: int
         "val_dice": row["val_dice"],
         "val_dice_before": before,
         **({"val_iou_mae": row["val_iou_mae"]} if "val_iou_mae" in row else {}),
+        **({"val_dice_clicks": row["val_dice_clicks"]} if "val_dice_clicks" in row else {}),
         "recipe": {k: getattr(cfg, k) for k in ("lr", "lr_decay", "batch_size", "amp", "amp_dtype", "box_jitter",
                                                 "init", "init_encoder", "init_decoder", "encoder_preset",
-                                                "iou_loss_weight", "train_only")},
+                                                "iou_loss_weight", "train_only", "clicks", "click_mask_only")},
     }

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import InputError
 from .inputs import ImageJob
 from .outputs import write_image_outputs
-from .worker_cache import cached
+from .worker_cache import cached, releases_memory
 
 MODES = ("boxes", "semantic", "auto")
 OUTPUT_FORMATS = ("ome-zarr", "tiff")
@@ -46,7 +46,9 @@ class BatchConfig:
     output_format: str = "ome-zarr"
     threshold: float = 0.5
     region_size: int = 8192
-    cache_mb: int = 64  # boxes of a task share few crops; a small cache keeps workers under 1 GiB
+    # No embedding cache: a task encodes each crop once for all its boxes, and region tasks of a
+    # slide never share crops, so cached embeddings would only add to a worker's memory.
+    cache_mb: int = 0
     backend: str = "auto"
 
 
@@ -59,14 +61,6 @@ class PackedObject:
     region: tuple[int, int, int, int]
     bits: np.ndarray
     score: float
-
-    def unpack(self):
-        from ..engine import ObjectMask
-
-        y0, y1, x0, x1 = self.region
-        shape = (y1 - y0, x1 - x0)
-        mask = np.unpackbits(self.bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
-        return ObjectMask(self.box, self.region, mask, self.score, box_index=self.box_index)
 
 
 def _worker_name() -> str:
@@ -140,6 +134,7 @@ def plan_box_regions(boxes: np.ndarray, region_size: int) -> list[np.ndarray]:
     return [np.asarray(g) for g in groups.values()]
 
 
+@releases_memory
 def segment_box_region(job: ImageJob, cfg: BatchConfig, indices: Sequence[int]) -> dict[str, Any]:
     """Segment the boxes ``indices`` of ``job``'s image; returns their packed masks and timings."""
     from ..io import BoxClippedWarning, check_boxes, open_image
@@ -160,6 +155,7 @@ def segment_box_region(job: ImageJob, cfg: BatchConfig, indices: Sequence[int]) 
             "worker": _worker_name(), "model_loads": loads, "peak_rss_mib": _peak_rss_mib()}
 
 
+@releases_memory
 def finish_boxes(job: ImageJob, cfg: BatchConfig, out: str, *parts: dict[str, Any]) -> dict[str, Any]:
     """Paste every region's objects in box order and write the image's outputs."""
     from ..engine import SparseLabels
@@ -171,7 +167,7 @@ def finish_boxes(job: ImageJob, cfg: BatchConfig, out: str, *parts: dict[str, An
     model = {"name": cfg.model, "sha256": cfg.model_sha256}
     records = []
     for packed in objects:
-        labels.add(packed.unpack(), packed.box_index + 1)
+        labels.add_packed(packed.region, packed.bits, packed.box_index + 1)  # never unpacked whole
         box = [float(v) for v in packed.box]
         records.append(ObjectRecord(id=packed.box_index + 1, box_xyxy=tuple(box), prompt={"type": "box", "box_xyxy": box},
                                     model=model, score=packed.score))
@@ -184,6 +180,7 @@ def finish_boxes(job: ImageJob, cfg: BatchConfig, out: str, *parts: dict[str, An
             "peak_rss_mib": max([p["peak_rss_mib"] for p in parts] + [_peak_rss_mib()])}
 
 
+@releases_memory
 def segment_image(job: ImageJob, cfg: BatchConfig, out: str) -> dict[str, Any]:
     """One task for one image: segment it in ``cfg.mode`` and write its outputs."""
     if cfg.mode == "boxes":

@@ -8,13 +8,18 @@ worker (a run without a cluster) a process-wide dict plays that role.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from distributed import WorkerPlugin
 
 _LOCAL: dict[str, Any] = {"models": {}, "loads": {}}
 _LOCK = threading.Lock()
+_T = TypeVar("_T")
 
 
 class WorkerSetup(WorkerPlugin):
@@ -52,3 +57,39 @@ def cached(key: str, build: Callable[[], Any]) -> tuple[Any, int]:
             state["models"][key] = build()
             state["loads"][key] = state["loads"].get(key, 0) + 1
         return state["models"][key], state["loads"][key]
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``) after a task.
+
+    A task's big temporaries (a 10000-pixel object's mask, the encoder's activations) are freed
+    into glibc's heap, which keeps the pages: without this a worker's RSS ratchets up task by
+    task to the sum of fragments (measured: +100 MiB over a slide's 25 region tasks).
+    """
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def releases_memory(task: Callable[..., _T]) -> Callable[..., _T]:
+    """Decorator: run :func:`release_memory` when the task returns or raises."""
+
+    @functools.wraps(task)
+    def run(*args: Any, **kwargs: Any) -> _T:
+        try:
+            return task(*args, **kwargs)
+        finally:
+            release_memory()
+
+    return run

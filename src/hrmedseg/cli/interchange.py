@@ -1,7 +1,7 @@
 """``hrmedseg export`` / ``import`` / ``export-model``: annotations and models to and from other tools.
 
-- ``export PROJECT --format geojson|coco|tiff [--image KEY] [--out PATH]``: QuPath GeoJSON (one
-  file per image), COCO instance JSON (one file), label TIFF (one file per image).
+- ``export PROJECT --format geojson|coco|tiff|ome-zarr [--image KEY] [--out PATH]``: QuPath GeoJSON
+  (one file per image), COCO instance JSON (one file), label TIFF or OME-Zarr labels group (one per image).
 - ``import PROJECT FILE [--image KEY] [--source IMAGE]``: a GeoJSON, COCO or label image file
   replaces the annotation of its image (``--source``: the image file, for an image the project
   does not have yet).
@@ -19,7 +19,7 @@ from ..store import AnnotationStore
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    ex = sub.add_parser("export", help="write a project's annotations as QuPath GeoJSON, COCO JSON or label TIFF",
+    ex = sub.add_parser("export", help="write a project's annotations as QuPath GeoJSON, COCO JSON, label TIFF or OME-Zarr",
                         description=__doc__.splitlines()[0])
     ex.add_argument("project", type=Path, metavar="PROJECT", help="annotation store folder")
     ex.add_argument("--format", required=True, choices=list(EXPORT_FORMATS),
@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     im = sub.add_parser("import", help="read a GeoJSON, COCO or label image file into a project",
                         description=__doc__.splitlines()[0])
     im.add_argument("project", type=Path, metavar="PROJECT", help="annotation store folder (created if missing)")
-    im.add_argument("file", type=Path, metavar="FILE", help=".geojson, COCO .json, or .tif/.png label image")
+    im.add_argument("file", type=Path, metavar="FILE", help=".geojson, COCO .json, or .tif/.png/.ome.zarr label image")
     im.add_argument("--image", metavar="KEY", help="store image key (default: from the file)")
     im.add_argument("--source", type=Path, metavar="IMAGE", help="the image file (needed for a new image)")
     im.set_defaults(func=run_import)

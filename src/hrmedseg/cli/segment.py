@@ -64,6 +64,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--backend", default="auto", choices=("auto", "fast", "fast-bf16", "onnxruntime", "reference"),
         help="box models: auto (bf16 encoder on GPUs, with CUDA graphs, and on AMX CPUs; exact float32 on other CPUs), fast (exact float32), fast-bf16, onnxruntime (CPU; needs the onnx extra), or reference (plain PyTorch)",
     )
+    p.add_argument(
+        "--prior", default="model", choices=("model", "ellipse", "auto"),
+        help="box models: each mask is the model's (default), the ellipse inscribed in its box, or auto: the ellipse "
+             "where its IoU with the model's mask is at least the model's predicted IoU",
+    )
     p.add_argument("--cache-mb", type=int, default=256, help="embedding cache bound in MiB (4 MiB per crop, 16 MiB for SAM2 models; default 256)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--auto", action="store_true", help="segment every object without boxes (box model on each proposal)")
@@ -99,6 +104,7 @@ def load_predictor(args: argparse.Namespace):
         decode_batch=args.batch,
         backend=args.backend,
         disk_cache=not getattr(args, "no_disk_cache", False),
+        prior=getattr(args, "prior", "model"),
     )
     # The policy's input size (and any enlargement its weights record) is the model's, set by BoxPredictor.
     if args.max_upscale is not None:
@@ -170,16 +176,19 @@ def run(args: argparse.Namespace) -> int:
             )
     finally:
         bar.close()
-    return write_results(image, out, table, labels, records)
+    return write_results(image, out, table, labels, records, source=f"box file {args.boxes}" if args.boxes else f"point file {args.points}")
 
 
-def write_results(image, out: Path, table: Path, labels, records) -> int:
-    """Label TIFF + per-object table (both atomic), a summary line, a warning for empty masks."""
-    from ..io import write_label_tiff, write_object_table
+def write_results(image, out: Path, table: Path, labels, records, source: str) -> int:
+    """Label TIFF + per-object table (both atomic), a summary line, a warning for empty masks.
+
+    ``source`` names where the boxes came from, for the warning's "row N of SOURCE".
+    """
+    from ..io import box_label, write_label_tiff, write_object_table
 
     write_label_tiff(out, labels, max_id=max((r.id for r in records), default=0))
     write_object_table(table, records)
-    empty = [box_label(r.box_index, r.box, f"box file {args.boxes}") for r in records if r.empty]
+    empty = [box_label(r.box_index, r.box, source) for r in records if r.empty]
     print(f"wrote {out} ({image.shape_yx[0]} x {image.shape_yx[1]}, {len(records) - len(empty)} objects) and {table}")
     if empty:
         shown = "; ".join(empty[:20]) + (" ..." if len(empty) > 20 else "")
@@ -205,7 +214,7 @@ def run_auto(args: argparse.Namespace, image, out: Path, table: Path) -> int:
         labels, records = predictor.segment_auto(image, proposer=args.proposer, labels=labels, progress=progress)
     finally:
         bar.close()
-    return write_results(image, out, table, labels, records)
+    return write_results(image, out, table, labels, records, source="the automatic proposals")
 
 
 def load_semantic_predictor(args: argparse.Namespace):

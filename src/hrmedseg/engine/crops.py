@@ -266,11 +266,22 @@ def logits_to_native(
     rows = max(1, band_pixels // max(1, x1 - x0))
     for r0 in range(y0, y1, rows):
         r1 = min(r0 + rows, y1)
-        gy = _native_grid(r0, r1, crop.y0, crop)
-        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None].to(lr.device, torch.float32)
+        grid = _sample_grid(gx, _native_grid(r0, r1, crop.y0, crop))[None].to(lr.device)
         band = F.grid_sample(lr, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
         out[r0 - y0 : r1 - y0] = (band > threshold).cpu().numpy()
     return out
+
+
+def _sample_grid(gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """(len(gy), len(gx), 2) float32 grid_sample coordinates (x, y) from float64 axis coordinates.
+
+    Each axis is rounded to float32 once and broadcast into place, so no float64 (rows, cols, 2)
+    array is made: on a 10000-pixel object that intermediate was the mask step's peak memory.
+    """
+    grid = torch.empty(len(gy), len(gx), 2, dtype=torch.float32)
+    grid[..., 0] = gx.to(torch.float32)[None, :]
+    grid[..., 1] = gy.to(torch.float32)[:, None]
+    return grid
 
 
 def _native_grid(lo: int, hi: int, origin: int, crop: Crop) -> torch.Tensor:
@@ -299,10 +310,10 @@ def logits_to_native_batch(
     rows, cols = max(heights, default=0), max(widths, default=0)
     if len(regions) * rows * cols > band_pixels:
         return [logits_to_native(lr[i, 0], crop, r, threshold, band_pixels) for i, r in enumerate(regions)]
-    grid = torch.zeros(len(regions), rows, cols, 2, dtype=torch.float64)
+    grid = torch.zeros(len(regions), rows, cols, 2, dtype=torch.float32)
     for i, (y0, y1, x0, x1) in enumerate(regions):
         gx, gy = _native_grid(x0, x1, crop.x0, crop), _native_grid(y0, y1, crop.y0, crop)
-        grid[i, : len(gy), : len(gx)] = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)
-    sampled = F.grid_sample(lr, grid.to(lr.device, torch.float32), mode="bilinear", padding_mode="border", align_corners=False)
+        grid[i, : len(gy), : len(gx)] = _sample_grid(gx, gy)
+    sampled = F.grid_sample(lr, grid.to(lr.device), mode="bilinear", padding_mode="border", align_corners=False)
     above = (sampled[:, 0] > threshold).cpu().numpy()
     return [above[i, :h, :w] for i, (h, w) in enumerate(zip(heights, widths))]

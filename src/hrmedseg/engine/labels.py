@@ -122,10 +122,19 @@ class SparseLabels:
     def add(self, obj: ObjectMask, object_id: int) -> None:
         if obj.empty:
             return
-        y0, y1, x0, x1 = obj.region
-        packed = np.packbits(obj.mask, axis=None)
+        self.add_packed(obj.region, np.packbits(obj.mask, axis=None), object_id)
+
+    def add_packed(self, region: tuple[int, int, int, int], packed: np.ndarray, object_id: int) -> None:
+        """Add an object whose mask over ``region`` (y0, y1, x0, x1) is already bit-packed
+        row-major (``np.packbits(mask, axis=None)``), without unpacking it."""
+        y0, y1, x0, x1 = (int(v) for v in region)
+        shape = (y1 - y0, x1 - x0)
+        if len(packed) != -(-shape[0] * shape[1] // 8):
+            raise ValueError(f"{len(packed)} packed bytes do not hold a mask of region {region}")
+        if y1 <= y0 or x1 <= x0 or not packed.any():
+            return
         k = len(self._objects)
-        self._objects.append((obj.region, packed, obj.mask.shape, int(object_id)))
+        self._objects.append(((y0, y1, x0, x1), packed, shape, int(object_id)))
         for by in range(y0 // self.bucket, (y1 - 1) // self.bucket + 1):
             for bx in range(x0 // self.bucket, (x1 - 1) // self.bucket + 1):
                 self._buckets.setdefault((by, bx), []).append(k)

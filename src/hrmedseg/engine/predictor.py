@@ -13,7 +13,7 @@ from torch import nn
 from ..defaults import DEFAULT_BOX_MODEL  # noqa: F401  (re-exported: the engine's default)
 from ..errors import HRMedSegError, InputError
 from ..io.boxes import box_label
-from ..models.box_prior import add_box_prior
+from ..models.box_prior import PRIOR_RULES, add_box_prior, apply_prior_rule
 from ..models.info import LoadedModel, ModelMetadata
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
@@ -128,6 +128,9 @@ class BoxPredictor:
             (the fastest measured, docs/benchmarks.md).
         disk_cache: a second cache level on disk (:mod:`hrmedseg.engine.disk_cache`): None or
             False (default) off, True the user cache, a folder, or a ``DiskEmbeddingCache``.
+        prior: what a boxed object's mask is (:func:`~hrmedseg.models.box_prior.apply_prior_rule`):
+            "model" (default) the model's mask, "ellipse" the ellipse inscribed in the box, "auto"
+            the ellipse where its IoU with the model's mask is at least the model's predicted IoU.
     """
 
     def __init__(
@@ -143,7 +146,11 @@ class BoxPredictor:
         backend: str = "auto",
         allow_bf16: bool = True,
         disk_cache: Any = None,
+        prior: str = "model",
     ) -> None:
+        if prior not in PRIOR_RULES:
+            raise InputError(f"unknown prior {prior!r} (use {', '.join(PRIOR_RULES)})")
+        self.prior = prior
         self.device = resolve_device(device)
         module, self.metadata = resolve_model(model)
         self.backend = resolve_backend(backend, self.device, allow_bf16, module)
@@ -239,6 +246,7 @@ class BoxPredictor:
         # Models trained with a shape prior (models/box_prior.py) predict only its correction.
         if has_box:
             logits = add_box_prior(logits, input_boxes, (crop.input_size, crop.input_size), self.metadata.box_prior)
+            logits = apply_prior_rule(logits, scores, input_boxes, (crop.input_size, crop.input_size), self.prior)
         return logits, scores
 
     def clear_cache(self) -> None:

@@ -12,6 +12,7 @@ documentation; a cover image. Whole images larger than S must be tiled by the co
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -55,12 +56,18 @@ def test_input(model: HRMedSeg, image: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(rgb.transpose(2, 0, 1)[None])
 
 
-def _card(weights: Path, name: str, model: HRMedSeg) -> str:
+def _card(weights: Path, name: str, model: HRMedSeg, provenance: dict) -> str:
+    """The model card: the registry's ``<weights>.md``, else one made from the bundle's provenance
+    (a model fine-tuned here: its data, licence, recipe and validation scores)."""
     card = weights.with_suffix(".md")
     if card.is_file():
         return card.read_text(encoding="utf-8")
-    return (f"# {name}\n\nHRMedSeg (LGViT + neck + ECM-Decoder), prompt-free, classes: "
-            f"{', '.join(model.class_names or ['foreground'])}. Exported by hrmedseg from {weights.name}.\n")
+    lines = [f"# {name}", "", "HRMedSeg (LGViT + neck + ECM-Decoder), prompt-free, classes: "
+             f"{', '.join(model.class_names or ['foreground'])}. Exported by hrmedseg from {weights.name}.", ""]
+    if provenance:
+        lines += ["## How it was made", "", "| | |", "| --- | --- |"]
+        lines += [f"| {key} | {json.dumps(value) if isinstance(value, dict) else value} |" for key, value in provenance.items()]
+    return "\n".join(lines) + "\n"
 
 
 def export_bioimageio(name: str, out: str | os.PathLike, test_image: str | os.PathLike | None = None) -> Path:
@@ -73,7 +80,8 @@ def export_bioimageio(name: str, out: str | os.PathLike, test_image: str | os.Pa
     from bioimageio.spec import ValidationContext, save_bioimageio_package, save_bioimageio_package_as_folder
 
     weights, model_name = _weights_path(name)
-    model = hrmedseg_from_checkpoint(read_checkpoint(weights)).module.float().eval()
+    checkpoint = read_checkpoint(weights)
+    model = hrmedseg_from_checkpoint(checkpoint).module.float().eval()
     image = Path(test_image) if test_image else SAMPLE_DIR / TEST_IMAGES.get(model_name, DEFAULT_TEST_IMAGE)
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="hrmedseg-bioimageio-") as tmp_dir:
@@ -93,9 +101,9 @@ def export_bioimageio(name: str, out: str | os.PathLike, test_image: str | os.Pa
         np.save(tmp / "test_output.npy", torch.sigmoid(logits).numpy().astype(np.float32))
         torch.save(model.state_dict(), tmp / "weights.pt")
         traced.save(str(tmp / "weights.torchscript.pt"))
-        (tmp / "README.md").write_text(_card(weights, model_name, model), encoding="utf-8")
+        (tmp / "README.md").write_text(_card(weights, model_name, model, checkpoint.provenance), encoding="utf-8")
         _cover(raw, torch.sigmoid(logits).numpy(), tmp / "cover.png")
-        description = _description(model, model_name, read_checkpoint(weights).preprocessing, tmp)
+        description = _description(model, model_name, checkpoint.preprocessing, tmp)
         with ValidationContext(perform_io_checks=True):
             save_bioimageio_package_as_folder(description, output_path=out)
             save_bioimageio_package(description, output_path=out.with_suffix(".zip"))

@@ -20,7 +20,7 @@ import shapely.geometry
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..store import ImageAnnotation, ObjectClass
-from .objects import ImportedObject, object_masks
+from .objects import ImportedObject, object_masks, provenance
 from .polygons import mask_to_geometry, rasterize
 
 
@@ -33,10 +33,7 @@ def to_feature_collection(annotation: ImageAnnotation, classes: Sequence[ObjectC
         properties: dict[str, Any] = {
             "objectType": "annotation",
             "name": f"object {record.id}",
-            "object_id": record.id,
-            "score": record.score,
-            "model": record.model.get("name"),
-            "edited": record.edited,
+            **provenance(record),
         }
         if record.class_name is not None:
             properties["classification"] = {"name": record.class_name, "color": colors[record.class_name]}

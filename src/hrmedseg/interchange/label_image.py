@@ -1,4 +1,12 @@
-"""Plain label images (TIFF, PNG): 0 = background, k = object k, as Fiji, napari and most tools write them."""
+"""Label images: 0 = background, k = object k, as Fiji, napari and most tools write them.
+
+Plain TIFF / PNG files, and OME-Zarr (NGFF) labels groups: ``<key>.ome.zarr`` holds the
+``labels`` group of the NGFF spec, with one multiscale label image in it::
+
+    <key>.ome.zarr/             labels: ["annotations"]  (copy it into an image's .ome.zarr as labels/)
+        annotations/            multiscales + image-label (colours and properties per object)
+            0/ 1/ ...           the pyramid (hrmedseg.io.write_label_image)
+"""
 
 from __future__ import annotations
 
@@ -7,10 +15,14 @@ from typing import Sequence
 
 import numpy as np
 
+from ..atomic import atomic_dir
 from ..errors import InputError
-from ..io import write_label_tiff
-from ..store import ImageAnnotation, ObjectClass
-from .objects import ImportedObject, labels_2d
+from ..io import write_label_image, write_label_tiff
+from ..store import ImageAnnotation, ObjectClass, objects_from_labels
+from .objects import ImportedObject, labels_2d, provenance
+
+NGFF_LABEL_NAME = "annotations"
+UNCLASSIFIED_RGBA = (128, 128, 128, 255)  # grey, when other objects have class colours
 
 
 def write_labels(path: Path, annotations: Sequence[ImageAnnotation], classes: Sequence[ObjectClass]) -> None:
@@ -19,11 +31,64 @@ def write_labels(path: Path, annotations: Sequence[ImageAnnotation], classes: Se
     write_label_tiff(path, labels_2d(annotation))
 
 
+def write_ngff_labels(
+    path: Path, annotations: Sequence[ImageAnnotation], classes: Sequence[ObjectClass], version: str = "0.5"
+) -> None:
+    """The label image of one annotation as an OME-Zarr labels group (NGFF ``version``), atomically.
+
+    Each object's colour is its class's (unclassified ones grey; no colours at all when no object
+    has a class, so readers choose theirs); ``image-label.properties`` give each label value its
+    ``class`` and provenance (``object_id``, ``score``, ``model``, ``edited``).
+    """
+    import zarr
+    from ome_zarr.writer import add_metadata
+
+    from ..io.ome_zarr import ngff_format
+
+    (annotation,) = annotations
+    labels = labels_2d(annotation)
+    records = objects_from_labels(labels, annotation.objects)
+    class_rgba = {c.name: (*c.color, 255) for c in classes}
+    colors = None
+    if any(r.class_name for r in records):
+        colors = {r.id: class_rgba[r.class_name] if r.class_name else UNCLASSIFIED_RGBA for r in records}
+    properties = [{"label-value": r.id, "class": r.class_name, **provenance(r)} for r in records]
+    fmt = ngff_format(version)
+    with atomic_dir(path) as tmp:
+        write_label_image(tmp / NGFF_LABEL_NAME, labels, colors=colors, properties=properties, version=version,
+                          name=annotation.image_key)
+        group = zarr.open_group(str(tmp), mode="a", zarr_format=fmt.zarr_format)  # the label image is already in it
+        add_metadata(group, {"labels": [NGFF_LABEL_NAME], **({"version": fmt.version} if version == "0.5" else {})}, fmt=fmt)
+
+
+def _ngff_label_image(path: Path) -> np.ndarray:
+    """Full resolution of an OME-Zarr label image: a labels group's first one, or a label image itself."""
+    import zarr
+
+    from ..io import open_ome_zarr
+
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception as err:  # zarr raises many kinds for a folder that is no zarr group
+        raise InputError(f"cannot open {path} as an OME-Zarr: {type(err).__name__}: {str(err)[:200]}") from err
+    names = attrs.get("labels") or (attrs.get("ome") or {}).get("labels")
+    if names:
+        path = path / names[0]
+    image = open_ome_zarr(path)
+    if image.n_channels != 1:
+        raise InputError(f"{path} is not a label image: it has {image.n_channels} channels")
+    h, w = image.shape_yx
+    return image.read(0, h, 0, w)[..., 0]
+
+
 def read_label_image(path: Path) -> np.ndarray:
-    """A (H, W) integer label image from a TIFF or any format Pillow reads; InputError naming the file otherwise."""
+    """A (H, W) integer label image from a TIFF, an OME-Zarr labels group or label image, or any
+    format Pillow reads; InputError naming the file otherwise."""
     from ..io.readers import decode_with_pillow
 
-    if path.suffix.lower() in (".tif", ".tiff"):
+    if path.is_dir():
+        labels = _ngff_label_image(path)
+    elif path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
         try:

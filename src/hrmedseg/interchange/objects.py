@@ -27,6 +27,11 @@ class ObjectMask:
         return [float(ox + cols[0]), float(oy + rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)]
 
 
+def provenance(record: ObjectRecord) -> dict[str, Any]:
+    """hrmedseg's own per-object fields that other tools keep: ``object_id``, ``score``, ``model`` (name), ``edited``."""
+    return {"object_id": record.id, "score": record.score, "model": record.model.get("name"), "edited": record.edited}
+
+
 def labels_2d(annotation: ImageAnnotation) -> np.ndarray:
     """The annotation's (H, W) label image; InputError naming the image when it is nD."""
     labels = np.asarray(annotation.labels)

@@ -41,6 +41,8 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
                      "QuPath GeoJSON: one Feature per object"),
         ExportFormat("coco", ".json", False, coco.write_coco, "COCO instance JSON with RLE masks"),
         ExportFormat("tiff", ".tif", True, label_image.write_labels, "label image, tiled compressed TIFF"),
+        ExportFormat("ome-zarr", ".ome.zarr", True, label_image.write_ngff_labels,
+                     "OME-Zarr (NGFF 0.5) labels group: multiscale label image, class colours"),
     )
 }
 
@@ -81,7 +83,7 @@ def import_annotations(
     image_key: str | None = None,
     image_source: str | os.PathLike | None = None,
 ) -> list[str]:
-    """Import a GeoJSON, COCO or label image file into ``store``; the keys of the images saved.
+    """Import a GeoJSON, COCO or label image (TIFF, PNG, OME-Zarr) file into ``store``; the keys of the images saved.
 
     Each imported image's annotation is replaced by the file's objects (the file is taken to be
     that image's whole annotation, as QuPath exports it). ``image_key`` names the store image
@@ -90,7 +92,7 @@ def import_annotations(
     Classes the file names are added to the store's classes.
     """
     file = Path(file)
-    if not file.is_file():
+    if not (file.is_file() or (file.is_dir() and file.name.lower().endswith(".zarr"))):
         raise InputError(f"file to import not found: {file}")
     kind = _import_kind(file)
     if kind == "coco":
@@ -126,14 +128,16 @@ def import_annotations(
 
 def _import_kind(file: Path) -> str:
     suffix = file.suffix.lower()
-    if suffix in (".tif", ".tiff", ".png"):
+    if suffix in (".tif", ".tiff", ".png", ".zarr"):
         return "labels"
     if suffix == ".geojson":
         return "geojson"
     if suffix == ".json":
         data = _read_json(file)
         return "coco" if isinstance(data, dict) and "images" in data and "annotations" in data else "geojson"
-    raise InputError(f"{file}: cannot tell its format; import takes .geojson, COCO .json, or a .tif/.png label image")
+    raise InputError(
+        f"{file}: cannot tell its format; import takes .geojson, COCO .json, or a .tif/.png/.ome.zarr label image"
+    )
 
 
 def _read_json(file: Path):

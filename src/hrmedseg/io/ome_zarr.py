@@ -70,6 +70,15 @@ def _pyramid_shapes(shape: tuple[int, int], chunk: int, levels: int | None) -> l
     return shapes
 
 
+def ngff_format(version: str):
+    """ome-zarr-py's format object of NGFF ``version`` ("0.5": zarr v3, "0.4": zarr v2); InputError otherwise."""
+    from ome_zarr.format import FormatV04, FormatV05
+
+    if version not in NGFF_VERSIONS:
+        raise InputError(f"NGFF version {version!r} is not supported; use one of {NGFF_VERSIONS}")
+    return FormatV05() if version == "0.5" else FormatV04()
+
+
 def _colour_metadata(colors: Mapping[int, Sequence[int]] | None) -> list[dict] | None:
     if colors is None:
         return None
@@ -107,6 +116,7 @@ def write_label_image(
     *,
     max_id: int | None = None,
     colors: Mapping[int, Sequence[int]] | None = None,
+    properties: Sequence[Mapping[str, Any]] | None = None,
     chunk: int = CHUNK,
     levels: int | None = None,
     version: str = "0.5",
@@ -123,6 +133,8 @@ def write_label_image(
             axes z, y, x, chunks of one plane, pyramid levels in y and x only).
         max_id: the largest label (chooses uint16 or uint32); default: from ``labels``.
         colors: optional {label value: (r, g, b[, a]) 0..255}, written as ``image-label.colors``.
+        properties: optional ``image-label.properties``: one dict per label, each with its
+            ``label-value`` (napari-ome-zarr shows them as the layer's features).
         chunk: chunk side in pixels (every level).
         levels: number of pyramid levels; default: halve until the image fits in one chunk.
         version: NGFF version, "0.5" (zarr v3) or "0.4" (zarr v2).
@@ -132,11 +144,9 @@ def write_label_image(
     Returns the path written.
     """
     import zarr
-    from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.writer import add_metadata, write_multiscales_metadata
 
-    if version not in NGFF_VERSIONS:
-        raise InputError(f"NGFF version {version!r} is not supported; use one of {NGFF_VERSIONS}")
+    fmt = ngff_format(version)
     # A (Z, H, W) volume (a propagated stack) is written plane by plane, with a z axis.
     planes = [labels[z] for z in range(labels.shape[0])] if _is_volume(labels) else [labels]
     if max_id is None and _is_volume(labels):
@@ -144,7 +154,6 @@ def write_label_image(
     sources = [label_source(plane, max_id=max_id) for plane in planes]
     shape, top = sources[0][0], max(src[2] for src in sources)
     dtype = label_dtype(top)
-    fmt = FormatV05() if version == "0.5" else FormatV04()
     colour_list = _colour_metadata(colors)
     shapes = _pyramid_shapes(tuple(int(s) for s in shape), chunk, levels)
     lead, axes = ((len(planes),), ["z", "y", "x"]) if _is_volume(labels) else ((), ["y", "x"])
@@ -173,6 +182,8 @@ def write_label_image(
         image_label: dict[str, Any] = {"version": fmt.version}
         if colour_list is not None:
             image_label["colors"] = colour_list
+        if properties is not None:
+            image_label["properties"] = [dict(p) for p in properties]
         add_metadata(group, {"image-label": image_label}, fmt=fmt)
     return target
 
@@ -225,4 +236,4 @@ def open_ome_zarr(path: str | os.PathLike, channel: int | Sequence[int] | None =
     return ArrayImage(arrays, channel=channel, axes=axes or found, name=str(path), source_key=key)
 
 
-__all__ = ["CHUNK", "NGFF_VERSIONS", "ome_zarr_arrays", "open_ome_zarr", "write_label_image"]
+__all__ = ["CHUNK", "NGFF_VERSIONS", "ngff_format", "ome_zarr_arrays", "open_ome_zarr", "write_label_image"]

@@ -57,6 +57,11 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+# Before any model module imports segment_anything: skip its torchvision-importing __init__.
+from .sam_package import register_light_package  # noqa: E402
+
+register_light_package()
+
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:

@@ -7,6 +7,12 @@ nothing. The prior is part of the model: its bundle records ``config["box_prior"
 loader returns it as ``ModelMetadata.box_prior`` (``load_model_with_metadata``); the training
 loop and the box engine add it to the low-res logits. Callers of ``SamPredictor`` add it with :func:`add_box_prior` on ``return_logits``
 low-res outputs.
+
+What the engine returns per box is chosen by :func:`apply_prior_rule` (``BoxPredictor(prior=...)``,
+``hrmedseg segment --prior``): the model's mask ("model", the default), the inscribed ellipse
+("ellipse"), or "auto": the ellipse only where the model itself cannot tell it from its own mask,
+i.e. where the IoU of its mask with the ellipse is at least the IoU it predicts for its mask. The
+rule has no tuned constant: it trusts the model's mask exactly as far as the model's own score says.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import torch
 
 BOX_PRIORS = ("none", "ellipse")
+PRIOR_RULES = ("model", "ellipse", "auto")
 PRIOR_STRENGTH = 4.0  # logit at the ellipse's centre; 0 on its outline
 
 
@@ -54,3 +61,34 @@ def add_box_prior(
     if prior != "ellipse":
         raise ValueError(f"unknown box prior {prior!r}; expected one of {', '.join(BOX_PRIORS)}")
     return logits + ellipse_prior_logits(boxes.to(logits.device), logits.shape[-2:], input_size).to(logits.dtype)
+
+
+def apply_prior_rule(
+    logits: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor, input_size: tuple[int, int], rule: str = "model"
+) -> torch.Tensor:
+    """Per object, the model's logits or the ellipse's, by ``rule`` (one of :data:`PRIOR_RULES`).
+
+    Args:
+        logits: (N, 1, h, w) the model's low-res mask logits (with its own box prior added).
+        scores: (N,) the decoder's predicted IoU of each mask.
+        boxes: (N, 4) xyxy in model-input pixels.
+        input_size: (H, W) model-input size.
+
+    Returns:
+        (N, 1, h, w): "model" ``logits`` unchanged; "ellipse" :func:`ellipse_prior_logits` of every
+        box; "auto" the ellipse's logits for objects where IoU(model mask, ellipse) >= score (the
+        ellipse lies within the model's own predicted error of its mask, so the model has no
+        evidence against the prior), the model's elsewhere.
+    """
+    if rule not in PRIOR_RULES:
+        raise ValueError(f"unknown prior rule {rule!r}; expected one of {', '.join(PRIOR_RULES)}")
+    if rule == "model":
+        return logits
+    ellipse = ellipse_prior_logits(boxes.to(logits.device), logits.shape[-2:], input_size).to(logits.dtype)
+    if rule == "ellipse":
+        return ellipse
+    ours, prior = logits > 0, ellipse > 0
+    inter = (ours & prior).flatten(1).sum(1).float()
+    union = (ours | prior).flatten(1).sum(1).float().clamp_min(1)
+    use_prior = (inter / union >= scores.to(logits.device).float()).view(-1, 1, 1, 1)
+    return torch.where(use_prior, ellipse, logits)

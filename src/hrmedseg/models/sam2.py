@@ -33,7 +33,7 @@ from .info import LoadedModel, ModelMetadata, Sam2Settings
 from .layers import LayerNorm2d
 from .neck import EncoderConfig, HRMedSegEncoder, SamNeck
 from .preprocessing import Preprocessing
-from .state_dict import describe_mismatch
+from .state_dict import compare_state, describe_mismatch
 
 SAM2_DECODER_ARCHITECTURE = "sam2_prompt_decoder"
 HRMEDSEG_SAM2_ARCHITECTURE = "hrmedseg_sam2"
@@ -210,17 +210,25 @@ def _sam2_model_kwargs(config: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def build_sam2_base(image_encoder: nn.Module, config: str = DEFAULT_SAM2_CONFIG) -> nn.Module:
-    """sam2's model (the config's ``_target_``, SAM2Base) with ``image_encoder`` in place of Hiera + FPN."""
+def build_sam2_base(
+    image_encoder: nn.Module, config: str = DEFAULT_SAM2_CONFIG, model_class: type | None = None, **overrides
+) -> nn.Module:
+    """sam2's model (the config's ``_target_``, SAM2Base) with ``image_encoder`` in place of Hiera + FPN.
+
+    ``model_class``: another SAM2Base subclass to build (e.g. sam2's ``SAM2VideoPredictor``);
+    ``overrides``: constructor arguments that replace the config's (e.g. ``image_size``).
+    """
     from hydra.utils import get_class, instantiate
 
     _, kwargs = _sam2_model_kwargs(config)
-    model_class = get_class(kwargs.pop("_target_"))
-    memory_attention = instantiate(kwargs.pop("memory_attention"), _recursive_=True)
-    memory_encoder = instantiate(kwargs.pop("memory_encoder"), _recursive_=True)
-    return model_class(
-        image_encoder=image_encoder, memory_attention=memory_attention, memory_encoder=memory_encoder, **kwargs
-    )
+    target = kwargs.pop("_target_")
+    model_class = model_class or get_class(target)
+    memory_specs = {name: kwargs.pop(name) for name in ("memory_attention", "memory_encoder")}
+    kwargs.update(overrides)  # given memory modules are used as they are
+    for name, spec in memory_specs.items():
+        if name not in kwargs:
+            kwargs[name] = instantiate(spec, _recursive_=True)
+    return model_class(image_encoder=image_encoder, **kwargs)
 
 
 class _ShapeOnlyImageEncoder(nn.Module):
@@ -359,9 +367,7 @@ def read_sam2_decoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 def _load_decoder_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load decoder tensors into SAM2Base: all image-path tensors required, memory tensors optional."""
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("image_encoder.")}
-    unexpected = sorted(set(state) - set(own))
-    missing = [k for k in own if _is_image_path_key(k) and k not in state]
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    missing, unexpected, mismatched = compare_state(own, state, [k for k in own if _is_image_path_key(k)])
     if unexpected or missing or mismatched:
         raise WeightsError(f"{source} does not fit the SAM2 decoder: " + describe_mismatch(missing, unexpected, mismatched))
     model.load_state_dict(state, strict=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -25,6 +25,25 @@ def describe_mismatch(missing: list[str], unexpected: list[str], mismatched: lis
     return ", ".join(parts)
 
 
+def compare_state(
+    own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], required: Iterable[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """What of ``state`` does not fit ``own`` (the model tensors it may fill), for :func:`describe_mismatch`.
+
+    Returns (missing: the ``required`` keys ``state`` lacks, in their order; unexpected: sorted
+    keys of ``state`` that ``own`` lacks; mismatched: "key: file (shape) vs model (shape)" for
+    shared keys of another shape, in ``own``'s order).
+    """
+    missing = [k for k in required if k not in state]
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    return missing, unexpected, mismatched
+
+
 def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Load ``state_dict`` into ``model``, requiring every learned tensor to match by name and shape.
 
@@ -33,13 +52,7 @@ def load_matching(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sour
     """
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith(RECOMPUTED_SUFFIXES)}
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
+    missing, unexpected, mismatched = compare_state(own, state_dict, sorted(own))
     if missing or unexpected or mismatched:
         raise WeightsError(
             f"{source} does not fit {type(model).__name__}: " + describe_mismatch(missing, unexpected, mismatched)

@@ -11,7 +11,7 @@ use as it saw them in training. ``hrmedseg.training.finetune`` trains and saves 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
@@ -23,6 +23,10 @@ from .prompting import decode_sam2_boxes, decode_sam_boxes, sam2_features, sam_b
 
 
 PerImageOutputs = Union[list[torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]
+# ``refine(decode)``: training's click iterations (hrmedseg.training.clicks), given the model's
+# decoder ``decode(i, boxes_i, points=, point_labels=, mask_inputs=)`` -> ((K_i, 1, h, w) logits
+# with the box prior added, (K_i, M) IoU) for image i of the batch; forward returns what it returns.
+Refine = Callable[[Callable[..., tuple[torch.Tensor, torch.Tensor]]], Any]
 
 
 def decode_each_image(
@@ -91,22 +95,25 @@ class BoxPromptedSegmenter(nn.Module):
         # The single-mask output is mask token 0, whose score is the head's first output.
         return out.masks, decoder.iou_prediction_head(torch.cat(tokens))[:, :1]
 
-    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], return_iou: bool = False) -> PerImageOutputs:
+    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], return_iou: bool = False,
+                refine: Refine | None = None) -> PerImageOutputs | Any:
         pe = self.sam.prompt_encoder
         grid = self.input_size // 16
         set_prompt_geometry(pe, self.input_size)
         with torch.no_grad() if self.frozen_fast else nullcontext():
             embeddings = self.sam.image_encoder(images)
 
-        def decode(i: int, image_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def decode(i: int, image_boxes: torch.Tensor, **prompts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             if self.frozen_fast:
                 sparse, dense = sam_box_prompt(pe, image_boxes)
                 low_res, iou = self._decode_frozen_fast(embeddings[i : i + 1], pe.get_dense_pe(), sparse, dense)
             else:
                 # SAM's decoder repeats one image's embedding for each prompt, hence one image at a time.
-                low_res, iou = decode_sam_boxes(pe, self.sam.mask_decoder, embeddings[i : i + 1], image_boxes)
+                low_res, iou = decode_sam_boxes(pe, self.sam.mask_decoder, embeddings[i : i + 1], image_boxes, **prompts)
             return add_box_prior(low_res, image_boxes, (self.input_size,) * 2, self.box_prior), iou
 
+        if refine is not None:
+            return refine(decode)
         return decode_each_image(boxes, decode, embeddings, 4 * grid, return_iou)
 
 
@@ -128,11 +135,17 @@ class Sam2BoxPromptedSegmenter(nn.Module):
         self.input_size = input_size
         self.settings = settings  # sam2 config and memory flag, saved with the model
 
-    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], return_iou: bool = False) -> PerImageOutputs:
+    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], return_iou: bool = False,
+                refine: Refine | None = None) -> PerImageOutputs | Any:
         set_prompt_geometry(self.sam.sam_prompt_encoder, self.input_size)
         features = sam2_features(self.sam, images)
-        return decode_each_image(boxes, lambda i, image_boxes: decode_sam2_boxes(self.sam, features.image(i), image_boxes),
-                                 features.image_embed, self.input_size // 4, return_iou)
+
+        def decode(i: int, image_boxes: torch.Tensor, **prompts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return decode_sam2_boxes(self.sam, features.image(i), image_boxes, **prompts)
+
+        if refine is not None:
+            return refine(decode)
+        return decode_each_image(boxes, decode, features.image_embed, self.input_size // 4, return_iou)
 
 
 __all__ = ["BoxPromptedSegmenter", "Sam2BoxPromptedSegmenter", "decode_each_image"]
