@@ -51,7 +51,8 @@ class LazyStack:
             raise InputError(f"{name} has axes {self._axes} with shape {shape}: no Z or T axis to propagate along (it is a 2D image)")
         self.axis = stack[0]
         self.n_slices = shape[self._axes.index(self.axis)]
-        self.source_key = source_key
+        # one key for the whole stack (slices add their index), computed once, not per slice
+        self.source_key = source_key or ArrayImage._default_key(self._arrays[0])
         self._first = self.slice(0)  # checks dtype, channels and the other axes once
         self.shape_yx = self._first.shape_yx
         self.dtype = self._first.dtype
