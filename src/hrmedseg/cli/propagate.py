@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..engine.propagation import DEFAULT_MIN_AREA, DEFAULT_MIN_SCORE, PROPAGATION_METHODS
+    from ..engine.propagation import DEFAULT_MIN_AREA, DEFAULT_MIN_OVERLAP, DEFAULT_MIN_SCORE, PROPAGATION_METHODS
 
     g = p.add_argument_group("stacks (--propagate)")
     g.add_argument("--propagate", action="store_true", help="STACK has a leading Z/T axis: segment each box's object through it "
@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=PROPAGATION_METHODS, default="neighbour", help="neighbour (any box model) or sam2 (HRMedSegSAM2 models)")
     g.add_argument("--min-area", type=int, default=DEFAULT_MIN_AREA, help=f"a mask below this many pixels ends an object (default {DEFAULT_MIN_AREA})")
     g.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE, help=f"a predicted IoU below this ends an object (default {DEFAULT_MIN_SCORE})")
+    g.add_argument("--min-overlap", type=float, default=DEFAULT_MIN_OVERLAP,
+                   help=f"neighbour: an IoU with the neighbour slice's mask below this ends an object (default {DEFAULT_MIN_OVERLAP})")
     g.add_argument("--max-slices", type=int, help="at most this many slices from each box each way (default: no limit)")
 
 
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = propagate(predictor, stack, prompts, method=args.method, min_area=args.min_area, min_score=args.min_score,
-                           max_slices=args.max_slices, progress=progress)
+                           min_overlap=args.min_overlap, max_slices=args.max_slices, progress=progress)
     finally:
         bar.close()
     if name.endswith(".zarr"):
