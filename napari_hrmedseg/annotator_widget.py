@@ -183,6 +183,16 @@ class AnnotatorWidget(QWidget):
         clicks_row.addWidget(self.negative_check)
         layout.addLayout(clicks_row)
 
+        stack_row = QHBoxLayout()  # stacks and time series
+        self.propagate_button = QPushButton("Propagate")
+        self.propagate_button.setToolTip("Stacks / time series: segment every boxed object through the slices from its box "
+                                         "(a box over a propagated object on another slice corrects it); one undo step; Cancel stops it")
+        self.propagate_selected_button = QPushButton("Propagate selected")
+        self.propagate_selected_button.setToolTip("As Propagate, for the boxes selected in the boxes layer")
+        stack_row.addWidget(self.propagate_button)
+        stack_row.addWidget(self.propagate_selected_button)
+        layout.addLayout(stack_row)
+
         self.progress = QProgressBar()
         self.progress.setTextVisible(True)
         self.progress.setVisible(False)
@@ -230,6 +240,8 @@ class AnnotatorWidget(QWidget):
         self.segment_all_button.clicked.connect(self.annotator.segment_all)
         self.every_object_button.clicked.connect(lambda: self.annotator.segment_every_object())
         self.cancel_button.clicked.connect(self.annotator.cancel)
+        self.propagate_button.clicked.connect(lambda: self.annotator.propagate())
+        self.propagate_selected_button.clicked.connect(lambda: self.annotator.propagate(selected=True))
         self.clear_button.clicked.connect(self.annotator.clear)
         self.commit_button.clicked.connect(self.commit)
         self.open_button.clicked.connect(self.open_project)
@@ -344,11 +356,12 @@ class AnnotatorWidget(QWidget):
             self.progress.setRange(0, 0)  # indeterminate until a batch reports progress
             self.progress.setFormat(what)
             self.status_label.setText(what + "...")
+            self._progress_unit = "slices" if what.startswith("propagating") else "boxes"
 
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.setRange(0, max(total, 1))
         self.progress.setValue(done)
-        self.progress.setFormat("%v / %m boxes")
+        self.progress.setFormat(f"%v / %m {getattr(self, '_progress_unit', 'boxes')}")
 
     # ------------------------------------------------------------------ store
     def _browse_project(self) -> None:

@@ -230,13 +230,13 @@ def test_bad_prompts_are_named(loaded, stack):
 
 
 def test_crop_frames_follow_the_direction_of_travel(loaded, stack):
-    from hrmedseg.engine.sam2_video import StackSlices
+    from hrmedseg.io.stacks import open_stack
 
     p = _predictor(loaded)
-    slices = StackSlices(stack)
+    slices = open_stack(stack)
     video = sam2_video.build_video_predictor(loaded.module, "sam2.1_hiera_t")
     crop = tracking_crop(np.array(BOX), (H, W), p, 0.5)
-    frames = CropFrames(p, video, slices, crop, p.scaling(slices.image(0)), batch_size=4)
+    frames = CropFrames(p, video, slices, crop, p.scaling(slices.slice(0)), batch_size=4)
     frames.step = -1
     _, features = frames.get(4)
     assert sorted(frames._latest) == [1, 2, 3, 4]

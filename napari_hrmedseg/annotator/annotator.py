@@ -49,6 +49,9 @@ class Annotator:
         self.clicks = ClickBinding(self.layers)
         self.jobs = JobQueue()
         self.store = ProjectStore(self.layers, self.jobs)
+        from .propagate import Propagation
+
+        self.propagation = Propagation(self)
         self.predictor: Any = None
         self._queue: "OrderedDict[int, int]" = OrderedDict()  # object id -> generation, to segment
         self.layers.objects_changed.connect(self._enqueue_all)
@@ -288,6 +291,10 @@ class Annotator:
         from .every_object import segment_every_object
 
         return segment_every_object(self, proposer)
+
+    def propagate(self, selected: bool = False) -> Any:
+        """Segment the boxed objects of a stack through it (``selected``: only the selected boxes'); see ``propagate``."""
+        return self.propagation.start(self.layers.selected_ids() if selected else None)
 
     def cancel(self) -> None:
         """Stop "Segment all" (results already written stay; Ctrl+Z removes them one by one)."""

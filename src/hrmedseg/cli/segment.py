@@ -4,6 +4,7 @@
     hrmedseg segment slide.ome.tif --boxes boxes.csv --points clicks.csv --out labels.tif
     hrmedseg segment slide.ome.tif --out labels.tif --model PROMPT_FREE_MODEL   # an "hrmedseg" bundle
     hrmedseg segment slide.ome.tif --auto --out labels.tif [--proposer nuclei|grid|MODEL]   # every object, no boxes
+    hrmedseg segment stack.tif --boxes boxes.csv --propagate --out labels.tif   # boxes with a z column, through a stack
 
 With boxes: LABELS.tif (tiled, compressed, the image's Y x X shape; box i gets label i + 1) and a
 per-object table (id, box, area, score, empty) beside it, both atomically. ``--points`` adds
@@ -73,6 +74,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auto", action="store_true", help="segment every object without boxes (box model on each proposal)")
     p.add_argument("--proposer", default="nuclei", help="--auto: nuclei (the bundled prompt-free model), grid (SAM point grid) or a prompt-free model name/path")
     p.add_argument("--no-disk-cache", action="store_true", help="do not read or write crop embeddings in the user cache")
+    from .propagate import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -127,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
         write_object_table,
     )
 
+    if getattr(args, "propagate", False):
+        from .propagate import run as run_propagate
+
+        return run_propagate(args)
     out = Path(args.out)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise InputError(f"--out {out}: the label image is written as TIFF; give a .tif path")

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..io.readers import ArrayImage, LazyImage, open_image
+from ..io.readers import LazyImage
+from ..io.stacks import LazyStack, open_stack
 from .crops import Crop, logits_to_native, plan_crops, read_crop
 from .decoder import is_sam2_model
 from .intensity import ChannelScaling
@@ -42,47 +43,6 @@ from .propagation import PropagationResult, SlicePrompt
 # Margin (fraction of the object's longer side, per side) the tracking crop leaves around the
 # prompted object, so that it may move and grow before it leaves the crop.
 DEFAULT_TRACK_MARGIN = 0.5
-
-
-class StackSlices:
-    """A stack as lazy slices: ``len(s)`` slices, ``s.image(z)`` the :class:`LazyImage` of slice z.
-
-    ``stack``: an array (numpy, dask, zarr, memmap) with Z or T as its leading axis, (Z, H, W)
-    or (Z, H, W, C) / (Z, C, H, W); or a sequence of per-slice images (anything ``open_image``
-    takes). A slice is read only when asked for; its cache key is the stack's plus the index.
-    """
-
-    def __init__(self, stack: Any) -> None:
-        if isinstance(stack, (list, tuple)):
-            self._images = [open_image(s) for s in stack]
-            self._stack, self._key = None, ""
-            n = len(self._images)
-        else:
-            shape = getattr(stack, "shape", None)
-            if shape is None or len(shape) < 3:
-                raise InputError(f"a stack must be an array of slices (Z, H, W[, C]) or a list of images; got shape {shape}")
-            self._images, self._stack, self._key = [], stack, ArrayImage._default_key(stack)
-            n = int(shape[0])
-        if n == 0:
-            raise InputError("the stack has no slices")
-        self._n = n
-        first = self.image(0)
-        self.shape_yx, self.channels = first.shape_yx, first.channels
-        for z in range(1, n) if self._images else ():
-            if self._images[z].shape_yx != self.shape_yx:
-                raise InputError(f"slice {z} is {self._images[z].shape_yx} (H, W), but slice 0 is {self.shape_yx}")
-
-    def __len__(self) -> int:
-        return self._n
-
-    def source_key(self, z: int) -> str:
-        """Slice z's cache key, without reading it."""
-        return self._images[z].source_key if self._images else f"{self._key}:z{z}"
-
-    def image(self, z: int) -> LazyImage:
-        if self._images:
-            return self._images[z]
-        return ArrayImage(self._stack[z], name=f"slice {z} of the stack", source_key=self.source_key(z))
 
 
 class CropFrames:
@@ -102,7 +62,7 @@ class CropFrames:
     """
 
     def __init__(
-        self, predictor: BoxPredictor, video: torch.nn.Module, slices: StackSlices, crop: Crop,
+        self, predictor: BoxPredictor, video: torch.nn.Module, slices: LazyStack, crop: Crop,
         scaling: ChannelScaling, batch_size: int,
     ) -> None:
         self.predictor, self.video, self.slices, self.crop = predictor, video, slices, crop
@@ -112,18 +72,25 @@ class CropFrames:
         self._latest: dict[int, list[torch.Tensor]] = {}  # the last batch, whatever the cache keeps
         # A frame's image is never read by sam2 past the cache lookup; a stand-in keeps its shape.
         self._image_stand_in = torch.zeros(1, 3, 1, 1, device=video.device)
+        self._images: dict[int, LazyImage] = {}  # slice t's LazyImage, made once (its key and reader)
 
     def __len__(self) -> int:
         return len(self.slices)
 
+    def image(self, t: int) -> LazyImage:
+        """Slice t as a LazyImage (made once per slice)."""
+        if t not in self._images:
+            self._images[t] = self.slices.slice(t)
+        return self._images[t]
+
     def _key(self, t: int) -> tuple:
-        c = self.crop
-        return ("sam2-video", self.slices.source_key(t), self.slices.channels, c.scale, c.y0, c.x0, c.size, self.scaling.key, self.predictor._model_token)
+        c, image = self.crop, self.image(t)
+        return ("sam2-video", image.source_key, image.channels, c.scale, c.y0, c.x0, c.size, self.scaling.key, self.predictor._model_token)
 
     def _pixels(self, t: int) -> torch.Tensor:
         """(1, 3, S, S) slice t's crop, padded and normalised as the 2D engine's SAM2 encoder does."""
         encoder = self.predictor.encoder
-        raw, _ = read_crop(self.slices.image(t), self.crop, self.scaling.apply)
+        raw, _ = read_crop(self.image(t), self.crop, self.scaling.apply)
         return encoder.preprocessing.normalize(encoder.pad(raw.to(self.video.device, torch.float32)))
 
     def __getitem__(self, t: int) -> torch.Tensor:
@@ -219,8 +186,9 @@ def propagate_sam2(
     Args:
         predictor: a BoxPredictor on an HRMedSegSAM2 (or SAM2) model with video-memory weights;
             its crop policy, intensity options, embedding cache and device are used.
-        stack: (Z, H, W[, C]) array-like, Z or T leading (lazy: read slice by slice), or a list
-            of per-slice images (see :class:`StackSlices`).
+        stack: anything :func:`hrmedseg.io.stacks.open_stack` takes (a (Z, H, W[, C]) array,
+            Z or T leading, a 3D TIFF, an OME-Zarr with a z or t axis) or a LazyStack; read
+            slice by slice.
         prompts: one :class:`SlicePrompt` per object (box and/or clicks on its slice).
         min_area: a slice whose mask has fewer native pixels ends the object in that direction.
         min_score: so does a slice whose predicted IoU is lower.
@@ -245,7 +213,7 @@ def propagate_sam2(
     problem = _memory_error(predictor)
     if problem:
         raise InputError(problem)
-    slices = StackSlices(stack)
+    slices = open_stack(stack)
     n_slices, shape_yx = len(slices), slices.shape_yx
     checked = _check_prompts(prompts, n_slices, shape_yx)
     reach = n_slices if max_slices is None else max(0, int(max_slices))
@@ -268,7 +236,7 @@ def propagate_sam2(
 
     for (prompt, obj), (ahead, behind) in zip(checked, spans):
         oid, z0 = int(prompt.object_id), int(prompt.slice_index)
-        scaling = predictor.scaling(slices.image(z0))
+        scaling = predictor.scaling(slices.slice(z0))
         crop = tracking_crop(obj.extents[0], shape_yx, predictor, margin)
         frames = CropFrames(predictor, video, slices, crop, scaling, batch)
         state = new_inference_state(video, frames, crop.input_size)
@@ -327,4 +295,4 @@ def _result(labels, scores, extents, oid, found) -> PropagationResult:
     return PropagationResult(labels, scores, extents)
 
 
-__all__ = ["DEFAULT_TRACK_MARGIN", "CropFrames", "StackSlices", "propagate_sam2", "tracking_crop"]
+__all__ = ["DEFAULT_TRACK_MARGIN", "CropFrames", "propagate_sam2", "tracking_crop"]

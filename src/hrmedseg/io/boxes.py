@@ -177,6 +177,56 @@ def read_boxes(path: str | os.PathLike) -> np.ndarray:
     return boxes
 
 
+SLICE_COLUMNS = ("z", "slice", "t")
+
+
+def _slice_value(value: Any, where: str) -> int:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: slice {value!r} is not a number") from None
+    if not math.isfinite(v) or v != int(v) or v < 0:
+        raise InputError(f"{where}: slice {value!r} is not a whole number >= 0")
+    return int(v)
+
+
+def read_box_slices(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes of a stack: ((N, 4) xyxy, (N,) slice index of each box) from a box file whose rows
+    carry a ``z``, ``slice`` or ``t`` column (CSV header, JSON object keys); a napari Shapes CSV
+    of 3D shapes gives each shape's plane (its ``axis-0``). InputError names the file and row."""
+    path = Path(path)
+    boxes = read_boxes(path)
+    text = path.read_text(encoding="utf-8-sig")
+    missing = f"box file {path} gives no slice per box: add a column {' or '.join(SLICE_COLUMNS)} (the slice index, from 0)"
+    if text.lstrip().startswith(("{", "[")) or path.suffix.lower() in (".json", ".geojson"):
+        obj = parse_json(text, str(path), "box")
+        rows = json_list(obj, str(path), "boxes") if not (isinstance(obj, dict) and "features" in obj) else [
+            (f or {}).get("properties") or {} for f in obj["features"]]
+        slices = []
+        for i, row in enumerate(rows):
+            key = next((k for k in SLICE_COLUMNS if isinstance(row, dict) and k in row), None)
+            if key is None:
+                raise InputError(f"row {i + 1} of box file {path}: no slice ({', '.join(SLICE_COLUMNS)} key); {missing}")
+            slices.append(_slice_value(row[key], f"row {i + 1} of box file {path}"))
+        return boxes, np.asarray(slices, np.int64)
+    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    header = [c.strip().lower() for c in rows[0]]
+    if {"index", "axis-0", "axis-1"} <= set(header):
+        axis_cols = [c for c in header if c.startswith("axis-")]
+        if len(axis_cols) < 3:
+            raise InputError(f"{missing} (its shapes are 2D)")
+        ci, cz = header.index("index"), header.index("axis-0")
+        first: dict[int, int] = {}
+        for i, row in enumerate(rows[1:]):
+            where = f"box file {path}, line {i + 2}"
+            first.setdefault(int(_float(row[ci], where)), _slice_value(round(_float(row[cz], where)), where))
+        return boxes, np.asarray([first[k] for k in sorted(first)], np.int64)
+    col = next((header.index(c) for c in SLICE_COLUMNS if c in header), None)
+    if col is None:
+        raise InputError(missing)
+    return boxes, np.asarray([_slice_value(row[col].strip() if col < len(row) else "", f"box file {path}, line {i + 2}") for i, row in enumerate(rows[1:])], np.int64)
+
+
 def box_label(i: int, box: Sequence[float], source: str) -> str:
     """How messages name box ``i`` (0-based) of ``source``: 'row i+1 of SOURCE (x0, y0, x1, y1)'."""
     return f"row {i + 1} of {source} ({', '.join(f'{float(v):g}' for v in box)})"

@@ -93,6 +93,23 @@ def _colour_metadata(colors: Mapping[int, Sequence[int]] | None) -> list[dict] |
     return out
 
 
+def _is_volume(labels: Any) -> bool:
+    return not hasattr(labels, "shape_yx") and len(getattr(labels, "shape", ())) == 3
+
+
+class _Plane:
+    """Plane ``z`` of a (Z, H, W) zarr array, read and written like a 2D one (for the chunk writer)."""
+
+    def __init__(self, array: Any, z: int) -> None:
+        self.array, self.z, self.shape, self.dtype = array, z, tuple(array.shape[1:]), array.dtype
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        return self.array[(self.z, *key)]
+
+    def __setitem__(self, key: tuple, value: np.ndarray) -> None:
+        self.array[(self.z, *key)] = value
+
+
 def write_label_image(
     path: str | os.PathLike,
     labels: Any,
@@ -112,7 +129,8 @@ def write_label_image(
         path: the store to write (a folder, conventionally ``*.ome.zarr``); replaced if it exists.
         labels: (H, W) integer labels: a numpy or zarr array, or an object with ``shape_yx`` and
             ``read(y0, y1, x0, x1)`` such as ``hrmedseg.engine.SparseLabels``, rendered one chunk
-            at a time so the full image is never in memory.
+            at a time so the full image is never in memory; or a (Z, H, W) array (a stack:
+            axes z, y, x, chunks of one plane, pyramid levels in y and x only).
         max_id: the largest label (chooses uint16 or uint32); default: from ``labels``.
         colors: optional {label value: (r, g, b[, a]) 0..255}, written as ``image-label.colors``.
         properties: optional ``image-label.properties``: one dict per label, each with its
@@ -129,29 +147,38 @@ def write_label_image(
     from ome_zarr.writer import add_metadata, write_multiscales_metadata
 
     fmt = ngff_format(version)
-    shape, read, top = label_source(labels, max_id=max_id)
+    # A (Z, H, W) volume (a propagated stack) is written plane by plane, with a z axis.
+    planes = [labels[z] for z in range(labels.shape[0])] if _is_volume(labels) else [labels]
+    if max_id is None and _is_volume(labels):
+        max_id = int(np.max(labels)) if np.size(labels) else 0
+    sources = [label_source(plane, max_id=max_id) for plane in planes]
+    shape, top = sources[0][0], max(src[2] for src in sources)
     dtype = label_dtype(top)
     colour_list = _colour_metadata(colors)
     shapes = _pyramid_shapes(tuple(int(s) for s in shape), chunk, levels)
+    lead, axes = ((len(planes),), ["z", "y", "x"]) if _is_volume(labels) else ((), ["y", "x"])
     target = Path(path)
     with atomic_dir(target) as tmp, ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=fmt.zarr_format)
-        extra = {"dimension_names": ["y", "x"]} if fmt.zarr_format == 3 else {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
-        previous = None
+        extra = {"dimension_names": axes} if fmt.zarr_format == 3 else {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+        previous: list[Any] = [None] * len(planes)
+        written: list[Any] = [None] * len(planes)
         datasets = []
         for level, level_shape in enumerate(shapes):
-            array = group.create_array(str(level), shape=level_shape, chunks=(min(chunk, level_shape[0]), min(chunk, level_shape[1])),
+            array = group.create_array(str(level), shape=lead + level_shape, chunks=(1,) * len(lead) + (min(chunk, level_shape[0]), min(chunk, level_shape[1])),
                                        dtype=dtype, fill_value=0, **extra)
-            if previous is None:
-                written = _write_level(array, read, pool, chunk)
-            else:
-                src = previous  # nearest neighbour: every second pixel of the level above
-                written = _write_level(array, lambda y0, y1, x0, x1, src=src: np.asarray(src[2 * y0 : 2 * y1 : 2, 2 * x0 : 2 * x1 : 2]),
-                                       pool, chunk, parents=written)
-            previous = array
+            for z, (_, read, _) in enumerate(sources):
+                target_plane = _Plane(array, z) if lead else array
+                if previous[z] is None:
+                    written[z] = _write_level(target_plane, read, pool, chunk)
+                else:
+                    src = previous[z]  # nearest neighbour: every second pixel of the level above
+                    written[z] = _write_level(target_plane, lambda y0, y1, x0, x1, src=src: np.asarray(src[2 * y0 : 2 * y1 : 2, 2 * x0 : 2 * x1 : 2]),
+                                              pool, chunk, parents=written[z])
+                previous[z] = target_plane
             factor = float(2**level)
-            datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": [factor, factor]}]})
-        write_multiscales_metadata(group, datasets, fmt=fmt, axes=["y", "x"], name=name)
+            datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(lead) + [factor, factor]}]})
+        write_multiscales_metadata(group, datasets, fmt=fmt, axes=axes, name=name)
         image_label: dict[str, Any] = {"version": fmt.version}
         if colour_list is not None:
             image_label["colors"] = colour_list
@@ -166,16 +193,13 @@ def _multiscales(attrs: Mapping[str, Any]) -> list | None:
     return attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
 
 
-def open_ome_zarr(path: str | os.PathLike, channel: int | Sequence[int] | None = None, axes: str | None = None):
-    """Open an OME-Zarr (NGFF 0.4 or 0.5) image or a plain zarr array lazily, as a LazyImage.
+def ome_zarr_arrays(path: str | os.PathLike) -> tuple[list[Any], str | None, str]:
+    """(arrays, axes letters or None, cache key) of an OME-Zarr image or a plain zarr array, lazily.
 
-    A multiscale group becomes a pyramid (its ``datasets``, full resolution first) with the axes
-    its metadata names; a bioformats2raw container opens its first image (``0/``); a plain zarr
-    array is read with ``axes`` or inferred axes. Only the chunks a window touches are read.
+    A multiscale group gives its ``datasets`` (full resolution first) and the axes its metadata
+    names; a bioformats2raw container its first image (``0/``); a plain zarr array itself and None.
     """
     import zarr
-
-    from .readers import ArrayImage
 
     path = Path(path)
     try:
@@ -185,7 +209,7 @@ def open_ome_zarr(path: str | os.PathLike, channel: int | Sequence[int] | None =
     st = path.stat()
     key = f"zarr:{path.resolve()}:{st.st_mtime_ns}"
     if isinstance(node, zarr.Array):
-        return ArrayImage(node, channel=channel, axes=axes, name=str(path), source_key=key)
+        return [node], None, key
     attrs = dict(node.attrs)
     ms = _multiscales(attrs)
     if not ms and "0" in node and isinstance(node["0"], zarr.Group) and _multiscales(dict(node["0"].attrs)):
@@ -195,10 +219,21 @@ def open_ome_zarr(path: str | os.PathLike, channel: int | Sequence[int] | None =
         arrays = [k for k, _ in node.arrays()]
         raise InputError(f"{path} is a zarr group without OME-Zarr 'multiscales' metadata; open one of its arrays: {arrays[:5]}")
     m = ms[0]
-    arrays = [node[d["path"]] for d in m["datasets"]]
-    if axes is None and "axes" in m:
-        axes = "".join((a["name"] if isinstance(a, dict) else a)[0].upper() for a in m["axes"])
-    return ArrayImage(arrays, channel=channel, axes=axes, name=str(path), source_key=key)
+    axes = "".join((a["name"] if isinstance(a, dict) else a)[0].upper() for a in m["axes"]) if "axes" in m else None
+    return [node[d["path"]] for d in m["datasets"]], axes, key
 
 
-__all__ = ["CHUNK", "NGFF_VERSIONS", "ngff_format", "open_ome_zarr", "write_label_image"]
+def open_ome_zarr(path: str | os.PathLike, channel: int | Sequence[int] | None = None, axes: str | None = None):
+    """Open an OME-Zarr (NGFF 0.4 or 0.5) image or a plain zarr array lazily, as a LazyImage.
+
+    A multiscale group becomes a pyramid with the axes its metadata names (``axes`` overrides
+    them; a plain zarr array is read with ``axes`` or inferred axes); see :func:`ome_zarr_arrays`.
+    Only the chunks a window touches are read.
+    """
+    from .readers import ArrayImage
+
+    arrays, found, key = ome_zarr_arrays(path)
+    return ArrayImage(arrays, channel=channel, axes=axes or found, name=str(path), source_key=key)
+
+
+__all__ = ["CHUNK", "NGFF_VERSIONS", "ngff_format", "ome_zarr_arrays", "open_ome_zarr", "write_label_image"]

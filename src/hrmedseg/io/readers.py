@@ -166,8 +166,11 @@ class ArrayImage(LazyImage):
         axes: str | None = None,
         name: str | None = None,
         source_key: str | None = None,
+        plane: dict[str, int] | None = None,
     ) -> None:
         arrays = list(data) if isinstance(data, (list, tuple)) else [data]
+        # plane: fixed indices of non-spatial axes (a slice of a Z/T stack: hrmedseg.io.stacks)
+        self._plane = {k.upper(): int(v) for k, v in (plane or {}).items()}
         self.name = name or f"{type(arrays[0]).__name__} image"
         for a in arrays:
             if not hasattr(a, "shape") or not hasattr(a, "dtype"):
@@ -176,7 +179,7 @@ class ArrayImage(LazyImage):
         axes = (axes or infer_axes(tuple(arrays[0].shape), self.name)).upper()
         if len(axes) != len(arrays[0].shape) or "Y" not in axes or "X" not in axes:
             raise InputError(f"axes {axes!r} do not fit {self.name} with shape {tuple(arrays[0].shape)}")
-        extra = [(a, n) for a, n in zip(axes, arrays[0].shape) if a not in "YXCS" and n != 1]
+        extra = [(a, n) for a, n in zip(axes, arrays[0].shape) if a not in "YXCS" and n != 1 and a not in self._plane]
         if extra:
             raise InputError(
                 f"{self.name} has axes {axes} with shape {tuple(arrays[0].shape)}: axis {extra[0][0]} has size "
@@ -191,6 +194,8 @@ class ArrayImage(LazyImage):
         self.n_source_channels = int(arrays[0].shape[axes.index(caxis)]) if caxis else 1
         self.channels = self._select_channels(channel)
         self.source_key = source_key or self._default_key(arrays[0])
+        if self._plane:  # each slice is its own image to the embedding cache
+            self.source_key += ":" + ",".join(f"{a}{i}" for a, i in sorted(self._plane.items()))
 
     @staticmethod
     def _default_key(arr: Any) -> str:
@@ -202,13 +207,16 @@ class ArrayImage(LazyImage):
     def _read_raw(self, y0: int, y1: int, x0: int, x1: int, level: int) -> np.ndarray:
         arr = self._arrays[level]
         index: list[Any] = []
-        for a in self._axes:
+        for axis, a in enumerate(self._axes):
             if a == "Y":
                 index.append(slice(y0, y1))
             elif a == "X":
                 index.append(slice(x0, x1))
             elif a == self._caxis:
                 index.append(slice(None))
+            elif a in self._plane:  # pyramids may shrink Z too: the same relative position
+                full, here = self._arrays[0].shape[axis], arr.shape[axis]
+                index.append(min(self._plane[a] * here // full, here - 1))
             else:
                 index.append(0)
         window = arr[tuple(index)]

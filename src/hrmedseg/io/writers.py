@@ -104,6 +104,23 @@ def write_label_tiff(
     return target
 
 
+def write_label_stack_tiff(path: str | os.PathLike, labels: np.ndarray, tile: int = TILE, compression: str = "zlib") -> Path:
+    """Write a (Z, H, W) label volume as a tiled, compressed multi-page TIFF (axes ZYX), atomically."""
+    import tifffile
+
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"a label stack must be 3D (Z, H, W), got shape {labels.shape}")
+    dtype = label_dtype(int(labels.max()) if labels.size else 0)
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        tifffile.imwrite(
+            tmp, labels.astype(dtype, copy=False), tile=(tile, tile), compression=compression, photometric="minisblack",
+            bigtiff=labels.size * dtype.itemsize > BIGTIFF_BYTES, metadata={"axes": "ZYX"},
+        )
+    return target
+
+
 def write_object_table(path: str | os.PathLike, records: Iterable[Any]) -> Path:
     """CSV with one row per box: id, x0, y0, x1, y1 (clipped box), area, score, empty, note."""
     target = Path(path)
