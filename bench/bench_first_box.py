@@ -7,7 +7,8 @@ alternately in one session (docs/benchmarks.md, issue 20):
 """
 import sys, json
 import numpy as np, torch
-torch.set_num_threads(2)
+import os
+torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 import hrmedseg
 from bench_engine import nucleus_boxes, test_image, build_ours, first_box_breakdown
 from hrmedseg.engine import BoxPredictor, CropPolicy

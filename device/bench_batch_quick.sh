@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs}; mkdir -p "$OUT"
 PY=${PY:-python3}; LIMIT=${LIMIT:-64}
-VAL=device_payload/data/nuclei_val
+VAL=${VAL:-device_payload/data/nuclei_val}
 lscpu | grep "Model name" | tee "$OUT/bench_batch_cpu.txt"
 for MODE in auto boxes; do
   timeout 200 $PY bench/bench_batch.py --part scaling --mode "$MODE" --images "$VAL/images" --masks "$VAL/masks" \
