@@ -7,15 +7,15 @@
 # (carry device_payload/wheels, device_payload/stardist, device_payload/base_src).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs}; mkdir -p "$OUT"
+OUT=${OUT:-runs}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # absolute: the benches run from bench/
 export PYTHONUNBUFFERED=1 HRMEDSEG_CACHE_DIR="$OUT/cache"
 BASE_SRC=${BASE_SRC:-device_payload/base_src/src}
 { lscpu | grep -E "Model name|^CPU\(s\)|Flags"; date -u; } > "$OUT/cpu.txt"
 WHEEL=$(ls device_payload/stardist/stardist-*.whl | head -n 1)
 (cd bench && timeout 150 python3 bench_propagation.py --wheel "../$WHEEL" --device cuda hrmedseg_sam_default=hrmedseg_sam_default \
-  --json "../$OUT/bench_propagation_gpu.json" 2>&1 | tail -n 30)
+  --json "$OUT/bench_propagation_gpu.json" 2>&1 | tail -n 30)
 (cd bench && CUDA_VISIBLE_DEVICES= timeout 150 python3 bench_propagation.py --wheel "../$WHEEL" --device cpu --threads 16 \
-  hrmedseg_sam_default=hrmedseg_sam_default --json "../$OUT/bench_propagation_cpu16.json" 2>&1 | tail -n 30)
+  hrmedseg_sam_default=hrmedseg_sam_default --json "$OUT/bench_propagation_cpu16.json" 2>&1 | tail -n 30)
 for t in 2 16; do
   for round in 1 2; do
     for src in "$BASE_SRC" src; do

@@ -9,7 +9,7 @@
 # Usage: bash device/setup_gpu.sh && bash device/bench_propagation.sh   (writes $OUT/bench_propagation_*.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs}; mkdir -p "$OUT"
+OUT=${OUT:-runs}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # absolute: the benches run from bench/
 PY=${PY:-python3}
 WHEEL=$(ls device_payload/stardist/stardist-*.whl | head -n 1)
 LITEMEDSAM=$( [ -f device_payload/init/litemedsam.pth ] && echo ../device_payload/init/litemedsam.pth || echo litemedsam )
@@ -17,5 +17,5 @@ MODELS=${MODELS:-hrmedseg_sam_default=hrmedseg_sam_default litemedsam=$LITEMEDSA
 lscpu | grep -E "Model name|^CPU\(s\)" | tee "$OUT/lscpu.txt"
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
 cd bench
-timeout 240 $PY bench_propagation.py --wheel "../$WHEEL" --device cuda $MODELS --json "../$OUT/bench_propagation_gpu.json" | tail -n 40
-CUDA_VISIBLE_DEVICES= timeout 300 $PY bench_propagation.py --wheel "../$WHEEL" --device cpu --threads 16 $MODELS --json "../$OUT/bench_propagation_cpu16.json" | tail -n 40
+timeout 240 $PY bench_propagation.py --wheel "../$WHEEL" --device cuda $MODELS --json "$OUT/bench_propagation_gpu.json" | tail -n 40
+CUDA_VISIBLE_DEVICES= timeout 300 $PY bench_propagation.py --wheel "../$WHEEL" --device cpu --threads 16 $MODELS --json "$OUT/bench_propagation_cpu16.json" | tail -n 40
