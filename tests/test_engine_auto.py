@@ -146,4 +146,4 @@ def test_auto_beats_watershed_on_held_out_nuclei():
     def pooled(rows):
         return 2 * sum(r["tp"] for r in rows) / sum(r["n_pred"] + r["n_gt"] for r in rows)
 
-    assert pooled(ours) > pooled(baseline) + 0.05  # see docs/benchmarks.md for the 70 held-out images
+    assert pooled(ours) > pooled(baseline) + 0.03  # 0.076 on all 70 held-out images (docs/benchmarks.md)
