@@ -4,8 +4,8 @@ Three methods in one run, on the same held-out images (scripts/prepare_device_pa
 ``is_val`` split, which no training step saw), read at native resolution from ../shared:
 
 - ``auto``: ``BoxPredictor.segment_auto`` (prompt-free nuclei proposals, each box through the box model);
-- ``proposals``: the proposals alone (the prompt-free model's foreground split by the watershed),
-  to show what the box stage adds;
+- ``proposals``: the proposals alone (the prompt-free model's foreground split by the watershed,
+  fragments under ``min_area`` dropped), to show what the box stage adds;
 - ``watershed``: Otsu threshold + distance-transform watershed (scikit-image), no learning.
 
 Per method: mean per-image F1 at IoU 0.5, pooled F1 (matches over all images), mean Dice of
@@ -27,7 +27,7 @@ from PIL import Image
 from report import cpu_name, print_and_save
 
 from hrmedseg.engine import BoxPredictor
-from hrmedseg.engine.auto import AutoOptions, resolve_proposer, split_instances
+from hrmedseg.engine.auto import AutoOptions, proposal_instances, resolve_proposer
 from hrmedseg.training.metrics import match_instances, watershed_instances
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     options = AutoOptions()
     methods = {
         "auto": lambda img: predictor.segment_auto(img, proposer=proposer, options=options)[0],
-        "proposals": lambda img: split_instances(proposer.segment(img, threshold=options.threshold) > 0, options.split_distance),
+        "proposals": lambda img: proposal_instances(proposer.segment(img, threshold=options.threshold) > 0, options),
         "watershed": lambda img: watershed_instances(img, options.split_distance),
     }
     rows: dict[str, list[dict]] = {name: [] for name in methods}

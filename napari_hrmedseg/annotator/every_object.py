@@ -1,7 +1,7 @@
 """"Segment every object": the engine's auto segmentation (hrmedseg.engine.auto) in the annotator.
 
-The worker proposes objects on the current plane and segments each proposal's box; back on the UI
-thread every object gets its box in the boxes layer (as if drawn, without a second computation)
+The worker proposes objects on the current plane and segments each one (``auto_objects``); back on
+the UI thread every object gets its box in the boxes layer (as if drawn, without a second computation)
 and all masks go into the masks layer in ONE ``data_setitem``: one step of napari's undo history.
 """
 
@@ -37,12 +37,10 @@ def segment_every_object(annotator: "Annotator", proposer: Any = "nuclei") -> An
     cancel = threading.Event()
 
     def work():
-        from hrmedseg.engine.auto import propose
+        from hrmedseg.engine.auto import auto_objects
 
         prepare_worker_thread()
-        image = layer_plane(image_layer, lead)
-        boxes = propose(predictor, image, proposer, cancel=cancel)
-        return list(predictor.predict_boxes(image, boxes, cancel=cancel))
+        return list(auto_objects(predictor, layer_plane(image_layer, lead), proposer, cancel=cancel))
 
     def done(results):
         if not cancel.is_set():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -359,39 +359,9 @@ class BoxPredictor:
         :meth:`predict_boxes`'s keywords (``points``, ``point_labels``, ``mask_inputs``,
         ``crops``, ``object_size``); ``boxes`` may then be None or hold NaN rows.
         """
-        _check_policy(overlap)
         image = open_image(image)
-        if labels is None:
-            labels = np.zeros(image.shape_yx, np.int32)
-        shape = tuple(labels.shape_yx if isinstance(labels, SparseLabels) else labels.shape)
-        if shape != tuple(image.shape_yx):
-            raise InputError(f"labels have shape {shape}, but the image is {tuple(image.shape_yx)} (H, W)")
-        records: list[ObjectRecord] = []
-        regions: dict[int, tuple] = {}
-        for obj in self.predict_boxes(image, boxes, progress=progress, cancel=cancel, **prompts):
-            oid = first_id + obj.box_index
-            if isinstance(labels, SparseLabels):
-                labels.add(obj, oid)
-            else:
-                paste_object(labels, obj, oid, overlap)
-            note = "empty mask" if obj.empty else ""
-            if obj.empty:
-                log.warning("%s gave an empty mask (id %d not in the label image)", box_label(obj.box_index, obj.box, "boxes"), oid)
-            records.append(ObjectRecord(oid, obj.box_index, obj.box, obj.region, 0, obj.score, obj.empty, note))
-            regions[oid] = obj.region
-        if isinstance(labels, SparseLabels):
-            areas = labels.areas()
-            for r in records:
-                r.area = areas.get(r.id, 0)
-        else:
-            for r in records:
-                if not r.empty:
-                    y0, y1, x0, x1 = r.region
-                    r.area = int((np.asarray(labels[y0:y1, x0:x1]) == r.id).sum())
-        for r in records:
-            if not r.empty and r.area == 0:
-                r.note = "covered by later objects" if overlap == "new_wins" else "all pixels already labelled"
-        return labels, records
+        objects = self.predict_boxes(image, boxes, progress=progress, cancel=cancel, **prompts)
+        return paste_objects(objects, image.shape_yx, labels, first_id, overlap)
 
     def segment_auto(self, image: Any, proposer: Any = "nuclei", labels: Any = None, options: Any = None, **kwargs: Any) -> tuple[Any, list[ObjectRecord]]:
         """Segment every object without boxes (see :func:`hrmedseg.engine.auto.segment_auto`).
@@ -403,3 +373,43 @@ class BoxPredictor:
         from .auto import segment_auto
 
         return segment_auto(self, image, proposer, labels=labels, options=options, **kwargs)
+
+
+def paste_objects(
+    objects: Iterable[ObjectMask], shape_yx: tuple[int, int], labels: Any = None, first_id: int = 1, overlap: str = "new_wins"
+) -> tuple[Any, list[ObjectRecord]]:
+    """Paste each object's mask as label ``first_id + box_index``; returns (labels, per-object records).
+
+    ``labels``: None (a new int32 (H, W) array), an (H, W) array-like or a :class:`SparseLabels`,
+    as in :meth:`BoxPredictor.segment` (whose pasting this is).
+    """
+    _check_policy(overlap)
+    if labels is None:
+        labels = np.zeros(shape_yx, np.int32)
+    shape = tuple(labels.shape_yx if isinstance(labels, SparseLabels) else labels.shape)
+    if shape != tuple(shape_yx):
+        raise InputError(f"labels have shape {shape}, but the image is {tuple(shape_yx)} (H, W)")
+    records: list[ObjectRecord] = []
+    for obj in objects:
+        oid = first_id + obj.box_index
+        if isinstance(labels, SparseLabels):
+            labels.add(obj, oid)
+        else:
+            paste_object(labels, obj, oid, overlap)
+        note = "empty mask" if obj.empty else ""
+        if obj.empty:
+            log.warning("%s gave an empty mask (id %d not in the label image)", box_label(obj.box_index, obj.box, "boxes"), oid)
+        records.append(ObjectRecord(oid, obj.box_index, obj.box, obj.region, 0, obj.score, obj.empty, note))
+    if isinstance(labels, SparseLabels):
+        areas = labels.areas()
+        for r in records:
+            r.area = areas.get(r.id, 0)
+    else:
+        for r in records:
+            if not r.empty:
+                y0, y1, x0, x1 = r.region
+                r.area = int((np.asarray(labels[y0:y1, x0:x1]) == r.id).sum())
+    for r in records:
+        if not r.empty and r.area == 0:
+            r.note = "covered by later objects" if overlap == "new_wins" else "all pixels already labelled"
+    return labels, records
