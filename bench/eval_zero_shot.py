@@ -101,6 +101,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     models = dict(m.split("=", 1) for m in args.models)
+    if {"ellipse", "oracle"} & set(models):
+        p.error("the names 'ellipse' and 'oracle' are the run's own rows; name the models otherwise")
     result = {"models": models, "max_objects": args.max_objects, "device": args.device, "threads": args.threads,
               "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "images": args.images, "result": evaluate(models, args.max_objects, args.device, args.images,
