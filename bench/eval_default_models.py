@@ -45,9 +45,10 @@ def dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     return (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
 
 
-def val_items(dataset: str) -> list[dict]:
+def val_items(dataset: str, val: bool = True) -> list[dict]:
+    """The manifest items of the held-out split (``val=False``: of the training split)."""
     manifest = json.loads((SHARED / dataset / "manifest.json").read_text())
-    return [it for it in manifest["items"] if is_val(it["name"])]
+    return [it for it in manifest["items"] if is_val(it["name"]) == val]
 
 
 def objects(dataset: str, mask: np.ndarray) -> list[np.ndarray]:

@@ -11,7 +11,7 @@ Usage:
   python bench/eval_zero_shot.py NAME=MODEL [NAME=MODEL ...] [--max-objects 20] [--images N] [--json out.json]
 
 MODEL is a registry name (``litemedsam``, ``hrmedseg_sam_default``) or a weights file, optionally
-with ``@RULE``, the engine's box-prior rule (``BoxPredictor(prior=...)``: model, ellipse, auto). The split
+with ``@RULE``, the engine's box-prior rule (``BoxPredictor(prior=...)``: model, ellipse, auto, gate). The split
 is scripts/prepare_device_payload.py's (``is_val``), the one no training or distillation step saw.
 """
 
@@ -27,11 +27,11 @@ from PIL import Image
 from report import cpu_name, print_and_save
 
 
-def prompts(dataset: str, max_objects: int | None, max_images: int | None = None, seed: int = 0):
-    """(name, image, [(object mask, tight box)]) of the held-out images (the first ``max_images``);
-    at most ``max_objects`` objects each."""
+def prompts(dataset: str, max_objects: int | None, max_images: int | None = None, seed: int = 0, val: bool = True):
+    """(name, image, [(object mask, tight box)]) of the held-out images (``val=False``: the
+    training split's; the first ``max_images``); at most ``max_objects`` objects each."""
     rng = np.random.default_rng(seed)
-    for item in val_items(dataset)[:max_images]:
+    for item in val_items(dataset, val)[:max_images]:
         image = np.asarray(Image.open(SHARED / dataset / item["image"]).convert("RGB"))
         mask = np.asarray(Image.open(SHARED / dataset / item["mask"]))
         objs = [m for m in objects(dataset, mask) if m.sum() >= 4]
@@ -47,7 +47,10 @@ def paste(obj, shape) -> np.ndarray:
     return pred
 
 
-def evaluate(models: dict[str, str], max_objects: int | None, device: str, max_images: int | None = None) -> dict:
+def evaluate(models: dict[str, str], max_objects: int | None, device: str, max_images: int | None = None,
+             oracle: tuple[str, str] | None = None) -> dict:
+    """Mean Dice (and seconds per box) of each model; ``oracle`` (two of the names): also their
+    per-object best, max(Dice of one, Dice of the other)."""
     from hrmedseg.engine import BoxPredictor
 
     def predictor(spec: str) -> BoxPredictor:
@@ -71,6 +74,8 @@ def evaluate(models: dict[str, str], max_objects: int | None, device: str, max_i
                 masks = list(predictor.predict_boxes(image, boxes))  # a generator: time the work, not its creation
                 seconds[name] += time.perf_counter() - t0
                 dice[name].extend(dice_iou(paste(obj, m.shape), m)[0] for obj, (m, _) in zip(masks, objs))
+        if oracle:
+            dice["oracle"] = list(np.maximum(dice[oracle[0]], dice[oracle[1]]))
         entry: dict = {"images": n_images, "objects": len(dice["ellipse"])}
         for name, values in dice.items():
             values = np.array(values)
@@ -91,13 +96,17 @@ def main() -> None:
     p.add_argument("--images", type=int, help="the first N held-out images per dataset (default: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--oracle", help="A,B: also the per-object best of the models named A and B")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     models = dict(m.split("=", 1) for m in args.models)
+    if {"ellipse", "oracle"} & set(models):
+        p.error("the names 'ellipse' and 'oracle' are the run's own rows; name the models otherwise")
     result = {"models": models, "max_objects": args.max_objects, "device": args.device, "threads": args.threads,
               "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "images": args.images, "result": evaluate(models, args.max_objects, args.device, args.images)}
+              "images": args.images, "result": evaluate(models, args.max_objects, args.device, args.images,
+                                 tuple(args.oracle.split(",")) if args.oracle else None)}
     print_and_save(result, args.json)
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..engine.predictor import DEFAULT_BOX_MODEL
+    from ..models.box_prior import DEFAULT_PRIOR_RULE, PRIOR_RULES
 
     p = sub.add_parser(
         "segment",
@@ -65,9 +66,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="box models: auto (bf16 encoder on GPUs, with CUDA graphs, and on AMX CPUs; exact float32 on other CPUs), fast (exact float32), fast-bf16, onnxruntime (CPU; needs the onnx extra), or reference (plain PyTorch)",
     )
     p.add_argument(
-        "--prior", default="model", choices=("model", "ellipse", "auto"),
-        help="box models: each mask is the model's (default), the ellipse inscribed in its box, or auto: the ellipse "
-             "where its IoU with the model's mask is at least the model's predicted IoU",
+        "--prior", default=DEFAULT_PRIOR_RULE, choices=PRIOR_RULES,
+        help="box models: each mask is the model's, the ellipse inscribed in its box, auto: the ellipse where its IoU "
+             "with the model's mask is at least the model's predicted IoU, or gate: the one of the two the model's "
+             f"fitted prior gate expects to be better (the model's mask when it has none); default {DEFAULT_PRIOR_RULE}",
     )
     p.add_argument("--cache-mb", type=int, default=256, help="embedding cache bound in MiB (4 MiB per crop, 16 MiB for SAM2 models; default 256)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,6 +97,7 @@ def load_predictor(args: argparse.Namespace):
     """The predictor for ``args`` (a separate function so tests can supply a small model)."""
     from ..engine import BoxPredictor, IntensityOptions
     from ..engine.intensity import DEFAULT_INTENSITY
+    from ..models.box_prior import DEFAULT_PRIOR_RULE
 
     predictor = BoxPredictor(
         args.model,
@@ -104,7 +107,7 @@ def load_predictor(args: argparse.Namespace):
         decode_batch=args.batch,
         backend=args.backend,
         disk_cache=not getattr(args, "no_disk_cache", False),
-        prior=getattr(args, "prior", "model"),
+        prior=getattr(args, "prior", DEFAULT_PRIOR_RULE),
     )
     # The policy's input size (and any enlargement its weights record) is the model's, set by BoxPredictor.
     if args.max_upscale is not None:

@@ -13,8 +13,9 @@ from torch import nn
 from ..defaults import DEFAULT_BOX_MODEL  # noqa: F401  (re-exported: the engine's default)
 from ..errors import HRMedSegError, InputError
 from ..io.boxes import box_label
-from ..models.box_prior import PRIOR_RULES, add_box_prior, apply_prior_rule
+from ..models.box_prior import DEFAULT_PRIOR_RULE, PRIOR_RULES, add_box_prior, apply_prior_rule, ellipse_prior_logits
 from ..models.info import LoadedModel, ModelMetadata
+from ..models.prior_gate import GATE_SUFFIX
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
 from .disk_cache import PERSISTENT_SOURCES, image_identity, model_digest, resolve_disk_cache
@@ -130,7 +131,10 @@ class BoxPredictor:
             False (default) off, True the user cache, a folder, or a ``DiskEmbeddingCache``.
         prior: what a boxed object's mask is (:func:`~hrmedseg.models.box_prior.apply_prior_rule`):
             "model" (default) the model's mask, "ellipse" the ellipse inscribed in the box, "auto"
-            the ellipse where its IoU with the model's mask is at least the model's predicted IoU.
+            the ellipse where its IoU with the model's mask is at least the model's predicted IoU,
+            "gate" the one of the two the model's fitted gate (``metadata.prior_gate``) expects to
+            have the higher Dice; a model without a gate runs "model" (a logged warning says so, and
+            ``self.prior`` is then "model").
     """
 
     def __init__(
@@ -146,13 +150,17 @@ class BoxPredictor:
         backend: str = "auto",
         allow_bf16: bool = True,
         disk_cache: Any = None,
-        prior: str = "model",
+        prior: str = DEFAULT_PRIOR_RULE,
     ) -> None:
         if prior not in PRIOR_RULES:
             raise InputError(f"unknown prior {prior!r} (use {', '.join(PRIOR_RULES)})")
-        self.prior = prior
         self.device = resolve_device(device)
         module, self.metadata = resolve_model(model)
+        if prior == "gate" and self.metadata.prior_gate is None:
+            log.warning("prior 'gate': %s has no fitted prior gate (config['prior_gate'] or a %s file beside it); "
+                        "using the model's masks (prior 'model')", self.metadata.source or type(module).__name__, GATE_SUFFIX)
+            prior = "model"
+        self.prior = prior
         self.backend = resolve_backend(backend, self.device, allow_bf16, module)
         self.model = module.eval().to(self.device)
         self.encoder, default_decoder = build_steps(self.model, self.backend)
@@ -245,8 +253,12 @@ class BoxPredictor:
                 logits, scores = self.decoder(emb, input_boxes, **extra)
         # Models trained with a shape prior (models/box_prior.py) predict only its correction.
         if has_box:
-            logits = add_box_prior(logits, input_boxes, (crop.input_size, crop.input_size), self.metadata.box_prior)
-            logits = apply_prior_rule(logits, scores, input_boxes, (crop.input_size, crop.input_size), self.prior)
+            size = (crop.input_size, crop.input_size)
+            ellipse = None  # computed once for the model's prior and the rule
+            if self.metadata.box_prior == "ellipse" or self.prior != "model":
+                ellipse = ellipse_prior_logits(input_boxes.to(logits.device), logits.shape[-2:], size)
+            logits = add_box_prior(logits, input_boxes, size, self.metadata.box_prior, ellipse)
+            logits = apply_prior_rule(logits, scores, input_boxes, size, self.prior, self.metadata.prior_gate, ellipse)
         return logits, scores
 
     def clear_cache(self) -> None:

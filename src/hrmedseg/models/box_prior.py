@@ -11,16 +11,21 @@ low-res outputs.
 What the engine returns per box is chosen by :func:`apply_prior_rule` (``BoxPredictor(prior=...)``,
 ``hrmedseg segment --prior``): the model's mask ("model", the default), the inscribed ellipse
 ("ellipse"), or "auto": the ellipse only where the model itself cannot tell it from its own mask,
-i.e. where the IoU of its mask with the ellipse is at least the IoU it predicts for its mask. The
-rule has no tuned constant: it trusts the model's mask exactly as far as the model's own score says.
+i.e. where the IoU of its mask with the ellipse is at least the IoU it predicts for its mask (no
+tuned constant: it trusts the model's mask exactly as far as the model's own score says), or
+"gate": a logistic model fitted on the model's training split picks, per object, the one of the
+two it expects to have the higher Dice (:mod:`hrmedseg.models.prior_gate`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .prior_gate import GATE_FEATURES, PriorGate, gate_features
+
 BOX_PRIORS = ("none", "ellipse")
-PRIOR_RULES = ("model", "ellipse", "auto")
+PRIOR_RULES = ("model", "ellipse", "auto", "gate")
+DEFAULT_PRIOR_RULE = "model"  # the engine's and `hrmedseg segment --prior`'s
 PRIOR_STRENGTH = 4.0  # logit at the ellipse's centre; 0 on its outline
 
 
@@ -53,18 +58,28 @@ def ellipse_prior_logits(
 
 
 def add_box_prior(
-    logits: torch.Tensor, boxes: torch.Tensor, input_size: tuple[int, int], prior: str = "ellipse"
+    logits: torch.Tensor, boxes: torch.Tensor, input_size: tuple[int, int], prior: str = "ellipse",
+    ellipse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``logits`` (N, 1, h, w) plus the named prior of ``boxes`` (N, 4) input-pixel xyxy."""
+    """``logits`` (N, 1, h, w) plus the named prior of ``boxes`` (N, 4) input-pixel xyxy
+    (``ellipse``: its :func:`ellipse_prior_logits` when the caller already has them)."""
     if prior == "none":
         return logits
     if prior != "ellipse":
         raise ValueError(f"unknown box prior {prior!r}; expected one of {', '.join(BOX_PRIORS)}")
-    return logits + ellipse_prior_logits(boxes.to(logits.device), logits.shape[-2:], input_size).to(logits.dtype)
+    if ellipse is None:
+        ellipse = ellipse_prior_logits(boxes.to(logits.device), logits.shape[-2:], input_size)
+    return logits + ellipse.to(logits.dtype)
 
 
 def apply_prior_rule(
-    logits: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor, input_size: tuple[int, int], rule: str = "model"
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    boxes: torch.Tensor,
+    input_size: tuple[int, int],
+    rule: str = "model",
+    gate: PriorGate | None = None,
+    ellipse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per object, the model's logits or the ellipse's, by ``rule`` (one of :data:`PRIOR_RULES`).
 
@@ -73,22 +88,32 @@ def apply_prior_rule(
         scores: (N,) the decoder's predicted IoU of each mask.
         boxes: (N, 4) xyxy in model-input pixels.
         input_size: (H, W) model-input size.
+        rule: see Returns.
+        gate: the model's fitted :class:`~hrmedseg.models.prior_gate.PriorGate`, for "gate";
+            without one "gate" keeps the model's logits (the caller says so: the engine warns).
+        ellipse: (N, 1, h, w) :func:`ellipse_prior_logits` of ``boxes`` when the caller already
+            has them (the engine does, for the model's own prior); computed here otherwise.
 
     Returns:
-        (N, 1, h, w): "model" ``logits`` unchanged; "ellipse" :func:`ellipse_prior_logits` of every
+        (N, 1, h, w): "model" ``logits`` unchanged; "ellipse" the ellipse's logits of every
         box; "auto" the ellipse's logits for objects where IoU(model mask, ellipse) >= score (the
         ellipse lies within the model's own predicted error of its mask, so the model has no
-        evidence against the prior), the model's elsewhere.
+        evidence against the prior), the model's elsewhere; "gate" the ellipse's logits where
+        ``gate`` gives the ellipse the higher chance (> 0.5) of the better Dice, from
+        :func:`~hrmedseg.models.prior_gate.gate_features`.
     """
     if rule not in PRIOR_RULES:
         raise ValueError(f"unknown prior rule {rule!r}; expected one of {', '.join(PRIOR_RULES)}")
-    if rule == "model":
+    if rule == "model" or (rule == "gate" and gate is None):
         return logits
-    ellipse = ellipse_prior_logits(boxes.to(logits.device), logits.shape[-2:], input_size).to(logits.dtype)
+    if ellipse is None:
+        ellipse = ellipse_prior_logits(boxes.to(logits.device), logits.shape[-2:], input_size)
+    ellipse = ellipse.to(logits.dtype)
     if rule == "ellipse":
         return ellipse
-    ours, prior = logits > 0, ellipse > 0
-    inter = (ours & prior).flatten(1).sum(1).float()
-    union = (ours | prior).flatten(1).sum(1).float().clamp_min(1)
-    use_prior = (inter / union >= scores.to(logits.device).float()).view(-1, 1, 1, 1)
-    return torch.where(use_prior, ellipse, logits)
+    features = gate_features(logits, scores, boxes, input_size, ellipse)
+    if rule == "auto":
+        use_prior = features[:, GATE_FEATURES.index("iou_ellipse")] >= features[:, GATE_FEATURES.index("score")]
+    else:
+        use_prior = gate.prob_ellipse(features) > 0.5
+    return torch.where(use_prior.view(-1, 1, 1, 1), ellipse, logits)

@@ -11,6 +11,8 @@ from typing import Any, Mapping, NamedTuple
 
 from torch import nn
 
+from .prior_gate import PriorGate
+
 
 @dataclass(frozen=True)
 class Sam2Settings:
@@ -52,6 +54,9 @@ class ModelMetadata:
             (``CropPolicy.max_upscale``) when the weights were made for another than its default
             2: a student distilled from a 256-input teacher at 4x its resolution sees small
             objects as the teacher did at 4 x 2 = 8. None: the engine's default.
+        prior_gate: the fitted per-object choice between the model's mask and the ellipse
+            (``hrmedseg.models.prior_gate.PriorGate``, the box prior rule "gate"); None when
+            the weights come without one.
     """
 
     kind: str
@@ -61,6 +66,7 @@ class ModelMetadata:
     box_prior: str = "none"
     sam2: Sam2Settings | None = None
     max_upscale: float | None = None
+    prior_gate: PriorGate | None = None
 
     @property
     def untrained(self) -> bool:

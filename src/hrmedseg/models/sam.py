@@ -27,6 +27,7 @@ from .encoder_loading import resolve_encoder
 from .info import LoadedModel, ModelMetadata
 from .neck import EncoderConfig, HRMedSegEncoder
 from .preprocessing import Preprocessing
+from .prior_gate import find_prior_gate
 from .state_dict import load_matching
 
 SAM_DECODER_ARCHITECTURE = "sam_prompt_decoder"
@@ -206,6 +207,7 @@ def hrmedseg_sam_from_checkpoint(checkpoint: Checkpoint, device: str | torch.dev
         input_size=IMAGE_SIZE,
         box_prior=checkpoint.config.get("box_prior", "none"),
         max_upscale=checkpoint.config.get("max_upscale"),
+        prior_gate=find_prior_gate(checkpoint.path, checkpoint.config),
     )
     return LoadedModel(model.eval().to(device), metadata)
 
