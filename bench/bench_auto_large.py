@@ -13,6 +13,7 @@ tile. Reports wall time, proposals and peak resident memory (psutil samples and 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import resource
 import subprocess
@@ -24,6 +25,20 @@ from pathlib import Path
 
 from bench_large_tiff import TILE
 from report import PeakRSS, cpu_name, print_and_save
+
+
+class ProgressLine:
+    """Prints boxes done, elapsed time and RSS every 15 s, so a run cut short by a time limit still
+    says how far it got (the proposals come first, before the first line)."""
+
+    def __init__(self, t0: float, rss: PeakRSS) -> None:
+        self.t0, self.rss, self.last = t0, rss, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= 15 or done == total:
+            self.last = now
+            print(f"  {done}/{total} boxes, {now - self.t0:.0f} s, peak RSS {self.rss.peak / 2**20:.0f} MiB", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -50,12 +65,15 @@ def main() -> None:
     from hrmedseg.engine.auto import AutoOptions
     from hrmedseg.io import open_image, write_label_tiff
 
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("hrmedseg.engine.auto").setLevel(logging.INFO)  # the proposal count
     rss = PeakRSS()
     rss_start = rss.start
     predictor = BoxPredictor(args.box_model, device=args.device)
     image = open_image(path)
     t = time.perf_counter()
-    labels, records = predictor.segment_auto(image, labels=SparseLabels(image.shape_yx, overlap="keep_existing"), options=AutoOptions(tile=args.tile))
+    labels, records = predictor.segment_auto(image, labels=SparseLabels(image.shape_yx, overlap="keep_existing"),
+                                             options=AutoOptions(tile=args.tile), progress=ProgressLine(t, rss))
     t_seg = time.perf_counter() - t
     peak_segment = rss.peak
     t = time.perf_counter()

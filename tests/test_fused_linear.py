@@ -32,3 +32,14 @@ def test_non_contiguous_residual_and_other_dtypes_take_the_plain_path():
 
 def test_onednn_is_used_on_x86_builds():
     assert onednn_linear_available() == (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def test_a_dtype_onednn_cannot_run_takes_the_plain_path(monkeypatch):
+    """On AVX2-only CPUs oneDNN has no bf16 primitive: autocast products must still run (plain ops)."""
+    import hrmedseg.models.fused_linear as fused_linear
+
+    monkeypatch.setattr(fused_linear, "onednn_linear_available", lambda dtype=torch.float32: dtype == torch.float32)
+    x, w, b, r = torch.randn(3, 8), torch.randn(4, 8), torch.randn(4), torch.randn(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
+        assert torch.equal(linear_add(x, w, b, r), F.linear(x, w, b) + r)

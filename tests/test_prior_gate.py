@@ -121,3 +121,31 @@ def test_cli_takes_prior_gate(model_path):
 
     argv = ["segment", "img.png", "--out", "l.tif", "--model", "hrmedseg_sam_default", "--device", "cpu", "--no-disk-cache"]
     assert load_predictor(build_parser().parse_args([*argv, "--prior", "gate"])).prior == "gate"
+
+
+def test_default_prior_is_the_gate_where_the_model_has_one(model_path, caplog):
+    assert BoxPredictor("hrmedseg_sam_default", device="cpu").prior == "gate"
+    with caplog.at_level(logging.WARNING, logger="hrmedseg.engine.predictor"):
+        plain = BoxPredictor(model_path, device="cpu", backend="reference")
+    assert plain.prior == "model" and "no fitted prior gate" not in caplog.text  # no gate, nothing to warn of
+
+
+def test_gate_never_replaces_a_clicked_or_mask_prompted_mask(model_path):
+    # A gate that always picks the ellipse: box-only masks become ellipses, corrected ones stay the model's.
+    always = PriorGate((0.0,) * 6, 50.0, (0.0,) * 6, (1.0,) * 6)
+    gate_path(model_path).write_text(json.dumps(always.to_dict()))
+    image = np.random.default_rng(2).integers(0, 255, (300, 400, 3), np.uint8)
+    boxes = np.array([[50.0, 60.0, 130.0, 100.0]])
+    clicks = dict(points=[np.array([[90.0, 80.0], [60.0, 95.0]])], point_labels=[np.array([1, 0])])
+    gated = BoxPredictor(model_path, device="cpu", backend="reference", prior="gate")
+    plain = BoxPredictor(model_path, device="cpu", backend="reference", prior="model")
+    ellipse = BoxPredictor(model_path, device="cpu", backend="reference", prior="ellipse")
+    assert gated.prior == "gate"
+    box_only = next(gated.predict_boxes(image, boxes))
+    assert torch.equal(box_only.low_res_logits, next(ellipse.predict_boxes(image, boxes)).low_res_logits)
+    clicked = next(gated.predict_boxes(image, boxes, **clicks))
+    assert torch.equal(clicked.low_res_logits, next(plain.predict_boxes(image, boxes, **clicks)).low_res_logits)
+    assert not torch.equal(clicked.low_res_logits, box_only.low_res_logits)
+    prompted = next(gated.predict_boxes(image, boxes, mask_inputs=[box_only.low_res_logits], crops=[box_only.crop]))
+    expected = next(plain.predict_boxes(image, boxes, mask_inputs=[box_only.low_res_logits], crops=[box_only.crop]))
+    assert torch.equal(prompted.low_res_logits, expected.low_res_logits)

@@ -66,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="box models: auto (bf16 encoder on GPUs, with CUDA graphs, and on AMX CPUs; exact float32 on other CPUs), fast (exact float32), fast-bf16, onnxruntime (CPU; needs the onnx extra), or reference (plain PyTorch)",
     )
     p.add_argument(
-        "--prior", default=DEFAULT_PRIOR_RULE, choices=PRIOR_RULES,
+        "--prior", default=None, choices=PRIOR_RULES,
         help="box models: each mask is the model's, the ellipse inscribed in its box, auto: the ellipse where its IoU "
              "with the model's mask is at least the model's predicted IoU, or gate: the one of the two the model's "
              f"fitted prior gate expects to be better (the model's mask when it has none); default {DEFAULT_PRIOR_RULE}",
@@ -97,7 +97,6 @@ def load_predictor(args: argparse.Namespace):
     """The predictor for ``args`` (a separate function so tests can supply a small model)."""
     from ..engine import BoxPredictor, IntensityOptions
     from ..engine.intensity import DEFAULT_INTENSITY
-    from ..models.box_prior import DEFAULT_PRIOR_RULE
 
     predictor = BoxPredictor(
         args.model,
@@ -107,7 +106,7 @@ def load_predictor(args: argparse.Namespace):
         decode_batch=args.batch,
         backend=args.backend,
         disk_cache=not getattr(args, "no_disk_cache", False),
-        prior=getattr(args, "prior", DEFAULT_PRIOR_RULE),
+        prior=getattr(args, "prior", None),
     )
     # The policy's input size (and any enlargement its weights record) is the model's, set by BoxPredictor.
     if args.max_upscale is not None:

@@ -130,11 +130,12 @@ class BoxPredictor:
         disk_cache: a second cache level on disk (:mod:`hrmedseg.engine.disk_cache`): None or
             False (default) off, True the user cache, a folder, or a ``DiskEmbeddingCache``.
         prior: what a boxed object's mask is (:func:`~hrmedseg.models.box_prior.apply_prior_rule`):
-            "model" (default) the model's mask, "ellipse" the ellipse inscribed in the box, "auto"
-            the ellipse where its IoU with the model's mask is at least the model's predicted IoU,
+            "model" the model's mask, "ellipse" the ellipse inscribed in the box, "auto" the
+            ellipse where its IoU with the model's mask is at least the model's predicted IoU,
             "gate" the one of the two the model's fitted gate (``metadata.prior_gate``) expects to
-            have the higher Dice; a model without a gate runs "model" (a logged warning says so, and
-            ``self.prior`` is then "model").
+            have the higher Dice. None (default): "gate" (held-out figures in docs/benchmarks.md).
+            A model without a gate runs "model" (``self.prior`` is then "model"; a warning when
+            "gate" was asked for by name).
     """
 
     def __init__(
@@ -150,14 +151,18 @@ class BoxPredictor:
         backend: str = "auto",
         allow_bf16: bool = True,
         disk_cache: Any = None,
-        prior: str = DEFAULT_PRIOR_RULE,
+        prior: str | None = None,
     ) -> None:
+        asked_for_prior = prior is not None
+        prior = DEFAULT_PRIOR_RULE if prior is None else prior
         if prior not in PRIOR_RULES:
             raise InputError(f"unknown prior {prior!r} (use {', '.join(PRIOR_RULES)})")
         self.device = resolve_device(device)
         module, self.metadata = resolve_model(model)
         if prior == "gate" and self.metadata.prior_gate is None:
-            log.warning("prior 'gate': %s has no fitted prior gate (config['prior_gate'] or a %s file beside it); "
+            # Only a gate asked for by name deserves a warning: by default, models without one
+            # (user-trained, SAM2, random test weights) simply keep their own masks.
+            (log.warning if asked_for_prior else log.debug)("prior 'gate': %s has no fitted prior gate (config['prior_gate'] or a %s file beside it); "
                         "using the model's masks (prior 'model')", self.metadata.source or type(module).__name__, GATE_SUFFIX)
             prior = "model"
         self.prior = prior
@@ -255,10 +260,11 @@ class BoxPredictor:
         if has_box:
             size = (crop.input_size, crop.input_size)
             ellipse = None  # computed once for the model's prior and the rule
-            if self.metadata.box_prior == "ellipse" or self.prior != "model":
+            if self.metadata.box_prior == "ellipse" or (self.prior != "model" and not n_points and not has_mask):
                 ellipse = ellipse_prior_logits(input_boxes.to(logits.device), logits.shape[-2:], size)
             logits = add_box_prior(logits, input_boxes, size, self.metadata.box_prior, ellipse)
-            logits = apply_prior_rule(logits, scores, input_boxes, size, self.prior, self.metadata.prior_gate, ellipse)
+            if not n_points and not has_mask:  # clicks and mask prompts are the user's correction: never replaced
+                logits = apply_prior_rule(logits, scores, input_boxes, size, self.prior, self.metadata.prior_gate, ellipse)
         return logits, scores
 
     def clear_cache(self) -> None:

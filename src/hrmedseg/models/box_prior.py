@@ -25,7 +25,7 @@ from .prior_gate import GATE_FEATURES, PriorGate, gate_features
 
 BOX_PRIORS = ("none", "ellipse")
 PRIOR_RULES = ("model", "ellipse", "auto", "gate")
-DEFAULT_PRIOR_RULE = "model"  # the engine's and `hrmedseg segment --prior`'s
+DEFAULT_PRIOR_RULE = "gate"  # the engine's and `hrmedseg segment --prior`'s; "model" for models without a gate
 PRIOR_STRENGTH = 4.0  # logit at the ellipse's centre; 0 on its outline
 
 

@@ -20,30 +20,36 @@ import torch.nn.functional as F
 
 
 @functools.cache
-def onednn_linear_available() -> bool:
-    """True when this torch's oneDNN fused linear runs here (probed once on a tiny input)."""
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when this torch's oneDNN fused linear runs here in ``dtype`` (probed once per dtype).
+
+    bfloat16 needs AVX-512 (or AMX) in oneDNN: on an AVX2-only CPU the primitive cannot be
+    created, and the plain ops (emulated bf16) run instead.
+    """
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
     try:
-        x, w, b = torch.ones(2, 4), torch.ones(3, 4), torch.zeros(3)
-        return bool(torch.allclose(op(x, w, b, "gelu", [], "none"), F.gelu(F.linear(x, w, b))))
+        x, w, b = (t.to(dtype) for t in (torch.ones(2, 4), torch.ones(3, 4), torch.zeros(3)))
+        return bool(torch.allclose(op(x, w, b, "gelu", [], "none").float(), F.gelu(F.linear(x, w, b)).float(), atol=1e-2))
     except (RuntimeError, NotImplementedError):
         return False
 
 
 def _operands(x: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """(x, *params) in the dtype the product runs in, or None where the fused CPU op cannot run."""
-    if x.device.type != "cpu" or not onednn_linear_available():
+    if x.device.type != "cpu":
         return None
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return None  # the op has no fake kernel; inductor fuses the same patterns itself
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
-        return tuple(t.to(dtype) for t in (x, *params))
-    if any(t.dtype != x.dtype for t in params) or x.dtype not in (torch.float32, torch.bfloat16):
+        ops = tuple(t.to(dtype) for t in (x, *params))
+    elif any(t.dtype != x.dtype for t in params) or x.dtype not in (torch.float32, torch.bfloat16):
         return None
-    return (x, *params)
+    else:
+        dtype, ops = x.dtype, (x, *params)
+    return ops if onednn_linear_available(dtype) else None
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
