@@ -376,3 +376,25 @@ def test_store_without_classes_keeps_foreground_training(tmp_path):
     samples = discover_samples(store.path).samples
     assert store_class_rules(samples) is None
     assert np.array_equal(samples[0].load()[1], labels)  # instance labels, untouched
+
+
+def test_bioimageio_export_takes_store_class_names_that_are_not_identifiers(tmp_path):
+    """A store's classes are free text ('disc rim', as QuPath names them); bioimage.io channel
+    names must be identifiers: the package gets identifiers, its description the names."""
+    import torch
+    from bioimageio.spec import load_description
+
+    from hrmedseg.interchange.bioimageio import export_bioimageio
+    from hrmedseg.models import EncoderConfig
+    from hrmedseg.models.hrmedseg_model import build_hrmedseg, save_hrmedseg
+
+    torch.manual_seed(0)
+    small = EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6), img_size=256)
+    names = ["disc rim", "CD3+", "class", "3 cells", "disc-rim"]
+    bundle = save_hrmedseg(build_hrmedseg(len(names), small, class_names=names).eval(), tmp_path / "m.pt")
+    rdf = export_bioimageio(str(bundle), tmp_path / "package")
+    description = load_description(rdf)
+    assert description.validation_summary.status == "valid-format", description.validation_summary
+    channels = [str(n) for n in description.outputs[0].axes[1].channel_names]
+    assert channels == ["disc_rim", "CD3_", "class_", "c3_cells", "disc_rim_2"]
+    assert "disc rim, CD3+, class, 3 cells, disc-rim" in description.outputs[0].description
