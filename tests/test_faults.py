@@ -309,6 +309,47 @@ def test_final_files_get_the_umasks_mode(tmp_path, umask):
         assert stat.S_IMODE(path.stat().st_mode) == want, path
 
 
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_final_folders_get_the_umasks_mode(tmp_path, umask):
+    """An OME-Zarr export is a folder written by atomic_dir: mkdtemp's 0700 must not survive."""
+    from hrmedseg.interchange.label_image import write_ngff_labels
+
+    annotation = ImageAnnotation("img", "img.tif", np.ones((30, 40), np.uint16), [ObjectRecord(id=1)])
+    old = os.umask(umask)
+    try:
+        write_ngff_labels(tmp_path / "img.ome.zarr", [annotation], [])
+    finally:
+        os.umask(old)
+    out = tmp_path / "img.ome.zarr"
+    for folder in [out, *(p for p in out.rglob("*") if p.is_dir())]:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
+
+
+KILL_IN_FOLDER_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from hrmedseg.atomic import atomic_dir
+with atomic_dir(sys.argv[1]) as tmp:
+    (Path(tmp) / "half.bin").write_bytes(b"x" * 100000)
+    print(tmp, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_kill_9_of_a_folder_writer_leaves_no_temp_folder_after_the_next_write(tmp_path):
+    target = tmp_path / "img.ome.zarr"
+    target.mkdir()
+    (target / "zarr.json").write_text("old")
+    result = run_script(KILL_IN_FOLDER_WRITE, target)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    left = Path(result.stdout.strip())
+    assert left.is_dir() and (target / "zarr.json").read_text() == "old"
+    with atomic.atomic_dir(target) as tmp:  # the next write of the same folder
+        (tmp / "zarr.json").write_text("new")
+    assert not left.exists() and temps(tmp_path) == []
+    assert (target / "zarr.json").read_text() == "new"
+
 # -- 4. messages that mislead -----------------------------------------------------------------------------
 def test_missing_weights_message_does_not_offer_segment_a_weights_dir(monkeypatch, tmp_path):
     from hrmedseg.weights import registry
