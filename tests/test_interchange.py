@@ -223,6 +223,25 @@ def test_ome_zarr_cli_export_and_import_round_trip(store, tmp_path, capsys):
     assert "empty.ome.zarr" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_round_trip_keeps_classes_and_provenance(store, tmp_path, version):
+    """Our OME-Zarr says each object's class, score, model and edited flag (image-label.properties):
+    importing it back must keep them, as GeoJSON and COCO do, not only the pixels."""
+    from hrmedseg.interchange.label_image import write_ngff_labels
+
+    copy = AnnotationStore.create(tmp_path / "copy")
+    for key in store.image_keys():
+        original = store.load(key)
+        out = tmp_path / f"{key}.ome.zarr"
+        write_ngff_labels(out, [original], store.classes(), version=version)
+        import_annotations(copy, out, image_source=original.image_source)
+        got = copy.load(key)
+        assert np.array_equal(got.labels, original.labels)
+        fields = lambda objects: [(o.id, o.class_name, o.score, o.model.get("name"), o.edited) for o in objects]  # noqa: E731
+        assert fields(got.objects) == fields(original.objects)
+    assert {c.name: c.color for c in copy.classes()} == {c.name: c.color for c in store.classes()}
+
 def test_cli_imports_a_plain_png_label_image(tmp_path, capsys):
     """A dataset's own mask PNG (DSB 2018 instance labels) becomes a project, ids kept."""
     item = held_out(NUCLEI, 1)[0]
