@@ -487,6 +487,42 @@ def test_bad_training_data_is_one_error_line(tmp_path, case, capsys):
     one_error(capsys, data)
 
 
+
+def test_setup_installs_nothing_when_everything_is_installed(tmp_path):
+    """`make annotate` runs scripts/setup.sh first: once set up it must not reinstall the package,
+    only when pyproject.toml changed. The real script runs on a copy with stub tools (no apt, no
+    network): dpkg says every system package is there, every import works, pip only logs."""
+    import shutil
+
+    repo_root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(repo_root / "scripts" / "setup.sh", repo / "scripts")
+    shutil.copy(repo_root / "pyproject.toml", repo)
+    venv_bin, stubs, log = repo / ".venv" / "bin", tmp_path / "stubs", tmp_path / "pip.log"
+    venv_bin.mkdir(parents=True)
+    stubs.mkdir()
+    for path, text in ((stubs / "dpkg", "exit 0"), (venv_bin / "python", "exit 0"),
+                       (venv_bin / "pip", f'echo "pip $*" >> "{log}"')):
+        path.write_text(f"#!/bin/sh\n{text}\n")
+        path.chmod(0o755)
+    (venv_bin / "activate").write_text(f'PATH="{venv_bin}:$PATH"\n')
+
+    def setup() -> str:
+        env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+        done = subprocess.run(["bash", str(repo / "scripts" / "setup.sh")], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def pip_calls() -> list[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    assert "installing napari-hrmedseg" in setup() and len(pip_calls()) == 1  # first time: no stamp yet
+    assert "up to date" in setup() and len(pip_calls()) == 1  # again: nothing installed
+    with open(repo / "pyproject.toml", "a") as f:
+        f.write("\n# a changed dependency\n")
+    assert "installing napari-hrmedseg" in setup() and len(pip_calls()) == 2
+
 # -- 8. loading never runs code ------------------------------------------------------------------------------
 class _Payload:
     """Unpickling this runs ``touch <path>``: what a malicious checkpoint does."""
