@@ -294,7 +294,7 @@ def test_cli_export_import_and_errors(store, tmp_path, capsys):
     before = store.load(key).labels.copy()
     assert main(["import", str(store.path), str(bad), "--image", key]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "feature 0: geometry Point is not a Polygon" in err
+    assert err.count("\n") == 1 and "feature 1: geometry Point is not a Polygon" in err  # counted from 1
     assert np.array_equal(AnnotationStore.open(store.path).load(key).labels, before)  # nothing changed
     assert main(["import", str(store.path), str(out / "annotations.json"), "--image", "missing"]) == 2
     assert "has no image with key 'missing'" in capsys.readouterr().err
