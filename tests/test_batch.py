@@ -115,6 +115,26 @@ def test_three_modes_on_two_workers_resume_and_model_loaded_once(tmp_path, image
         assert _manifest(out)["images"]["b"]["status"] == "done"
 
 
+
+def test_relative_paths_with_scheduler_are_the_users_not_the_workers(tmp_path, images, models, client, monkeypatch):
+    """A remote cluster's workers run in their own working folder: `hrmedseg batch images --boxes
+    boxes --out results --scheduler ...` typed in tmp_path must still read and write in tmp_path."""
+    elsewhere = tmp_path / "worker_cwd"
+    elsewhere.mkdir()
+    before = client.run(os.getcwd)
+    client.run(os.chdir, str(elsewhere))
+    try:
+        monkeypatch.chdir(tmp_path)
+        box_model = os.path.relpath(models["box"], tmp_path)
+        assert _cli(["images", "--out", "results", "--boxes", "boxes", "--model", box_model], client.scheduler.address) == 0
+    finally:
+        for worker, cwd in before.items():
+            client.run(os.chdir, cwd, workers=[worker])
+    entries = _manifest(tmp_path / "results")["images"]
+    assert {e["status"] for e in entries.values()} == {"done"}, entries
+    assert all(os.path.isabs(e["image"]) for e in entries.values())
+    assert all(_labels(tmp_path / "results", key).shape for key in KEYS) and list(elsewhere.iterdir()) == []
+
 def test_corrupt_image_is_recorded_and_others_finish(tmp_path, images, models, client, capsys):
     folder, boxes = images
     (folder / "broken.tif").write_bytes(b"II*\x00" + os.urandom(200))

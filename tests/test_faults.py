@@ -309,6 +309,47 @@ def test_final_files_get_the_umasks_mode(tmp_path, umask):
         assert stat.S_IMODE(path.stat().st_mode) == want, path
 
 
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_final_folders_get_the_umasks_mode(tmp_path, umask):
+    """An OME-Zarr export is a folder written by atomic_dir: mkdtemp's 0700 must not survive."""
+    from hrmedseg.interchange.label_image import write_ngff_labels
+
+    annotation = ImageAnnotation("img", "img.tif", np.ones((30, 40), np.uint16), [ObjectRecord(id=1)])
+    old = os.umask(umask)
+    try:
+        write_ngff_labels(tmp_path / "img.ome.zarr", [annotation], [])
+    finally:
+        os.umask(old)
+    out = tmp_path / "img.ome.zarr"
+    for folder in [out, *(p for p in out.rglob("*") if p.is_dir())]:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
+
+
+KILL_IN_FOLDER_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from hrmedseg.atomic import atomic_dir
+with atomic_dir(sys.argv[1]) as tmp:
+    (Path(tmp) / "half.bin").write_bytes(b"x" * 100000)
+    print(tmp, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_kill_9_of_a_folder_writer_leaves_no_temp_folder_after_the_next_write(tmp_path):
+    target = tmp_path / "img.ome.zarr"
+    target.mkdir()
+    (target / "zarr.json").write_text("old")
+    result = run_script(KILL_IN_FOLDER_WRITE, target)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    left = Path(result.stdout.strip())
+    assert left.is_dir() and (target / "zarr.json").read_text() == "old"
+    with atomic.atomic_dir(target) as tmp:  # the next write of the same folder
+        (tmp / "zarr.json").write_text("new")
+    assert not left.exists() and temps(tmp_path) == []
+    assert (target / "zarr.json").read_text() == "new"
+
 # -- 4. messages that mislead -----------------------------------------------------------------------------
 def test_missing_weights_message_does_not_offer_segment_a_weights_dir(monkeypatch, tmp_path):
     from hrmedseg.weights import registry
@@ -445,6 +486,42 @@ def test_bad_training_data_is_one_error_line(tmp_path, case, capsys):
     assert train_main(finetune_args(tmp_path, epochs=1)) == 2
     one_error(capsys, data)
 
+
+
+def test_setup_installs_nothing_when_everything_is_installed(tmp_path):
+    """`make annotate` runs scripts/setup.sh first: once set up it must not reinstall the package,
+    only when pyproject.toml changed. The real script runs on a copy with stub tools (no apt, no
+    network): dpkg says every system package is there, every import works, pip only logs."""
+    import shutil
+
+    repo_root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(repo_root / "scripts" / "setup.sh", repo / "scripts")
+    shutil.copy(repo_root / "pyproject.toml", repo)
+    venv_bin, stubs, log = repo / ".venv" / "bin", tmp_path / "stubs", tmp_path / "pip.log"
+    venv_bin.mkdir(parents=True)
+    stubs.mkdir()
+    for path, text in ((stubs / "dpkg", "exit 0"), (venv_bin / "python", "exit 0"),
+                       (venv_bin / "pip", f'echo "pip $*" >> "{log}"')):
+        path.write_text(f"#!/bin/sh\n{text}\n")
+        path.chmod(0o755)
+    (venv_bin / "activate").write_text(f'PATH="{venv_bin}:$PATH"\n')
+
+    def setup() -> str:
+        env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+        done = subprocess.run(["bash", str(repo / "scripts" / "setup.sh")], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def pip_calls() -> list[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    assert "installing napari-hrmedseg" in setup() and len(pip_calls()) == 1  # first time: no stamp yet
+    assert "up to date" in setup() and len(pip_calls()) == 1  # again: nothing installed
+    with open(repo / "pyproject.toml", "a") as f:
+        f.write("\n# a changed dependency\n")
+    assert "installing napari-hrmedseg" in setup() and len(pip_calls()) == 2
 
 # -- 8. loading never runs code ------------------------------------------------------------------------------
 class _Payload:

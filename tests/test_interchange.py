@@ -223,6 +223,25 @@ def test_ome_zarr_cli_export_and_import_round_trip(store, tmp_path, capsys):
     assert "empty.ome.zarr" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_round_trip_keeps_classes_and_provenance(store, tmp_path, version):
+    """Our OME-Zarr says each object's class, score, model and edited flag (image-label.properties):
+    importing it back must keep them, as GeoJSON and COCO do, not only the pixels."""
+    from hrmedseg.interchange.label_image import write_ngff_labels
+
+    copy = AnnotationStore.create(tmp_path / "copy")
+    for key in store.image_keys():
+        original = store.load(key)
+        out = tmp_path / f"{key}.ome.zarr"
+        write_ngff_labels(out, [original], store.classes(), version=version)
+        import_annotations(copy, out, image_source=original.image_source)
+        got = copy.load(key)
+        assert np.array_equal(got.labels, original.labels)
+        fields = lambda objects: [(o.id, o.class_name, o.score, o.model.get("name"), o.edited) for o in objects]  # noqa: E731
+        assert fields(got.objects) == fields(original.objects)
+    assert {c.name: c.color for c in copy.classes()} == {c.name: c.color for c in store.classes()}
+
 def test_cli_imports_a_plain_png_label_image(tmp_path, capsys):
     """A dataset's own mask PNG (DSB 2018 instance labels) becomes a project, ids kept."""
     item = held_out(NUCLEI, 1)[0]
@@ -275,7 +294,7 @@ def test_cli_export_import_and_errors(store, tmp_path, capsys):
     before = store.load(key).labels.copy()
     assert main(["import", str(store.path), str(bad), "--image", key]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "feature 0: geometry Point is not a Polygon" in err
+    assert err.count("\n") == 1 and "feature 1: geometry Point is not a Polygon" in err  # counted from 1
     assert np.array_equal(AnnotationStore.open(store.path).load(key).labels, before)  # nothing changed
     assert main(["import", str(store.path), str(out / "annotations.json"), "--image", "missing"]) == 2
     assert "has no image with key 'missing'" in capsys.readouterr().err
@@ -376,3 +395,25 @@ def test_store_without_classes_keeps_foreground_training(tmp_path):
     samples = discover_samples(store.path).samples
     assert store_class_rules(samples) is None
     assert np.array_equal(samples[0].load()[1], labels)  # instance labels, untouched
+
+
+def test_bioimageio_export_takes_store_class_names_that_are_not_identifiers(tmp_path):
+    """A store's classes are free text ('disc rim', as QuPath names them); bioimage.io channel
+    names must be identifiers: the package gets identifiers, its description the names."""
+    import torch
+    from bioimageio.spec import load_description
+
+    from hrmedseg.interchange.bioimageio import export_bioimageio
+    from hrmedseg.models import EncoderConfig
+    from hrmedseg.models.hrmedseg_model import build_hrmedseg, save_hrmedseg
+
+    torch.manual_seed(0)
+    small = EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6), img_size=256)
+    names = ["disc rim", "CD3+", "class", "3 cells", "disc-rim"]
+    bundle = save_hrmedseg(build_hrmedseg(len(names), small, class_names=names).eval(), tmp_path / "m.pt")
+    rdf = export_bioimageio(str(bundle), tmp_path / "package")
+    description = load_description(rdf)
+    assert description.validation_summary.status == "valid-format", description.validation_summary
+    channels = [str(n) for n in description.outputs[0].axes[1].channel_names]
+    assert channels == ["disc_rim", "CD3_", "class_", "c3_cells", "disc_rim_2"]
+    assert "disc rim, CD3+, class, 3 cells, disc-rim" in description.outputs[0].description

@@ -8,7 +8,8 @@ The one home of atomic writes: every writer of a final file goes through :func:`
   this host, and those of other hosts (a shared folder, where their pids mean nothing here) once
   they are older than their target.
 - Final files get the mode a normal file gets under the umask (``0o666 & ~umask``), not the
-  0600 that :func:`tempfile.mkstemp` gives, so lab-mates can read projects and labels.
+  0600 that :func:`tempfile.mkstemp` gives, so lab-mates can read projects and labels; final
+  folders (an OME-Zarr store) likewise get ``0o777 & ~umask``, not :func:`tempfile.mkdtemp`'s 0700.
 - A write that fails for a reason the user can fix (full disk, read-only or forbidden folder)
   raises :class:`hrmedseg.errors.OutputError` naming the target; the old target is untouched.
 """
@@ -19,6 +20,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -38,6 +40,13 @@ def normal_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def normal_dir_mode() -> int:
+    """The mode ``os.mkdir(path)`` would give a new folder under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def _host() -> str:
@@ -93,7 +102,10 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
                 target = folder / m["name"]
                 if not target.exists() or path.stat().st_mtime >= target.stat().st_mtime:
                     continue
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():  # a killed atomic_dir's half-written folder
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path)
         except OSError:
             continue
@@ -170,16 +182,16 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     folder or the complete new one, never a partial one. An existing ``target`` is moved aside
     and deleted only after the new folder is in place; on any error the temporary folder is
     removed and ``target`` is untouched. The folder's name carries this process's pid, as
-    temporary files do.
+    temporary files do, so the folder of a killed write is removed at the next write of ``target``.
     """
-    import shutil
-
     target = Path(target)
     tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target.parent, target.name)
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=TEMP_SUFFIX, dir=target.parent))
         yield tmp
+        os.chmod(tmp, normal_dir_mode())  # mkdtemp's 0700 would survive the rename
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".old", dir=target.parent))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -111,3 +111,20 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], boxes: str | os.PathLike 
     if not jobs:
         raise InputError("no input images")
     return jobs
+
+
+def absolute_path(path: str | None) -> str | None:
+    """``path`` made absolute against this process's working folder; URIs (``s3://...``) as they are."""
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(path)
+
+
+def with_absolute_paths(jobs: Iterable[ImageJob]) -> list[ImageJob]:
+    """``jobs`` with absolute image and prompt paths, for workers of a remote cluster.
+
+    A remote worker runs in its own working folder, so ``slides/a.tif`` typed here would be
+    looked for there; the user meant the one beside them (on the shared file system).
+    """
+    return [replace(j, image=absolute_path(j.image), boxes=absolute_path(j.boxes), points=absolute_path(j.points))
+            for j in jobs]

@@ -67,15 +67,21 @@ def _config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import contextlib
+    import dataclasses
 
     from ..batch import WorkerSetup, expand_inputs, run_batch
     from ..batch.cluster import connect, gpu_ids, local_cluster, security_from
+    from ..batch.inputs import absolute_path, with_absolute_paths
     from ..errors import InputError
 
     jobs = expand_inputs(args.inputs, boxes=args.boxes)
     cfg = _config(args)
     if cfg.mode == "boxes" and args.boxes is None and not any(j.boxes for j in jobs):
         raise InputError("boxes mode needs --boxes (or a 'boxes' column in a CSV list); or use --auto / --semantic MODEL")
+    out = args.out
+    if args.scheduler:  # remote workers have their own working folder: relative paths would point there
+        jobs, out = with_absolute_paths(jobs), absolute_path(args.out)
+        cfg = dataclasses.replace(cfg, model=absolute_path(cfg.model))
     with contextlib.ExitStack() as stack:
         if args.scheduler:
             if args.gpus or args.workers:
@@ -91,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             client.register_plugin(WorkerSetup(threads), name=WorkerSetup.name)
         if "dashboard" in client.scheduler_info().get("services", {}):
             print(f"hrmedseg batch: Dask dashboard at {client.dashboard_link}", file=sys.stderr)
-        manifest = run_batch(client, jobs, args.out, cfg, progress=not args.no_progress)
+        manifest = run_batch(client, jobs, out, cfg, progress=not args.no_progress)
     counts = manifest.counts()
     print(f"{counts.get('done', 0)} image(s) done, {counts.get('failed', 0)} failed; manifest {manifest.path}")
     return 0 if not counts.get("failed") else 1

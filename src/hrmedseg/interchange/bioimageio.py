@@ -13,10 +13,13 @@ documentation; a cover image. Whole images larger than S must be tiled by the co
 from __future__ import annotations
 
 import json
+import keyword
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -44,6 +47,27 @@ def _weights_path(name: str) -> tuple[Path, str]:
         raise WeightsError(f"'{name}' is a {entry.architecture} model; bioimage.io export takes the prompt-free "
                            f"(architecture '{HRMEDSEG_ARCHITECTURE}') models, e.g. hrmedseg_nuclei")
     return resolve(name), name
+
+
+def channel_ids(class_names: Sequence[str]) -> list[str]:
+    """bioimage.io channel names for ``class_names``: unique Python identifiers, as the spec wants.
+
+    A store's classes are free text (QuPath names classes "Tumor region" or "CD3+"), so other
+    characters become ``_``, a leading digit gets a ``c`` before it, a keyword a ``_`` after it,
+    and repeats a ``_2``, ``_3``... The names themselves stay in the output's description.
+    """
+    ids: list[str] = []
+    for index, name in enumerate(class_names):
+        ident = re.sub(r"[^0-9A-Za-z_]", "_", name.strip()) or f"channel_{index}"
+        if ident[0].isdigit():
+            ident = "c" + ident
+        if keyword.iskeyword(ident):
+            ident += "_"
+        unique, n = ident, 2
+        while unique in ids:
+            unique, n = f"{ident}_{n}", n + 1
+        ids.append(unique)
+    return ids
 
 
 def test_input(model: HRMedSeg, image: str | os.PathLike) -> np.ndarray:
@@ -147,7 +171,7 @@ def _description(model: HRMedSeg, name: str, preprocessing: dict, folder: Path):
         description=f"per-class probabilities: {', '.join(class_names)}",
         axes=[
             bio.BatchAxis(),
-            bio.ChannelAxis(channel_names=[bio.Identifier(c) for c in class_names]),
+            bio.ChannelAxis(channel_names=[bio.Identifier(c) for c in channel_ids(class_names)]),
             bio.SpaceOutputAxis(id=bio.AxisId("y"), size=bio.SizeReference(tensor_id=bio.TensorId("image"), axis_id=bio.AxisId("y"))),
             bio.SpaceOutputAxis(id=bio.AxisId("x"), size=bio.SizeReference(tensor_id=bio.TensorId("image"), axis_id=bio.AxisId("x"))),
         ],

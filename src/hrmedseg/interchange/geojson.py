@@ -75,7 +75,7 @@ def read_features(
     objects: list[ImportedObject] = []
     classes: dict[str, tuple[int, int, int] | None] = {}
     for index, feature in enumerate(_features(data, source)):
-        what = f"{source}, feature {index}"
+        what = f"{source}, feature {index + 1}"  # counted from 1, as box files count rows
         geometry_dict = feature.get("geometry") if isinstance(feature, dict) else None
         if not isinstance(geometry_dict, dict) or geometry_dict.get("type") not in ("Polygon", "MultiPolygon"):
             kind = geometry_dict.get("type") if isinstance(geometry_dict, dict) else "none"

@@ -61,19 +61,54 @@ def write_ngff_labels(
         add_metadata(group, {"labels": [NGFF_LABEL_NAME], **({"version": fmt.version} if version == "0.5" else {})}, fmt=fmt)
 
 
-def _ngff_label_image(path: Path) -> np.ndarray:
-    """Full resolution of an OME-Zarr label image: a labels group's first one, or a label image itself."""
+def _ngff_label_path(path: Path) -> tuple[Path, dict]:
+    """(the label image, its attributes) of an OME-Zarr: a labels group's first one, or the image itself."""
     import zarr
 
-    from ..io import open_ome_zarr
+    def attributes(group_path: Path) -> dict:
+        try:
+            return dict(zarr.open_group(str(group_path), mode="r").attrs)
+        except Exception as err:  # zarr raises many kinds for a folder that is no zarr group
+            raise InputError(f"cannot open {group_path} as an OME-Zarr: {type(err).__name__}: {str(err)[:200]}") from err
 
-    try:
-        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
-    except Exception as err:  # zarr raises many kinds for a folder that is no zarr group
-        raise InputError(f"cannot open {path} as an OME-Zarr: {type(err).__name__}: {str(err)[:200]}") from err
+    attrs = attributes(path)
     names = attrs.get("labels") or (attrs.get("ome") or {}).get("labels")
     if names:
         path = path / names[0]
+        attrs = attributes(path)
+    return path, attrs
+
+
+def ngff_label_properties(path: Path) -> tuple[dict[int, dict], dict[str, tuple[int, int, int] | None]]:
+    """What an OME-Zarr label image says of its objects, as ``write_ngff_labels`` writes it.
+
+    Returns ``{label value: properties}`` from ``image-label.properties`` (NGFF 0.4 or 0.5) and the
+    classes they name (``class``), with the colour of the class's first object from
+    ``image-label.colors``. Files without them give empty dicts.
+    """
+    _, attrs = _ngff_label_path(path)
+    image_label = attrs.get("image-label") or (attrs.get("ome") or {}).get("image-label") or {}
+
+    def by_value(entries: object) -> dict[int, dict]:
+        return {e["label-value"]: e for e in entries if isinstance(e, dict) and isinstance(e.get("label-value"), int)} \
+            if isinstance(entries, list) else {}
+
+    properties, colors = by_value(image_label.get("properties")), by_value(image_label.get("colors"))
+    classes: dict[str, tuple[int, int, int] | None] = {}
+    for value, entry in properties.items():
+        name = entry.get("class")
+        if isinstance(name, str) and name and name not in classes:
+            rgba = colors.get(value, {}).get("rgba")
+            ok = isinstance(rgba, list) and len(rgba) >= 3 and all(isinstance(v, int) for v in rgba[:3])
+            classes[name] = tuple(rgba[:3]) if ok else None
+    return properties, classes
+
+
+def _ngff_label_image(path: Path) -> np.ndarray:
+    """Full resolution of an OME-Zarr label image: a labels group's first one, or a label image itself."""
+    from ..io import open_ome_zarr
+
+    path, _ = _ngff_label_path(path)
     image = open_ome_zarr(path)
     if image.n_channels != 1:
         raise InputError(f"{path} is not a label image: it has {image.n_channels} channels")
@@ -105,12 +140,22 @@ def read_label_image(path: Path) -> np.ndarray:
     return labels
 
 
-def label_objects(labels: np.ndarray) -> list[ImportedObject]:
-    """One object per non-zero value, keeping the value as its id."""
+def label_objects(labels: np.ndarray, properties: dict[int, dict] | None = None) -> list[ImportedObject]:
+    """One object per non-zero value, keeping the value as its id; ``properties`` (per value, from
+    :func:`ngff_label_properties`) give its class, score, model and edited flag."""
     from scipy.ndimage import find_objects
 
-    return [
-        ImportedObject(mask=labels[w] == i + 1, offset_yx=(w[0].start, w[1].start), object_id=i + 1)
-        for i, w in enumerate(find_objects(labels))
-        if w is not None
-    ]
+    objects = []
+    for i, w in enumerate(find_objects(labels)):
+        if w is None:
+            continue
+        p = (properties or {}).get(i + 1, {})
+        score, model, name = p.get("score"), p.get("model"), p.get("class")
+        objects.append(ImportedObject(
+            mask=labels[w] == i + 1, offset_yx=(w[0].start, w[1].start), object_id=i + 1,
+            class_name=name if isinstance(name, str) and name else None,
+            score=score if isinstance(score, (int, float)) and not isinstance(score, bool) else None,
+            model={"name": model} if isinstance(model, str) else {},
+            edited=p.get("edited") if isinstance(p.get("edited"), bool) else True,
+        ))
+    return objects

@@ -110,7 +110,9 @@ def import_annotations(
         source = _source(store, key, image_source, None)
         if kind == "labels":
             labels = label_image.read_label_image(file)
-            shape, objects, classes = labels.shape, label_image.label_objects(labels), {}
+            # an OME-Zarr (ours, or one that follows NGFF image-label) may say each object's class
+            properties, classes = label_image.ngff_label_properties(file) if file.is_dir() else ({}, {})
+            shape, objects = labels.shape, label_image.label_objects(labels, properties)
         else:
             shape = _shape(store, key, source)
             data = _read_json(file)
