@@ -135,6 +135,16 @@ def test_relative_paths_with_scheduler_are_the_users_not_the_workers(tmp_path, i
     assert all(os.path.isabs(e["image"]) for e in entries.values())
     assert all(_labels(tmp_path / "results", key).shape for key in KEYS) and list(elsewhere.iterdir()) == []
 
+
+def test_only_a_model_file_is_made_absolute_never_a_registry_name(tmp_path, monkeypatch):
+    from hrmedseg.batch.inputs import absolute_model_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ft.pt").write_bytes(b"weights")
+    assert absolute_model_spec("ft.pt") == str(tmp_path / "ft.pt")
+    assert absolute_model_spec("hrmedseg_sam_default") == "hrmedseg_sam_default"
+
+
 def test_corrupt_image_is_recorded_and_others_finish(tmp_path, images, models, client, capsys):
     folder, boxes = images
     (folder / "broken.tif").write_bytes(b"II*\x00" + os.urandom(200))

@@ -120,6 +120,12 @@ def absolute_path(path: str | None) -> str | None:
     return os.path.abspath(path)
 
 
+def absolute_model_spec(spec: str) -> str:
+    """A weights file's path made absolute; a registry name (no such file here) as it is."""
+    path = os.path.expanduser(spec)
+    return os.path.abspath(path) if os.path.isfile(path) else spec
+
+
 def with_absolute_paths(jobs: Iterable[ImageJob]) -> list[ImageJob]:
     """``jobs`` with absolute image and prompt paths, for workers of a remote cluster.
 

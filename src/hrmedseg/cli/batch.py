@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..batch import WorkerSetup, expand_inputs, run_batch
     from ..batch.cluster import connect, gpu_ids, local_cluster, security_from
-    from ..batch.inputs import absolute_path, with_absolute_paths
+    from ..batch.inputs import absolute_model_spec, absolute_path, with_absolute_paths
     from ..errors import InputError
 
     jobs = expand_inputs(args.inputs, boxes=args.boxes)
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     if args.scheduler:  # remote workers have their own working folder: relative paths would point there
         jobs, out = with_absolute_paths(jobs), absolute_path(args.out)
-        cfg = dataclasses.replace(cfg, model=absolute_path(cfg.model))
+        cfg = dataclasses.replace(cfg, model=absolute_model_spec(cfg.model))
     with contextlib.ExitStack() as stack:
         if args.scheduler:
             if args.gpus or args.workers:
