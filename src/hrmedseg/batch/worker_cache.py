@@ -23,10 +23,13 @@ from distributed import WorkerPlugin
 _LOCAL: dict[str, Any] = {"models": {}, "loads": {}}
 _LOCK = threading.Lock()
 _T = TypeVar("_T")
-# glibc's own thresholds once its dynamic adjustment has warmed up (mallopt(3): the mmap
-# threshold rises to at most 32 MiB on 64-bit, the trim threshold follows at twice that).
-MMAP_THRESHOLD = 32 * 2**20
-TRIM_THRESHOLD = 64 * 2**20
+# Allocations below MMAP_THRESHOLD reuse freed heap memory instead of a fresh mmap each; the trim
+# threshold is twice it, as glibc's dynamic rule sets it (mallopt(3)). 8 MiB, not glibc's warmed-up
+# 32 MiB: measured (docs/benchmarks.md, issue 14), an auto-mode DSB image has 46k page faults at
+# 8 MiB, 23k at 32 MiB, 276k under Dask's setting, for the same CPU time at 8 and 32 MiB, while the
+# 40000^2 slide's worker peak RSS is 875 MiB at 8 MiB, 962 MiB at 32 MiB (836 MiB before).
+MMAP_THRESHOLD = 8 * 2**20
+TRIM_THRESHOLD = 16 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 
 
@@ -106,15 +109,15 @@ _MALLOPT = _libc("mallopt")
 
 
 def tune_malloc() -> bool:
-    """Set glibc's mmap and trim thresholds to their warmed-up defaults; False where not glibc.
+    """Set glibc's mmap and trim thresholds (MMAP_THRESHOLD, TRIM_THRESHOLD); False where not glibc.
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (its
     ``distributed.nanny.pre-spawn-environ``). Any explicit threshold turns glibc's dynamic
     thresholds off, so the mmap threshold stays at 128 KiB: every tensor bigger than that is a
     fresh mmap that is page-faulted in and unmapped again. Measured on an auto-mode DSB image:
-    278k minor page faults (about 1 GiB zero-filled) per image in a worker against 17k in a plain
-    process, the model step 1.6x slower on 2 cores (docs/benchmarks.md, issue 14). Freed memory
-    still goes back to the system after each task (:func:`release_memory`).
+    276k minor page faults (about 1 GiB zero-filled) per image in a worker against 17k in a plain
+    process, and 1.7x the worker's CPU time on 2 cores (docs/benchmarks.md, issue 14). Freed
+    memory still goes back to the system after each task (:func:`release_memory`).
     """
     if _MALLOPT is None:
         return False
