@@ -9,19 +9,25 @@ Parts (each prints and saves JSON; baselines are measured in the same run):
   makes it) with 100 boxes on a LocalCluster of ``--workers`` processes (region tasks): worker
   peak RSS (ru_maxrss, measured by the worker itself), label write time, wall time.
 - ``--part scaling``: images per second over a folder of images (``--images``; e.g. the DSB
-  held-out split) for each ``--workers-list`` entry, in ``--mode auto`` (prompt-free nuclei) or
-  ``boxes`` (boxes from the masks' objects), against the old loop (``hrmedseg segment`` once per
-  image, in this process) as the baseline; scaling efficiency = (ips_N / ips_1) / N.
+  held-out split) in each ``--modes`` (auto: prompt-free nuclei; boxes: the masks' objects as
+  boxes), for CPU clusters of each ``--workers-list`` size and, with ``--device cpu cuda``, one GPU
+  worker; each cluster is started once and runs every mode, each row is printed as it is
+  measured. Baseline: the old loop (``hrmedseg segment`` once per image, in this process, on
+  ``--loop-device``), which writes a label TIFF and an object table per image; the batch writes
+  ``--format`` (default tiff, so both write the same labels) plus its annotation JSON, and each
+  row says how many images' labels equal the loop's. Start-up (cluster, one model load per
+  worker) is timed apart from the steady images/s; scaling efficiency = (ips_N / ips_1) / N.
 
     .venv/bin/python bench/bench_batch.py --part write
     .venv/bin/python bench/bench_batch.py --part slide --small --workers 1
     python bench/bench_batch.py --part scaling --images device_payload/data/nuclei_val/images \
-        --masks device_payload/data/nuclei_val/masks --workers-list 1 2 4 8 --mode auto
+        --masks device_payload/data/nuclei_val/masks --limit 64 --modes auto boxes --workers-list 1 2 4 8 --device cpu cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -64,15 +70,15 @@ def part_write(args) -> dict:
             "ome_zarr_s": round(zarr_s, 2), "level0_chunks_written": chunks, "level0_chunks_total": (-(-args.size // 1024)) ** 2}
 
 
-def _cluster(workers: int):
+def _cluster(workers: int | None, gpus: list[int] | None = None):
+    """``(cluster, client)``, all workers up; each worker set up as ``hrmedseg batch`` does (local_cluster)."""
     from distributed import Client
 
-    from hrmedseg.batch import WorkerSetup
     from hrmedseg.batch.cluster import local_cluster
 
-    cluster, threads = local_cluster(workers)
+    cluster, _ = local_cluster(workers, gpus)
     client = Client(cluster)
-    client.register_plugin(WorkerSetup(threads), name=WorkerSetup.name)
+    client.wait_for_workers(len(gpus) if gpus else workers)
     return cluster, client
 
 
@@ -99,7 +105,7 @@ def part_slide(args) -> dict:
     boxes = work / f"slide_{args.size}.boxes.csv"
     np.savetxt(boxes, spread_boxes(args.size, args.boxes), delimiter=",", header="x0,y0,x1,y1", comments="")
     model = _model(args, work)
-    cfg = BatchConfig("boxes", model, model_sha256=model_digest(model)["sha256"], device=args.device, region_size=args.region_size)
+    cfg = BatchConfig("boxes", model, model_sha256=model_digest(model)["sha256"], device=args.device[0], region_size=args.region_size)
     out = Path(tempfile.mkdtemp(dir=work))
     cluster, client = _cluster(args.workers)
     with cluster, client:
@@ -113,59 +119,141 @@ def part_slide(args) -> dict:
             "worker_peak_rss_mib": entry.get("peak_rss_mib"), "small_model": args.small}
 
 
-def part_scaling(args) -> dict:
-    from hrmedseg.batch import BatchConfig, expand_inputs, model_digest, run_batch
-    from hrmedseg.cli import main
-
-    images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".tif", ".jpg"))[: args.limit]
-    work = Path(tempfile.mkdtemp(dir=args.workdir))
-    boxes_dir = None
-    if args.mode == "boxes":  # the objects of each image's mask as its boxes
-        from skimage.io import imread
-        from skimage.measure import regionprops
-
-        boxes_dir = work / "boxes"
-        boxes_dir.mkdir()
-        for p in images:
-            mask = imread(Path(args.masks) / p.name)
-            rows = [(r.bbox[1], r.bbox[0], r.bbox[3], r.bbox[2]) for r in regionprops(mask.astype(np.int32))]
-            np.savetxt(boxes_dir / f"{p.stem}.boxes.csv", np.asarray(rows, float).reshape(-1, 4), delimiter=",", header="x0,y0,x1,y1", comments="")
-    model = args.model if args.mode == "boxes" else args.nuclei_model
-    digest = model_digest(model)
-    jobs = expand_inputs(images, boxes=boxes_dir)
-    # Baseline: the old loop, `hrmedseg segment` once per image (a model load per image), one process.
-    t = time.perf_counter()
-    for job in jobs:
-        argv = ["segment", job.image, "--out", str(work / "loop" / f"{job.key}.tif"), "--model", model, "--device", args.device, "--no-progress"]
-        main(argv + (["--boxes", job.boxes] if job.boxes else []))
-    loop_s = time.perf_counter() - t
-    result = {"part": "scaling", "mode": args.mode, "images": len(jobs), "device": args.device,
-              "old_loop_images_per_s (baseline)": round(len(jobs) / loop_s, 3), "batch": []}
+def _warm_up(client, cfg) -> float:
+    """Seconds to load the model into every worker's cache: one task pinned to each worker
+    (``client.run`` runs outside a task, where the worker's model cache is not found)."""
     from hrmedseg.batch.tasks import box_predictor, prompt_free_predictor
 
-    load = box_predictor if args.mode == "boxes" else prompt_free_predictor
-    for n in args.workers_list:
+    load = box_predictor if cfg.mode == "boxes" else prompt_free_predictor
+    t = time.perf_counter()
+    client.gather([client.submit(lambda c: load(c)[1], cfg, workers=[w], allow_other_workers=False, pure=False, key=f"warm-{cfg.mode}-{w}")
+                   for w in client.scheduler_info()["workers"]])
+    return time.perf_counter() - t
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    import tifffile
+    import zarr
+
+    return tifffile.imread(path) if path.suffix == ".tif" else np.asarray(zarr.open_group(str(path), mode="r")["0"][:])
+
+
+def _compare_to_loop(jobs, loop_dir: Path, out: Path, output_format: str) -> dict:
+    """How many images' batch labels equal the loop's, and the fraction of pixels that differ."""
+    from hrmedseg.batch.outputs import LABELS_FILES
+
+    equal, differ, total = 0, 0, 0
+    for job in jobs:
+        batch_file = out / job.key / LABELS_FILES[output_format]
+        if not batch_file.exists():
+            continue
+        a, b = _read_labels(loop_dir / f"{job.key}.tif"), _read_labels(batch_file)
+        equal += int(a.shape == b.shape and np.array_equal(a, b))
+        differ += int((a != b).sum()) if a.shape == b.shape else a.size
+        total += a.size
+    return {"labels_equal_to_loop": f"{equal}/{len(jobs)}", "pixels_differing_from_loop": round(differ / max(total, 1), 6)}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _emit(row: dict) -> None:
+    """One result row as a JSON line, at once (a long run shows its rows as they come)."""
+    print(json.dumps(row), flush=True)
+
+
+def _boxes_from_masks(images: list[Path], masks: Path, folder: Path) -> Path:
+    """``folder`` of KEY.boxes.csv: the bounding boxes of each image's mask objects."""
+    from skimage.io import imread
+    from skimage.measure import regionprops
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in images:
+        mask = imread(masks / p.name)
+        rows = [(r.bbox[1], r.bbox[0], r.bbox[3], r.bbox[2]) for r in regionprops(mask.astype(np.int32))]
+        np.savetxt(folder / f"{p.stem}.boxes.csv", np.asarray(rows, float).reshape(-1, 4), delimiter=",", header="x0,y0,x1,y1", comments="")
+    return folder
+
+
+def _loop(jobs, mode: str, model: str, device: str, out: Path) -> float:
+    """The old way: ``hrmedseg segment`` once per image in this process (a model load per image);
+    it writes each image's label TIFF and object table. Returns the seconds taken."""
+    from hrmedseg.cli import main
+
+    t = time.perf_counter()
+    for job in jobs:
+        argv = ["segment", job.image, "--out", str(out / f"{job.key}.tif"), "--model", model, "--device", device, "--no-progress"]
+        # Boxes: no embedding cache on disk, or a repeated run of the bench would skip the encoder.
+        rc = main(argv + (["--boxes", job.boxes, "--no-disk-cache"] if mode == "boxes" else []))
+        if rc != 0:
+            raise SystemExit(f"hrmedseg segment {job.image} failed ({rc})")
+    return time.perf_counter() - t
+
+
+def part_scaling(args) -> dict:
+    """Both modes on each cluster: CPU clusters of each ``--workers-list`` size, then one GPU worker
+    if ``--device`` lists cuda; each cluster is started once and runs every mode."""
+    import contextlib
+    import io
+
+    from hrmedseg.batch import BatchConfig, expand_inputs, model_digest, run_batch
+
+    t_start = time.perf_counter()
+    images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".tif", ".jpg"))[: args.limit]
+    work = Path(tempfile.mkdtemp(dir=args.workdir))
+    boxes_dir = _boxes_from_masks(images, Path(args.masks), work / "boxes") if "boxes" in args.modes else None
+    jobs, cfgs, result = {}, {}, {"part": "scaling", "images": len(images), "format": args.format, "loop": {}, "batch": []}
+    for mode in args.modes:
+        digest = model_digest(args.model if mode == "boxes" else args.nuclei_model)
+        jobs[mode] = expand_inputs(images, boxes=boxes_dir if mode == "boxes" else None)
+        cfgs[mode] = {dev: BatchConfig(mode, digest["path"], model_sha256=digest["sha256"], device=dev, output_format=args.format)
+                      for dev in args.device}
+        cpu0 = _cpu_seconds()
+        with contextlib.redirect_stdout(io.StringIO()):  # its "wrote ..." line per image
+            loop_s = _loop(jobs[mode], mode, digest["path"], args.loop_device, work / "loop" / mode)
+        # CPU seconds per image as well as images/s: on a loaded machine the CPU time is the steadier figure.
+        result["loop"][mode] = {"device": args.loop_device, "seconds": round(loop_s, 2), "images_per_s": round(len(images) / loop_s, 3),
+                                "cpu_s_per_image": round((_cpu_seconds() - cpu0) / len(images), 3)}
+        _emit({"mode": mode, "old_loop_images_per_s (baseline)": result["loop"][mode]["images_per_s"],
+               "old_loop_cpu_s_per_image": result["loop"][mode]["cpu_s_per_image"], "device": args.loop_device,
+               "seconds": round(loop_s, 2), "elapsed_s": round(time.perf_counter() - t_start, 1)})
+    clusters = [("cpu", n, None) for n in args.workers_list] if "cpu" in args.device else []
+    clusters += [("cuda", 1, [0])] if "cuda" in args.device else []
+    for dev, n, gpus in clusters:
         t = time.perf_counter()
-        cluster, client = _cluster(n)
+        cluster, client = _cluster(n, gpus)
         with cluster, client:
-            client.wait_for_workers(n)
             cluster_s = time.perf_counter() - t
-            cfg = BatchConfig(args.mode, digest["path"], model_sha256=digest["sha256"], device=args.device)
-            # Start-up timed apart from throughput: every worker loads its model before the clock starts.
-            t = time.perf_counter()
-            client.run(lambda: load(cfg)[1])
-            models_s = time.perf_counter() - t
-            t = time.perf_counter()
-            manifest = run_batch(client, jobs, work / f"w{n}", cfg, progress=False)
-            wall = time.perf_counter() - t
-        done = manifest.counts().get("done", 0)
-        result["batch"].append({"workers": n, "done": done, "startup_cluster_s": round(cluster_s, 2), "startup_models_s": round(models_s, 2),
-                                "wall_s": round(cluster_s + models_s + wall, 2), "steady_s": round(wall, 2),
-                                "images_per_s": round(done / wall, 3), "images_per_s_with_startup": round(done / (cluster_s + models_s + wall), 3),
-                                "peak_rss_mib_max": max(e.get("peak_rss_mib") or 0 for e in manifest.images.values())})
-    base = result["batch"][0]["images_per_s"] / result["batch"][0]["workers"]
-    for row in result["batch"]:
-        row["scaling_efficiency"] = round(row["images_per_s"] / (base * row["workers"]), 3)
+            for mode in args.modes:
+                cfg = cfgs[mode][dev]
+                # Start-up timed apart from throughput: every worker loads its model before the clock starts.
+                models_s = _warm_up(client, cfg)
+                out = work / f"{mode}_{dev}_w{n}"
+                cpu0 = client.run(_cpu_seconds)
+                t = time.perf_counter()
+                manifest = run_batch(client, jobs[mode], out, cfg, progress=False)
+                wall = time.perf_counter() - t
+                cpu1 = client.run(_cpu_seconds)
+                done = manifest.counts().get("done", 0)
+                row = {"mode": mode, "device": dev, "workers": n, "done": done, "startup_cluster_s": round(cluster_s, 2),
+                       "startup_models_s": round(models_s, 2), "steady_s": round(wall, 2), "images_per_s": round(done / wall, 3),
+                       "images_per_s_with_startup": round(done / (cluster_s + models_s + wall), 3),
+                       "worker_cpu_s_per_image": round(sum(cpu1[w] - cpu0[w] for w in cpu1 if w in cpu0) / max(done, 1), 3),
+                       "old_loop_images_per_s (baseline)": result["loop"][mode]["images_per_s"],
+                       "peak_rss_mib_max": max(e.get("peak_rss_mib") or 0 for e in manifest.images.values()),
+                       **_compare_to_loop(jobs[mode], work / "loop" / mode, out, args.format),
+                       "elapsed_s": round(time.perf_counter() - t_start, 1)}
+                one = next((r for r in result["batch"] if r["mode"] == mode and r["device"] == "cpu" and r["workers"] == 1), None)
+                if dev == "cpu" and one is not None:
+                    row["scaling_efficiency"] = round(row["images_per_s"] / (one["images_per_s"] * n), 3)
+                result["batch"].append(row)
+                _emit(row)
+    result["total_s"] = round(time.perf_counter() - t_start, 1)
     return result
 
 
@@ -177,13 +265,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--workers-list", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--region-size", type=int, default=8192)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", nargs="+", default=["cpu"], choices=("cpu", "cuda"),
+                    help="scaling: cpu (the --workers-list clusters) and/or cuda (one GPU worker); slide: the first")
+    ap.add_argument("--loop-device", default="cpu", help="scaling: the old loop's device (its baseline)")
     ap.add_argument("--model", default="hrmedseg_sam_default")
     ap.add_argument("--nuclei-model", default="hrmedseg_nuclei")
-    ap.add_argument("--mode", choices=("auto", "boxes"), default="auto")
+    ap.add_argument("--modes", nargs="+", choices=("auto", "boxes"), default=["auto"], help="scaling: modes run on each cluster")
+    ap.add_argument("--format", choices=("tiff", "ome-zarr"), default="tiff",
+                    help="scaling: the batch's label output (default tiff: the loop's, so both write the same)")
     ap.add_argument("--images")
     ap.add_argument("--masks")
-    ap.add_argument("--limit", type=int, default=400)
+    ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--small", action="store_true", help="tiny box model (checks memory and writing, not the model's speed)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "hrmedseg_bench"))
     ap.add_argument("--json")

@@ -212,6 +212,53 @@ def test_embedded_cluster_listens_on_localhost_and_tiff_output(tmp_path, images,
     assert tifffile.imread(out / "a" / "labels.tif").shape == (96, 128)
 
 
+def _task_thread_state() -> dict:
+    """In the thread that runs tasks: torch's thread count, and the minor page faults of 50 x
+    allocating and freeing a 2 MiB array (about 0 when glibc reuses freed memory; 512 each when
+    every allocation is a fresh mmap, as under Dask's MALLOC_TRIM_THRESHOLD_=65536)."""
+    import resource
+
+    np.ones(1 << 18)
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for _ in range(50):
+        a = np.ones(1 << 18)
+        del a
+    return {"torch_threads": torch.get_num_threads(), "faults": resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before}
+
+
+def test_local_cluster_sets_each_workers_torch_threads_and_malloc_before_tasks(monkeypatch):
+    import hrmedseg.batch.cluster as cluster
+
+    monkeypatch.setattr(cluster, "machine_cores", lambda: 6)  # sizing differs from Dask's 1 thread on any CI machine
+    local, threads = cluster.local_cluster(2)
+    assert threads == 3
+    with local, distributed.Client(local) as c:
+        c.wait_for_workers(2)
+        workers = list(c.scheduler_info()["workers"])
+        states = c.gather([c.submit(_task_thread_state, workers=[w], allow_other_workers=False, pure=False) for w in workers])
+    assert len(workers) == 2 and [s["torch_threads"] for s in states] == [3, 3]
+    assert all(s["faults"] < 50 * 512 // 4 for s in states), states
+
+
+def test_worker_setup_threads_and_one_release_per_task(monkeypatch):
+    from hrmedseg.batch import WorkerSetup, worker_cache
+
+    assert WorkerSetup(4).threads() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a `dask worker` started as docs/batch.md says
+    assert WorkerSetup(None).threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert WorkerSetup(None).threads() is None
+    calls = []
+    monkeypatch.setattr(worker_cache, "release_memory", lambda: calls.append(1))
+    inner = worker_cache.releases_memory(lambda: None)
+    outer = worker_cache.releases_memory(lambda: [inner(), inner()])
+    outer()
+    assert calls == [1]  # segment_image runs two decorated steps: one gc + trim, not three
+    with pytest.raises(ZeroDivisionError):
+        worker_cache.releases_memory(lambda: 1 / 0)()
+    assert calls == [1, 1]
+
+
 def test_bad_arguments_fail_cleanly(tmp_path, images, models, capsys, monkeypatch):
     folder, boxes = images
     import hrmedseg.batch.cluster as cluster

@@ -86,15 +86,18 @@ def run(args: argparse.Namespace) -> int:
         if args.scheduler:
             if args.gpus or args.workers:
                 raise InputError("--gpus and --workers size the embedded cluster; with --scheduler the cluster is already sized")
-            # Its workers' threads are theirs to set (dask worker --nthreads 1, OMP_NUM_THREADS): see docs/batch.md.
             client = stack.enter_context(connect(args.scheduler, security_from(args.tls_ca_file, args.tls_cert, args.tls_key, args.scheduler)))
+            # Its workers are sized by whoever started them (dask worker --nthreads 1, OMP_NUM_THREADS:
+            # docs/batch.md): the plugin gives torch their OMP_NUM_THREADS (the nanny's MKL_NUM_THREADS=1
+            # would make it 1) and undoes the nanny's malloc setting (WorkerSetup).
+            client.register_plugin(WorkerSetup(None), name=WorkerSetup.name)
         else:
             from distributed import Client
 
-            cluster, threads = local_cluster(args.workers, gpu_ids(args.gpus) if args.gpus else None)
+            # Its workers run WorkerSetup (torch threads = cores // workers) as they start.
+            cluster, _ = local_cluster(args.workers, gpu_ids(args.gpus) if args.gpus else None)
             stack.enter_context(cluster)
             client = stack.enter_context(Client(cluster))
-            client.register_plugin(WorkerSetup(threads), name=WorkerSetup.name)
         if "dashboard" in client.scheduler_info().get("services", {}):
             print(f"hrmedseg batch: Dask dashboard at {client.dashboard_link}", file=sys.stderr)
         manifest = run_batch(client, jobs, out, cfg, progress=not args.no_progress)
