@@ -15,6 +15,6 @@ VAL=${VAL:-device_payload/data/nuclei_val}
 export PYTHONUNBUFFERED=1
 lscpu | grep "Model name" | tee "$OUT/bench_batch_cpu.txt"
 nproc | tee -a "$OUT/bench_batch_cpu.txt"
-timeout 560 $PY bench/bench_batch.py --part scaling --modes auto boxes --images "$VAL/images" --masks "$VAL/masks" \
+timeout "${BENCH_LIMIT:-560}" $PY bench/bench_batch.py --part scaling --modes auto boxes --images "$VAL/images" --masks "$VAL/masks" \
   --limit "$LIMIT" --workers-list 1 2 4 8 --device cpu cuda --json "$OUT/bench_batch_scaling.json" 2>&1 \
   | grep -v "^ " | tee "$OUT/bench_batch_scaling.log"
