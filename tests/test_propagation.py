@@ -98,6 +98,33 @@ def test_several_objects_share_each_slice_embedding(predictor):
     assert predictor.encoder_calls - before == 5  # one crop per slice holds both objects
 
 
+def test_each_chain_says_why_it_stopped(predictor):
+    from hrmedseg.engine.propagation import SlicePrompt, propagate
+
+    img, gt = ball_stack()
+    prompt = [SlicePrompt(5, 1, box=tight_box(gt[5] == 1))]
+    assert propagate(predictor, img, prompt, min_score=1.01).stops == {1: {1: (6, "min_score"), -1: (4, "min_score")}}
+    assert propagate(predictor, img, prompt, min_overlap=1.01).stops == {1: {1: (6, "min_overlap"), -1: (4, "min_overlap")}}
+    assert propagate(predictor, img, prompt, max_slices=1).stops == {1: {1: (6, "end"), -1: (4, "end")}}
+    # relative to the prompted slice's own predicted IoU: above it is more than any slice can reach
+    sure = propagate(predictor, img, prompt, min_score=0.0, min_relative_score=1.5)
+    assert sure.extents == {1: (5, 5)} and sure.stops[1] == {1: (6, "min_score"), -1: (4, "min_score")}
+
+
+def test_a_painted_mask_is_kept_as_it_is_and_propagated_from(predictor):
+    from hrmedseg.engine.propagation import SlicePrompt, propagate
+
+    img, gt = ball_stack()
+    painted = gt[5] == 1
+    painted[:, :40] = False  # a person's mask: the ball's right part only
+    result = propagate(predictor, img, [SlicePrompt(5, 1, mask=painted)], max_slices=2)
+    np.testing.assert_array_equal(result.labels[5] == 1, painted)  # no model call rewrote it
+    assert result.scores[1][5] == 1.0 and result.extents[1] == (3, 7)
+    assert all(dice(result.labels[z] == 1, gt[z] == 1) > 0.5 for z in (4, 6))
+    with pytest.raises(InputError, match=r"prompt 0 \(object 1\): its mask is \(5, 5\), but the stack's slices are \(128, 128\)"):
+        propagate(predictor, img, [SlicePrompt(5, 1, mask=np.ones((5, 5), bool))])
+
+
 def test_each_slice_takes_the_nearest_prompt():
     from hrmedseg.engine.propagation import _territories
 
@@ -132,6 +159,8 @@ def test_bad_prompts_are_named():
     img, _ = ball_stack()
     with pytest.raises(InputError, match=r"prompt 1 \(object 2\): slice 11 is outside the stack, which has 11 slices"):
         propagate(None, img, [SlicePrompt(0, 1, box=(1, 1, 9, 9)), SlicePrompt(11, 2, box=(1, 1, 9, 9))])
+    with pytest.raises(InputError, match="has neither a box, nor points, nor a mask"):
+        propagate(None, img, [SlicePrompt(0, 1)])
     with pytest.raises(InputError, match="prompted twice on slice 0"):
         propagate(None, img, [SlicePrompt(0, 1, box=(1, 1, 9, 9)), SlicePrompt(0, 1, box=(2, 2, 9, 9))])
     with pytest.raises(InputError, match="unknown propagation method"):
