@@ -105,9 +105,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wheel", required=True)
     ap.add_argument("--model", default="hrmedseg_sam_default")
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=None, help="names in VARIANTS (default: all, or none when --rules are given)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--rules", nargs="*", default=[], help="NAME=JSON: extra variants, propagate keywords as JSON")
     ap.add_argument("--grid", action="store_true", help="run grid() instead of --variants")
     ap.add_argument("--per-object", action="store_true", help="print every object's row of the first variant")
     ap.add_argument("--half", choices=("all", "even", "odd"), default="all", help="propagate only these label ids (choose settings on one half)")
@@ -124,6 +125,12 @@ def main() -> None:
     gt_slices = {oid: {int(z) for z in np.nonzero((gt == oid).any(axis=(1, 2)))[0]} for oid in ids}
     prompts = [SlicePrompt(z, oid, box=tight_box(gt[z] == oid)) for oid, z in middle.items()]
     predictor = BoxPredictor(args.model, device=args.device)
+    extra = []
+    for spec in args.rules:
+        name, _, rules = spec.partition("=")
+        VARIANTS[name] = json.loads(rules)
+        extra.append(name)
+    args.variants = (args.variants or ([] if extra else list(VARIANTS)[: len(VARIANTS) - len(extra)])) + extra
     if args.grid:
         VARIANTS.update(grid())
         args.variants = list(grid())

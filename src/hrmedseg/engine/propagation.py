@@ -8,24 +8,31 @@
 Two methods:
 
 - ``"neighbour"`` (any box model): from each prompted slice, forward and backward, the next
-  slice is prompted with what the neighbour slice's mask says about the object: its bounding
-  box (``BOX_GROWTH`` wider per side, room to move and grow), one positive click at its most
-  interior pixel (the distance transform's maximum) and, only with ``mask_prompt=True``, its
-  low-resolution logits as SAM's mask prompt (off by default: on a moving ball it made masks
-  leak a little further every slice, Dice 0.96 -> 0.27 three slices away, against 0.81
-  without). A chain stops (the object has left the stack that way) when the mask's area falls
-  below ``min_area``, when its IoU with the neighbour slice's mask falls below ``min_overlap``
-  (the mask jumped elsewhere), or when its predicted IoU falls below ``min_score`` (the model
-  fills its box with a blob even where nothing is left; that blob overlaps the neighbour mask
-  as well as the object did, so only the score separates it). All objects advance
-  together, one slice a step, so the objects on a slice share its crop embeddings (one encoder
-  call per crop), which the predictor caches per slice like any 2D crop.
+  slice is prompted with the neighbour slice's mask's tight bounding box (``BOX_GROWTH`` wider
+  per side: 0 by default, the model reaches past a box on its own), with ``click=True`` one
+  positive click at its most interior pixel (the distance transform's maximum; off by default:
+  a clicked mask is the model's own, without the box prior rule, and on stardist's nuclei it
+  grew onto touching nuclei), and, only with ``mask_prompt=True``, its low-resolution logits as
+  SAM's mask prompt (off: on a moving ball it made masks leak a little further every slice,
+  Dice 0.96 -> 0.27 three slices away, against 0.81 without). A chain stops (the object has
+  left the stack that way) when the mask's area falls below ``min_area``, when its IoU with the
+  neighbour slice's mask falls below ``min_overlap`` (the mask jumped elsewhere), when its
+  predicted IoU falls below ``min_score`` (or ``min_relative_score`` times the prompted
+  slice's), when more than ``max_taken`` of its pixels are already another object's on that
+  slice (it ran onto a touching object), or, with ``max_growth``, when its area jumps above
+  that many times the neighbour's. ``PropagationResult.stops`` says which rule ended each
+  chain. Measured on stardist's nuclei (docs/benchmarks.md, issue 16): chains rarely stop
+  where the object ends (a box over background still gets a blob with a plausible score), and
+  such overruns overwrite the touching objects' slices; ``max_taken`` stops most of those.
+  All objects advance together, one slice a step, so the objects on a slice share its crop
+  embeddings (one encoder call per crop), which the predictor caches per slice like any 2D crop.
 - ``"sam2"`` (HRMedSegSAM2 models): sam2's video predictor (memory attention and memory bank),
   in :mod:`hrmedseg.engine.sam2_video`.
 
 An object may be prompted on several slices: each slice then takes its mask from the nearest
 prompt (ties: the earlier slice's), so a correction on one slice re-propagates its own half of
-the way to the next prompt.
+the way to the next prompt. A prompt may be a mask as a person painted it (``SlicePrompt.mask``):
+it is kept as it is on its slice and propagated from.
 """
 
 from __future__ import annotations
@@ -51,7 +58,11 @@ DEFAULT_MIN_SCORE = 0.7
 #: an IoU with the neighbour slice's mask below this ends a chain (the mask jumped elsewhere)
 DEFAULT_MIN_OVERLAP = 0.3
 #: the next slice's box is the neighbour's mask box this fraction of its side wider per side
-BOX_GROWTH = 0.05
+#: (0: the mask's tight box; the model still reaches past a box, and a wider one let masks grow
+#: onto touching nuclei slice after slice: docs/benchmarks.md, issue 16)
+BOX_GROWTH = 0.0
+#: a mask with more than this fraction of its pixels already another object's on its slice ends its chain
+DEFAULT_MAX_TAKEN = 0.5
 
 
 @dataclass
@@ -225,6 +236,8 @@ class NeighbourRules:
     predicted IoU; min_relative_score: ... or with a predicted IoU below this fraction of the
     prompted slice's (0: off). min_overlap: ... or whose IoU with the neighbour slice's mask is
     lower. max_growth: ... or whose area exceeds the neighbour's this many times (0: off).
+    max_taken: ... or with more than this fraction of its pixels already another object's on
+    that slice (it ran onto a touching object; 1: off).
     grow: the next box is the neighbour's mask box this fraction of its side wider per side. click: add a positive click at the neighbour mask's interior point. mask_prompt: pass
     the neighbour's logits as SAM's mask prompt.
     """
@@ -234,16 +247,20 @@ class NeighbourRules:
     min_overlap: float = DEFAULT_MIN_OVERLAP
     min_relative_score: float = 0.0
     grow: float = BOX_GROWTH
-    click: bool = True
+    click: bool = False
     mask_prompt: bool = False
     max_growth: float = 0.0
+    max_taken: float = DEFAULT_MAX_TAKEN
 
     def __post_init__(self) -> None:
         if self.max_growth and self.max_growth < 1:
             raise InputError(f"max_growth {self.max_growth} would stop every chain: give a factor >= 1 (0: off)")
+        if not 0 <= self.max_taken <= 1:
+            raise InputError(f"max_taken {self.max_taken} is a fraction of a mask's pixels: give 0..1 (1: off)")
 
-    def stop_reason(self, obj: ObjectMask, previous: ObjectMask, first_score: float | None) -> str | None:
-        """Why ``obj`` (the mask on the next slice) ends its chain, or None to keep it."""
+    def stop_reason(self, obj: ObjectMask, previous: ObjectMask, first_score: float | None, taken: float = 0.0) -> str | None:
+        """Why ``obj`` (the mask on the next slice) ends its chain, or None to keep it. ``taken``:
+        the fraction of its pixels already labelled as another object on that slice."""
         if obj.area < self.min_area:
             return "min_area"
         relative = 0.0 if first_score is None else self.min_relative_score * first_score
@@ -253,7 +270,18 @@ class NeighbourRules:
             return "min_overlap"
         if self.max_growth and obj.area > self.max_growth * previous.area:
             return "max_growth"  # a section changes smoothly between slices: a jump in area is a leak
+        if taken > self.max_taken:
+            return "max_taken"
         return None
+
+
+def taken_fraction(plane: np.ndarray, obj: ObjectMask, object_id: int) -> float:
+    """Fraction of ``obj``'s pixels that ``plane`` (H, W labels) already gives another object."""
+    if obj.empty:
+        return 0.0
+    y0, y1, x0, x1 = obj.region
+    under = plane[y0:y1, x0:x1][obj.mask]
+    return float(((under != 0) & (under != object_id)).mean())
 
 
 def propagate(
@@ -271,8 +299,9 @@ def propagate(
     cancel: Callable[[], bool] | None = None,
     min_relative_score: float = 0.0,
     grow: float = BOX_GROWTH,
-    click: bool = True,
+    click: bool = False,
     max_growth: float = 0.0,
+    max_taken: float = DEFAULT_MAX_TAKEN,
 ) -> PropagationResult:
     """Segment each prompted object on every slice of ``stack`` it reaches (see the module docstring).
 
@@ -288,7 +317,7 @@ def propagate(
         min_overlap: "neighbour": so is a mask whose IoU with the neighbour slice's mask is lower.
         max_slices: at most this many slices from each prompt each way (None: no limit).
         mask_prompt: "neighbour": pass the neighbour's logits as SAM's mask prompt.
-        min_relative_score, grow, click, max_growth: "neighbour": see :class:`NeighbourRules`.
+        min_relative_score, grow, click, max_growth, max_taken: "neighbour": see :class:`NeighbourRules`.
         progress: ``progress(done, total)`` after each slice step (total: slices still reachable).
         cancel: checked between slices; when it returns True the work stops and the result holds
             what was done (``cancelled`` True).
@@ -309,7 +338,7 @@ def propagate(
             raise InputError(f"propagation method 'sam2' needs an HRMedSegSAM2 model and the sam2 video predictor ({err}); use method 'neighbour'") from err
         return propagate_sam2(predictor, stack, prompts, min_area=min_area, min_score=min_score, max_slices=max_slices,
                               progress=progress, cancel=cancel)
-    rules = NeighbourRules(min_area, min_score, min_overlap, min_relative_score, grow, click, mask_prompt, max_growth)
+    rules = NeighbourRules(min_area, min_score, min_overlap, min_relative_score, grow, click, mask_prompt, max_growth, max_taken)
     return _propagate_neighbour(predictor, stack, prompts, rules, max_slices, progress, cancel)
 
 
@@ -382,7 +411,8 @@ def _propagate_neighbour(
             asked = [neighbour_prompt(c.previous, predictor.policy, stack.shape_yx, rules.mask_prompt, rules.grow, rules.click) for c in here]
             for c, obj in zip(here, _predict_slice(predictor, stack.slice(z), asked)):
                 done += 1
-                reason = rules.stop_reason(obj, c.previous, c.first_score)
+                taken = taken_fraction(labels[z], obj, c.object_id) if rules.max_taken < 1 else 0.0
+                reason = rules.stop_reason(obj, c.previous, c.first_score, taken)
                 if reason is not None:
                     done += c.remaining - 1  # the object has left the stack this way
                     stops.setdefault(c.object_id, {})[c.step] = (z, reason)
