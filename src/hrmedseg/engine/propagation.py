@@ -8,8 +8,8 @@
 Two methods:
 
 - ``"neighbour"`` (any box model): from each prompted slice, forward and backward, the next
-  slice is prompted with the neighbour slice's mask's tight bounding box (``BOX_GROWTH`` wider
-  per side: 0 by default, the model reaches past a box on its own), with ``click=True`` one
+  slice is prompted with the neighbour slice's mask's bounding box (``BOX_GROWTH`` wider per
+  side, room to move and grow; ``grow=0`` for objects prompted on their largest section), with ``click=True`` one
   positive click at its most interior pixel (the distance transform's maximum; off by default:
   a clicked mask is the model's own, without the box prior rule, and on stardist's nuclei it
   grew onto touching nuclei), and, only with ``mask_prompt=True``, its low-resolution logits as
@@ -57,10 +57,11 @@ DEFAULT_MIN_AREA = 10
 DEFAULT_MIN_SCORE = 0.7
 #: an IoU with the neighbour slice's mask below this ends a chain (the mask jumped elsewhere)
 DEFAULT_MIN_OVERLAP = 0.3
-#: the next slice's box is the neighbour's mask box this fraction of its side wider per side
-#: (0: the mask's tight box; the model still reaches past a box, and a wider one let masks grow
-#: onto touching nuclei slice after slice: docs/benchmarks.md, issue 16)
-BOX_GROWTH = 0.0
+#: the next slice's box is the neighbour's mask box this fraction of its side wider per side: room
+#: for an object that moves or grows (with 0, the tight box, a ball prompted on a small section
+#: was lost before its middle; on stardist's nuclei, prompted on their largest section, 0 did
+#: better: docs/benchmarks.md, issue 16)
+BOX_GROWTH = 0.05
 #: a mask with more than this fraction of its pixels already another object's on its slice ends its chain
 DEFAULT_MAX_TAKEN = 0.5
 
