@@ -9,8 +9,9 @@ wheel (a zip) without installing stardist. No model was trained on it.
 Per object (each label of the mask; its middle slice: the middle of its z range):
 
 - ``propagation``: one tight box on the object's middle slice, all objects propagated at once
-  (``hrmedseg.engine.propagation.propagate``, method "neighbour"), with and without the
-  neighbour's logits as mask prompt;
+  (``hrmedseg.engine.propagation.propagate``, method "neighbour", default rules); the same with
+  the rules that were the defaults before issue 16's analysis (``RULES_BEFORE``), and with
+  ``--mask-prompt`` with the neighbour's logits as mask prompt;
 - ``per-slice boxes`` (the upper bound): the tight box on every slice the object is on;
 - ``copied mask`` (the floor): the middle slice's mask copied to every slice of the stack.
 
@@ -21,7 +22,7 @@ run is the per-slice-box pass over the same slices, also from an empty cache. Th
 CPU threads are shared: figures are noisy.
 
 Usage:
-  python bench/bench_propagation.py --wheel DIR/stardist-*.whl NAME=MODEL [NAME=MODEL ...] [--json out.json] [--device cpu]
+  python bench/bench_propagation.py --wheel DIR/stardist-*.whl NAME=MODEL [NAME=MODEL ...] [--json out.json] [--device cpu] [--threads N] [--mask-prompt]
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from hrmedseg.engine import BoxPredictor
 from hrmedseg.engine.propagation import SlicePrompt, propagate
 
 IMAGE, MASK = "stardist/data/images/img3d.tif", "stardist/data/images/mask3d.tif"
+#: the neighbour rules that were the defaults before issue 16's analysis (a same-run baseline)
+RULES_BEFORE = dict(click=True, grow=0.05, min_score=0.7, min_overlap=0.3, min_relative_score=0.0, max_growth=0.0, max_taken=1.0)
 
 
 def read_wheel(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -84,20 +87,26 @@ def per_slice_boxes(predictor: BoxPredictor, image: np.ndarray, gt: np.ndarray, 
     return labels, n
 
 
-def evaluate(predictor: BoxPredictor, image: np.ndarray, gt: np.ndarray) -> dict:
+def evaluate(predictor: BoxPredictor, image: np.ndarray, gt: np.ndarray, mask_prompt: bool = False) -> dict:
     ids = sorted(int(i) for i in np.unique(gt) if i)
     middle = middle_slices(gt, ids)
     prompts = [SlicePrompt(z, oid, box=tight_box(gt[z] == oid)) for oid, z in middle.items()]
     out: dict = {"objects": len(ids), "slices": int(len(image))}
-    for name, mask_prompt in (("propagation", False), ("propagation + mask prompt", True)):
+    runs = [("propagation", {}), ("propagation, rules before issue 16's analysis", RULES_BEFORE)]
+    if mask_prompt:
+        runs.append(("propagation + mask prompt", {"mask_prompt": True}))
+    for name, rules in runs:
         predictor.clear_cache()
         calls = predictor.encoder_calls
         t0 = time.perf_counter()
-        result = propagate(predictor, image, prompts, mask_prompt=mask_prompt)
+        result = propagate(predictor, image, prompts, **rules)
         seconds = time.perf_counter() - t0
         visited = predictor.encoder_calls - calls
+        per = {oid: dice(result.labels == oid, gt == oid) for oid in ids}
         out[name] = {
-            "dice": float(np.mean([dice(result.labels == oid, gt == oid) for oid in ids])),
+            "dice": float(np.mean(list(per.values()))),
+            "dice_even_ids": float(np.mean([d for oid, d in per.items() if oid % 2 == 0])),
+            "dice_odd_ids": float(np.mean([d for oid, d in per.items() if oid % 2])),
             "seconds": seconds, "slices_encoded": visited, "s_per_slice": seconds / max(visited, 1),
             "mean_extent": float(np.mean([hi - lo + 1 for lo, hi in result.extents.values()])),
         }
@@ -105,7 +114,10 @@ def evaluate(predictor: BoxPredictor, image: np.ndarray, gt: np.ndarray) -> dict
     t0 = time.perf_counter()
     upper, n = per_slice_boxes(predictor, image, gt, ids)
     seconds = time.perf_counter() - t0
-    out["per-slice boxes"] = {"dice": float(np.mean([dice(upper == oid, gt == oid) for oid in ids])), "seconds": seconds,
+    per = {oid: dice(upper == oid, gt == oid) for oid in ids}
+    out["per-slice boxes"] = {"dice": float(np.mean(list(per.values()))), "seconds": seconds,
+                              "dice_even_ids": float(np.mean([d for oid, d in per.items() if oid % 2 == 0])),
+                              "dice_odd_ids": float(np.mean([d for oid, d in per.items() if oid % 2])),
                               "slices_encoded": n, "s_per_slice": seconds / max(n, 1)}
     floor = []
     for oid, z in middle.items():
@@ -114,7 +126,8 @@ def evaluate(predictor: BoxPredictor, image: np.ndarray, gt: np.ndarray) -> dict
         y0, y1, x0, x1 = mid.region
         plane[y0:y1, x0:x1] = mid.mask
         floor.append(dice(np.broadcast_to(plane, gt.shape), gt == oid))
-    out["copied mask"] = {"dice": float(np.mean(floor))}
+    out["copied mask"] = {"dice": float(np.mean(floor)), "dice_even_ids": float(np.mean([d for oid, d in zip(middle, floor) if oid % 2 == 0])),
+                          "dice_odd_ids": float(np.mean([d for oid, d in zip(middle, floor) if oid % 2]))}
     out["gt_mean_extent"] = float(np.mean([len(np.nonzero((gt == oid).any(axis=(1, 2)))[0]) for oid in ids]))
     return out
 
@@ -125,6 +138,7 @@ def main() -> None:
     ap.add_argument("--wheel", required=True, help="the stardist wheel (pip download stardist --no-deps -d DIR)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--mask-prompt", action="store_true", help="also propagate with the neighbour's logits as mask prompt")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.threads:
@@ -135,7 +149,7 @@ def main() -> None:
     for spec in args.models:
         name, _, model = spec.partition("=")
         predictor = BoxPredictor(model or name, device=args.device, backend="auto")
-        result["models"][name] = evaluate(predictor, image, gt)
+        result["models"][name] = evaluate(predictor, image, gt, args.mask_prompt)
         result["models"][name]["backend"] = predictor.backend
     print_and_save(result, args.json)
 

@@ -52,6 +52,9 @@ class Annotator:
         from .propagate import Propagation
 
         self.propagation = Propagation(self)
+        # corrections of a propagated object (a click or paint on another slice) re-propagate it
+        self.clicks.elsewhere = self.propagation.click_owner
+        self.layers.painted.connect(self.propagation.on_paint)
         self.predictor: Any = None
         self._queue: "OrderedDict[int, int]" = OrderedDict()  # object id -> generation, to segment
         self.layers.objects_changed.connect(self._enqueue_all)
@@ -194,8 +197,12 @@ class Annotator:
         self._pump()
 
     def _pump(self) -> None:
-        """Start the next queued computation when nothing runs."""
-        if self.jobs.is_busy or not self._queue:
+        """Start the next queued computation when nothing runs (none queued: the re-propagation
+        of corrected propagated objects, if any)."""
+        if self.jobs.is_busy:
+            return
+        if not self._queue:
+            self.propagation.run_pending()
             return
         if self.predictor is None:
             self.status.emit("choose a model to segment the boxes")
@@ -219,13 +226,15 @@ class Annotator:
             return predict()
 
         def done(result):
-            self._apply(object_id, generation, result)
+            if self._apply(object_id, generation, result):
+                self.propagation.segmented(object_id)  # a correction of a propagated object?
 
         self.jobs.submit(work, done, f"segmenting object {object_id}")
 
-    def _apply(self, object_id: int, generation: int, result: Any) -> None:
+    def _apply(self, object_id: int, generation: int, result: Any) -> bool:
+        """Write an object's result if it is still current; returns whether it was."""
         if not self.state.is_current(object_id, generation):
-            return  # the box moved or was deleted while this ran; a newer request follows
+            return False  # the box moved or was deleted while this ran; a newer request follows
         obj = self.state.objects[object_id]
         # what a next click refines: these logits as SAM's mask prompt, on this (cached) crop
         obj.low_res_logits, obj.crop = getattr(result, "low_res_logits", None), getattr(result, "crop", None)
@@ -233,13 +242,14 @@ class Annotator:
             self.layers.write(object_id, None, None, slice_index=obj.slice_index)
             self.state.record_prediction(object_id, result.region, np.zeros((0, 0), bool), result.score)
             self.status.emit(f"object {object_id}: the model found nothing in its box")
-            return
+            return True
         self.layers.write(object_id, result.region, result.mask, slice_index=obj.slice_index)
         self.state.record_prediction(object_id, result.region, result.mask, getattr(result, "score", None))
         if self.state.model and self.state.model.untrained:
             self.status.emit(f"object {object_id} segmented ({UNTRAINED_BANNER})")
         else:
             self.status.emit(f"object {object_id} segmented (score {getattr(result, 'score', float('nan')):.2f})")
+        return True
 
     def segment_all(self, only_missing: bool = False) -> Any:
         """(Re)compute every box, batched per plane through ``predict_boxes``; progress + cancel."""

@@ -7,6 +7,11 @@ features (``object_id``, ``label``: 1 positive, 0 negative):
 - its object is the one under the cursor (its mask, else the smallest box holding the click),
   else the selected object (the last one drawn or clicked; ``select(None)`` clears it), else a
   new object prompted by clicks alone (a negative click cannot start one and is dropped);
+- a click on a plane where an object's mask lies but that object is prompted on another plane
+  (a mask propagated through a stack) goes to the object ``elsewhere(object_id, plane)`` names
+  (the annotator: a correction of that object on this plane); without ``elsewhere`` it is
+  treated as a click off every object (a click holds no plane: it must not refine the object
+  on its own plane);
 - it is negative when Alt is held on the press, or while ``negative`` is set (the dock's toggle).
 
 Adding, moving or deleting points updates the objects' clicks in the ``AnnotatorState`` and
@@ -16,7 +21,7 @@ is deleted is removed (``objects_removed``, its mask erased). It does not comput
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from psygnal import Signal
@@ -45,6 +50,8 @@ class ClickBinding:
         self.points_layer: Any = None
         self.negative = False  # the dock's toggle: every click negative
         self.selected: int | None = None
+        # (object id under a click, the click's plane) -> the object on that plane that takes it, or None
+        self.elsewhere: Callable[[int, tuple[int, ...]], int | None] | None = None
         self._reconciling = False
 
     @property
@@ -115,7 +122,11 @@ class ClickBinding:
         if 0 <= r < shape[-2] and 0 <= c < shape[-1]:
             under = int(labels[lead + (r, c)])
             if under in self.state.objects:
-                return under
+                if self.state.objects[under].slice_index == lead:
+                    return under
+                hit = self.elsewhere(under, lead) if self.elsewhere is not None else None
+                if hit is not None:
+                    return hit
         inside = [
             (max(o.box[2] - o.box[0], o.box[3] - o.box[1]), oid)
             for oid, o in self.state.objects.items()

@@ -8,7 +8,8 @@ It does not compute masks: it says which objects need one (``objects_changed``).
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 from psygnal import Signal
@@ -30,11 +31,14 @@ class LayerBinding:
 
     Signals (psygnal, on the UI thread): ``objects_changed(list)`` with the ids of objects whose
     box is new or moved (they need a mask); ``objects_removed(list)`` with the ids of objects
-    whose box was deleted (their masks are already erased).
+    whose box was deleted (their masks are already erased); ``painted(list)`` with the history
+    atoms of an edit a person made in the masks layer (paint, erase, fill; not the annotator's
+    own writes, which go through :meth:`writing`).
     """
 
     objects_changed = Signal(list)
     objects_removed = Signal(list)
+    painted = Signal(list)
 
     def __init__(self, viewer: Any) -> None:
         self.viewer = viewer
@@ -44,6 +48,7 @@ class LayerBinding:
         self.labels_layer: Any = None
         self.overlap = "new_wins"
         self._reconciling = False
+        self._writing = False
         self._extents: dict[int, tuple[int, int, int, int]] = {}
 
     # ------------------------------------------------------------------ binding
@@ -121,6 +126,23 @@ class LayerBinding:
 
     def _on_paint(self, event: Any = None) -> None:
         self.state.dirty = True
+        if not self._writing:  # napari emits ``paint`` for every history step, ours included
+            self.painted.emit(list(getattr(event, "value", None) or []))
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """While the annotator itself writes into the masks layer: its ``paint`` events are no edit of a person's."""
+        before, self._writing = self._writing, True
+        try:
+            yield
+        finally:
+            self._writing = before
+
+    def add_box(self, box: Any, slice_index: tuple[int, ...]) -> int:
+        """Draw ``box`` (xyxy) on plane ``slice_index`` as if a person had: a new object (its mask
+        is asked for through ``objects_changed``); returns its id."""
+        self.boxes_layer.add_rectangles([rectangle_from_box(tuple(float(v) for v in box), tuple(slice_index))])
+        return int(self._box_ids()[-1])
 
     def selected_ids(self) -> list[int]:
         """Object ids of the boxes selected with the select tool in the boxes layer.
@@ -213,7 +235,7 @@ class LayerBinding:
         if ys.size == 0:
             return
         lead = tuple(np.full(ys.shape, i, dtype=np.intp) for i in slice_index)
-        with layer.block_history():
+        with self.writing(), layer.block_history():
             layer.data_setitem(lead + (ys, xs), values.astype(layer.data.dtype))
         self.state.dirty = True
 

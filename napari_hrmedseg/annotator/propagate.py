@@ -1,11 +1,20 @@
 """"Propagate": the boxed objects of a stack or time series segmented through it (hrmedseg.engine.propagation).
 
-Each boxed object is prompted on its own slice. A box drawn on another slice over an object
-propagated before (its box overlaps that object's mask box on that slice) is a correction of
-that object: the next "Propagate" takes both prompts, each slice following the nearer one. The
-work runs in the job queue's worker; progress comes back slice by slice, Cancel stops between
-slices (nothing is written then), and the result goes into the masks layer in ONE
-``data_setitem``: one step of napari's undo history.
+Each boxed object is prompted on its own slice. Once an object has been propagated, a
+correction on any slice re-propagates it from there (``auto``; each slice follows the nearest
+of the object's prompts, so only the corrected slice's share of the stack changes):
+
+- a box drawn over the object on another slice (its box overlaps the object's mask box on that
+  slice): a second prompt of the object on that slice;
+- a click on the object's mask on another slice: a box prompt there (the mask's box on that
+  slice, drawn into the boxes layer) carrying the click; later clicks there refine it;
+- paint (or erase, fill) on the object's mask on a slice: the mask as painted is taken as it is
+  on that slice and propagated from (erasing it all ends the object there).
+
+A correction first gets its 2D mask like any box; the re-propagation runs when no other object
+waits for one. The work runs in the job queue's worker; progress comes back slice by slice,
+Cancel stops between slices (nothing is written then), and the result goes into the masks layer
+in ONE ``data_setitem``: one step of napari's undo history.
 """
 
 from __future__ import annotations
@@ -44,6 +53,51 @@ def _mask_boxes(labels: np.ndarray, object_id: int) -> dict[int, tuple[float, fl
     return out
 
 
+def _painted_slices(atoms: list) -> dict[int, set[int]]:
+    """{slice: labels whose pixels an edit of a (Z, H, W) masks layer touched there} from napari's
+    history atoms: ``(indices, old values, new value)`` tuples, or masked atoms (``slice_key``,
+    ``mask``, ``old_values``, ``new_value``) whose old values cover the changed pixels."""
+    out: dict[int, set[int]] = {}
+    for atom in atoms:
+        if hasattr(atom, "slice_key"):
+            key = atom.slice_key[0]
+            zs = range(*key.indices(10**9)) if isinstance(key, slice) else [int(key)]
+            values = {int(v) for v in np.unique(np.asarray(atom.old_values))} | {int(np.asarray(atom.new_value).max())}
+            for z in zs:
+                out.setdefault(int(z), set()).update(values)
+            continue
+        indices, old, new = atom
+        zs, old, new = np.asarray(indices[0]), np.asarray(old), np.broadcast_to(np.asarray(new), np.shape(indices[0]))
+        for z in np.unique(zs):
+            here = zs == z
+            out.setdefault(int(z), set()).update(int(v) for v in np.unique(np.concatenate([old[here].ravel(), new[here].ravel()])))
+    return out
+
+
+def _edited_plane(plane: np.ndarray, atoms: list, z: int) -> np.ndarray:
+    """A copy of slice ``z`` of a masks layer with an edit's atoms applied (napari emits ``paint``
+    before it writes the pixels)."""
+    out = np.array(plane, copy=True)
+    for atom in atoms:
+        if hasattr(atom, "slice_key"):
+            key = atom.slice_key
+            zs = range(*key[0].indices(10**9)) if isinstance(key[0], slice) else [int(key[0])]
+            if z not in zs:
+                continue
+            region = out[key[1:]]
+            if atom.mask is None:
+                region[...] = atom.new_value
+            else:
+                mask = np.asarray(atom.mask)
+                region[mask[z - zs[0]] if mask.ndim == 3 else mask] = atom.new_value
+            continue
+        indices, _, new = atom
+        here = np.asarray(indices[0]) == z
+        new = np.broadcast_to(np.asarray(new), np.shape(indices[0]))
+        out[np.asarray(indices[1])[here], np.asarray(indices[2])[here]] = new[here]
+    return out
+
+
 class Propagation:
     """The annotator's propagated objects: which boxes prompt which object, and the jobs."""
 
@@ -51,18 +105,82 @@ class Propagation:
         self.annotator = annotator
         self.owner: dict[int, int] = {}  # box object id -> the propagated object it prompts
         self.mask_boxes: dict[int, dict[int, tuple]] = {}  # propagated object -> {slice: its mask box}
+        self.painted: dict[int, dict[int, np.ndarray]] = {}  # propagated object -> {slice: (H, W) mask as painted}
+        self.pending: set[int] = set()  # propagated objects corrected since, to re-propagate
+        #: a correction of a propagated object re-propagates it (False: only "Propagate" does)
+        self.auto = True
+        #: at most this many slices from each prompt each way (None: no limit)
+        self.max_slices: int | None = None
 
-    def prompts(self, object_ids: Iterable[int] | None) -> list:
-        """SlicePrompts of the boxed objects (all, or ``object_ids`` and the boxes that correct them)."""
-        from hrmedseg.engine.propagation import SlicePrompt
-
-        state = self.annotator.state
-        for oid, obj in sorted(state.objects.items()):  # new boxes over a propagated object correct it
+    def _assign_owners(self) -> None:
+        """New boxes over a propagated object's mask box on their slice correct that object."""
+        for oid, obj in sorted(self.annotator.state.objects.items()):
             if oid not in self.owner and obj.box is not None and obj.slice_index:
                 z = obj.slice_index[0]
                 hit = next((root for root, boxes in self.mask_boxes.items() if root != oid and z in boxes
                             and _iou(obj.box, boxes[z]) >= CORRECTION_IOU), None)
                 self.owner[oid] = hit if hit is not None else oid
+
+    def root(self, object_id: int) -> int:
+        """The propagated object that ``object_id`` prompts (itself when it corrects none)."""
+        return self.owner.get(object_id, object_id)
+
+    # ------------------------------------------------------------------ corrections
+    def segmented(self, object_id: int) -> None:
+        """The annotator wrote ``object_id``'s new 2D mask (its box or clicks changed): when it
+        prompts a propagated object, that object is re-propagated once nothing else waits."""
+        self._assign_owners()
+        root = self.root(object_id)
+        obj = self.annotator.state.objects.get(object_id)
+        if root not in self.mask_boxes or obj is None or not obj.slice_index:
+            return
+        self.painted.get(root, {}).pop(obj.slice_index[0], None)  # the newest correction of a slice wins
+        if self.auto:
+            self.pending.add(root)
+
+    def click_owner(self, under: int, lead: tuple[int, ...]) -> int | None:
+        """The object that takes a click on plane ``lead`` over object ``under``'s mask, where
+        ``under`` is prompted on another plane: its correction on ``lead`` (an existing prompt of
+        the same propagated object there, else a new box prompt: the mask's box on ``lead``)."""
+        ann = self.annotator
+        root = self.root(under)
+        if root not in self.mask_boxes or len(lead) != 1:
+            return None
+        for oid, obj in ann.state.objects.items():
+            if obj.slice_index == lead and self.root(oid) == root:
+                return oid
+        ys, xs = np.nonzero(np.asarray(ann.labels_layer.data[lead]) == under)
+        oid = ann.layers.add_box((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), lead)
+        self.owner[oid] = root
+        return oid
+
+    def on_paint(self, atoms: list) -> None:
+        """A person edited the masks layer: each propagated object whose pixels changed on a slice
+        takes its mask there, as it now is, as a prompt, and is re-propagated."""
+        data = self.annotator.labels_layer.data
+        for z, values in _painted_slices(atoms).items():
+            for root in {self.root(int(v)) for v in values if v} & set(self.mask_boxes):
+                members = [root] + [oid for oid, r in self.owner.items() if r == root and oid != root]
+                self.painted.setdefault(root, {})[z] = np.isin(_edited_plane(np.asarray(data[z]), atoms, z), members)
+                if self.auto:
+                    self.pending.add(root)
+        self.annotator._pump()
+
+    def run_pending(self) -> Any:
+        """Re-propagate the corrected objects (the annotator calls this when nothing else waits)."""
+        if not self.pending or self.annotator.predictor is None:
+            return None
+        roots, self.pending = sorted(self.pending), set()
+        return self.start(roots)
+
+    # ------------------------------------------------------------------ propagation
+    def prompts(self, object_ids: Iterable[int] | None) -> list:
+        """SlicePrompts of the boxed objects (all, or ``object_ids`` and the boxes that correct
+        them), and the masks painted over propagated objects."""
+        from hrmedseg.engine.propagation import SlicePrompt
+
+        state = self.annotator.state
+        self._assign_owners()
         wanted = None if object_ids is None else {self.owner.get(i, i) for i in object_ids}
         out = []
         for oid, obj in sorted(state.objects.items()):
@@ -72,7 +190,10 @@ class Propagation:
             xy = np.array([c[:2] for c in obj.clicks], np.float64).reshape(-1, 2)
             out.append(SlicePrompt(obj.slice_index[0], root, box=obj.box, points=xy,
                                    point_labels=np.array([c[2] for c in obj.clicks], np.int64)))
-        # one prompt per object and slice: the newest box there wins
+        for root, masks in sorted(self.painted.items()):  # a painted slice is corrected after its box (segmented pops it)
+            if wanted is None or root in wanted:
+                out += [SlicePrompt(z, root, mask=m) for z, m in sorted(masks.items())]
+        # one prompt per object and slice: the newest there wins
         return list({(p.object_id, p.slice_index): p for p in out}.values())
 
     def start(self, object_ids: Iterable[int] | None = None) -> Any:
@@ -92,6 +213,7 @@ class Propagation:
         predictor, data = ann.predictor, ann.image_layer.data
         data = data[0] if getattr(ann.image_layer, "multiscale", False) else data
         cancel = threading.Event()
+        max_slices = self.max_slices
 
         def run(progress):
             from hrmedseg.engine.propagation import propagate
@@ -99,7 +221,7 @@ class Propagation:
 
             prepare_worker_thread()
             axes = "ZYXC" if getattr(ann.image_layer, "rgb", False) else "ZYX"
-            return propagate(predictor, open_stack(data, axes=axes), prompts, progress=progress, cancel=cancel.is_set)
+            return propagate(predictor, open_stack(data, axes=axes), prompts, max_slices=max_slices, progress=progress, cancel=cancel.is_set)
 
         def work():
             # progress crosses back to the UI thread as yielded items (the queue's workers emit through Qt)
@@ -136,7 +258,7 @@ class Propagation:
         new[hit] = result.labels[hit]
         zs, ys, xs = np.nonzero(new != old)
         if zs.size:
-            with layer.block_history():
+            with ann.layers.writing(), layer.block_history():
                 layer.data_setitem((zs, ys, xs), new[zs, ys, xs].astype(layer.data.dtype))
             ann.state.dirty = True
         for root in roots:
