@@ -626,3 +626,30 @@ def test_check_boxes_accepts_exactly_the_boxes_that_touch_the_image(boxes, h, w)
         first = int(np.argmin(valid))
         with pytest.raises(InputError, match=rf"^row {first + 1} of boxes \("):
             check_boxes(arr, (h, w))
+
+
+# --- Issue 18, point 8: serving. The batch runs through the CLI are in tests/test_batch.py; these
+# rows keep the fault matrix in one file.
+
+
+def test_embedded_dask_cluster_listens_on_localhost_only():
+    import distributed
+
+    from hrmedseg.batch.cluster import local_cluster
+
+    cluster, _ = local_cluster(1)
+    with cluster, distributed.Client(cluster) as client:
+        client.wait_for_workers(1)
+        info = client.scheduler_info()
+        addresses = [info["address"], *info["workers"]]
+        dashboard = info.get("services", {}).get("dashboard")
+    assert all(a.startswith("tcp://127.0.0.1:") for a in addresses), addresses
+    assert dashboard is None or cluster.dashboard_link.startswith("http://127.0.0.1:")
+
+
+def test_tls_scheduler_without_certificates_is_one_error_line(tmp_path, capsys):
+    from hrmedseg.cli import main
+
+    (tmp_path / "a.png").write_bytes(b"")
+    assert main(["batch", str(tmp_path / "a.png"), "--auto", "--out", str(tmp_path / "o"), "--scheduler", "tls://10.0.0.1:8786"]) == 2
+    one_error(capsys, "tls://10.0.0.1:8786", "uses TLS", "--tls-ca-file")
