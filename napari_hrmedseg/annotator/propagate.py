@@ -22,7 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -53,6 +53,12 @@ def _mask_boxes(labels: np.ndarray, object_id: int) -> dict[int, tuple[float, fl
     return out
 
 
+def _atom_slices(atom: Any) -> Sequence[int]:
+    """The slices a masked history atom's ``slice_key`` covers (its first index: a slice or one int)."""
+    key = atom.slice_key[0]
+    return range(*key.indices(10**9)) if isinstance(key, slice) else [int(key)]
+
+
 def _painted_slices(atoms: list) -> dict[int, set[int]]:
     """{slice: labels whose pixels an edit of a (Z, H, W) masks layer touched there} from napari's
     history atoms: ``(indices, old values, new value)`` tuples, or masked atoms (``slice_key``,
@@ -60,8 +66,7 @@ def _painted_slices(atoms: list) -> dict[int, set[int]]:
     out: dict[int, set[int]] = {}
     for atom in atoms:
         if hasattr(atom, "slice_key"):
-            key = atom.slice_key[0]
-            zs = range(*key.indices(10**9)) if isinstance(key, slice) else [int(key)]
+            zs = _atom_slices(atom)
             values = {int(v) for v in np.unique(np.asarray(atom.old_values))} | {int(np.asarray(atom.new_value).max())}
             for z in zs:
                 out.setdefault(int(z), set()).update(values)
@@ -80,11 +85,10 @@ def _edited_plane(plane: np.ndarray, atoms: list, z: int) -> np.ndarray:
     out = np.array(plane, copy=True)
     for atom in atoms:
         if hasattr(atom, "slice_key"):
-            key = atom.slice_key
-            zs = range(*key[0].indices(10**9)) if isinstance(key[0], slice) else [int(key[0])]
+            zs = _atom_slices(atom)
             if z not in zs:
                 continue
-            region = out[key[1:]]
+            region = out[atom.slice_key[1:]]
             if atom.mask is None:
                 region[...] = atom.new_value
             else:

@@ -259,12 +259,13 @@ class BoxPredictor:
         # Models trained with a shape prior (models/box_prior.py) predict only its correction.
         if has_box:
             size = (crop.input_size, crop.input_size)
+            # The prior rule may replace box-only masks; clicks and mask prompts are the user's correction.
+            rule = self.prior if not n_points and not has_mask else "model"
             ellipse = None  # computed once for the model's prior and the rule
-            if self.metadata.box_prior == "ellipse" or (self.prior != "model" and not n_points and not has_mask):
+            if self.metadata.box_prior == "ellipse" or rule != "model":
                 ellipse = ellipse_prior_logits(input_boxes.to(logits.device), logits.shape[-2:], size)
             logits = add_box_prior(logits, input_boxes, size, self.metadata.box_prior, ellipse)
-            if not n_points and not has_mask:  # clicks and mask prompts are the user's correction: never replaced
-                logits = apply_prior_rule(logits, scores, input_boxes, size, self.prior, self.metadata.prior_gate, ellipse)
+            logits = apply_prior_rule(logits, scores, input_boxes, size, rule, self.metadata.prior_gate, ellipse)
         return logits, scores
 
     def clear_cache(self) -> None:

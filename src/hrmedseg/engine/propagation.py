@@ -93,7 +93,8 @@ class PropagationResult:
     scores: {object_id: {slice_index: predicted IoU}} for every slice the object was found on.
     extents: {object_id: (first_slice, last_slice)} inclusive range where the object was found.
     stops: {object_id: {step: (slice, reason)}} per chain (step +1 forward, -1 backward) the
-        slice whose mask was dropped and why ("min_area", "min_score", "min_overlap"); a chain
+        slice whose mask was dropped and why (the rule of :meth:`NeighbourRules.stop_reason`:
+        "min_area", "min_score", "min_overlap", "max_growth", "max_taken"); a chain
         that ran to the end of its range ("end") gives the last slice it was allowed to reach.
 
     cancelled: True when ``cancel`` stopped the work (labels then hold what was done).
@@ -339,7 +340,8 @@ def propagate(
             raise InputError(f"propagation method 'sam2' needs an HRMedSegSAM2 model and the sam2 video predictor ({err}); use method 'neighbour'") from err
         return propagate_sam2(predictor, stack, prompts, min_area=min_area, min_score=min_score, max_slices=max_slices,
                               progress=progress, cancel=cancel)
-    rules = NeighbourRules(min_area, min_score, min_overlap, min_relative_score, grow, click, mask_prompt, max_growth, max_taken)
+    rules = NeighbourRules(min_area=min_area, min_score=min_score, min_overlap=min_overlap, min_relative_score=min_relative_score,
+                           grow=grow, click=click, mask_prompt=mask_prompt, max_growth=max_growth, max_taken=max_taken)
     return _propagate_neighbour(predictor, stack, prompts, rules, max_slices, progress, cancel)
 
 
