@@ -129,6 +129,16 @@ def tiles(shape_yx: tuple[int, int], tile: int) -> Iterator[tuple[int, int, int,
             yield y0, min(y0 + tile, h), x0, min(x0 + tile, w)
 
 
+def starts_within(core: tuple[int, int, int, int], within: tuple[int, int, int, int] | None) -> bool:
+    """Whether a tile or crop whose owned part is ``core`` (y0, y1, x0, x1) belongs to the cell
+    ``within`` (y0, y1, x0, x1; None: the whole image): its top-left corner lies in the cell, so
+    the cells of a partition of the image share out its tiles, each tile to one cell."""
+    if within is None:
+        return True
+    y0, y1, x0, x1 = within
+    return y0 <= core[0] < y1 and x0 <= core[2] < x1
+
+
 def owned(boxes: np.ndarray, core: tuple[int, int, int, int]) -> np.ndarray:
     """(N,) bool: boxes (N, 4) xyxy whose centre lies in ``core`` (y0, y1, x0, x1), half-open."""
     y0, y1, x0, x1 = core
@@ -229,14 +239,22 @@ def _window(image: LazyImage, core: tuple[int, int, int, int], halo: int) -> tup
 
 
 def propose_semantic(
-    image: LazyImage, semantic: Any, scaling_apply: Callable[[np.ndarray], np.ndarray], options: AutoOptions, cancel: Any = None
+    image: LazyImage,
+    semantic: Any,
+    scaling_apply: Callable[[np.ndarray], np.ndarray],
+    options: AutoOptions,
+    cancel: Any = None,
+    within: tuple[int, int, int, int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[ProposalMask]]]:
     """Per tile: (boxes (N, 4) xyxy native, scores (N,) = box area, N proposal masks) of the objects it owns.
 
     Each tile's window (tile + halo) is mapped to 0..255 with the whole image's intensity map
-    (``scaling_apply``, so tiles agree) and segmented by the prompt-free model.
+    (``scaling_apply``, so tiles agree) and segmented by the prompt-free model. ``within``: only
+    the tiles that start in this cell (see :func:`starts_within`).
     """
     for core in tiles(image.shape_yx, options.tile):
+        if not starts_within(core, within):
+            continue
         if cancel is not None and cancel.is_set():
             raise Cancelled("auto segmentation cancelled")
         wy0, wy1, wx0, wx1 = _window(image, core, options.halo)
@@ -298,10 +316,15 @@ def grid_points_masks(predictor: "BoxPredictor", image: LazyImage, crop: Crop, o
 
 
 def propose_grid(
-    predictor: "BoxPredictor", image: LazyImage, options: AutoOptions, cancel: Any = None
+    predictor: "BoxPredictor",
+    image: LazyImage,
+    options: AutoOptions,
+    cancel: Any = None,
+    within: tuple[int, int, int, int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[None]]]:
     """Per crop of the model's input size (scale 1, ``halo`` overlap): the grid proposals it owns
-    (boxes, predicted IoU, no proposal masks: the box model's masks are the objects')."""
+    (boxes, predicted IoU, no proposal masks: the box model's masks are the objects'). ``within``:
+    only the crops whose owned part starts in this cell (see :func:`starts_within`)."""
     size = predictor.policy.input_size
     h, w = image.shape_yx
     overlap = min(options.halo, size // 2 - 1)
@@ -309,12 +332,14 @@ def propose_grid(
     # A crop owns the middle of its overlaps with its neighbours.
     for iy, y0 in enumerate(ys):
         for ix, x0 in enumerate(xs):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("auto segmentation cancelled")
             cy0 = 0 if iy == 0 else (y0 + ys[iy - 1] + size) // 2
             cy1 = h if iy == len(ys) - 1 else (ys[iy + 1] + y0 + size) // 2
             cx0 = 0 if ix == 0 else (x0 + xs[ix - 1] + size) // 2
             cx1 = w if ix == len(xs) - 1 else (xs[ix + 1] + x0 + size) // 2
+            if not starts_within((cy0, cy1, cx0, cx1), within):
+                continue
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("auto segmentation cancelled")
             crop = Crop(1.0, y0, x0, size, size)
             boxes, scores = grid_points_masks(predictor, image, crop, options)
             keep = owned(boxes, (cy0, cy1, cx0, cx1)) if len(boxes) else np.zeros(0, bool)
@@ -336,29 +361,57 @@ def resolve_proposer(proposer: Any, device: Any) -> SemanticPredictor | str:
     return semantic
 
 
-def propose_objects(
-    predictor: "BoxPredictor", image: Any, proposer: Any = "nuclei", options: AutoOptions | None = None, cancel: Any = None
-) -> tuple[np.ndarray, list[ProposalMask | None]]:
-    """Every object the proposer finds, raster order: (boxes (N, 4) xyxy native padded by
-    ``box_pad``, N proposal masks: a :class:`ProposalMask` for prompt-free proposals, None for the grid's)."""
+def cell_proposals(
+    predictor: "BoxPredictor",
+    image: LazyImage,
+    proposer: Any = "nuclei",
+    options: AutoOptions | None = None,
+    cancel: Any = None,
+    within: tuple[int, int, int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[ProposalMask | None]]:
+    """The proposals of the tiles that start in ``within`` (None: every tile), after box NMS:
+    (boxes (N, 4) xyxy native, unpadded; scores (N,), the NMS order; N proposal masks)."""
     options = options or AutoOptions()
-    image = open_image(image)
     source = resolve_proposer(proposer, predictor.device)
-    parts = (
-        propose_grid(predictor, image, options, cancel)
+    parts = list(
+        propose_grid(predictor, image, options, cancel, within)
         if source == "grid"
-        else propose_semantic(image, source, predictor.scaling(image).apply, options, cancel)
+        else propose_semantic(image, source, predictor.scaling(image).apply, options, cancel, within)
     )
-    boxes, scores, masks = zip(*parts)  # every image has at least one tile
-    b, s = np.concatenate(boxes), np.concatenate(scores)
+    if not parts:  # a cell that starts no tile
+        return np.zeros((0, 4)), np.zeros(0), []
+    boxes, scores, masks = zip(*parts)
+    b, s = np.concatenate(boxes).reshape(-1, 4), np.concatenate(scores)
     masks = [m for part in masks for m in part]
     keep = nms_boxes(b, s, options.nms_iou)
-    b, masks = b[keep], [masks[k] for k in keep]
-    h, w = image.shape_yx
-    pad = options.box_pad
-    b = np.stack([(b[:, 0] - pad).clip(0, w), (b[:, 1] - pad).clip(0, h), (b[:, 2] + pad).clip(0, w), (b[:, 3] + pad).clip(0, h)], 1)
-    order = np.lexsort((b[:, 0], b[:, 1]))
-    return b[order].reshape(-1, 4), [masks[k] for k in order]
+    return b[keep], s[keep], [masks[k] for k in keep]
+
+
+def padded_raster_order(boxes: np.ndarray, shape_yx: tuple[int, int], pad: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(padded boxes (N, 4), order)``: each xyxy box grown by ``pad`` and clipped to the image,
+    and the raster order (top edge, then left edge) in which objects are numbered and pasted."""
+    h, w = shape_yx
+    b = np.stack([(boxes[:, 0] - pad).clip(0, w), (boxes[:, 1] - pad).clip(0, h),
+                  (boxes[:, 2] + pad).clip(0, w), (boxes[:, 3] + pad).clip(0, h)], 1).reshape(-1, 4)
+    return b, np.lexsort((b[:, 0], b[:, 1]))
+
+
+def propose_objects(
+    predictor: "BoxPredictor",
+    image: Any,
+    proposer: Any = "nuclei",
+    options: AutoOptions | None = None,
+    cancel: Any = None,
+    within: tuple[int, int, int, int] | None = None,
+) -> tuple[np.ndarray, list[ProposalMask | None]]:
+    """Every object the proposer finds (in the tiles starting in ``within``; None: all), raster
+    order: (boxes (N, 4) xyxy native padded by ``box_pad``, N proposal masks: a
+    :class:`ProposalMask` for prompt-free proposals, None for the grid's)."""
+    options = options or AutoOptions()
+    image = open_image(image)
+    boxes, _, masks = cell_proposals(predictor, image, proposer, options, cancel, within)
+    padded, order = padded_raster_order(boxes, image.shape_yx, options.box_pad)
+    return padded[order], [masks[k] for k in order]
 
 
 def propose(
@@ -375,13 +428,28 @@ def auto_objects(
     options: AutoOptions | None = None,
     progress: Callable[[int, int], Any] | None = None,
     cancel: Any = None,
+    within: tuple[int, int, int, int] | None = None,
 ) -> Iterator[ObjectMask]:
-    """Every object of ``image`` as an :class:`ObjectMask` (``box``: its padded proposal box), in
-    raster order of the boxes: the box model's mask or the proposal's (see the module docstring)."""
+    """Every object of ``image`` (proposed by the tiles starting in ``within``; None: all) as an
+    :class:`ObjectMask` (``box``: its padded proposal box), in raster order of the boxes: the box
+    model's mask or the proposal's (see the module docstring)."""
     options = options or AutoOptions()
     image = open_image(image)
-    boxes, masks = propose_objects(predictor, image, proposer, options, cancel)
+    boxes, masks = propose_objects(predictor, image, proposer, options, cancel, within)
     log.info("auto: %d proposals on %s", len(boxes), image.name)
+    yield from final_masks(predictor, image, boxes, masks, options, progress, cancel)
+
+
+def final_masks(
+    predictor: "BoxPredictor",
+    image: LazyImage,
+    boxes: np.ndarray,
+    masks: list[ProposalMask | None],
+    options: AutoOptions,
+    progress: Callable[[int, int], Any] | None = None,
+    cancel: Any = None,
+) -> Iterator[ObjectMask]:
+    """The box model's mask of each proposal box (N, 4), or the proposal's own (:meth:`ProposalMask.choose`), in box order."""
     for obj in predictor.predict_boxes(image, boxes, progress=progress, cancel=cancel):
         proposal = masks[obj.box_index]
         yield obj if proposal is None else proposal.choose(obj, options.agree_iou)
@@ -410,4 +478,5 @@ def segment_auto(
     return paste_objects(objects, image.shape_yx, labels, first_id, overlap="keep_existing")
 
 
-__all__ = ["AGREE_IOU", "AutoOptions", "PROPOSERS", "ProposalMask", "auto_objects", "propose", "propose_objects", "proposal_instances", "segment_auto", "split_instances", "tiles", "zones"]
+__all__ = ["AGREE_IOU", "AutoOptions", "PROPOSERS", "ProposalMask", "auto_objects", "cell_proposals", "final_masks",
+           "padded_raster_order", "propose", "propose_objects", "proposal_instances", "segment_auto", "split_instances", "tiles", "zones"]
