@@ -9,8 +9,9 @@ Parts (each prints and saves JSON; baselines are measured in the same run):
   makes it) with 100 boxes on a LocalCluster of ``--workers`` processes (region tasks): worker
   peak RSS (ru_maxrss, measured by the worker itself), label write time, wall time.
 - ``--part scaling``: images per second over a folder of images (``--images``; e.g. the DSB
-  held-out split) in each ``--modes`` (auto: prompt-free nuclei; boxes: the masks' objects as
-  boxes), for CPU clusters of each ``--workers-list`` size and, with ``--device cpu cuda``, one GPU
+  held-out split) in each ``--modes`` (semantic: the prompt-free nuclei model; auto: every object
+  by ``segment_auto``, its proposals through the box model; boxes: the masks' objects as boxes),
+  for CPU clusters of each ``--workers-list`` size and, with ``--device cpu cuda``, one GPU
   worker; each cluster is started once and runs every mode, each row is printed as it is
   measured. Baseline: the old loop (``hrmedseg segment`` once per image, in this process, on
   ``--loop-device``), which writes a label TIFF and an object table per image; the batch writes
@@ -21,7 +22,7 @@ Parts (each prints and saves JSON; baselines are measured in the same run):
     .venv/bin/python bench/bench_batch.py --part write
     .venv/bin/python bench/bench_batch.py --part slide --small --workers 1
     python bench/bench_batch.py --part scaling --images device_payload/data/nuclei_val/images \
-        --masks device_payload/data/nuclei_val/masks --limit 64 --modes auto boxes --workers-list 1 2 4 8 --device cpu cuda
+        --masks device_payload/data/nuclei_val/masks --limit 64 --modes semantic boxes auto --workers-list 1 2 4 8 --device cpu cuda
 """
 
 from __future__ import annotations
@@ -122,11 +123,11 @@ def part_slide(args) -> dict:
 def _warm_up(client, cfg) -> float:
     """Seconds to load the model into every worker's cache: one task pinned to each worker
     (``client.run`` runs outside a task, where the worker's model cache is not found)."""
-    from hrmedseg.batch.tasks import box_predictor, prompt_free_predictor
+    from hrmedseg.batch.tasks import auto_predictors, box_predictor, semantic_predictor
 
-    load = box_predictor if cfg.mode == "boxes" else prompt_free_predictor
+    load = {"boxes": box_predictor, "semantic": semantic_predictor, "auto": auto_predictors}[cfg.mode]
     t = time.perf_counter()
-    client.gather([client.submit(lambda c: load(c)[1], cfg, workers=[w], allow_other_workers=False, pure=False, key=f"warm-{cfg.mode}-{w}")
+    client.gather([client.submit(lambda c: load(c)[-1], cfg, workers=[w], allow_other_workers=False, pure=False, key=f"warm-{cfg.mode}-{w}")
                    for w in client.scheduler_info()["workers"]])
     return time.perf_counter() - t
 
@@ -189,7 +190,7 @@ def _loop(jobs, mode: str, model: str, device: str, out: Path) -> float:
     for job in jobs:
         argv = ["segment", job.image, "--out", str(out / f"{job.key}.tif"), "--model", model, "--device", device, "--no-progress"]
         # Boxes: no embedding cache on disk, or a repeated run of the bench would skip the encoder.
-        rc = main(argv + (["--boxes", job.boxes, "--no-disk-cache"] if mode == "boxes" else []))
+        rc = main(argv + {"boxes": ["--boxes", job.boxes, "--no-disk-cache"], "auto": ["--auto", "--no-disk-cache"]}.get(mode, []))
         if rc != 0:
             raise SystemExit(f"hrmedseg segment {job.image} failed ({rc})")
     return time.perf_counter() - t
@@ -209,9 +210,11 @@ def part_scaling(args) -> dict:
     boxes_dir = _boxes_from_masks(images, Path(args.masks), work / "boxes") if "boxes" in args.modes else None
     jobs, cfgs, result = {}, {}, {"part": "scaling", "images": len(images), "format": args.format, "loop": {}, "batch": []}
     for mode in args.modes:
-        digest = model_digest(args.model if mode == "boxes" else args.nuclei_model)
+        digest = model_digest(args.nuclei_model if mode == "semantic" else args.model)
+        proposer = model_digest(args.nuclei_model)
         jobs[mode] = expand_inputs(images, boxes=boxes_dir if mode == "boxes" else None)
-        cfgs[mode] = {dev: BatchConfig(mode, digest["path"], model_sha256=digest["sha256"], device=dev, output_format=args.format)
+        cfgs[mode] = {dev: BatchConfig(mode, digest["path"], model_sha256=digest["sha256"], device=dev, output_format=args.format,
+                                       proposer=proposer["path"], proposer_sha256=proposer["sha256"])
                       for dev in args.device}
         cpu0 = _cpu_seconds()
         with contextlib.redirect_stdout(io.StringIO()):  # its "wrote ..." line per image
@@ -270,7 +273,7 @@ def main() -> None:
     ap.add_argument("--loop-device", default="cpu", help="scaling: the old loop's device (its baseline)")
     ap.add_argument("--model", default="hrmedseg_sam_default")
     ap.add_argument("--nuclei-model", default="hrmedseg_nuclei")
-    ap.add_argument("--modes", nargs="+", choices=("auto", "boxes"), default=["auto"], help="scaling: modes run on each cluster")
+    ap.add_argument("--modes", nargs="+", choices=("semantic", "auto", "boxes"), default=["semantic"], help="scaling: modes run on each cluster")
     ap.add_argument("--format", choices=("tiff", "ome-zarr"), default="tiff",
                     help="scaling: the batch's label output (default tiff: the loop's, so both write the same)")
     ap.add_argument("--images")

@@ -1,7 +1,7 @@
 """Inside one batch worker: its environment, torch threads in the task thread, and per-image cost.
 
 A 1-worker ``local_cluster`` (as ``hrmedseg batch`` starts it); the model is loaded by a task
-first, then ``N`` auto-mode image tasks (``segment_image``, prompt-free nuclei) run one by one.
+first, then ``N`` semantic-mode image tasks (``segment_image``, prompt-free nuclei) run one by one.
 Prints the worker's OMP/MKL/malloc variables, ``torch.get_num_threads()`` in the task thread, and
 per image: wall seconds, the worker's minor page faults and user/system CPU seconds (the steadier
 figures on a loaded machine). ``--register`` also registers ``WorkerSetup`` after start-up, as the
@@ -39,7 +39,7 @@ def main() -> None:
     import hrmedseg.batch as batch
     from hrmedseg.batch import BatchConfig, expand_inputs, model_digest
     from hrmedseg.batch.cluster import local_cluster
-    from hrmedseg.batch.tasks import prompt_free_predictor, segment_image
+    from hrmedseg.batch.tasks import segment_image, semantic_predictor
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", required=True)
@@ -49,12 +49,12 @@ def main() -> None:
     args = ap.parse_args()
     jobs = expand_inputs(sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".tif", ".jpg"))[: args.limit])
     digest = model_digest(args.model)
-    cfg = BatchConfig("auto", digest["path"], model_sha256=digest["sha256"], device="cpu")
+    cfg = BatchConfig("semantic", digest["path"], model_sha256=digest["sha256"], device="cpu")
     cluster, threads = local_cluster(1)
     with cluster, Client(cluster) as client:
         if args.register:
             client.register_plugin(batch.WorkerSetup(threads), name=batch.WorkerSetup.name)
-        client.submit(lambda: prompt_free_predictor(cfg)[1], pure=False).result()  # the model, in the worker's cache
+        client.submit(lambda: semantic_predictor(cfg)[1], pure=False).result()  # the model, in the worker's cache
         s0 = client.submit(worker_state, pure=False).result()
         out = tempfile.mkdtemp()
         t = time.perf_counter()

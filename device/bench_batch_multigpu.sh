@@ -15,14 +15,14 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu
 SET=/tmp/batch_set; rm -rf "$SET"; mkdir -p "$SET/images" "$SET/masks"
 for r in 0 1 2 3 4 5; do for f in device_payload/data/nuclei_val/images/*; do
   ln -s "$PWD/$f" "$SET/images/r${r}_$(basename "$f")"; ln -s "$PWD/device_payload/data/nuclei_val/masks/$(basename "$f")" "$SET/masks/r${r}_$(basename "$f")"; done; done
-for MODE in auto boxes; do
+for MODE in semantic boxes; do
   for N in 1 "$NGPU"; do
     nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader -l 1 > "$OUT/gpu_util_${MODE}_${N}.csv" &
     SMI=$!
     timeout 600 $PY - "$MODE" "$N" "$SET" "$OUT" <<'PY'
 import json, subprocess, sys, time
 mode, n, data, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-args = ["--auto"] if mode == "auto" else ["--boxes", f"{data}/boxes"]
+args = ["--semantic", "hrmedseg_nuclei"] if mode == "semantic" else ["--boxes", f"{data}/boxes"]
 if mode == "boxes":  # boxes from the masks' objects, once
     import numpy as np; from pathlib import Path; from skimage.io import imread; from skimage.measure import regionprops
     Path(f"{data}/boxes").mkdir(exist_ok=True)

@@ -89,7 +89,7 @@ def test_three_modes_on_two_workers_resume_and_model_loaded_once(tmp_path, image
     for args, mode in (
         (["--boxes", boxes, "--model", models["box"]], "boxes"),
         (["--semantic", models["nuclei"]], "semantic"),
-        (["--auto", "--model", models["nuclei"]], "auto"),
+        (["--auto", "--model", models["box"], "--proposer", models["nuclei"]], "auto"),
     ):
         out = tmp_path / mode
         assert _cli([folder, "--out", out, *args], address) == 0
@@ -105,6 +105,10 @@ def test_three_modes_on_two_workers_resume_and_model_loaded_once(tmp_path, image
             ids = sorted(int(v) for v in np.unique(labels) if v)
             if mode == "boxes":
                 assert set(ids) <= {1, 2} and [o["prompt"]["type"] for o in ann["objects"]] == ["box", "box"]
+            elif mode == "auto":
+                assert ids and set(ids) <= {o["id"] for o in ann["objects"]}
+                assert {o["prompt"]["type"] for o in ann["objects"]} == {"auto"} and all(o["box_xyxy"] for o in ann["objects"])
+                assert ann["objects"][0]["model"]["proposer_sha256"] == manifest["model"]["proposer_sha256"]
             else:
                 assert [o["id"] for o in ann["objects"]] == ids
         # resume: a complete image is not redone, a missing one is
@@ -326,12 +330,11 @@ def test_plan_tiles_covers_the_image_once():
     assert len(cells) == 12 and (cover == 1).all()
 
 
-@pytest.mark.parametrize("mode", ["semantic", "auto"])
-def test_prompt_free_tile_tasks_merge_without_seams(tmp_path, models, client, mode):
+def test_semantic_tile_tasks_merge_without_seams(tmp_path, models, client):
     tifffile.imwrite(tmp_path / "slide.tif", _smooth_image((300, 400), 2), tile=(128, 128))
     jobs = expand_inputs([tmp_path / "slide.tif"])
-    whole = run_batch(client, jobs, tmp_path / "whole", BatchConfig(mode, models["nuclei"], device="cpu", region_size=8192), progress=False)
-    split = run_batch(client, jobs, tmp_path / "split", BatchConfig(mode, models["nuclei"], device="cpu", region_size=128), progress=False)
+    whole = run_batch(client, jobs, tmp_path / "whole", BatchConfig("semantic", models["nuclei"], device="cpu", region_size=8192), progress=False)
+    split = run_batch(client, jobs, tmp_path / "split", BatchConfig("semantic", models["nuclei"], device="cpu", region_size=128), progress=False)
     assert whole.images["slide"]["regions"] == 1 and split.images["slide"]["regions"] == 12
     one, tiled = _labels(tmp_path / "whole", "slide"), _labels(tmp_path / "split", "slide")
     np.testing.assert_array_equal(one, tiled)
@@ -342,6 +345,39 @@ def test_prompt_free_tile_tasks_merge_without_seams(tmp_path, models, client, mo
     ann = json.loads((tmp_path / "split" / "slide" / "annotations.json").read_text())
     assert [o["id"] for o in ann["objects"]] == sorted(int(v) for v in np.unique(tiled) if v)
     assert split.images["slide"]["objects"] == whole.images["slide"]["objects"]
+
+
+def _blob_slide(shape, spacing, seed):
+    """Bright discs of radius 9-12 on a dark noisy background, on a jittered lattice (some touch)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    img = rng.normal(30, 6, shape)
+    for cy in range(spacing // 2, shape[0], spacing):
+        for cx in range(spacing // 2, shape[1], spacing):
+            dy, dx = rng.integers(-6, 7, 2)
+            img[(yy - cy - dy) ** 2 + (xx - cx - dx) ** 2 <= rng.integers(9, 13) ** 2] = 200
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_auto_cell_tasks_give_segment_auto_labels(tmp_path, models, client):
+    """--auto on a slide split into cell tasks: the labels of one BoxPredictor.segment_auto call."""
+    from hrmedseg.engine import BoxPredictor
+    from hrmedseg.engine.auto import AutoOptions, resolve_proposer
+
+    tifffile.imwrite(tmp_path / "slide.tif", _blob_slide((300, 400), 30, 3), tile=(128, 128))
+    options = AutoOptions(tile=96, halo=40)
+    predictor = BoxPredictor(models["box"], device="cpu")
+    expected, records = predictor.segment_auto(str(tmp_path / "slide.tif"), proposer=resolve_proposer(models["nuclei"], "cpu"), options=options)
+    jobs = expand_inputs([tmp_path / "slide.tif"])
+    cfg = BatchConfig("auto", models["box"], device="cpu", proposer=models["nuclei"], auto_options=options, region_size=128)
+    split = run_batch(client, jobs, tmp_path / "split", cfg, progress=False)
+    assert split.images["slide"]["regions"] == 12 and split.images["slide"]["status"] == "done"
+    tiled = _labels(tmp_path / "split", "slide")
+    assert len(records) > 20  # the lattice's discs, proposed by tiles of every cell
+    # Objects cut by a cell border (x = 128, 256; y = 128, 256) are one object, as in one call.
+    crossing = set(np.unique(tiled[127])) & set(np.unique(tiled[128])) - {0}
+    assert crossing
+    np.testing.assert_array_equal(tiled, expected)
 
 
 def test_ctrl_c_stops_cleanly_and_rerun_resumes(tmp_path, models):
@@ -358,7 +394,7 @@ def test_ctrl_c_stops_cleanly_and_rerun_resumes(tmp_path, models):
     for i, key in enumerate(keys):
         tifffile.imwrite(folder / f"{key}.tif", _smooth_image((320, 320), i))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "hrmedseg.cli", "batch", str(folder), "--out", str(out), "--auto", "--model", models["nuclei"],
+    cmd = [sys.executable, "-m", "hrmedseg.cli", "batch", str(folder), "--out", str(out), "--semantic", models["nuclei"],
            "--workers", "1", "--device", "cpu", "--no-progress"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:

@@ -3,7 +3,7 @@
 ``<out>/manifest.json`` (rewritten atomically after every image)::
 
     {"format": "hrmedseg-batch", "version": 1, "hrmedseg": "0.1.0", "mode": "boxes",
-     "model": {"spec": ..., "sha256": ...}, "output_format": "ome-zarr", "created", "modified",
+     "model": {"spec": ..., "sha256": ...[, "proposer": ..., "proposer_sha256": ...]}, "output_format": "ome-zarr", "created", "modified",
      "images": {key: {"image", "boxes", "status": "pending" | "done" | "failed",
                       "error", "seconds", "write_seconds", "objects", "worker", "peak_rss_mib", ...}}}
 
@@ -44,12 +44,14 @@ class Manifest:
                 raise InputError(f"{path} is not a batch manifest (invalid JSON: {err}); use another --out") from err
             if data.get("format") != FORMAT:
                 raise InputError(f"{path} is not a batch manifest (format {data.get('format')!r}); use another --out")
-            was = (data.get("mode"), data.get("model", {}).get("sha256"), data.get("output_format"))
-            now = (mode, model.get("sha256"), output_format)
+            old_model = data.get("model", {})
+            was = (data.get("mode"), old_model.get("sha256"), data.get("output_format"), old_model.get("proposer_sha256"))
+            now = (mode, model.get("sha256"), output_format, model.get("proposer_sha256"))
             if was != now:
                 raise InputError(
-                    f"{out} holds a run with mode {was[0]}, model sha256 {str(was[1])[:12]}, format {was[2]}; this run is "
-                    f"{now[0]}, {str(now[1])[:12]}, {now[2]}: use another --out (or delete it) so results are not mixed"
+                    f"{out} holds a run with mode {was[0]}, model sha256 {str(was[1])[:12]}, format {was[2]}"
+                    f"{_proposer_note(was[3])}; this run is {now[0]}, {str(now[1])[:12]}, {now[2]}{_proposer_note(now[3])}: "
+                    "use another --out (or delete it) so results are not mixed"
                 )
             return cls(path, data)
         return cls(path, {"format": FORMAT, "version": 1, "hrmedseg": __version__, "mode": mode, "model": model,
@@ -82,3 +84,7 @@ class Manifest:
         for entry in self.images.values():
             out[entry["status"]] = out.get(entry["status"], 0) + 1
         return out
+
+
+def _proposer_note(sha256: str | None) -> str:
+    return f", proposer sha256 {sha256[:12]}" if sha256 else ""

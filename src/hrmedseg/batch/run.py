@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 from .inputs import ImageJob
 from .manifest import Manifest
-from .tasks import (BatchConfig, finish_boxes, finish_prompt_free, plan_box_regions, plan_tiles, read_job_boxes, segment_box_region,
-                    segment_image, segment_tile)
+from .tasks import (BatchConfig, finish_auto, finish_boxes, finish_prompt_free, plan_box_regions, plan_tiles, read_job_boxes,
+                    segment_auto_cell, segment_box_region, segment_image, segment_tile)
 
 
 def model_digest(model: str) -> dict[str, Any]:
@@ -44,6 +44,8 @@ def submit(client: Any, job: ImageJob, cfg: BatchConfig, out: str) -> tuple[Any,
     key = f"hrmedseg-{job.key}"
     if cfg.mode == "boxes":
         plan, part, finish = lambda: plan_box_regions(read_job_boxes(job), cfg.region_size), segment_box_region, finish_boxes
+    elif cfg.mode == "auto":
+        plan, part, finish = lambda: plan_tiles(image_shape_yx(job.image), cfg.region_size), segment_auto_cell, finish_auto
     else:
         plan, part, finish = lambda: plan_tiles(image_shape_yx(job.image), cfg.region_size), segment_tile, finish_prompt_free
     try:
@@ -68,7 +70,9 @@ def run_batch(client: Any, jobs: Sequence[ImageJob], out: str | Path, cfg: Batch
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _clear_stale_temporaries(out)
-    manifest = Manifest.open(out, cfg.mode, {"spec": cfg.model, "sha256": cfg.model_sha256}, cfg.output_format)
+    model = cfg.model_record()
+    model["spec"] = model.pop("name")  # the manifest's name for what the user gave
+    manifest = Manifest.open(out, cfg.mode, model, cfg.output_format)
     todo = [job for job in jobs if not manifest.is_complete(job)]
     for job in todo:
         manifest.add(job)

@@ -9,13 +9,21 @@ grouped by the region cell holding their centre); each returns its objects' bit-
 a final task pastes all of them in box order into one :class:`~hrmedseg.engine.SparseLabels`,
 so the result is the same however the slide was split (no seams).
 
-Prompt-free modes (``semantic``, ``auto``) on a slide larger than ``region_size`` are split into
-tile tasks, one per ``region_size`` cell: each runs the model calls of
+The prompt-free ``semantic`` mode on a slide larger than ``region_size`` is split into tile
+tasks, one per ``region_size`` cell: each runs the model calls of
 :class:`~hrmedseg.engine.semantic.SemanticPredictor`'s own overlapping tiling whose kept block
 starts in its cell (``within``), so every pixel gets the logits of the same model tile as in one
 task, and returns its thresholded blocks (foreground bit-packed). The final task assembles them
 with :func:`~hrmedseg.engine.semantic.assemble_labels`, which labels connected components over
 the whole slide: an object cut by a cell border is one object, as in one task.
+
+The ``auto`` mode is :meth:`BoxPredictor.segment_auto <hrmedseg.engine.BoxPredictor.segment_auto>`
+(proposals, then the box model on each proposal's box). On a slide larger than ``region_size``
+each cell task runs the proposal tiles that start in its cell (``within``; a tile reads its halo
+of context from the neighbours, so an object cut by a cell border is proposed once, by the tile
+holding its box centre) and the box model on those proposals; the final task merges what
+neighbouring cells both proposed (the same box NMS as over one image), numbers the objects in
+raster order and pastes them first-come (``keep_existing``), as ``segment_auto`` does.
 """
 
 from __future__ import annotations
@@ -42,10 +50,14 @@ OUTPUT_FORMATS = ("ome-zarr", "tiff")
 class BatchConfig:
     """Settings shared by all tasks of a run (small and picklable: it travels with each task).
 
-    mode: "boxes", "semantic" or "auto". model: registry name or weights path. model_sha256:
-    digest recorded in outputs. output_format: "ome-zarr" or "tiff". region_size: boxes spread
-    over more than this many pixels (either axis) are split into region tasks of this size;
-    prompt-free images larger than this (either axis) into tile tasks of this size.
+    mode: "boxes", "semantic" or "auto". model: registry name or weights path (the box model in
+    boxes and auto modes, the prompt-free one in semantic mode). model_sha256: digest recorded in
+    outputs. output_format: "ome-zarr" or "tiff". region_size: boxes spread over more than this
+    many pixels (either axis) are split into region tasks of this size; prompt-free and auto
+    images larger than this (either axis) into tile tasks of this size. proposer (auto):
+    "nuclei", "grid" or a prompt-free model name/path, as ``segment_auto`` takes it;
+    proposer_sha256 its weights' digest. auto_options: an
+    :class:`~hrmedseg.engine.auto.AutoOptions` (None: its defaults with ``threshold``).
     """
 
     mode: str
@@ -59,6 +71,22 @@ class BatchConfig:
     # slide never share crops, so cached embeddings would only add to a worker's memory.
     cache_mb: int = 0
     backend: str = "auto"
+    proposer: str = "nuclei"
+    proposer_sha256: str | None = None
+    auto_options: Any = None
+
+    def model_record(self) -> dict[str, Any]:
+        """The model entry of the manifest and of every object record: weights and their digests."""
+        model = {"name": self.model, "sha256": self.model_sha256}
+        if self.mode == "auto":
+            model.update(proposer=self.proposer, proposer_sha256=self.proposer_sha256)
+        return model
+
+    def options(self) -> Any:
+        """The auto mode's :class:`~hrmedseg.engine.auto.AutoOptions`."""
+        from ..engine.auto import AutoOptions
+
+        return self.auto_options or AutoOptions(threshold=self.threshold)
 
 
 @dataclass
@@ -70,6 +98,16 @@ class PackedObject:
     region: tuple[int, int, int, int]
     bits: np.ndarray
     score: float
+
+
+@dataclass
+class PackedProposal(PackedObject):
+    """An auto cell task's object: its mask as :class:`PackedObject` (``box``: the padded box the
+    box model saw; ``box_index``: its rank in the cell), with the proposal's unpadded box and
+    score that the final merge of neighbouring cells' proposals needs."""
+
+    proposal_box: tuple[float, float, float, float]
+    proposal_score: float
 
 
 def _worker_name() -> str:
@@ -104,12 +142,16 @@ def semantic_predictor(cfg: BatchConfig):
     return cached(f"semantic:{cfg.model}:{cfg.device}", build)
 
 
-def prompt_free_predictor(cfg: BatchConfig):
-    """``(SemanticPredictor, loads)`` for the semantic and auto modes; auto needs one class."""
-    predictor, loads = semantic_predictor(cfg)
-    if cfg.mode == "auto" and predictor.num_classes != 1:
-        raise InputError(f"--auto needs a one-class (nuclei-like) prompt-free model; {predictor.source} has {predictor.num_classes} classes")
-    return predictor, loads
+def auto_predictors(cfg: BatchConfig):
+    """``(BoxPredictor, proposer, loads)`` for the auto mode: the box model and the proposer
+    ("grid", or the prompt-free predictor ``segment_auto`` resolves it to), each built once per worker."""
+    from ..engine.auto import resolve_proposer
+
+    predictor, loads = box_predictor(cfg)
+    if cfg.proposer == "grid":
+        return predictor, "grid", loads
+    proposer, proposer_loads = cached(f"proposer:{cfg.proposer}:{cfg.device}", lambda: resolve_proposer(cfg.proposer, predictor.device))
+    return predictor, proposer, max(loads, proposer_loads)
 
 
 def read_job_boxes(job: ImageJob) -> np.ndarray:
@@ -193,7 +235,7 @@ def finish_boxes(job: ImageJob, cfg: BatchConfig, out: str, *parts: dict[str, An
     t0 = time.perf_counter()
     labels = SparseLabels(parts[0]["shape_yx"])
     objects = sorted((o for p in parts for o in p["objects"]), key=lambda o: o.box_index)
-    model = {"name": cfg.model, "sha256": cfg.model_sha256}
+    model = cfg.model_record()
     records = []
     for packed in objects:
         labels.add_packed(packed.region, packed.bits, packed.box_index + 1)  # never unpacked whole
@@ -214,7 +256,7 @@ def segment_tile(job: ImageJob, cfg: BatchConfig, within: tuple[int, int, int, i
     from ..io import open_image
 
     t0 = time.perf_counter()
-    predictor, loads = prompt_free_predictor(cfg)
+    predictor, loads = semantic_predictor(cfg)
     image = open_image(job.image)
     one_class = predictor.num_classes == 1
     blocks = [(y0, y1, x0, x1, np.packbits(b, axis=None) if one_class else b)
@@ -241,7 +283,7 @@ def finish_prompt_free(job: ImageJob, cfg: BatchConfig, out: str, *parts: dict[s
     t0 = time.perf_counter()
     num_classes = parts[0]["num_classes"]
     labels = assemble_labels(parts[0]["shape_yx"], num_classes, _unpacked(parts))
-    model = {"name": cfg.model, "sha256": cfg.model_sha256}
+    model = cfg.model_record()
     ids = [int(v) for v in np.unique(labels) if v]
     records = [ObjectRecord(id=i, prompt={"type": cfg.mode}, model=model) for i in ids]
     write_s = write_image_outputs(Path(out), job, labels, records, cfg.output_format, max_id=max(ids, default=0),
@@ -250,8 +292,68 @@ def finish_prompt_free(job: ImageJob, cfg: BatchConfig, out: str, *parts: dict[s
 
 
 @releases_memory
+def segment_auto_cell(job: ImageJob, cfg: BatchConfig, within: tuple[int, int, int, int] | None) -> dict[str, Any]:
+    """``segment_auto``'s objects proposed by the tiles starting in ``within`` (None: the whole
+    image): their packed masks with their proposals' boxes and scores, and timings."""
+    from ..engine.auto import cell_proposals, final_masks, padded_raster_order
+    from ..io import open_image
+
+    t0 = time.perf_counter()
+    predictor, proposer, loads = auto_predictors(cfg)
+    options = cfg.options()
+    image = open_image(job.image)
+    boxes, scores, proposal_masks = cell_proposals(predictor, image, proposer, options, within=within)
+    padded, order = padded_raster_order(boxes, image.shape_yx, options.box_pad)
+    objects = [
+        PackedProposal(rank, tuple(o.box), tuple(o.region), np.packbits(o.mask, axis=None), float(o.score),
+                       tuple(float(v) for v in boxes[order[rank]]), float(scores[order[rank]]))
+        for rank, o in enumerate(final_masks(predictor, image, padded[order], [proposal_masks[k] for k in order], options))
+    ]
+    return {"objects": objects, "shape_yx": tuple(image.shape_yx), **_task_stats(t0, loads)}
+
+
+def merge_cells(parts: Sequence[dict[str, Any]], nms_iou: float) -> list[PackedProposal]:
+    """Every cell's objects, those two cells both proposed merged by box NMS on the proposals
+    (as over one image; within one cell it changes nothing), in raster order of their boxes."""
+    from ..engine.auto import nms_boxes
+
+    objects = [o for p in parts for o in p["objects"]]
+    if not objects:
+        return []
+    keep = nms_boxes(np.array([o.proposal_box for o in objects]), np.array([o.proposal_score for o in objects]), nms_iou)
+    kept = [objects[k] for k in keep]
+    boxes = np.array([o.box for o in kept])
+    return [kept[k] for k in np.lexsort((boxes[:, 0], boxes[:, 1]))]
+
+
+@releases_memory
+def finish_auto(job: ImageJob, cfg: BatchConfig, out: str, *parts: dict[str, Any]) -> dict[str, Any]:
+    """Merge the cells' objects, number them 1..N in raster order, paste them first-come
+    (an object never takes pixels from one drawn before it) and write the image's outputs."""
+    from ..engine import SparseLabels
+    from ..store import ObjectRecord
+
+    t0 = time.perf_counter()
+    labels = SparseLabels(parts[0]["shape_yx"], overlap="keep_existing")
+    model = cfg.model_record()
+    records = []
+    objects = merge_cells(parts, cfg.options().nms_iou)
+    for oid, packed in enumerate(objects, start=1):  # the ids segment_auto gives, so both label images agree
+        if not packed.bits.any():  # a grid proposal the box model left empty: no object (its id unused)
+            continue
+        labels.add_packed(packed.region, packed.bits, oid)
+        box = [float(v) for v in packed.box]
+        records.append(ObjectRecord(id=oid, box_xyxy=tuple(box), prompt={"type": "auto", "proposer": cfg.proposer, "box_xyxy": box},
+                                    model=model, score=packed.score))
+    write_s = write_image_outputs(Path(out), job, labels, records, cfg.output_format, max_id=max(len(objects), 1))
+    return _image_summary(job, parts, t0, len(records), write_s)
+
+
+@releases_memory
 def segment_image(job: ImageJob, cfg: BatchConfig, out: str) -> dict[str, Any]:
     """One task for one image: segment it in ``cfg.mode`` and write its outputs."""
     if cfg.mode == "boxes":
         return finish_boxes(job, cfg, out, segment_box_region(job, cfg, np.arange(len(read_job_boxes(job)))))
+    if cfg.mode == "auto":
+        return finish_auto(job, cfg, out, segment_auto_cell(job, cfg, None))
     return finish_prompt_free(job, cfg, out, segment_tile(job, cfg, None))

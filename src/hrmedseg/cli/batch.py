@@ -1,7 +1,7 @@
 """``hrmedseg batch``: segment many images on a Dask cluster, resumable, into OME-Zarr labels.
 
     hrmedseg batch slides/ --boxes boxes/ --out results/                     # boxes, local workers
-    hrmedseg batch "data/*.png" --auto --out results/ --workers 4            # prompt-free nuclei instances
+    hrmedseg batch "data/*.png" --auto --out results/ --workers 4            # every object, no boxes
     hrmedseg batch list.csv --semantic hrmedseg_fundus_disc_cup --out res/ --scheduler tcp://head:8786
     hrmedseg batch slides/ --boxes boxes/ --out results/ --gpus all          # one worker per GPU
 
@@ -28,8 +28,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--boxes", help="box file for every image, or a folder of KEY.boxes.csv / KEY.csv / KEY.json files")
     mode.add_argument("--semantic", metavar="MODEL", help="prompt-free HRMedSeg model (registry name or path): no boxes")
     mode.add_argument("--auto", action="store_true",
-                      help=f"automatic instances: connected components of a prompt-free nuclei model (--model, default {DEFAULT_PROMPT_FREE_MODELS['nuclei']})")
-    p.add_argument("--model", help=f"box model (default {DEFAULT_BOX_MODEL}) or, with --auto, the prompt-free model")
+                      help="every object without boxes, as `hrmedseg segment --auto`: --proposer's proposals, each through the box model")
+    p.add_argument("--model", help=f"box model (default {DEFAULT_BOX_MODEL})")
+    p.add_argument("--proposer", default="nuclei",
+                   help=f"--auto: nuclei (the bundled prompt-free {DEFAULT_PROMPT_FREE_MODELS['nuclei']}), grid (SAM point grid on the box model) "
+                        "or a one-class prompt-free model name/path (default nuclei)")
     p.add_argument("--format", dest="output_format", choices=("ome-zarr", "tiff"), default="ome-zarr", help="label output (default ome-zarr)")
     p.add_argument("--workers", type=int, help="local CPU worker processes (default: cores / 2)")
     p.add_argument("--gpus", help="'all' or N: one local worker per GPU, pinned with CUDA_VISIBLE_DEVICES")
@@ -39,8 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", help="TLS client certificate")
     p.add_argument("--tls-key", help="TLS client key")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps, on each worker (default auto)")
-    p.add_argument("--threshold", type=float, default=0.5, help="prompt-free foreground probability (default 0.5)")
-    p.add_argument("--region-size", type=int, default=8192, help="boxes spread wider than this are split into region tasks (px)")
+    p.add_argument("--threshold", type=float, default=0.5, help="prompt-free (and --auto proposer) foreground probability (default 0.5)")
+    p.add_argument("--region-size", type=int, default=8192,
+                   help="boxes spread wider than this, and prompt-free/--auto images larger than this, are split into region tasks (px)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -54,15 +58,20 @@ def _config(args: argparse.Namespace):
         if args.model:
             raise InputError("--semantic names the model; leave --model out")
         mode, model = "semantic", args.semantic
-    elif args.auto:
-        mode, model = "auto", args.model or DEFAULT_PROMPT_FREE_MODELS["nuclei"]
     else:
-        mode, model = "boxes", args.model or DEFAULT_BOX_MODEL
+        mode, model = "auto" if args.auto else "boxes", args.model or DEFAULT_BOX_MODEL
+    if args.proposer != "nuclei" and mode != "auto":
+        raise InputError("--proposer is for --auto")
     if args.region_size < 256:
         raise InputError(f"--region-size {args.region_size}: give at least 256 pixels")
     digest = model_digest(model)
+    proposer, proposer_sha256 = args.proposer, None
+    if mode == "auto" and proposer != "grid":
+        proposer_digest = model_digest(DEFAULT_PROMPT_FREE_MODELS["nuclei"] if proposer == "nuclei" else proposer)
+        proposer, proposer_sha256 = proposer_digest["path"], proposer_digest["sha256"]
     return BatchConfig(mode=mode, model=digest["path"], model_sha256=digest["sha256"], device=args.device,
-                       output_format=args.output_format, threshold=args.threshold, region_size=args.region_size)
+                       output_format=args.output_format, threshold=args.threshold, region_size=args.region_size,
+                       proposer=proposer, proposer_sha256=proposer_sha256)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     if args.scheduler:  # remote workers have their own working folder: relative paths would point there
         jobs, out = with_absolute_paths(jobs), absolute_path(args.out)
-        cfg = dataclasses.replace(cfg, model=absolute_model_spec(cfg.model))
+        cfg = dataclasses.replace(cfg, model=absolute_model_spec(cfg.model), proposer=absolute_model_spec(cfg.proposer))
     with contextlib.ExitStack() as stack:
         if args.scheduler:
             if args.gpus or args.workers:
