@@ -1,15 +1,22 @@
 """Instance quality of "segment every object" on the held-out DSB 2018 nuclei, next to the classical baseline.
 
-Three methods in one run, on the same held-out images (scripts/prepare_device_payload.py's
+Four methods in one run, on the same held-out images (scripts/prepare_device_payload.py's
 ``is_val`` split, which no training step saw), read at native resolution from ../shared:
 
-- ``auto``: ``BoxPredictor.segment_auto`` (prompt-free nuclei proposals, each box through the box model);
-- ``proposals``: the proposals alone (the prompt-free model's foreground split by the watershed,
-  fragments under ``min_area`` dropped), to show what the box stage adds;
-- ``watershed``: Otsu threshold + distance-transform watershed (scikit-image), no learning.
+- ``auto``: ``BoxPredictor.segment_auto`` with today's ``AutoOptions()`` (prompt-free nuclei
+  proposals, each box through the box model);
+- ``auto_previous``: the same with the proposal split used before 2026-12-06 (watershed markers
+  8 px apart, no joining of wide necks, no hole filling), to show what that change did;
+- ``proposals``: the proposals alone (the prompt-free model's foreground, small holes filled,
+  split by the watershed with wide necks joined, fragments under ``min_area`` dropped), to show
+  what the box stage adds;
+- ``watershed``: Otsu threshold + distance-transform watershed (scikit-image, markers 8 px
+  apart), no learning.
 
-Per method: mean per-image F1 at IoU 0.5, pooled F1 (matches over all images), mean Dice of
-matched objects, seconds per image on this machine's CPU threads.
+Per method, over all images and per modality (``dark``: dark background, fluorescence;
+``light``: light background, stained or brightfield tissue; see :func:`modality`): mean
+per-image F1 at IoU 0.5, pooled F1 (matches over all images), mean Dice of matched objects,
+seconds per image on this machine's CPU threads.
 
 Usage:
   python bench/eval_auto.py [--images N] [--box-model NAME] [--json out.json]
@@ -30,6 +37,29 @@ from hrmedseg.engine import BoxPredictor
 from hrmedseg.engine.auto import AutoOptions, proposal_instances, resolve_proposer
 from hrmedseg.training.metrics import match_instances, watershed_instances
 
+# The proposal split before 2026-12-06 (docs/benchmarks.md, "Segment every object").
+PREVIOUS_SPLIT = {"split_distance": 8, "neck_ratio": 2.0, "max_hole_area": 0}
+
+
+def modality(rgb: np.ndarray) -> str:
+    """``"light"`` when the median grey level of ``rgb`` (H, W, 3) uint8 is above mid-grey (a
+    light background: stained or brightfield tissue, dark nuclei), else ``"dark"`` (fluorescence).
+    On DSB 2018 the two are far apart (medians <= 31 and >= 137 on every image)."""
+    return "light" if float(np.median(rgb.mean(-1))) > 127.5 else "dark"
+
+
+def summary(rows: list[dict], seconds: float) -> dict:
+    """Scores of one method over ``rows`` (match_instances results, one per image)."""
+    tp, n = sum(r["tp"] for r in rows), sum(r["n_pred"] + r["n_gt"] for r in rows)
+    return {
+        "images": len(rows),
+        "objects": int(sum(r["n_gt"] for r in rows)),
+        "f1_mean": float(np.mean([r["f1"] for r in rows])),
+        "f1_pooled": 2 * tp / n if n else 1.0,
+        "matched_dice": float(np.nanmean([r["matched_dice"] for r in rows])),
+        "seconds_per_image": seconds / len(rows),
+    }
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,33 +71,34 @@ def main() -> None:
     predictor = BoxPredictor(args.box_model, device=args.device)
     proposer = resolve_proposer("nuclei", predictor.device)
     options = AutoOptions()
+    previous = AutoOptions(**PREVIOUS_SPLIT)
     methods = {
         "auto": lambda img: predictor.segment_auto(img, proposer=proposer, options=options)[0],
+        "auto_previous": lambda img: predictor.segment_auto(img, proposer=proposer, options=previous)[0],
         "proposals": lambda img: proposal_instances(proposer.segment(img, threshold=options.threshold) > 0, options),
-        "watershed": lambda img: watershed_instances(img, options.split_distance),
+        "watershed": lambda img: watershed_instances(img),
     }
     rows: dict[str, list[dict]] = {name: [] for name in methods}
-    seconds = dict.fromkeys(methods, 0.0)
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    kinds: list[str] = []
     items = val_items("nuclei_dsb2018")[: args.images]
     for item in items:
         image = np.asarray(Image.open(SHARED / "nuclei_dsb2018" / item["image"]).convert("RGB"))
         gt = np.asarray(Image.open(SHARED / "nuclei_dsb2018" / item["mask"]))
+        kinds.append(modality(image))
         for name, run in methods.items():
             predictor.clear_cache()
             t0 = time.perf_counter()
             labels = run(image)
-            seconds[name] += time.perf_counter() - t0
+            seconds[name].append(time.perf_counter() - t0)
             rows[name].append(match_instances(labels, gt))
     result: dict = {"images": len(items), "objects": int(sum(r["n_gt"] for r in rows["auto"])), "cpu": cpu_name(),
                     "threads": torch.get_num_threads(), "box_model": args.box_model}
     for name, rs in rows.items():
-        tp, n = sum(r["tp"] for r in rs), sum(r["n_pred"] + r["n_gt"] for r in rs)
-        result[name] = {
-            "f1_mean": float(np.mean([r["f1"] for r in rs])),
-            "f1_pooled": 2 * tp / n if n else 1.0,
-            "matched_dice": float(np.nanmean([r["matched_dice"] for r in rs])),
-            "seconds_per_image": seconds[name] / len(items),
-        }
+        result[name] = summary(rs, sum(seconds[name]))
+        for kind in sorted(set(kinds)):
+            picked = [i for i, k in enumerate(kinds) if k == kind]
+            result[name][kind] = summary([rs[i] for i in picked], sum(seconds[name][i] for i in picked))
     print_and_save(result, args.json)
 
 

@@ -15,7 +15,7 @@ from test_engine_predictor import DiscDecoder, tiny_sam
 
 from hrmedseg.engine import BoxPredictor, SparseLabels
 from hrmedseg.engine.labels import ObjectMask
-from hrmedseg.engine.auto import AutoOptions, owned, propose, proposal_masks, split_instances
+from hrmedseg.engine.auto import AutoOptions, fill_small_holes, owned, propose, proposal_instances, proposal_masks, split_instances
 from hrmedseg.training.metrics import match_instances, watershed_instances
 
 NUCLEI = SHARED / "data" / "nuclei_dsb2018"
@@ -72,6 +72,30 @@ def test_watershed_split_separates_touching_discs():
     assert split_instances(two, 8).max() == 2
     one = discs((60, 100), [(30, 50)], r=15) > 0
     assert split_instances(one, 8).max() == 1
+
+
+def test_wide_neck_pieces_are_joined_narrow_waists_stay_split():
+    # Two discs of radius 15: 27 px apart they touch at a waist of half-width 6.6 (two nuclei);
+    # 12 px apart the waist is 13.7 px, nearly the radius (one oblong nucleus).
+    touching = discs((60, 100), [(30, 35), (30, 62)], r=15) > 0
+    oblong = discs((60, 100), [(30, 44), (30, 56)], r=15) > 0
+    assert split_instances(oblong, 6).max() == 2  # the plain watershed cuts the oblong one
+    assert split_instances(oblong, 6, neck_ratio=0.9).max() == 1
+    assert split_instances(touching, 6, neck_ratio=0.9).max() == 2
+    three = discs((60, 140), [(30, 30), (30, 42), (30, 69)], r=15) > 0  # an oblong one touching a round one
+    pieces = split_instances(three, 6, neck_ratio=0.9)
+    assert pieces.max() > 0 and len(np.unique(pieces[pieces > 0])) == 2
+    assert pieces[30, 25] == pieces[30, 45] != pieces[30, 75]
+
+
+def test_small_holes_are_filled_before_the_split():
+    ring = discs((80, 80), [(40, 40)], r=20) > 0
+    ring[discs((80, 80), [(40, 40)], r=6) > 0] = False  # a 113 px hole in one nucleus
+    assert fill_small_holes(ring, 1024).sum() == (discs((80, 80), [(40, 40)], r=20) > 0).sum()
+    assert np.array_equal(fill_small_holes(ring, 100), ring)  # a hole above the bound stays
+    assert np.array_equal(fill_small_holes(ring, 0), ring)
+    assert proposal_instances(ring, AutoOptions()).max() == 1
+    assert proposal_instances(ring, AutoOptions(max_hole_area=0, neck_ratio=2.0)).max() > 1  # cut around the hole
 
 
 def test_box_mask_is_clipped_to_its_zone_or_replaced_by_the_proposal():
