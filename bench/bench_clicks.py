@@ -4,9 +4,12 @@ Each held-out object (the split of scripts/prepare_device_payload.py, ``is_val``
 training saw) is prompted with its tight box through the engine, then refined by clicks: the next
 click goes to the centre of the largest error region (the distance-transform maximum of the
 larger of the false negatives and the false positives), positive for a missed part, negative for
-a wrong one; every click is decoded with the box, all clicks so far and (``mask prompt``) the
-previous low-res logits as SAM's mask input on the same cached crop, as the annotator does. The
-``no mask prompt`` variant decodes box + clicks only. Nuclei: DSB 2018 instances; fundus: the
+a wrong one; every click is decoded with the box, all clicks so far and the
+previous low-res logits on the same cached crop, as the annotator does. Variants (``VARIANTS``):
+the engine's default ``local`` click update (box + clicks decoded without the mask prompt, the
+result taken only in the part the newest click is about: :mod:`hrmedseg.engine.click_update`),
+SAM's update with the previous logits as mask prompt (the default before), and SAM's update
+from box + clicks alone. Nuclei: DSB 2018 instances; fundus: the
 Drishti-GS optic disc and cup at native resolution (read from ../shared, never the repository).
 
 Time per click: wall time of one refinement call (its crop's embedding cached, as in the
@@ -66,28 +69,38 @@ def refine(predictor, image, gt: np.ndarray, box: np.ndarray, mask_prompt: bool)
     return dice, seconds
 
 
-def evaluate(models: dict[str, str], max_objects: int, max_images: int, device: str) -> dict:
+# name -> (BoxPredictor click_update, click_mask_prompt, previous logits passed as mask_inputs)
+VARIANTS = {
+    "local (default)": ("local", False, True),
+    "sam, mask prompt": ("sam", True, True),
+    "sam, no mask prompt": ("sam", True, False),
+}
+
+
+def evaluate(models: dict[str, str], max_objects: int, max_images: int, device: str,
+             datasets: tuple[str, ...] = ("nuclei_dsb2018", "fundus_drishtigs")) -> dict:
     from hrmedseg.engine import BoxPredictor
 
     results: dict = {}
     for name, spec in models.items():
-        predictor = BoxPredictor(spec, device=device)
+        predictors = {v: BoxPredictor(spec, device=device, click_update=u, click_mask_prompt=m) for v, (u, m, _) in VARIANTS.items()}
         results[name] = {}
-        for dataset in ("nuclei_dsb2018", "fundus_drishtigs"):
-            rows: dict[str, dict[str, list]] = {v: {"dice": [], "seconds": []} for v in ("mask prompt", "no mask prompt")}
+        for dataset in datasets:
+            rows: dict[str, dict[str, list]] = {v: {"dice": [], "seconds": []} for v in VARIANTS}
             box_seconds: list[float] = []
             kinds: list[str] = []
             for _, image, objs in prompts(dataset, max_objects, max_images):
                 for k, (gt, box) in enumerate(objs):
                     kinds.append(("disc", "cup")[k % 2] if dataset == "fundus_drishtigs" else "nucleus")
                     for variant, row in rows.items():
-                        dice, seconds = refine(predictor, image, gt, box, variant == "mask prompt")
+                        dice, seconds = refine(predictors[variant], image, gt, box, VARIANTS[variant][2])
                         row["dice"].append(dice)
                         row["seconds"].extend(seconds)
                     t0 = time.perf_counter()  # the baseline: a box alone on the same cached crop
-                    next(predictor.predict_boxes(image, box[None]))
+                    next(predictors["local (default)"].predict_boxes(image, box[None]))
                     box_seconds.append(time.perf_counter() - t0)
-                predictor.clear_cache()
+                for predictor in predictors.values():
+                    predictor.clear_cache()
             entry: dict = {"objects": len(kinds), "ms_per_box_cached_crop": 1000 * float(np.median(box_seconds))}
             for variant, row in rows.items():
                 dice = np.array(row["dice"])  # (objects, 1 + clicks)
@@ -105,7 +118,7 @@ def evaluate(models: dict[str, str], max_objects: int, max_images: int, device: 
 
 
 def timing_only(models: dict[str, str], device: str, repeats: int = 20) -> dict:
-    """Median ms per click (box + 1..5 clicks + mask prompt, cached crop) and per cached box, per model."""
+    """Median ms per click (box + 1..5 clicks + previous logits, the default click update, cached crop) and per cached box, per model."""
     from hrmedseg.data import load_sample, sample_boxes
     from hrmedseg.engine import BoxPredictor
     from hrmedseg.io import read_boxes
@@ -144,13 +157,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--timing-only", action="store_true", help="only time clicks, on the package's nuclei sample")
+    p.add_argument("--datasets", nargs="+", default=["nuclei_dsb2018", "fundus_drishtigs"], choices=("nuclei_dsb2018", "fundus_drishtigs"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     models = dict(m.split("=", 1) for m in args.models)
-    result = {"models": models, "max_objects": args.max_objects, "images": args.images, "device": args.device,
+    result = {"models": models, "max_objects": args.max_objects, "images": args.images, "device": args.device, "datasets": args.datasets,
               "threads": args.threads, "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "result": timing_only(models, args.device, args.max_objects) if args.timing_only else
-              evaluate(models, args.max_objects, args.images, args.device)}
+              evaluate(models, args.max_objects, args.images, args.device, tuple(args.datasets))}
     print_and_save(result, args.json)
 
 

@@ -64,7 +64,8 @@ def _assert_mask_equal(obj, theirs_logits):
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])
 def test_box_and_clicks_then_mask_prompt_equal_sam_predictor(sam, image, sam_predictor, backend):
-    predictor = BoxPredictor(sam, device="cpu", backend=backend)
+    # click_update "sam" with the mask prompt: SAM's own recomputation (the default "local" update below)
+    predictor = BoxPredictor(sam, device="cpu", backend=backend, click_update="sam", click_mask_prompt=True)
     obj = next(predictor.predict_boxes(image, BOX[None], points=[CLICKS], point_labels=[LABELS]))
     assert obj.crop == Crop(1.0, 0, 0, 1024, 1024) and obj.has_box
     masks, score, low = _theirs(sam_predictor, point_coords=CLICKS, point_labels=LABELS, box=BOX)
@@ -143,7 +144,7 @@ def test_sam2_clicks_and_mask_prompt_equal_sam2_image_predictor(image):
     from test_engine_sam2 import _tiny_sam2
 
     model = _tiny_sam2()
-    predictor = BoxPredictor(model, device="cpu")
+    predictor = BoxPredictor(model, device="cpu", click_update="sam", click_mask_prompt=True)
     theirs = SAM2ImagePredictor(model)
     theirs.set_image(image)
     obj = next(predictor.predict_boxes(image, BOX[None], points=[CLICKS], point_labels=[LABELS]))
@@ -155,3 +156,47 @@ def test_sam2_clicks_and_mask_prompt_equal_sam2_image_predictor(image):
                                multimask_output=False, return_logits=True)
     torch.testing.assert_close(again.low_res_logits.clamp(-32, 32), torch.from_numpy(low), atol=1e-4, rtol=1e-4)
     assert predictor.encoder_calls == 1
+
+
+def test_local_click_update_changes_only_the_clicked_part():
+    from hrmedseg.engine.click_update import local_click_update
+
+    old = torch.full((2, 1, 64, 64), -5.0)
+    old[:, :, 20:40, 20:40] = 5.0  # the previous mask: a square
+    new = old.clone()
+    new[:, :, 27:33, 40:46] = 5.0  # the new mask adds a band on the right (the click's side) ...
+    new[:, :, 10:14, 2:6] = 5.0  # ... and a blob far away
+    new[:, :, 20:24, 20:40] = -5.0  # ... and drops the top rows
+    clicks = np.array([[43.0, 30.0], [60.0, 60.0]])  # object 0 clicks in the band; object 1 on background
+    boxes = np.array([[20, 20, 40, 40]] * 2, float)
+    out = local_click_update(new, old, clicks, np.array([True, True]), boxes)
+    grown = old[0, 0] > 0
+    grown[27:33, 40:46] = True  # only the clicked band joins the mask: not the blob, the top rows stay
+    assert torch.equal(out[0, 0] > 0, grown)
+    changed = out[0, 0] != old[0, 0]
+    assert torch.equal(out[0, 0][changed], new[0, 0][changed])  # new logits there, the old ones elsewhere
+    assert torch.equal(out[1], old[1])  # the new mask does not cover the click: nothing changes
+    # a negative click in the dropped rows removes part of them (near the click) and nothing else
+    out = local_click_update(new[:1], old[:1], np.array([[30.0, 21.0]]), np.array([False]), boxes[:1])
+    removed = (old[0, 0] > 0) & ~(out[0, 0] > 0)
+    assert removed[21, 30] and not removed[24:].any() and not (out[0, 0] > old[0, 0]).any()
+
+
+def test_local_click_update_keeps_the_previous_logits_away_from_the_click(sam, image):
+    predictor = BoxPredictor(sam, device="cpu", backend="reference")
+    assert predictor.click_update == "local" and not predictor.click_mask_prompt
+    first = next(predictor.predict_boxes(image, BOX[None]))
+    click = np.array([[BOX[0] + 5.0, BOX[1] + 5.0]])
+    again = next(predictor.predict_boxes(image, BOX[None], points=[click], point_labels=[np.array([1])],
+                                         mask_inputs=[first.low_res_logits], crops=[first.crop]))
+    changed = (again.low_res_logits != first.low_res_logits)[0]
+    ys, xs = torch.nonzero(changed, as_tuple=True)
+    if len(ys):  # the change holds the click's grid cell and lies within the grown box
+        to_grid = 256 / 1024
+        bx0, by0, bx1, by1 = BOX * to_grid
+        pad = 0.5 * max(bx1 - bx0, by1 - by0)
+        assert xs.min() >= bx0 - pad - 1 and xs.max() <= bx1 + pad + 1 and ys.min() >= by0 - pad - 1 and ys.max() <= by1 + pad + 1
+    sam_way = BoxPredictor(sam, device="cpu", backend="reference", click_update="sam")
+    recomputed = next(sam_way.predict_boxes(image, BOX[None], points=[click], point_labels=[np.array([1])],
+                                            mask_inputs=[first.low_res_logits], crops=[first.crop]))
+    assert changed.float().mean() < (recomputed.low_res_logits != first.low_res_logits).float().mean()

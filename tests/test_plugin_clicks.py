@@ -14,7 +14,22 @@ import torch._dynamo  # noqa: F401  (before napari's OpenGL context: see test_pl
 
 from napari.utils._test_utils import read_only_mouse_event
 from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
-from test_plugin_annotator import _drag, _wait, annotator, predictor  # noqa: F401  (fixtures)
+from test_plugin_annotator import _drag, _wait, annotator  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    """test_plugin_annotator's random model with SAM's click update: every click recomputes the
+    whole mask, so each click visibly changes it (the default "local" update may leave a random
+    model's mask as it was; it is tested in test_engine_clicks)."""
+    import torch
+
+    from hrmedseg.engine import BoxPredictor
+    from hrmedseg.models import EncoderConfig, build_encoder, build_hrmedseg_sam
+
+    torch.manual_seed(0)
+    encoder = build_encoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6)))
+    return BoxPredictor(build_hrmedseg_sam(encoder=encoder).eval(), device="cpu", click_update="sam", click_mask_prompt=True)
 
 pytestmark = pytest.mark.gui
 

@@ -18,6 +18,7 @@ from ..models.info import LoadedModel, ModelMetadata
 from ..models.prior_gate import GATE_SUFFIX
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
+from .click_update import CLICK_UPDATES, local_click_update
 from .disk_cache import PERSISTENT_SOURCES, image_identity, model_digest, resolve_disk_cache
 from .crops import Crop, CropPolicy, group_by_crop, logits_to_native_batch, mask_region, plan_crops, read_crop
 from .decoder import ENGINE_BACKENDS, Sam2Features, BoxDecoder, RegionBoxDecoder, build_steps, is_sam2_model, region_margin
@@ -136,6 +137,13 @@ class BoxPredictor:
             have the higher Dice. None (default): "gate" (held-out figures in docs/benchmarks.md).
             A model without a gate runs "model" (``self.prior`` is then "model"; a warning when
             "gate" was asked for by name).
+        click_update: how an object with clicks and its previous logits (``mask_inputs``) is
+            recomputed (:mod:`hrmedseg.engine.click_update`): "local" (default) takes the new
+            mask only in the part the newest click is about and keeps the previous one
+            elsewhere; "sam" takes the whole new mask, as ``SamPredictor`` does.
+        click_mask_prompt: whether the decoder is given the previous logits as SAM's mask prompt
+            when there are clicks (always with "sam"). Off by default: box-trained models
+            (ours, MedSAM, LiteMedSAM) draw worse masks with it (docs/benchmarks.md, clicks).
     """
 
     def __init__(
@@ -152,7 +160,12 @@ class BoxPredictor:
         allow_bf16: bool = True,
         disk_cache: Any = None,
         prior: str | None = None,
+        click_update: str = "local",
+        click_mask_prompt: bool = False,
     ) -> None:
+        if click_update not in CLICK_UPDATES:
+            raise InputError(f"unknown click_update {click_update!r} (use {', '.join(CLICK_UPDATES)})")
+        self.click_update, self.click_mask_prompt = click_update, bool(click_mask_prompt)
         asked_for_prior = prior is not None
         prior = DEFAULT_PRIOR_RULE if prior is None else prior
         if prior not in PRIOR_RULES:
@@ -229,7 +242,7 @@ class BoxPredictor:
             self.disk_cache.put(disk_key, emb, level)
         return emb, level
 
-    def _decode(self, emb: Any, prompts: ObjectPrompts, batch: list[int], crop: Crop, shape_yx) -> tuple:
+    def _decode(self, emb: Any, prompts: ObjectPrompts, batch: list[int], crop: Crop, shape_yx, click_update: str) -> tuple:
         """One decoder call for objects ``batch`` of one crop (equal :meth:`ObjectPrompts.signature`).
 
         Prompts go in the crop's input frame; a decoder is given clicks and mask prompts only
@@ -243,11 +256,14 @@ class BoxPredictor:
             xy = np.stack([prompts.points[i] for i in batch])  # (N, P, 2)
             extra["points"] = torch.from_numpy((xy - [crop.x0, crop.y0]) * crop.scale)
             extra["point_labels"] = torch.from_numpy(np.stack([prompts.point_labels[i] for i in batch]))
+        previous = None
         if has_mask:
-            extra["mask_inputs"] = torch.stack([prompts.mask_inputs[i] for i in batch])  # (N, 1, h, w)
+            previous = torch.stack([prompts.mask_inputs[i] for i in batch])  # (N, 1, h, w)
             side = 4 * int((emb.image_embed if isinstance(emb, Sam2Features) else emb).shape[-1])
-            if tuple(extra["mask_inputs"].shape[-2:]) != (side, side):
-                raise InputError(f"mask inputs of objects {batch} are {tuple(extra['mask_inputs'].shape[-2:])}; this model's low-res logits are ({side}, {side})")
+            if tuple(previous.shape[-2:]) != (side, side):
+                raise InputError(f"mask inputs of objects {batch} are {tuple(previous.shape[-2:])}; this model's low-res logits are ({side}, {side})")
+            if click_update == "sam" or self.click_mask_prompt or not n_points:  # else: only the local update reads it
+                extra["mask_inputs"] = previous
         extents = prompts.extents[batch]
         with self._decode_lock:
             if isinstance(self.decoder, RegionBoxDecoder):
@@ -266,7 +282,18 @@ class BoxPredictor:
                 ellipse = ellipse_prior_logits(input_boxes.to(logits.device), logits.shape[-2:], size)
             logits = add_box_prior(logits, input_boxes, size, self.metadata.box_prior, ellipse)
             logits = apply_prior_rule(logits, scores, input_boxes, size, rule, self.metadata.prior_gate, ellipse)
+        if n_points and has_mask and click_update == "local":
+            logits = self._local_update(logits, prompts, batch, crop, input_boxes, previous)
         return logits, scores
+
+    def _local_update(self, logits, prompts: ObjectPrompts, batch: list[int], crop: Crop, input_boxes, previous) -> Any:
+        """The "local" click update (:mod:`hrmedseg.engine.click_update`) of ``batch``'s new logits."""
+        to_grid = logits.shape[-1] / crop.input_size  # input px -> low-res grid px
+        newest = np.stack([prompts.points[i][-1] for i in batch])  # (N, 2) native xy
+        clicks = (newest - [crop.x0, crop.y0]) * crop.scale * to_grid
+        positive = np.array([prompts.point_labels[i][-1] == 1 for i in batch])
+        boxes = None if input_boxes is None else input_boxes.cpu().numpy() * to_grid
+        return local_click_update(logits, previous, clicks, positive, boxes, self.mask_threshold)
 
     def clear_cache(self) -> None:
         """Forget embeddings (needed after editing an in-memory array in place)."""
@@ -290,6 +317,7 @@ class BoxPredictor:
         mask_inputs: Sequence[Any] | None = None,
         crops: Sequence[Crop | None] | None = None,
         object_size: float | None = None,
+        click_update: str | None = None,
     ) -> Iterator[ObjectMask]:
         """Yield an :class:`ObjectMask` per object, in input order.
 
@@ -302,6 +330,9 @@ class BoxPredictor:
         result's crop in ``crops`` (per object None or a :class:`Crop` to use; the object's
         embedding is then the cached one of that crop). Objects sharing a crop are encoded once
         and decoded ``decode_batch`` at a time (objects with as many clicks together).
+        ``click_update``: this call's "local" or "sam" update of objects with clicks and
+        ``mask_inputs`` (None: ``self.click_update``); "sam" where the mask input is not this
+        object's own earlier mask (propagation's neighbour slice).
 
         ``progress(done, total)`` is called after each yielded object; when ``cancel.is_set()``
         becomes true the generator stops before the next decoder call. Every prompt is checked
@@ -309,6 +340,9 @@ class BoxPredictor:
         a warning).
         """
         image = open_image(image)
+        click_update = click_update or self.click_update
+        if click_update not in CLICK_UPDATES:
+            raise InputError(f"unknown click_update {click_update!r} (use {', '.join(CLICK_UPDATES)})")
         prompts = check_prompts(boxes, image.shape_yx, points, point_labels, mask_inputs, object_size)
         total = len(prompts)
         given = self._check_crops(crops, prompts)
@@ -328,7 +362,7 @@ class BoxPredictor:
                     if cancel is not None and cancel.is_set():
                         return
                     batch = group[start : start + self.decode_batch]
-                    logits, scores = self._decode(emb, prompts, batch, crop, image.shape_yx)
+                    logits, scores = self._decode(emb, prompts, batch, crop, image.shape_yx, click_update)
                     self.decoder_calls += 1
                     regions = [mask_region(prompts.extents[i], crop, self.policy, image.shape_yx) for i in batch]
                     masks = logits_to_native_batch(logits, crop, regions, self.mask_threshold)

@@ -203,6 +203,7 @@ def _predict_slice(predictor: Any, image: Any, prompts: list[dict]) -> list[Obje
     if any(p.get("crop") is not None for p in prompts):
         keys["crops"] = [p.get("crop") for p in prompts]
         keys["mask_inputs"] = [p.get("mask_input") for p in prompts]
+        keys["click_update"] = "sam"  # the mask input is the neighbour slice's: this slice's mask is new
     return list(predictor.predict_boxes(image, boxes, **keys))
 
 
