@@ -140,7 +140,7 @@ def test_training_iterations_feed_the_decoder_what_the_engine_feeds_it(sam):
         calls.clear()
 
         predictor = BoxPredictor(LoadedModel(sam, ModelMetadata(kind="hrmedseg_sam", box_prior=prior)),
-                                 device="cpu", backend="reference")
+                                 device="cpu", backend="reference", click_update="sam", click_mask_prompt=True)  # what click training feeds the decoder
         last = next(predictor.predict_boxes(image, box))
         assert last.crop == Crop(1.0, 0, 0, 1024, 1024)
         low_target = torch.nn.functional.adaptive_avg_pool2d(target[:, None], 256)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,7 +42,10 @@ def submit(client: Any, job: ImageJob, cfg: BatchConfig, out: str) -> tuple[Any,
     """
     from ..io import image_shape_yx
 
-    key = f"hrmedseg-{job.key}"
+    # A key of its own per submission: two runs of one image on one client (another --out, a
+    # rerun) would otherwise share the key, and Dask hands back the earlier task's result while
+    # the scheduler still holds it (released futures are forgotten asynchronously).
+    key = f"hrmedseg-{job.key}-{uuid.uuid4().hex[:12]}"
     if cfg.mode == "boxes":
         plan, part, finish = lambda: plan_box_regions(read_job_boxes(job), cfg.region_size), segment_box_region, finish_boxes
     elif cfg.mode == "auto":
