@@ -29,9 +29,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import InputError
+
 CLICK_UPDATES = ("sam", "local")
 REACH = 1.5  # the update's disc radius, in click depths (see above)
 BOX_GROWTH = 0.5  # the update region: the box grown by this share of its larger side on every side
+
+
+def check_click_update(name: str) -> str:
+    """``name`` if it is one of ``CLICK_UPDATES``, else an InputError naming the choices."""
+    if name not in CLICK_UPDATES:
+        raise InputError(f"unknown click_update {name!r} (use {', '.join(CLICK_UPDATES)})")
+    return name
 
 
 def clicked_region(new_fg: np.ndarray, old_fg: np.ndarray, click_yx: tuple[int, int], positive: bool,
@@ -92,4 +101,4 @@ def grown_bounds(box_xyxy: np.ndarray, shape_hw: tuple[int, int]) -> tuple[int, 
             max(0, int(np.floor(x0 - pad))), min(w, int(np.ceil(x1 + pad))))
 
 
-__all__ = ["BOX_GROWTH", "CLICK_UPDATES", "REACH", "clicked_region", "grown_bounds", "local_click_update"]
+__all__ = ["BOX_GROWTH", "CLICK_UPDATES", "REACH", "check_click_update", "clicked_region", "grown_bounds", "local_click_update"]

@@ -18,7 +18,7 @@ from ..models.info import LoadedModel, ModelMetadata
 from ..models.prior_gate import GATE_SUFFIX
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
-from .click_update import CLICK_UPDATES, local_click_update
+from .click_update import check_click_update, local_click_update
 from .disk_cache import PERSISTENT_SOURCES, image_identity, model_digest, resolve_disk_cache
 from .crops import Crop, CropPolicy, group_by_crop, logits_to_native_batch, mask_region, plan_crops, read_crop
 from .decoder import ENGINE_BACKENDS, Sam2Features, BoxDecoder, RegionBoxDecoder, build_steps, is_sam2_model, region_margin
@@ -163,9 +163,7 @@ class BoxPredictor:
         click_update: str = "local",
         click_mask_prompt: bool = False,
     ) -> None:
-        if click_update not in CLICK_UPDATES:
-            raise InputError(f"unknown click_update {click_update!r} (use {', '.join(CLICK_UPDATES)})")
-        self.click_update, self.click_mask_prompt = click_update, bool(click_mask_prompt)
+        self.click_update, self.click_mask_prompt = check_click_update(click_update), bool(click_mask_prompt)
         asked_for_prior = prior is not None
         prior = DEFAULT_PRIOR_RULE if prior is None else prior
         if prior not in PRIOR_RULES:
@@ -340,9 +338,7 @@ class BoxPredictor:
         a warning).
         """
         image = open_image(image)
-        click_update = click_update or self.click_update
-        if click_update not in CLICK_UPDATES:
-            raise InputError(f"unknown click_update {click_update!r} (use {', '.join(CLICK_UPDATES)})")
+        click_update = check_click_update(click_update or self.click_update)
         prompts = check_prompts(boxes, image.shape_yx, points, point_labels, mask_inputs, object_size)
         total = len(prompts)
         given = self._check_crops(crops, prompts)
