@@ -38,7 +38,8 @@ def _clear_stale_temporaries(out: Path) -> None:
 def submit(client: Any, job: ImageJob, cfg: BatchConfig, out: str) -> tuple[Any, list[Any]]:
     """``(image future, region futures)``: one task, or region / tile tasks and a merge for big slides.
 
-    Planning reads box files (boxes) or the image's header (prompt-free: its size), never pixels.
+    Planning reads box files (boxes) or the image's header (prompt-free: its size), never pixels;
+    an unreadable one raises here, before anything is submitted.
     """
     from ..io import image_shape_yx
 
@@ -52,18 +53,11 @@ def submit(client: Any, job: ImageJob, cfg: BatchConfig, out: str) -> tuple[Any,
         plan, part, finish = lambda: plan_tiles(image_shape_yx(job.image), cfg.region_size), segment_auto_cell, finish_auto
     else:
         plan, part, finish = lambda: plan_tiles(image_shape_yx(job.image), cfg.region_size), segment_tile, finish_prompt_free
-    try:
-        groups = plan()
-    except Exception as err:  # noqa: BLE001 - recorded as the image's error by the caller
-        return client.submit(_raise, err, key=key), []
+    groups = plan()
     if len(groups) > 1:
         regions = [client.submit(part, job, cfg, g, key=f"{key}-region{i}", pure=False) for i, g in enumerate(groups)]
         return client.submit(finish, job, cfg, out, *regions, key=key, pure=False), regions
     return client.submit(segment_image, job, cfg, out, key=key, pure=False), []
-
-
-def _raise(err: BaseException) -> None:
-    raise err
 
 
 def run_batch(client: Any, jobs: Sequence[ImageJob], out: str | Path, cfg: BatchConfig, progress: bool = True) -> Manifest:
@@ -86,11 +80,16 @@ def run_batch(client: Any, jobs: Sequence[ImageJob], out: str | Path, cfg: Batch
         print(f"hrmedseg batch: {skipped} image(s) already complete in {out}, skipped", file=sys.stderr)
     futures: dict[Any, ImageJob] = {}
     region_futures: list[Any] = []
+    bar = tqdm(total=len(todo), unit="image", disable=not progress or not todo, file=sys.stderr)
     for job in todo:
-        fut, regions = submit(client, job, cfg, str(out))
+        try:
+            fut, regions = submit(client, job, cfg, str(out))
+        except Exception as err:  # noqa: BLE001 - an unreadable image or box file is that image's error
+            _record_failure(manifest, job, err)
+            bar.update(1)
+            continue
         futures[fut] = job
         region_futures += regions
-    bar = tqdm(total=len(todo), unit="image", disable=not progress, file=sys.stderr)
     region_bar = tqdm(total=len(region_futures), unit="region", disable=not progress or not region_futures, file=sys.stderr)
     for fut in region_futures:
         fut.add_done_callback(lambda _f: region_bar.update(1))
@@ -100,9 +99,7 @@ def run_batch(client: Any, jobs: Sequence[ImageJob], out: str | Path, cfg: Batch
             if fut.status == "finished":
                 manifest.record(job.key, **fut.result(), error=None)
             else:
-                err = fut.exception()
-                manifest.record(job.key, status="failed", error=f"{type(err).__name__}: {err}")
-                print(f"hrmedseg batch: error: {job.image}: {err}", file=sys.stderr)
+                _record_failure(manifest, job, fut.exception())
             fut.release()
             manifest.save()
             bar.update(1)
@@ -114,3 +111,11 @@ def run_batch(client: Any, jobs: Sequence[ImageJob], out: str | Path, cfg: Batch
         bar.close()
         region_bar.close()
     return manifest
+
+
+def _record_failure(manifest: Manifest, job: ImageJob, err: BaseException) -> None:
+    from tqdm import tqdm
+
+    manifest.record(job.key, status="failed", error=f"{type(err).__name__}: {err}")
+    where = "" if str(job.image) in str(err) else f"{job.image}: "
+    tqdm.write(f"hrmedseg batch: error: {where}{err}", file=sys.stderr)  # above the progress bar

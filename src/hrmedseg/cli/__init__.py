@@ -39,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    ours = set(logging.root.handlers)
+    logging.basicConfig(level=level, format="%(message)s")
+    # On the handler too: libraries whose loggers set their own level (Dask's distributed logs
+    # every worker start and stop at INFO) propagate past the root logger's level to its handler.
+    for handler in set(logging.root.handlers) - ours:
+        handler.setLevel(level)
     try:
         return int(args.func(args) or 0)
     except HRMedSegError as err:
