@@ -63,6 +63,15 @@ def _labels(out: Path, key: str) -> np.ndarray:
     return np.asarray(zarr.open_group(str(out / key / "labels.ome.zarr"), mode="r")["0"][:])
 
 
+def _napari_labels(out: Path, key: str) -> np.ndarray:
+    """The image's labels as napari opens them (napari-ome-zarr's reader): one labels layer."""
+    napari_ome_zarr = pytest.importorskip("napari_ome_zarr")
+    path = str(out / key / "labels.ome.zarr")
+    ((data, _meta, kind),) = napari_ome_zarr.napari_get_reader(path)(path)
+    assert kind == "labels"
+    return np.asarray(data[0])
+
+
 def _manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
@@ -102,6 +111,7 @@ def test_three_modes_on_two_workers_resume_and_model_loaded_once(tmp_path, image
         assert all(e["model_loads"] == 1 for e in entries.values())  # once per worker, not per image
         for key in KEYS:
             labels = _labels(out, key)
+            assert np.array_equal(_napari_labels(out, key), labels)
             ann = json.loads((out / key / "annotations.json").read_text())
             assert labels.shape == tifffile.imread(folder / f"{key}.tif").shape
             ids = sorted(int(v) for v in np.unique(labels) if v)
