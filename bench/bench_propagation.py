@@ -89,6 +89,11 @@ def per_slice_boxes(predictor: BoxPredictor, image: np.ndarray, gt: np.ndarray, 
     return labels, n
 
 
+def stops_json(stops: dict[int, dict[int, tuple[int, str]]]) -> dict[str, dict[str, list]]:
+    """``PropagationResult.stops`` as JSON: {object id: {"+1" or "-1": [slice, rule that stopped the chain]}}."""
+    return {str(oid): {f"{step:+d}": [int(z), reason] for step, (z, reason) in chains.items()} for oid, chains in stops.items()}
+
+
 def dice_summary(per: dict[int, float]) -> dict:
     """Mean 3D Dice over objects, over even and odd label ids (settings were once chosen on the even ones), and per object."""
     def mean(values: list[float]) -> float | None:
@@ -122,6 +127,7 @@ def evaluate(predictor: BoxPredictor, image: np.ndarray, gt: np.ndarray, mask_pr
             "seconds": seconds, "slices_encoded": visited, "s_per_slice": seconds / max(visited, 1),
             "mean_extent": float(np.mean([hi - lo + 1 for lo, hi in result.extents.values()])),
             "extents": {str(oid): list(map(int, ext)) for oid, ext in result.extents.items()},
+            "stops": stops_json(result.stops),
         }
     predictor.clear_cache()
     t0 = time.perf_counter()
