@@ -114,7 +114,8 @@ WHEELS = ("segment-anything", "hydra-core", "omegaconf", "imagecodecs", "zarr", 
           "distributed", "tornado", "tblib", "zict", "ome-zarr",  # hrmedseg batch
           # the CLI imports every command module, so the interchange formats' libraries too
           "shapely", "ome-zarr-models", "pydantic-zarr", "pycocotools", "Deprecated", "rangehttpserver",
-          "pydantic", "pydantic-core", "annotated-types", "typing-inspection")
+          "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
+          "nibabel")  # bench_propagation.py --dataset mni152
 # Published as source only: built into wheels here (pure Python; sam2 without its CUDA extension).
 SDISTS = ("sam2", "antlr4-python3-runtime", "iopath")
 EXTRA = ("monai==1.6.1",)  # BasicUNet, the training benchmark's baseline
