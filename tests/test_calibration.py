@@ -10,7 +10,8 @@ import torch
 from hrmedseg.engine import BoxPredictor
 from hrmedseg.models import calibration
 from hrmedseg.models.calibration import (
-    AGREEMENT_DICE, calibration_key, calibration_path, candidate_backends, cpu_has_bf16, load_choice,
+    AGREEMENT_DICE, MIN_SPEEDUP, calibration_key, calibration_path, candidate_backends, cpu_has_bf16, fastest_worth_it,
+    load_choice,
 )
 from hrmedseg.models.runtime import build_fast_encoder, select_backend
 from test_engine_fast_default import tiny_sam
@@ -132,3 +133,16 @@ def test_info_prints_the_choice_and_why(sam, calibrating, monkeypatch, capsys):
     assert main(["info"]) == 0
     assert "CPU backend: fast (set by HRMEDSEG_BACKEND)" in capsys.readouterr().out
     assert len(calibrating) == 1
+
+
+@pytest.mark.parametrize(
+    "seconds, kept, chosen",
+    [({"fast": 0.035, "fast-bf16": 0.034}, ["fast", "fast-bf16"], "fast"),  # a tie: exact float32
+     ({"fast": 0.185, "fast-bf16": 0.119}, ["fast", "fast-bf16"], "fast-bf16"),  # Zen 4: clearly faster
+     ({"fast": 0.10, "fast-bf16": 0.10 / MIN_SPEEDUP - 1e-6}, ["fast", "fast-bf16"], "fast-bf16"),
+     ({"fast": 0.05, "fast-bf16": 0.10}, ["fast", "fast-bf16"], "fast"),
+     ({"fast": 0.05, "fast-bf16": 0.04}, ["fast-bf16"], "fast-bf16"),  # float32 failed: the one that runs
+     ({}, [], "fast")],
+)
+def test_another_backend_must_beat_float32_by_a_margin(seconds, kept, chosen):
+    assert fastest_worth_it(seconds, kept) == chosen
