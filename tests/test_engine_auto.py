@@ -15,7 +15,10 @@ from test_engine_predictor import DiscDecoder, tiny_sam
 
 from hrmedseg.engine import BoxPredictor, SparseLabels
 from hrmedseg.engine.labels import ObjectMask
-from hrmedseg.engine.auto import AutoOptions, fill_small_holes, owned, propose, proposal_instances, proposal_masks, split_instances
+from hrmedseg.engine.auto import (
+    NMS_DIRECT_BELOW, AutoOptions, boxes_with_overlap, fill_small_holes, nms_boxes, owned, propose, proposal_instances, proposal_masks,
+    split_instances,
+)
 from hrmedseg.training.metrics import match_instances, watershed_instances
 
 NUCLEI = SHARED / "data" / "nuclei_dsb2018"
@@ -171,3 +174,40 @@ def test_auto_beats_watershed_on_held_out_nuclei():
         return 2 * sum(r["tp"] for r in rows) / sum(r["n_pred"] + r["n_gt"] for r in rows)
 
     assert pooled(ours) > pooled(baseline) + 0.03  # 0.076 on all 70 held-out images (docs/benchmarks.md)
+
+
+def _lattice_boxes(n: int, spacing: float, seed: int = 0) -> np.ndarray:
+    """(n, 4) xyxy boxes of 10-60 px at random centres with about one box per spacing^2: many overlap."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, np.sqrt(n) * spacing, (n, 2))
+    half = rng.uniform(5, 30, (n, 2))
+    return np.c_[centres - half, centres + half]
+
+
+def test_nms_on_many_boxes_keeps_what_torchvision_keeps():
+    """Above NMS_DIRECT_BELOW only the boxes that overlap something go through torchvision: same result."""
+    import torchvision
+
+    boxes = _lattice_boxes(NMS_DIRECT_BELOW + 2000, spacing=45.0)
+    scores = np.random.default_rng(1).permutation(len(boxes)).astype(np.float64)  # distinct: no ties
+    expected = torchvision.ops.nms(torch.as_tensor(boxes, dtype=torch.float32), torch.as_tensor(scores, dtype=torch.float32), 0.5).numpy()
+    kept = nms_boxes(boxes, scores, 0.5)
+    assert np.array_equal(kept, expected)
+    assert 0 < len(boxes) - len(kept) < len(boxes) // 2  # the test set has suppressions to get right
+
+
+def test_boxes_with_overlap_finds_every_pair_above_the_threshold():
+    boxes = _lattice_boxes(400, spacing=40.0, seed=2)
+    iou = box_iou(torch.as_tensor(boxes), torch.as_tensor(boxes)).numpy()
+    np.fill_diagonal(iou, 0)
+    assert np.array_equal(boxes_with_overlap(boxes, 0.3), np.flatnonzero((iou > 0.3).any(axis=1)))
+    huge = np.r_[boxes, [[0, 0, 5000, 5000]] * 20]  # too uneven to bin: every box is checked
+    assert np.array_equal(boxes_with_overlap(huge, 0.3, max_entries_per_box=4), np.arange(len(huge)))
+
+
+def test_nms_ties_go_to_the_lower_index_on_either_path():
+    pair = np.array([[0, 0, 10, 10], [1, 0, 11, 10]], np.float64)
+    far = pair[None] + 100.0 * np.arange(NMS_DIRECT_BELOW // 2 + 1)[:, None, None]  # many such pairs, far apart
+    for boxes in (pair, far.reshape(-1, 4)):
+        kept = nms_boxes(boxes, np.ones(len(boxes)), 0.5)
+        assert np.array_equal(kept, np.arange(0, len(boxes), 2))
