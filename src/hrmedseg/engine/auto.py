@@ -63,6 +63,7 @@ FLIP_VIEWS: dict[int, tuple[tuple[bool, bool], ...]] = {
 # 2 (the window and its left-right mirror): on DSB training images (not is_val), proposals alone,
 # pooled F1 +0.016 dark / +0.013 light (54 images), +0.014 on 18 more dark ones; 3 or 4 views
 # did no better on light images for 1.5-2x the model calls (docs/benchmarks.md, "Size-normalised proposals").
+# Held-out (one run, 70 images): +0.004 pooled F1 for segment_auto, +0.007 for the proposals alone.
 FLIPS_DEFAULT = 2
 
 
@@ -299,9 +300,10 @@ def flip_averaged_probability(predict_logits: Callable[[np.ndarray], np.ndarray]
     :data:`FLIP_VIEWS` of ``flips`` of the sigmoid of ``predict_logits(view)[0]`` ((C2, h, w)
     logits of one class), each flipped back to ``rgb``'s orientation first.
 
-    Why: the prompt-free model's errors on a view are partly tied to the orientation of the
-    tiles it sees (padding side, position of a nucleus in its window); averaging mirrored
-    views cancels part of them (docs/benchmarks.md, "Size-normalised proposals").
+    Why: the model's errors are not mirror-symmetric (its padding sits on the bottom-right of
+    a window, and a nucleus's position in the window changes with the view), so the mean of a
+    view and its mirror cancels part of them; it helped on DSB training images (docs/benchmarks.md,
+    "Size-normalised proposals"; why exactly was not analysed).
     """
     total = np.zeros(rgb.shape[:2], np.float32)
     for rows, cols in FLIP_VIEWS[flips]:
