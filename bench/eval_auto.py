@@ -1,15 +1,18 @@
 """Instance quality of "segment every object" on the held-out DSB 2018 nuclei, next to the classical baseline.
 
-Four methods in one run, on the same held-out images (scripts/prepare_device_payload.py's
+Six methods in one run, on the same held-out images (scripts/prepare_device_payload.py's
 ``is_val`` split, which no training step saw), read at native resolution from ../shared:
 
 - ``auto``: ``BoxPredictor.segment_auto`` with today's ``AutoOptions()`` (prompt-free nuclei
   proposals, each box through the box model);
+- ``auto_main``: the same with the defaults before test-time flips (``flips`` 1: the prompt-free
+  model sees each window once, as on main before 2026-12-07), to show what the flips do;
 - ``auto_previous``: the same with the proposal split used before 2026-12-06 (watershed markers
-  8 px apart, no joining of wide necks, no hole filling), to show what that change did;
-- ``proposals``: the proposals alone (the prompt-free model's foreground, small holes filled,
-  split by the watershed with wide necks joined, fragments under ``min_area`` dropped), to show
-  what the box stage adds;
+  8 px apart, no joining of wide necks, no hole filling; no flips), to show what that change did;
+- ``proposals``: the proposals alone (the prompt-free model's foreground, averaged over the
+  flips, small holes filled, split by the watershed with wide necks joined, fragments under
+  ``min_area`` dropped), to show what the box stage adds;
+- ``proposals_main``: the proposals alone without flips (``flips`` 1);
 - ``watershed``: Otsu threshold + distance-transform watershed (scikit-image, markers 8 px
   apart), no learning.
 
@@ -19,12 +22,14 @@ per-image F1 at IoU 0.5, pooled F1 (matches over all images), mean Dice of match
 seconds per image on this machine's CPU threads.
 
 Usage:
-  python bench/eval_auto.py [--images N] [--box-model NAME] [--json out.json]
+  python bench/eval_auto.py [--images N] [--methods auto,auto_main,...] [--box-model NAME] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 
 import numpy as np
@@ -34,11 +39,13 @@ from PIL import Image
 from report import cpu_name, print_and_save
 
 from hrmedseg.engine import BoxPredictor
-from hrmedseg.engine.auto import AutoOptions, proposal_instances, resolve_proposer
+from hrmedseg.engine.auto import AutoOptions, proposal_instances, resolve_proposer, semantic_foreground
 from hrmedseg.training.metrics import match_instances, watershed_instances
 
 # The proposal split before 2026-12-06 (docs/benchmarks.md, "Segment every object").
-PREVIOUS_SPLIT = {"split_distance": 8, "neck_ratio": 2.0, "max_hole_area": 0}
+PREVIOUS_SPLIT = {"split_distance": 8, "neck_ratio": 2.0, "max_hole_area": 0, "flips": 1}
+# The defaults on main before test-time flips (2026-12-07).
+MAIN_BEFORE_FLIPS = {"flips": 1}
 
 
 def modality(rgb: np.ndarray) -> str:
@@ -61,29 +68,61 @@ def summary(rows: list[dict], seconds: float) -> dict:
     }
 
 
+def read_rgb(item: dict) -> np.ndarray:
+    """(H, W, 3) uint8 image of a manifest item."""
+    return np.asarray(Image.open(SHARED / "nuclei_dsb2018" / item["image"]).convert("RGB"))
+
+
+def interleaved(items: list[dict]) -> list[dict]:
+    """``items`` reordered so that each modality's images are spread evenly over the list (each
+    image at its fractional rank within its modality; ties: manifest order)."""
+    kinds = [modality(read_rgb(it)) for it in items]
+    counts = {k: kinds.count(k) for k in set(kinds)}
+    seen = {k: 0 for k in counts}
+    ranks = []
+    for kind in kinds:
+        ranks.append((seen[kind] + 0.5) / counts[kind])
+        seen[kind] += 1
+    return [items[i] for i in sorted(range(len(items)), key=lambda i: (ranks[i], i))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, help="only the first N held-out images")
+    ap.add_argument("--images", type=int, help="only the first N held-out images (in --order)")
+    ap.add_argument("--order", choices=("manifest", "interleaved"), default="manifest",
+                    help="interleaved: light-background images spread evenly among the dark ones, so any first N is modality-balanced")
     ap.add_argument("--box-model", default="hrmedseg_sam_default")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--methods", help="comma-separated subset of the methods (default: all); the first is the headline row")
     ap.add_argument("--json")
     args = ap.parse_args()
     predictor = BoxPredictor(args.box_model, device=args.device)
     proposer = resolve_proposer("nuclei", predictor.device)
     options = AutoOptions()
     previous = AutoOptions(**PREVIOUS_SPLIT)
+    main_before = AutoOptions(**MAIN_BEFORE_FLIPS)
     methods = {
         "auto": lambda img: predictor.segment_auto(img, proposer=proposer, options=options)[0],
+        "auto_main": lambda img: predictor.segment_auto(img, proposer=proposer, options=main_before)[0],
         "auto_previous": lambda img: predictor.segment_auto(img, proposer=proposer, options=previous)[0],
-        "proposals": lambda img: proposal_instances(proposer.segment(img, threshold=options.threshold) > 0, options),
+        "proposals": lambda img: proposal_instances(semantic_foreground(proposer, img, options), options),
+        "proposals_main": lambda img: proposal_instances(semantic_foreground(proposer, img, main_before), main_before),
         "watershed": lambda img: watershed_instances(img),
     }
+    if args.methods:
+        unknown = set(args.methods.split(",")) - set(methods)
+        if unknown:
+            ap.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(methods)}")
+        methods = {name: methods[name] for name in args.methods.split(",")}
     rows: dict[str, list[dict]] = {name: [] for name in methods}
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     kinds: list[str] = []
-    items = val_items("nuclei_dsb2018")[: args.images]
+    items = val_items("nuclei_dsb2018")
+    if args.order == "interleaved":
+        items = interleaved(items)
+    items = items[: args.images]
     for item in items:
-        image = np.asarray(Image.open(SHARED / "nuclei_dsb2018" / item["image"]).convert("RGB"))
+        image = read_rgb(item)
         gt = np.asarray(Image.open(SHARED / "nuclei_dsb2018" / item["mask"]))
         kinds.append(modality(image))
         for name, run in methods.items():
@@ -92,7 +131,11 @@ def main() -> None:
             labels = run(image)
             seconds[name].append(time.perf_counter() - t0)
             rows[name].append(match_instances(labels, gt))
-    result: dict = {"images": len(items), "objects": int(sum(r["n_gt"] for r in rows["auto"])), "cpu": cpu_name(),
+        # One line per image on stderr: a run stopped early can still be summed up.
+        print(json.dumps({"image": item["name"], "kind": kinds[-1], **{
+            name: {k: rows[name][-1][k] for k in ("tp", "n_pred", "n_gt")} | {"s": round(seconds[name][-1], 2)} for name in methods}}),
+            file=sys.stderr, flush=True)
+    result: dict = {"images": len(items), "objects": int(sum(r["n_gt"] for r in next(iter(rows.values())))), "cpu": cpu_name(),
                     "threads": torch.get_num_threads(), "box_model": args.box_model}
     for name, rs in rows.items():
         result[name] = summary(rs, sum(seconds[name]))

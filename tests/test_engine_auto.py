@@ -16,9 +16,10 @@ from test_engine_predictor import DiscDecoder, tiny_sam
 from hrmedseg.engine import BoxPredictor, SparseLabels
 from hrmedseg.engine.labels import ObjectMask
 from hrmedseg.engine.auto import (
-    NMS_DIRECT_BELOW, AutoOptions, boxes_with_overlap, fill_small_holes, nms_boxes, owned, propose, proposal_instances, proposal_masks,
-    split_instances,
+    NMS_DIRECT_BELOW, AutoOptions, boxes_with_overlap, fill_small_holes, flip_averaged_probability, nms_boxes, owned, propose,
+    proposal_instances, proposal_masks, semantic_foreground, split_instances,
 )
+from hrmedseg.errors import InputError
 from hrmedseg.training.metrics import match_instances, watershed_instances
 
 NUCLEI = SHARED / "data" / "nuclei_dsb2018"
@@ -62,6 +63,65 @@ def test_object_across_tile_borders_is_one_object():
     assert scores["tp"] == 3 and scores["n_pred"] == 3  # the corner disc is one object, not four
     corner = rendered[truth == 1]
     assert (corner == corner[0]).mean() > 0.95
+
+
+class BiasedLogitsProposer(BrightProposer):
+    """Stub prompt-free model with logits: bright pixels, plus a bias growing to the right of
+    each window it sees (an orientation-tied error that mirrored views cancel)."""
+
+    def __init__(self, bias: float):
+        super().__init__()
+        self.bias = bias
+
+    def predict_logits(self, rgb):
+        self.windows.append(rgb.shape[:2])
+        h, w = rgb.shape[:2]
+        content = np.where(np.asarray(rgb).mean(-1) > 128, 4.0, -4.0)
+        return (content + self.bias * np.linspace(-1, 1, w)[None])[None].astype(np.float32)
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def test_flip_average_maps_each_view_back():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 30, 3)).astype(np.uint8)
+    content = BiasedLogitsProposer(bias=0.0)
+    # A model that depends on the pixels only: every view flipped back is the plain prediction.
+    plain = sigmoid(content.predict_logits(rgb)[0])
+    for flips in (2, 4):
+        assert np.allclose(flip_averaged_probability(content.predict_logits, rgb, flips), plain, atol=1e-6)
+    # A model that depends on the position only: the mirrored views' mean is symmetric left-right.
+    position = lambda view: np.broadcast_to(np.linspace(-3, 3, view.shape[1])[None, None], (1,) + view.shape[:2])
+    ramp = sigmoid(np.linspace(-3, 3, 30))
+    averaged = flip_averaged_probability(position, rgb, 2)
+    assert np.allclose(averaged, ((ramp + ramp[::-1]) / 2)[None].repeat(20, 0), atol=1e-6)
+    assert not np.allclose(flip_averaged_probability(position, rgb, 1), averaged)
+
+
+def test_proposals_average_flipped_views_of_each_window():
+    truth = discs((60, 120), [(30, 20), (30, 100)], r=10)
+    image = np.where(truth > 0, 220, 10).astype(np.uint8)[..., None].repeat(3, -1)
+    # In one view the bias (up to 8) erodes the left disc (logit 4 - b < 0) and floods the right
+    # background (-4 + b > 0); the mean of a view and its mirror is exactly the bias-free
+    # foreground (sigmoid(4 + b) + sigmoid(4 - b) > 1 > sigmoid(b - 4) + sigmoid(-4 - b)).
+    biased = BiasedLogitsProposer(bias=8.0)
+    one_view = flip_averaged_probability(biased.predict_logits, image, 1) > 0.5
+    assert not one_view[truth == 1].all() and one_view[truth == 0].any()
+    biased.windows.clear()
+    assert np.array_equal(semantic_foreground(biased, image, AutoOptions(flips=2)), truth > 0)
+    assert biased.windows == [(60, 120)] * 2  # one model call per view
+    biased.windows.clear()
+    semantic_foreground(biased, image, AutoOptions(flips=1))  # one view: the proposer's segment, as before
+    assert biased.windows == [(60, 120)]
+    predictor = BoxPredictor(tiny_sam(), device="cpu", decoder=DiscDecoder())
+    biased.windows.clear()
+    boxes = propose(predictor, image, biased, AutoOptions(tile=64, halo=0, box_pad=0, flips=4))
+    assert len(biased.windows) == 2 * 4  # two tiles, four views each
+    assert len(boxes) == 2
+    with pytest.raises(InputError):
+        AutoOptions(flips=3)
 
 
 def test_ownership_by_box_centre():

@@ -8,7 +8,8 @@ Two stages:
 
 1. **Proposals** (boxes, xyxy native pixels), tile by tile so that memory stays bounded:
    - ``proposer="nuclei"`` (or any prompt-free HRMedSeg model / :class:`SemanticPredictor`):
-     the prompt-free model's foreground on the tile, its small holes filled, split into
+     the prompt-free model's foreground on the tile (its probabilities averaged over
+     ``flips`` mirrored views of the tile), its small holes filled, split into
      instances by a distance-transform watershed (touching nuclei become separate objects),
      pieces joined again where the neck between them is wide (one large nucleus stays whole);
    - ``proposer="grid"`` (any SAM box model, no prompt-free model needed): a grid of point
@@ -53,6 +54,17 @@ log = logging.getLogger(__name__)
 
 PROPOSERS = ("nuclei", "grid")
 AGREE_IOU = 0.7  # chosen on 12 DSB training images (not is_val): 0.5-0.7 tie, higher levels lose F1
+# Test-time flips of the prompt-free model: views per count, as (flip rows, flip columns).
+FLIP_VIEWS: dict[int, tuple[tuple[bool, bool], ...]] = {
+    1: ((False, False),),
+    2: ((False, False), (False, True)),
+    4: ((False, False), (False, True), (True, False), (True, True)),
+}
+# 2 (the window and its left-right mirror): on DSB training images (not is_val), proposals alone,
+# pooled F1 +0.016 dark / +0.013 light (54 images), +0.014 on 18 more dark ones; 3 or 4 views
+# did no better on light images for 1.5-2x the model calls (docs/benchmarks.md, "Size-normalised proposals").
+# Held-out (one run, 70 images): +0.004 pooled F1 for segment_auto, +0.007 for the proposals alone.
+FLIPS_DEFAULT = 2
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,12 @@ class AutoOptions:
     agree_iou: a prompt-free proposal keeps the box model's mask (clipped to its zone) only when
         that mask's IoU with the proposal's own mask is at least this; 0 always keeps the box
         model's mask, above 1 never (the proposals alone).
+    flips: test-time flips of the prompt-free model: its foreground probability is the mean
+        over this many views of each window (:data:`FLIP_VIEWS`: 1 = the window as it is,
+        2 = also mirrored left-right, 4 = also up-down and both), each view's probabilities
+        flipped back before the mean. FLIPS_DEFAULT, chosen on DSB training images (see
+        docs/benchmarks.md, "Size-normalised proposals"); each view is one more model call.
+        A proposer without ``predict_logits`` (a stub with ``segment`` only) ignores it.
     """
 
     tile: int = 2048
@@ -128,8 +146,11 @@ class AutoOptions:
     points_batch: int = 64
     nms_iou: float = 0.7
     agree_iou: float = AGREE_IOU
+    flips: int = FLIPS_DEFAULT
 
     def __post_init__(self) -> None:
+        if self.flips not in FLIP_VIEWS:
+            raise InputError(f"flips must be one of {', '.join(map(str, sorted(FLIP_VIEWS)))} (got {self.flips})")
         if self.tile < 64 or self.halo < 0 or self.halo >= self.tile:
             raise InputError(f"auto tiles need tile >= 64 and 0 <= halo < tile (got tile {self.tile}, halo {self.halo})")
 
@@ -263,6 +284,42 @@ def fill_small_holes(foreground: np.ndarray, max_hole_area: int) -> np.ndarray:
     small = np.bincount(holes.ravel()) <= max_hole_area
     small[0] = False
     return foreground | small[holes]
+
+
+def flipped(array: np.ndarray, rows: bool, cols: bool) -> np.ndarray:
+    """``array`` (h, w, ...) mirrored up-down (``rows``) and/or left-right (``cols``); its own inverse."""
+    if rows:
+        array = array[::-1]
+    if cols:
+        array = array[:, ::-1]
+    return array
+
+
+def flip_averaged_probability(predict_logits: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray, flips: int) -> np.ndarray:
+    """(h, w) float32 foreground probability of ``rgb`` (h, w, 3): the mean over the
+    :data:`FLIP_VIEWS` of ``flips`` of the sigmoid of ``predict_logits(view)[0]`` ((C2, h, w)
+    logits of one class), each flipped back to ``rgb``'s orientation first.
+
+    Why: the model's errors are not mirror-symmetric (its padding sits on the bottom-right of
+    a window, and a nucleus's position in the window changes with the view), so the mean of a
+    view and its mirror cancels part of them; it helped on DSB training images (docs/benchmarks.md,
+    "Size-normalised proposals"; why exactly was not analysed).
+    """
+    total = np.zeros(rgb.shape[:2], np.float32)
+    for rows, cols in FLIP_VIEWS[flips]:
+        view = np.ascontiguousarray(flipped(rgb, rows, cols))
+        logits = np.asarray(predict_logits(view)[0], np.float32)
+        total += flipped(1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0))), rows, cols)
+    return total / len(FLIP_VIEWS[flips])
+
+
+def semantic_foreground(semantic: Any, rgb: np.ndarray, options: "AutoOptions") -> np.ndarray:
+    """(h, w) bool prompt-free foreground of ``rgb`` (h, w, 3) uint8: probability >
+    ``options.threshold``, averaged over ``options.flips`` views when the proposer has
+    ``predict_logits`` (a :class:`SemanticPredictor`); one view is ``semantic.segment`` as before."""
+    if options.flips == 1 or not hasattr(semantic, "predict_logits"):
+        return semantic.segment(rgb, threshold=options.threshold) > 0
+    return flip_averaged_probability(semantic.predict_logits, rgb, options.flips) > options.threshold
 
 
 def proposal_instances(foreground: np.ndarray, options: "AutoOptions") -> np.ndarray:
@@ -412,7 +469,7 @@ def propose_semantic(
             raise Cancelled("auto segmentation cancelled")
         wy0, wy1, wx0, wx1 = _window(image, core, options.halo)
         rgb = np.clip(np.rint(scaling_apply(image.read(wy0, wy1, wx0, wx1))), 0, 255).astype(np.uint8)
-        foreground = semantic.segment(rgb, threshold=options.threshold) > 0
+        foreground = semantic_foreground(semantic, rgb, options)
         instances = proposal_instances(foreground, options)
         boxes = instance_boxes(instances, options.min_area, (wy0, wx0))
         ids = np.unique(instances[instances > 0])  # instance_boxes' order: the labels left, ascending
@@ -631,5 +688,5 @@ def segment_auto(
     return paste_objects(objects, image.shape_yx, labels, first_id, overlap="keep_existing")
 
 
-__all__ = ["AGREE_IOU", "AutoOptions", "PROPOSERS", "ProposalMask", "auto_objects", "cell_proposals", "final_masks",
+__all__ = ["AGREE_IOU", "AutoOptions", "FLIPS_DEFAULT", "FLIP_VIEWS", "flip_averaged_probability", "semantic_foreground", "PROPOSERS", "ProposalMask", "auto_objects", "cell_proposals", "final_masks",
            "fill_small_holes", "merge_wide_necks", "padded_raster_order", "propose", "propose_objects", "proposal_instances", "segment_auto", "split_instances", "tiles", "zones"]
