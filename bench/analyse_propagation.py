@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_propagation import dice, middle_slices, per_slice_boxes, read_wheel, tight_box  # noqa: E402
+from bench_propagation import dice, middle_slices, per_slice_boxes, tight_box  # noqa: E402
+from propagation_data import read_stardist_wheel  # noqa: E402
 
 from hrmedseg.engine import BoxPredictor  # noqa: E402
 from hrmedseg.engine.propagation import SlicePrompt, propagate  # noqa: E402
@@ -117,7 +118,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    image, gt = read_wheel(args.wheel)
+    image, gt = read_stardist_wheel(args.wheel)
     ids = sorted(int(i) for i in np.unique(gt) if i)
     if args.half != "all":
         ids = [i for i in ids if i % 2 == (args.half == "odd")]
