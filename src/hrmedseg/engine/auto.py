@@ -377,10 +377,11 @@ NMS_DIRECT_BELOW = 4096
 def nms_boxes(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Indices of ``boxes`` (N, 4) xyxy kept by torchvision's greedy box NMS at ``iou``, highest score first.
 
-    torchvision compares every box with every other (170,876 objects of a 40000^2 slide: 40 s), but
-    a box can only suppress one it overlaps: boxes with no partner above ``iou`` are kept as they
-    are, and torchvision runs on the others only (:func:`boxes_with_overlap`). The kept set is
-    the same; of two boxes with equal (float32) scores the one with the lower index counts as higher.
+    torchvision compares every box with every other (170k objects of a 40000^2 slide: 40-136 s on
+    2 cores, bench/bench_auto_merge.py), but a box can only suppress one it overlaps: boxes with
+    no partner above ``iou`` are kept as they are, and torchvision runs on the others only
+    (:func:`boxes_with_overlap`). The kept set is the same; of two boxes with equal (float32)
+    scores the one with the lower index counts as higher.
     """
     import torchvision
 
@@ -688,5 +689,6 @@ def segment_auto(
     return paste_objects(objects, image.shape_yx, labels, first_id, overlap="keep_existing")
 
 
-__all__ = ["AGREE_IOU", "AutoOptions", "FLIPS_DEFAULT", "FLIP_VIEWS", "flip_averaged_probability", "semantic_foreground", "PROPOSERS", "ProposalMask", "auto_objects", "cell_proposals", "final_masks",
+__all__ = ["AGREE_IOU", "AutoOptions", "FLIPS_DEFAULT", "FLIP_VIEWS", "PROPOSERS", "ProposalMask", "auto_objects",
+           "boxes_with_overlap", "cell_proposals", "final_masks", "flip_averaged_probability", "nms_boxes", "semantic_foreground",
            "fill_small_holes", "merge_wide_necks", "padded_raster_order", "propose", "propose_objects", "proposal_instances", "segment_auto", "split_instances", "tiles", "zones"]
