@@ -407,7 +407,9 @@ def test_ctrl_c_stops_cleanly_and_rerun_resumes(tmp_path, models):
 
     folder = tmp_path / "images"
     folder.mkdir()
-    keys = [f"img{i}" for i in range(6)]
+    # Enough images that the run is still going when the signal comes (on an idle machine 6 small
+    # ones could all finish between the first "done" in the manifest and the SIGINT).
+    keys = [f"img{i}" for i in range(24)]
     for i, key in enumerate(keys):
         tifffile.imwrite(folder / f"{key}.tif", _smooth_image((320, 320), i))
     out = tmp_path / "out"
