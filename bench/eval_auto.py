@@ -22,7 +22,7 @@ per-image F1 at IoU 0.5, pooled F1 (matches over all images), mean Dice of match
 seconds per image on this machine's CPU threads.
 
 Usage:
-  python bench/eval_auto.py [--images N] [--methods auto,auto_main,...] [--box-model NAME] [--json out.json]
+  python bench/eval_auto.py [--images N] [--methods auto,auto_main,...] [--box-model NAME] [--json out.json] [--proposer MODEL]
 """
 
 from __future__ import annotations
@@ -93,11 +93,14 @@ def main() -> None:
                     help="interleaved: light-background images spread evenly among the dark ones, so any first N is modality-balanced")
     ap.add_argument("--box-model", default="hrmedseg_sam_default")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--split", choices=("val", "train"), default="val",
+                    help="train: the manifest's training-split items (for a manifest that lists a selection part of it)")
+    ap.add_argument("--proposer", default="nuclei", help="the prompt-free model of auto/proposals (name or path)")
     ap.add_argument("--methods", help="comma-separated subset of the methods (default: all); the first is the headline row")
     ap.add_argument("--json")
     args = ap.parse_args()
     predictor = BoxPredictor(args.box_model, device=args.device)
-    proposer = resolve_proposer("nuclei", predictor.device)
+    proposer = resolve_proposer(args.proposer, predictor.device)
     options = AutoOptions()
     previous = AutoOptions(**PREVIOUS_SPLIT)
     main_before = AutoOptions(**MAIN_BEFORE_FLIPS)
@@ -117,7 +120,7 @@ def main() -> None:
     rows: dict[str, list[dict]] = {name: [] for name in methods}
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     kinds: list[str] = []
-    items = val_items("nuclei_dsb2018")
+    items = val_items("nuclei_dsb2018", val=args.split == "val")
     if args.order == "interleaved":
         items = interleaved(items)
     items = items[: args.images]
@@ -136,7 +139,8 @@ def main() -> None:
             name: {k: rows[name][-1][k] for k in ("tp", "n_pred", "n_gt")} | {"s": round(seconds[name][-1], 2)} for name in methods}}),
             file=sys.stderr, flush=True)
     result: dict = {"images": len(items), "objects": int(sum(r["n_gt"] for r in next(iter(rows.values())))), "cpu": cpu_name(),
-                    "threads": torch.get_num_threads(), "box_model": args.box_model}
+                    "threads": torch.get_num_threads(), "box_model": args.box_model,
+                    "proposer": args.proposer, "split": args.split}
     for name, rs in rows.items():
         result[name] = summary(rs, sum(seconds[name]))
         for kind in sorted(set(kinds)):

