@@ -214,7 +214,7 @@ class FastMaskDecoder(nn.Module):
         # src and pe as (1, n, C) rows in memory: an add or product between a (C, n) embedding
         # seen transposed and (n, C) rows (get_dense_pe's layout, and every later image-side
         # tensor) is a strided transpose, several times slower than the copy made here once.
-        src = (image_embedding + dense_embedding).flatten(2).transpose(1, 2).contiguous()
+        src = torch.add(image, dense_embedding.flatten(2).transpose(1, 2), out=image.new_empty(image.shape))
         pe = image_pe.flatten(2).transpose(1, 2).contiguous().expand_as(src)
         k0, v0, q0 = self._image_side_block0(src, pe)
         self.crop = PreparedCrop(image, dense_embedding, src, pe, k0, v0, q0, (h, w))
@@ -238,12 +238,15 @@ class FastMaskDecoder(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v)
         return attn.out_proj(merge_heads(out))
 
-    def _tokens_to_image(self, attn: nn.Module, q_in: torch.Tensor, keys: torch.Tensor, keys_pe: torch.Tensor):
+    def _tokens_to_image(self, attn: nn.Module, q_in: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor,
+                         keys_pe: torch.Tensor | None = None):
         """Token->image attention without projecting the n image tokens.
 
         ``softmax((q Wk_h) . x) (x Wv_h^T + bv_h) = (softmax(...) x) Wv_h^T + bv_h``: the key bias adds
         the same logit to every image token and cancels in the softmax.
-        keys, keys_pe: (B, n, C); q_in: (B, T, C) -> (B, T, C).
+        keys, pe: (B, n, C); keys_pe: ``keys + pe`` where the caller has it, else the logits are
+        ``q . keys + q . pe`` (a few rows of q: cheaper than forming the (B, n, C) sum);
+        q_in: (B, T, C) -> (B, T, C).
         """
         heads = attn.num_heads
         d = attn.internal_dim // heads
@@ -252,7 +255,10 @@ class FastMaskDecoder(nn.Module):
         wv = attn.v_proj.weight.view(heads, d, -1)
         b, _, t, _ = q.shape
         q_img = torch.matmul(q, wk).mul_(self._softmax_scale(attn)).reshape(b, heads * t, -1)  # (B, heads*T, C)
-        logits = torch.matmul(q_img, keys_pe.transpose(1, 2))  # (B, heads*T, n)
+        if keys_pe is not None:
+            logits = torch.matmul(q_img, keys_pe.transpose(1, 2))  # (B, heads*T, n)
+        else:
+            logits = torch.baddbmm(torch.matmul(q_img, pe.transpose(1, 2)), q_img, keys.transpose(1, 2))
         mixed = torch.matmul(logits.softmax(dim=-1), keys).view(b, heads, t, -1)  # (B, heads, T, C)
         out = torch.matmul(mixed, wv.transpose(1, 2)) + attn.v_proj.bias.view(heads, 1, d)
         return attn.out_proj(merge_heads(out))
@@ -373,7 +379,7 @@ class FastMaskDecoder(nn.Module):
         q = queries + tokens_pe
         queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
         keys_pe = keys + pe
-        queries = layer.norm2(queries + self._tokens_to_image(layer.cross_attn_token_to_image, queries + tokens_pe, keys, keys_pe))
+        queries = layer.norm2(queries + self._tokens_to_image(layer.cross_attn_token_to_image, queries + tokens_pe, keys, pe, keys_pe))
         queries = layer.norm3(queries + layer.mlp(queries))
         keys = layer.norm4(
             self._image_to_tokens(layer.cross_attn_image_to_token, keys_pe, queries, queries + tokens_pe, keys, False)
@@ -384,7 +390,7 @@ class FastMaskDecoder(nn.Module):
         used = [0] + [1 + i for i in mask_ids]
         q_used = queries[:, used]
         final = self.transformer.final_attn_token_to_image
-        q_used = q_used + self._tokens_to_image(final, q_used + tokens_pe[:, used], keys, keys + pe)
+        q_used = q_used + self._tokens_to_image(final, q_used + tokens_pe[:, used], keys, pe)
         hs = self.transformer.norm_final_attn(q_used)
 
         iou = decoder.iou_prediction_head(hs[:, 0])[:, mask_ids]
