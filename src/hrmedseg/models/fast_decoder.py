@@ -488,6 +488,8 @@ class FastSamBoxDecoder:
         # tensor can never be mistaken for it. Works for inference-mode tensors too.
         self._prepared_for: torch.Tensor | None = None
         self._dense_pe_of: tuple | None = None  # (Gaussian matrix, (grid, its version), dense PE)
+        with torch.no_grad():  # per model, not per crop: computed here rather than on the first box
+            self.dense_pe()
 
     def dense_pe(self) -> torch.Tensor:
         """``prompt_encoder.get_dense_pe()``, (1, C, h, w): the same for every crop, so computed again
