@@ -214,7 +214,9 @@ class FastMaskDecoder(nn.Module):
         # src and pe as (1, n, C) rows in memory: an add or product between a (C, n) embedding
         # seen transposed and (n, C) rows (get_dense_pe's layout, and every later image-side
         # tensor) is a strided transpose, several times slower than the copy made here once.
-        src = torch.add(image, dense_embedding.flatten(2).transpose(1, 2), out=image.new_empty(image.shape))
+        dense_rows = dense_embedding.flatten(2).transpose(1, 2)
+        src = image.new_empty(image.shape, dtype=torch.result_type(image, dense_rows))  # a bf16 embedding: float32
+        torch.add(image, dense_rows, out=src)
         pe = image_pe.flatten(2).transpose(1, 2).contiguous().expand_as(src)
         k0, v0, q0 = self._image_side_block0(src, pe)
         self.crop = PreparedCrop(image, dense_embedding, src, pe, k0, v0, q0, (h, w))
