@@ -98,6 +98,17 @@ def test_foreign_entry_is_not_used(tmp_path):
     assert not cache.path(("theirs",)).exists()
 
 
+def test_entry_of_another_format_is_recomputed(tmp_path):
+    import zarr
+
+    cache = DiskEmbeddingCache(tmp_path)
+    cache.put(("k",), torch.ones(2, 3))
+    assert cache.get(("k",)) is not None
+    zarr.open_group(str(cache.path(("k",))), mode="r+").attrs["format"] = 1  # format 1 kept SHA-256s
+    assert cache.get(("k",)) is None and cache.rejected == 1
+    assert not cache.path(("k",)).exists()
+
+
 def _write_many(root: str, start, n: int) -> None:
     cache = DiskEmbeddingCache(root, max_bytes=6 * 2**20)
     start.wait()

@@ -134,3 +134,30 @@ def test_engine_drop_in_equals_engine_sam_decoder(sam_parts):
     fast = FastSamBoxDecoder(model)
     fast(embedding, boxes)
     assert torch.allclose(fast(other, boxes)[0], ref_other, atol=1e-4, rtol=1e-4)
+
+
+def test_engine_drop_in_follows_new_prompt_encoder_weights(sam_parts):
+    """The dense PE is kept between crops; new Gaussian weights (a reload) are seen, and so are
+    new mask decoder weights in a decoder built after loading them."""
+    import copy
+
+    from hrmedseg.engine.decoder import SamBoxDecoder
+    from hrmedseg.models.fast_decoder import FastSamBoxDecoder
+
+    model = torch.nn.Module()
+    model.prompt_encoder, model.mask_decoder = copy.deepcopy(sam_parts)
+    boxes = _boxes(3, 6)
+    fast = FastSamBoxDecoder(model)
+    fast(torch.randn(1, 256, 64, 64), boxes)
+    with torch.no_grad():
+        model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(1.5)
+    embedding = torch.randn(1, 256, 64, 64)
+    ref, _ = SamBoxDecoder(model)(embedding, boxes)
+    assert torch.allclose(fast(embedding, boxes)[0], ref, atol=1e-4, rtol=1e-4)
+    other = copy.deepcopy(model.mask_decoder)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.mask_decoder.load_state_dict(other.state_dict())
+    ref, _ = SamBoxDecoder(model)(embedding, boxes)
+    assert torch.allclose(FastSamBoxDecoder(model)(embedding, boxes)[0], ref, atol=1e-4, rtol=1e-4)

@@ -50,6 +50,28 @@ def test_features_of_the_ellipse_itself():
     assert 0 < f["boundary_margin"] < 1  # the prior's logits are near 0 on its outline
 
 
+def test_features_on_the_occupied_window_equal_the_whole_grid(monkeypatch):
+    """Masks at the grid's border, a hole, scattered small objects and an empty mask: the
+    windowed features (prior_gate._occupied_window) are the whole grid's."""
+    import hrmedseg.models.prior_gate as prior_gate
+
+    boxes = torch.tensor([[0.0, 0.0, 90.0, 60.0], [900.0, 980.0, 1024.0, 1024.0], [400.0, 500.0, 412.0, 509.0], [600.0, 100.0, 700.0, 180.0]])
+    ellipse = ellipse_prior_logits(boxes, (256, 256), SIZE)
+    logits = ellipse + torch.randn(ellipse.shape, generator=torch.Generator().manual_seed(0)) * 3  # ragged outlines
+    logits[0, :, 0:4, 0:30] = 15  # touches the top-left corner
+    logits[1, :, 252:256, 240:256] = 8  # the bottom-right corner
+    logits[3, :, 30:40, 160:170] = -12  # a hole
+    logits[2] = -1e4  # empty (a region decoder's fill)
+    scores = torch.tensor([0.9, 0.8, 0.3, 0.95])
+    windowed = gate_features(logits, scores, boxes, SIZE, ellipse)
+    for i in range(4):  # one object at a time too: each its own window
+        assert torch.allclose(gate_features(logits[i : i + 1], scores[i : i + 1], boxes[i : i + 1], SIZE, ellipse[i : i + 1])[0], windowed[i])
+    monkeypatch.setattr(prior_gate, "_occupied_window", lambda occupied: (slice(None), slice(None)))
+    whole = gate_features(logits, scores, boxes, SIZE, ellipse)
+    assert windowed[2, 4] == 0 and windowed[0, 5] > 0  # the empty mask has no fill; the others an outline
+    assert torch.allclose(windowed, whole, rtol=1e-6, atol=0)
+
+
 def test_shipped_gate_prefers_the_ellipse_over_a_poor_near_ellipse(shipped_gate):
     ellipse = _ellipse()
     shifted = torch.roll(ellipse, shifts=5, dims=-1)  # a soft, shifted near-ellipse: IoU ~0.88

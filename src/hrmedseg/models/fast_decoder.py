@@ -18,7 +18,7 @@ equal to rounding) but is organised for the way box prompting is used: one image
   same as in the full-grid result).
 
 ``FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)`` copies nothing: it keeps references to
-the decoder's modules and snapshots the upscaling weights; build it again after loading new
+the decoder's modules and snapshots the upscaling weights and block 0's key and query projections (fused into one product); build it again after loading new
 weights.
 """
 
@@ -163,6 +163,11 @@ class FastMaskDecoder(nn.Module):
         self.norm_eps = norm.eps
         self.register_buffer("up2_w", up2.weight.detach().permute(0, 2, 3, 1).flatten(1).clone())
         self.register_buffer("up2_b", up2.bias.detach().repeat(4).clone())
+        # Block 0's token->image keys and image->token queries both project src + pe: one
+        # (C -> 2 * internal) product for the two (rows: keys, then queries).
+        t2i, i2t = transformer.layers[0].cross_attn_token_to_image, transformer.layers[0].cross_attn_image_to_token
+        self.register_buffer("block0_kq_w", torch.cat([t2i.k_proj.weight, i2t.q_proj.weight]).detach().clone())
+        self.register_buffer("block0_kq_b", torch.cat([t2i.k_proj.bias, i2t.q_proj.bias]).detach().clone())
         self.crop: PreparedCrop | None = None
 
     @classmethod
@@ -174,14 +179,15 @@ class FastMaskDecoder(nn.Module):
 
     # ----------------------------------------------------------------------------------- crop
     def _image_side_block0(self, src: torch.Tensor, pe: torch.Tensor):
-        """Keys/values of block 0's token->image and queries of its image->token attention."""
+        """Keys/values of block 0's token->image and queries of its image->token attention.
+
+        src, pe: (1 or B, n, C) -> k0, v0, q0: (1 or B, heads, n, d) (views into one product).
+        """
         layer = self.transformer.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        with_pe = src + pe
-        k0 = split_heads(t2i.k_proj(with_pe), t2i.num_heads)
-        v0 = split_heads(t2i.v_proj(src), t2i.num_heads)
-        q0 = split_heads(i2t.q_proj(with_pe), i2t.num_heads)
-        return k0, v0, q0
+        k0, q0 = F.linear(src + pe, self.block0_kq_w, self.block0_kq_b).split([t2i.internal_dim, i2t.internal_dim], dim=-1)
+        v0 = t2i.v_proj(src)
+        return split_heads(k0, t2i.num_heads), split_heads(v0, t2i.num_heads), split_heads(q0, i2t.num_heads)
 
     @torch.no_grad()
     def prepare(
@@ -205,8 +211,13 @@ class FastMaskDecoder(nn.Module):
             dense_embedding = dense_embedding.view(1, -1, 1, 1)
         h, w = image_embedding.shape[-2:]
         image = image_embedding.flatten(2).transpose(1, 2)
-        src = (image_embedding + dense_embedding).flatten(2).transpose(1, 2)
-        pe = image_pe.flatten(2).transpose(1, 2).expand_as(src)
+        # src and pe as (1, n, C) rows in memory: an add or product between a (C, n) embedding
+        # seen transposed and (n, C) rows (get_dense_pe's layout, and every later image-side
+        # tensor) is a strided transpose, several times slower than the copy made here once.
+        dense_rows = dense_embedding.flatten(2).transpose(1, 2)
+        src = image.new_empty(image.shape, dtype=torch.result_type(image, dense_rows))  # a bf16 embedding: float32
+        torch.add(image, dense_rows, out=src)
+        pe = image_pe.flatten(2).transpose(1, 2).contiguous().expand_as(src)
         k0, v0, q0 = self._image_side_block0(src, pe)
         self.crop = PreparedCrop(image, dense_embedding, src, pe, k0, v0, q0, (h, w))
         return self.crop
@@ -229,12 +240,15 @@ class FastMaskDecoder(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v)
         return attn.out_proj(merge_heads(out))
 
-    def _tokens_to_image(self, attn: nn.Module, q_in: torch.Tensor, keys: torch.Tensor, keys_pe: torch.Tensor):
+    def _tokens_to_image(self, attn: nn.Module, q_in: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor,
+                         keys_pe: torch.Tensor | None = None):
         """Token->image attention without projecting the n image tokens.
 
         ``softmax((q Wk_h) . x) (x Wv_h^T + bv_h) = (softmax(...) x) Wv_h^T + bv_h``: the key bias adds
         the same logit to every image token and cancels in the softmax.
-        keys, keys_pe: (B, n, C); q_in: (B, T, C) -> (B, T, C).
+        keys, pe: (B, n, C); keys_pe: ``keys + pe`` where the caller has it, else the logits are
+        ``q . keys + q . pe`` (a few rows of q: cheaper than forming the (B, n, C) sum);
+        q_in: (B, T, C) -> (B, T, C).
         """
         heads = attn.num_heads
         d = attn.internal_dim // heads
@@ -243,7 +257,10 @@ class FastMaskDecoder(nn.Module):
         wv = attn.v_proj.weight.view(heads, d, -1)
         b, _, t, _ = q.shape
         q_img = torch.matmul(q, wk).mul_(self._softmax_scale(attn)).reshape(b, heads * t, -1)  # (B, heads*T, C)
-        logits = torch.matmul(q_img, keys_pe.transpose(1, 2))  # (B, heads*T, n)
+        if keys_pe is not None:
+            logits = torch.matmul(q_img, keys_pe.transpose(1, 2))  # (B, heads*T, n)
+        else:
+            logits = torch.baddbmm(torch.matmul(q_img, pe.transpose(1, 2)), q_img, keys.transpose(1, 2))
         mixed = torch.matmul(logits.softmax(dim=-1), keys).view(b, heads, t, -1)  # (B, heads, T, C)
         out = torch.matmul(mixed, wv.transpose(1, 2)) + attn.v_proj.bias.view(heads, 1, d)
         return attn.out_proj(merge_heads(out))
@@ -364,7 +381,7 @@ class FastMaskDecoder(nn.Module):
         q = queries + tokens_pe
         queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
         keys_pe = keys + pe
-        queries = layer.norm2(queries + self._tokens_to_image(layer.cross_attn_token_to_image, queries + tokens_pe, keys, keys_pe))
+        queries = layer.norm2(queries + self._tokens_to_image(layer.cross_attn_token_to_image, queries + tokens_pe, keys, pe, keys_pe))
         queries = layer.norm3(queries + layer.mlp(queries))
         keys = layer.norm4(
             self._image_to_tokens(layer.cross_attn_image_to_token, keys_pe, queries, queries + tokens_pe, keys, False)
@@ -375,7 +392,7 @@ class FastMaskDecoder(nn.Module):
         used = [0] + [1 + i for i in mask_ids]
         q_used = queries[:, used]
         final = self.transformer.final_attn_token_to_image
-        q_used = q_used + self._tokens_to_image(final, q_used + tokens_pe[:, used], keys, keys + pe)
+        q_used = q_used + self._tokens_to_image(final, q_used + tokens_pe[:, used], keys, pe)
         hs = self.transformer.norm_final_attn(q_used)
 
         iou = decoder.iou_prediction_head(hs[:, 0])[:, mask_ids]
@@ -472,6 +489,21 @@ class FastSamBoxDecoder:
         # The embedding last prepared for; holding the tensor itself (not its id) means a new
         # tensor can never be mistaken for it. Works for inference-mode tensors too.
         self._prepared_for: torch.Tensor | None = None
+        self._dense_pe_of: tuple | None = None  # (Gaussian matrix, (grid, its version), dense PE)
+        with torch.no_grad():  # per model, not per crop: computed here rather than on the first box
+            self.dense_pe()
+
+    def dense_pe(self) -> torch.Tensor:
+        """``prompt_encoder.get_dense_pe()``, (1, C, h, w): the same for every crop, so computed again
+        only when the encoder's grid or its Gaussian matrix (new weights) changed."""
+        matrix = getattr(getattr(self.prompt_encoder, "pe_layer", None), "positional_encoding_gaussian_matrix", None)
+        if not isinstance(matrix, torch.Tensor):
+            return self.prompt_encoder.get_dense_pe()
+        state = (tuple(self.prompt_encoder.image_embedding_size), matrix._version)
+        cached = self._dense_pe_of
+        if cached is None or cached[0] is not matrix or cached[1] != state:
+            self._dense_pe_of = cached = (matrix, state, self.prompt_encoder.get_dense_pe())
+        return cached[2]
 
     @torch.inference_mode()
     def __call__(
@@ -486,7 +518,7 @@ class FastSamBoxDecoder:
         """Prompts as ``hrmedseg.models.prompting.sam_prompt`` (input px); ``extent`` (N, 4): the
         boxes whose regions are computed with a margin (default ``boxes``; with neither, the full grid)."""
         if embedding is not self._prepared_for:
-            self.fast.prepare(embedding, self.prompt_encoder.get_dense_pe())
+            self.fast.prepare(embedding, self.dense_pe())
             self._prepared_for = embedding
         p = prompt_tensors(embedding.device, boxes, points, point_labels, mask_inputs)
         sparse, dense = sam_prompt(self.prompt_encoder, **p)

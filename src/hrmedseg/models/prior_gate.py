@@ -48,6 +48,8 @@ def gate_features(
     """
     n, (h, w) = len(logits), logits.shape[-2:]
     ours, prior = logits > 0, ellipse > 0
+    rows, cols = _occupied_window(ours | prior)  # all that counts lies inside
+    ours, prior, logits = ours[..., rows, cols], prior[..., rows, cols], logits[..., rows, cols]
     inter = (ours & prior).flatten(1).sum(1).float()
     union = (ours | prior).flatten(1).sum(1).float().clamp_min(1)
     boxes = boxes.to(logits.device).float()
@@ -68,6 +70,24 @@ def gate_features(
         ],
         dim=1,
     )
+
+
+def _occupied_window(occupied: torch.Tensor, pad: int = 1) -> tuple[slice, slice]:
+    """Rows and columns of the (N, 1, h, w) grid around every True cell of ``occupied``, + ``pad``.
+
+    :func:`gate_features` computes on this window alone, with the whole grid's result: the counts'
+    cells lie inside, and so do the outline cells (at most one cell from a mask cell). With
+    ``pad`` >= 1 a mask cell's 3 x 3 neighbours all lie inside, and a cell on the window's edge is
+    empty, so its dilation sees only mask cells (inside) and its erosion is 0 either way. The
+    window spans the batch's masks and ellipses: for a small box, a few cells of 256 x 256.
+    """
+    occupied = occupied.flatten(0, -3).any(dim=0)  # (h, w)
+    ys, xs = occupied.any(dim=1).nonzero(), occupied.any(dim=0).nonzero()
+    if len(ys) == 0:  # nothing anywhere: every feature is the same on any window
+        return slice(0, 1), slice(0, 1)
+    h, w = occupied.shape
+    return (slice(max(int(ys[0]) - pad, 0), min(int(ys[-1]) + 1 + pad, h)),
+            slice(max(int(xs[0]) - pad, 0), min(int(xs[-1]) + 1 + pad, w)))
 
 
 @dataclass(frozen=True)
