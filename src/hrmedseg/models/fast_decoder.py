@@ -18,8 +18,8 @@ equal to rounding) but is organised for the way box prompting is used: one image
   same as in the full-grid result).
 
 ``FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)`` copies nothing: it keeps references to
-the decoder's modules and snapshots the upscaling weights and block 0's key and query projections (fused into one product); build it again after loading new
-weights.
+the decoder's modules and snapshots the upscaling weights and block 0's key and query projections
+(fused into one product); build it again after loading new weights.
 """
 
 from __future__ import annotations
