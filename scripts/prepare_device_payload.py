@@ -215,9 +215,10 @@ def write_nuclei_selection(shared: Path, out: Path) -> dict[str, int]:
     """data_nuc/ and wheels_slim/ as the module docstring says; returns the item count per manifest."""
     src, data = shared / "data" / "nuclei_dsb2018", out / "data_nuc"
     split = copy_split(src, data / "nuclei", None, compact=True)
-    copy_split(src, out / "data_full" / "nuclei", None)  # the held-out split as it is (also writes a train copy)
-    shutil.copytree(out / "data_full" / "nuclei_val", data / "nuclei_val", dirs_exist_ok=True)
-    shutil.rmtree(out / "data_full")
+    for kind in ("images", "masks"):  # the held-out split as it is, for bench/eval_auto.py
+        (data / "nuclei_val" / kind).mkdir(parents=True, exist_ok=True)
+        for name in split["val"]:
+            shutil.copy2(src / kind / f"{name}.png", data / "nuclei_val" / kind / f"{name}.png")
 
     def item(name: str, copy: int = 0) -> dict:
         return {"name": f"{name}_copy{copy}" if copy else name, "image": f"../nuclei_train/images/{name}.jpg",
