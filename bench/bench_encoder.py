@@ -1,19 +1,23 @@
 """Image encoder speed on the CPU: fast LGViT + neck vs the reference and MobileSAM's TinyViT.
 
     .venv/bin/python bench/bench_encoder.py [--threads 2] [--repeats 5] [--size 1024] [--onnx] [--compile] [--aot]
+        [--baseline-src OTHER_CHECKOUT/src]
 
 All candidates run in the same process, round-robin (one call of each per round), on one
 (1, 3, size, size) input; figures are wall-clock medians and minima. The LGViT + neck
 weights are the golden file's (the authors' layout, /work/shared/reference/lgvit_neck_golden.pt,
-random weights) when present; each fast variant's relative L2 error to the reference output is
+random weights; ``HRMEDSEG_GOLDEN`` names it elsewhere) when present; each fast variant's relative L2 error to the reference output is
 printed beside its time. MobileSAM's TinyViT (pip package mobilesam-mirror) is built with random
 weights; if timm is not installed, a minimal stand-in for the three timm helpers it imports is used.
+``--baseline-src`` also times the fast encoders of another checkout's sources (e.g. a ``git
+worktree`` of main), built from the same reference weights, in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import tempfile
 import types
@@ -26,7 +30,8 @@ from hrmedseg.models.fast_encoder import FastHRMedSegEncoder
 from hrmedseg.models.runtime import measure_interleaved
 from report import cpu_summary
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lgvit_neck_golden.pt"
+# HRMEDSEG_GOLDEN: the golden file elsewhere (a git worktree has no ../shared beside it).
+GOLDEN = Path(os.environ.get("HRMEDSEG_GOLDEN") or Path(__file__).resolve().parents[2] / "shared" / "reference" / "lgvit_neck_golden.pt")
 
 
 def _timm_stand_in() -> None:
@@ -66,6 +71,19 @@ def mobilesam_tinyvit() -> torch.nn.Module | None:
     ).eval()
 
 
+def baseline_fast_encoder_class(src: Path) -> type:
+    """``FastHRMedSegEncoder`` of the checkout whose package is ``src/hrmedseg``, imported as
+    ``hrmedseg_baseline.models.fast_encoder`` beside this checkout's (its relative imports,
+    ``fused_linear``, ``lgvit``, ... resolve within the baseline's files)."""
+    name = "hrmedseg_baseline"
+    package = src / "hrmedseg"
+    spec = importlib.util.spec_from_file_location(name, package / "__init__.py", submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module(f"{name}.models.fast_encoder").FastHRMedSegEncoder
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -75,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the fast encoder (slow to compile)")
     parser.add_argument("--aot", action="store_true", help="also time the AOTInductor-compiled fast encoders (compiled once into a temporary cache)")
     parser.add_argument("--no-mobilesam", action="store_true")
+    parser.add_argument("--baseline-src", type=Path, help="also time the fast encoders of this checkout's src/ (same weights)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -96,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         "LGViT + neck, fast fp32": fast,
         "LGViT + neck, fast bf16": fast_bf16,
     }
+    if args.baseline_src:
+        baseline = baseline_fast_encoder_class(args.baseline_src.resolve())
+        candidates["LGViT + neck, fast fp32 (baseline sources)"] = baseline.from_reference(reference)
+        candidates["LGViT + neck, fast bf16 (baseline sources)"] = baseline.from_reference(reference, bf16=True)
     if args.onnx:
         from hrmedseg.models.onnx_export import OnnxEncoder, export_encoder
 
@@ -106,7 +129,6 @@ def main(argv: list[str] | None = None) -> None:
         compiled = torch.compile(fast, dynamic=False)
         candidates["LGViT + neck, fast fp32 + torch.compile"] = compiled
     if args.aot:
-        import os
         import time
 
         from hrmedseg.models.aot_cache import compile_to_cache, load_compiled, aot_key

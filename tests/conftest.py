@@ -11,7 +11,8 @@ os.environ["HRMEDSEG_DISK_CACHE"] = "0"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-GOLDEN = SHARED / "reference" / "lgvit_neck_golden.pt"
+# HRMEDSEG_GOLDEN: the golden file elsewhere (a git worktree has no ../shared beside it).
+GOLDEN = Path(os.environ.get("HRMEDSEG_GOLDEN") or SHARED / "reference" / "lgvit_neck_golden.pt")
 
 
 @pytest.fixture(autouse=True, scope="session")

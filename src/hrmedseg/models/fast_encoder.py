@@ -21,21 +21,20 @@ fewer passes over memory:
   padding of the 3x3 conv is honoured by a precomputed bias map.
 
 The fp32 result equals the reference to rounding (relative L2 error about 1e-6). ``bf16=True``
-runs the matrix products and convolutions in bfloat16 under autocast (AMX on recent Xeons, tensor
-cores on GPUs) with a measured relative error of about 1e-2 (docs/engine.md). A
-float32-built module moved with ``.to(torch.bfloat16)`` runs everything in bfloat16 (weights and
-activations, no autocast casts): half the memory traffic, which is what bounds it on a GPU.
+casts the folded weights to bfloat16 once and runs everything in bfloat16 (AMX on recent Xeons,
+tensor cores on GPUs), the same as ``.to(torch.bfloat16)`` of a float32-built module, with a
+measured relative error of about 1e-2 (docs/engine.md). Autocast would cast every weight again
+in every call and mix float32 biases into bf16 element-wise ops (a slow path on the CPU); the
+activations are bf16 either way, so the error is the same.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_linear import linear_add, linear_gelu
+from .fused_linear import linear, linear_add, linear_gelu
 from .lgvit import LinearAttentionBlock, MBConv
 from .neck import HRMedSegEncoder
 from .rope import rope_angles
@@ -112,7 +111,14 @@ class FastMBConv(nn.Module):
 
 
 class FastAttentionBlock(nn.Module):
-    """A ``LinearAttentionBlock`` (gated DGLA + MLP) on (B, N, C) tokens of an (H, W) grid."""
+    """A ``LinearAttentionBlock`` (gated DGLA + MLP) on (B, N, C) tokens of an (H, W) grid.
+
+    Layouts are chosen so that every element-wise op reads contiguous memory (a bf16 op on a
+    strided slice is 3-4x slower on the CPU than on a contiguous tensor) and every matrix product
+    has a long contiguous dimension: the gate, q and the value path are token-major (N, C);
+    k is computed channel-major (C, N), so the reduction over tokens in ``k^T v`` is a product
+    of two operands contiguous along N (3x faster than reducing a token-major k).
+    """
 
     def __init__(self, block: LinearAttentionBlock) -> None:
         super().__init__()
@@ -125,62 +131,56 @@ class FastAttentionBlock(nn.Module):
             self.register_buffer(f"{name}_w", norm.weight.detach().clone())
             self.register_buffer(f"{name}_b", norm.bias.detach().clone())
         self.eps1, self.eps2 = block.norm1.eps, block.norm2.eps
-        # One product for everything that reads norm1's output: [gate | q | k | up].
-        w_in = torch.cat([block.act_proj.weight, attn.qk.weight, attn.up_proj.weight])
-        b_in = torch.cat([block.act_proj.bias, attn.qk.bias, attn.up_proj.bias])
-        self.register_buffer("w_in", w_in.detach().clone())
-        self.register_buffer("b_in", b_in.detach().clone())
-        self.register_buffer("w_down", attn.down_proj.weight.detach().clone())
-        self.register_buffer("b_down", attn.down_proj.bias.detach().clone())
-        self.register_buffer("w_lepe", attn.lepe.weight.detach().clone())
-        self.register_buffer("b_lepe", attn.lepe.bias.detach().clone())
-        self.register_buffer("w_out", block.out_proj.weight.detach().clone())
-        self.register_buffer("b_out", block.out_proj.bias.detach().clone())
-        self.register_buffer("w_fc1", block.mlp.fc1.weight.detach().clone())
-        self.register_buffer("b_fc1", block.mlp.fc1.bias.detach().clone())
-        self.register_buffer("w_fc2", block.mlp.fc2.weight.detach().clone())
-        self.register_buffer("b_fc2", block.mlp.fc2.bias.detach().clone())
+        w_q, w_k = attn.qk.weight.detach().chunk(2)
+        b_q, b_k = attn.qk.bias.detach().chunk(2)
+        weights = {
+            "gate": (block.act_proj.weight, block.act_proj.bias), "q": (w_q, b_q), "up": (attn.up_proj.weight, attn.up_proj.bias),
+            "down": (attn.down_proj.weight, attn.down_proj.bias), "lepe": (attn.lepe.weight, attn.lepe.bias),
+            "out": (block.out_proj.weight, block.out_proj.bias), "fc1": (block.mlp.fc1.weight, block.mlp.fc1.bias),
+            "fc2": (block.mlp.fc2.weight, block.mlp.fc2.bias),
+        }
+        for name, (weight, bias) in weights.items():
+            self.register_buffer(f"w_{name}", weight.detach().clone())
+            self.register_buffer(f"b_{name}", bias.detach().clone())
+        self.register_buffer("w_k", w_k.clone())
+        self.register_buffer("b_k", b_k.clone().view(dim, 1))  # added to (C, N) columns
+        heads = torch.arange(dim) // self.head_dim
+        self.register_buffer("head_mask", (heads[:, None] == heads[None, :]).float())  # (C, C) block diagonal
 
-    def attention(self, h: torch.Tensor, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """DGLA(h) * gate for normalised tokens h (B, N, C); ``table`` (N, 2, C) from ``rope_tables``."""
+    def attention(self, h: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        """DGLA(h) * gate for normalised tokens h (B, N, C); ``tables`` from ``FastHRMedSegEncoder.rope_table``."""
         b, n, c = h.shape
-        heads, hd = self.num_heads, self.head_dim
-        proj = F.linear(h, self.w_in, self.b_in)
-        gate = F.silu(proj[..., :c])
-        qk = elu_plus_one(proj[..., c : 3 * c])  # (B, N, 2C): [q | k]
-        v = F.linear(F.silu(proj[..., 3 * c :]), self.w_down, self.b_down)  # (B, N, C)
+        table, table_t = tables  # (N, 2, C) and (2, C, N): [cos | sin'] per token / per channel
+        gate = F.silu(linear(h, self.w_gate, self.b_gate), inplace=True)
+        q = elu_plus_one(linear(h, self.w_q, self.b_q))  # (B, N, C)
+        k_t = elu_plus_one(torch.matmul(self.w_k, h.mT).add_(self.b_k))  # (B, C, N)
+        v = linear(F.silu(linear(h, self.w_up, self.b_up), inplace=True), self.w_down, self.b_down)  # (B, N, C)
 
-        # [[q cos, q sin'], [k cos, k sin']] in one pass: (B, N, 2, 2, C).
-        rot = qk.view(b, n, 2, 1, c) * table.view(1, n, 1, 2, c)
+        # kv = rope(k)^T v / n = (k cos)^T v + swap_rows((k sin')^T v), kept per head by a mask:
+        # one (2C, N) @ (N, C) product for all heads (a few wasted columns, no head transposes).
+        k_rot = (k_t.unsqueeze(1) * table_t).view(b, 2 * c, n)  # (B, 2C, N): [k cos ; k sin']
+        kv_parts = torch.matmul(k_rot, v)  # (B, 2C, C)
+        mask = self.head_mask.to(q.dtype)
+        kv = (kv_parts[:, :c] + swap_pairs(kv_parts[:, c:], -2)).mul_(mask / n)  # (B, C, C)
 
-        # kv = rope(k)^T v / n = (k cos)^T v + swap_rows((k sin')^T v), per head (tiny products).
-        v_heads = v.view(b, n, heads, hd).transpose(1, 2)  # (B, heads, N, hd)
-        k_cos = rot[:, :, 1, 0].view(b, n, heads, hd).permute(0, 2, 3, 1)  # (B, heads, hd, N)
-        k_sin = rot[:, :, 1, 1].view(b, n, heads, hd).permute(0, 2, 3, 1)
-        kv = torch.matmul(k_cos, v_heads) + swap_pairs(torch.matmul(k_sin, v_heads), -2)
-        kv = kv.div_(n)  # (B, heads, hd, hd)
-
-        # rope(q) kv = [q cos | q sin'] @ [kv ; swap_rows(kv)], as one dense product with
-        # block-diagonal (per-head) weights: contiguous output, no head transposes.
-        blocks = torch.cat([kv, swap_pairs(kv, -2)], dim=-2)  # (B, heads, 2hd, hd)
-        weight = block_diagonal(blocks.view(b, heads, 2, hd, hd).transpose(1, 2))  # (B, 2, C, C)
-        out = torch.matmul(rot[:, :, 0].reshape(b, n, 2 * c), weight.reshape(b, 2 * c, c))
+        # rope(q) kv = [q cos | q sin'] @ [kv ; swap_rows(kv)]: contiguous (N, C) output.
+        q_rot = (q.unsqueeze(-2) * table).view(b, n, 2 * c)
+        out = torch.matmul(q_rot, torch.cat([kv, swap_pairs(kv, -2)], dim=-2))
 
         # Normaliser from the un-rotated kernels, z = 1 / (q . mean(k) + 1e-6) per head, as a
         # product with a block-diagonal matrix so it comes out already spread over each head.
-        k_mean = qk[..., c:].mean(dim=1)  # (B, C)
-        spread = block_diagonal(k_mean.view(b, heads, hd, 1).expand(b, heads, hd, hd))
-        z_den = torch.matmul(qk[..., :c], spread).add_(1e-6)  # (B, N, C)
+        k_mean = k_t.mean(dim=-1, dtype=torch.float32).to(q.dtype)  # (B, C)
+        z_den = torch.matmul(q, k_mean.unsqueeze(-1) * mask).add_(1e-6)  # (B, N, C)
 
         lepe = F.conv2d(v.view(b, *grid, c).permute(0, 3, 1, 2), self.w_lepe, self.b_lepe, padding=1, groups=c)
         y = torch.addcdiv(lepe.permute(0, 2, 3, 1).reshape(b, n, c), out, z_den)
         return y.mul_(gate)
 
-    def forward(self, x: torch.Tensor, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
         """x: (B, N, C) -> (B, N, C)."""
         c = self.dim
         h = F.layer_norm(x, (c,), self.norm1_w, self.norm1_b, self.eps1)
-        x = linear_add(self.attention(h, table, grid), self.w_out, self.b_out, x)
+        x = linear_add(self.attention(h, tables, grid), self.w_out, self.b_out, x)
         h = F.layer_norm(x, (c,), self.norm2_w, self.norm2_b, self.eps2)
         return linear_add(linear_gelu(h, self.w_fc1, self.b_fc1), self.w_fc2, self.b_fc2, x)
 
@@ -239,7 +239,7 @@ class FastHRMedSegEncoder(nn.Module):
     channels-last (B, 256, h, w) tensor (``.contiguous()`` gives NCHW memory if needed).
 
     Args of ``from_reference``:
-        bf16: run matrix products and convolutions in bfloat16 (autocast) — several times faster
+        bf16: run in bfloat16 (weights cast once, activations bf16) — several times faster
             on CPUs with AMX and on GPUs, relative error about 1e-2 instead of 1e-6.
     """
 
@@ -260,7 +260,7 @@ class FastHRMedSegEncoder(nn.Module):
             FastAttentionBlock(blk) for stage in lgvit.layers[1:] for blk in stage.blocks
         )
         self.neck = FastNeck(reference.neck)
-        self._tables: dict[tuple, torch.Tensor] = {}
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_reference(cls, reference: HRMedSegEncoder, bf16: bool = False) -> "FastHRMedSegEncoder":
@@ -270,12 +270,15 @@ class FastHRMedSegEncoder(nn.Module):
             raise ValueError(f"build the fast encoder from a float32 reference, not {param.dtype} (use bf16=True for bf16)")
         with torch.no_grad():
             fast = cls(reference, bf16=bf16)
-        return fast.to(param.device).eval()
+        fast = fast.to(param.device)
+        return (fast.to(torch.bfloat16) if bf16 else fast).eval()
 
-    def rope_table(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def rope_table(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables for ``grid`` (cached): (N, 2, C) token-major and the same (2, C, N) channel-major."""
         key = (grid, device, dtype)
         if key not in self._tables:
-            self._tables[key] = rope_tables(*grid, self.embed_dim).to(device=device, dtype=dtype)
+            table = rope_tables(*grid, self.embed_dim)
+            self._tables[key] = tuple(t.to(device=device, dtype=dtype) for t in (table, table.permute(1, 2, 0).contiguous()))
         return self._tables[key]
 
     def patch_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,13 +286,10 @@ class FastHRMedSegEncoder(nn.Module):
         b, ch, height, width = x.shape
         p = self.patch_size
         h, w = height // p, width // p
-        patches = x.view(b, ch, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h, w, ch * p * p)
-        return F.linear(patches, self.w_patch, self.b_patch)
-
-    def _autocast(self, x: torch.Tensor):
-        if self.bf16:
-            return torch.autocast(x.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        # One pass casts to the weights' dtype and unfolds (a bf16 cast after it would be a second).
+        patches = x.view(b, ch, h, p, w, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.to(self.w_patch.dtype, memory_format=torch.contiguous_format)
+        return linear(patches.reshape(b, h, w, ch * p * p), self.w_patch, self.b_patch)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,19 +298,16 @@ class FastHRMedSegEncoder(nn.Module):
             raise ValueError(
                 f"LGViT input height and width must be multiples of {self.patch_size}, got {height} x {width}"
             )
-        if not self.bf16:  # run in the weights' dtype: ``.to(torch.bfloat16)`` gives an all-bf16 model
-            x = x.to(self.w_patch.dtype)
-        with self._autocast(x):
-            tokens = self.patch_embed(x)
-            for block in self.conv_blocks:
-                tokens = block(tokens)
-            b, h, w, c = tokens.shape
-            grid = (h, w)
-            tokens = tokens.reshape(b, h * w, c)
-            table = self.rope_table(grid, x.device, tokens.dtype)
-            for block in self.attn_blocks:
-                tokens = block(tokens, table, grid)
-            out = self.neck(tokens, grid)
+        tokens = self.patch_embed(x)  # in the weights' dtype from here on
+        for block in self.conv_blocks:
+            tokens = block(tokens)
+        b, h, w, c = tokens.shape
+        grid = (h, w)
+        tokens = tokens.reshape(b, h * w, c)
+        tables = self.rope_table(grid, x.device, tokens.dtype)
+        for block in self.attn_blocks:
+            tokens = block(tokens, tables, grid)
+        out = self.neck(tokens, grid)
         return out.view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
