@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_linear import linear, linear_add, linear_gelu
+from .fused_linear import linear, linear_add, linear_gelu, linear_silu, matmul_nt
 from .lgvit import LinearAttentionBlock, MBConv
 from .neck import HRMedSegEncoder
 from .rope import rope_angles
@@ -150,18 +150,18 @@ class FastAttentionBlock(nn.Module):
     def attention(self, h: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
         """DGLA(h) * gate for normalised tokens h (B, N, C); ``tables`` from ``FastHRMedSegEncoder.rope_table``."""
         b, n, c = h.shape
-        table, table_t = tables  # (N, 2, C) and (2, C, N): [cos | sin'] per token / per channel
-        gate = F.silu(linear(h, self.w_gate, self.b_gate), inplace=True)
+        table, table_t = tables  # (N, 2, C) [cos | sin'] per token; (2, C, N) [cos ; swap_rows(sin')] per channel
+        gate = linear_silu(h, self.w_gate, self.b_gate)
         q = elu_plus_one(linear(h, self.w_q, self.b_q))  # (B, N, C)
-        k_t = elu_plus_one(torch.matmul(self.w_k, h.mT).add_(self.b_k))  # (B, C, N)
-        v = linear(F.silu(linear(h, self.w_up, self.b_up), inplace=True), self.w_down, self.b_down)  # (B, N, C)
+        k_t = elu_plus_one(matmul_nt(self.w_k, h).add_(self.b_k))  # (B, C, N)
+        v = linear(linear_silu(h, self.w_up, self.b_up), self.w_down, self.b_down)  # (B, N, C)
 
-        # kv = rope(k)^T v / n = (k cos)^T v + swap_rows((k sin')^T v), kept per head by a mask:
-        # one (2C, N) @ (N, C) product for all heads (a few wasted columns, no head transposes).
-        k_rot = (k_t.unsqueeze(1) * table_t).view(b, 2 * c, n)  # (B, 2C, N): [k cos ; k sin']
-        kv_parts = torch.matmul(k_rot, v)  # (B, 2C, C)
+        # kv = rope(k)^T v / n per head, with rope(k) = k cos + swap(k) swap(sin') channel-major
+        # (swapping rows of a (C, N) tensor is a contiguous copy): one (C, N) @ (N, C) product for
+        # all heads, the off-head blocks masked out.
+        rope_k = (k_t * table_t[0]).addcmul_(swap_pairs(k_t, -2), table_t[1])  # (B, C, N)
         mask = self.head_mask.to(q.dtype)
-        kv = (kv_parts[:, :c] + swap_pairs(kv_parts[:, c:], -2)).mul_(mask / n)  # (B, C, C)
+        kv = torch.matmul(rope_k, v).mul_(mask / n)  # (B, C, C), block diagonal
 
         # rope(q) kv = [q cos | q sin'] @ [kv ; swap_rows(kv)]: contiguous (N, C) output.
         q_rot = (q.unsqueeze(-2) * table).view(b, n, 2 * c)
@@ -169,7 +169,7 @@ class FastAttentionBlock(nn.Module):
 
         # Normaliser from the un-rotated kernels, z = 1 / (q . mean(k) + 1e-6) per head, as a
         # product with a block-diagonal matrix so it comes out already spread over each head.
-        k_mean = k_t.mean(dim=-1, dtype=torch.float32).to(q.dtype)  # (B, C)
+        k_mean = k_t.sum(dim=-1).mul_(1 / n)  # (B, C); bf16 sums accumulate in float32
         z_den = torch.matmul(q, k_mean.unsqueeze(-1) * mask).add_(1e-6)  # (B, N, C)
 
         lepe = F.conv2d(v.view(b, *grid, c).permute(0, 3, 1, 2), self.w_lepe, self.b_lepe, padding=1, groups=c)
@@ -274,11 +274,14 @@ class FastHRMedSegEncoder(nn.Module):
         return (fast.to(torch.bfloat16) if bf16 else fast).eval()
 
     def rope_table(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables for ``grid`` (cached): (N, 2, C) token-major and the same (2, C, N) channel-major."""
+        """RoPE tables for ``grid`` (cached): (N, 2, C) ``[cos | sin']`` token-major (``rope_tables``)
+        and (2, C, N) ``[cos ; swap_rows(sin')]`` channel-major, so that ``rope(k) = k cos + swap(k) swap(sin')``."""
         key = (grid, device, dtype)
         if key not in self._tables:
-            table = rope_tables(*grid, self.embed_dim)
-            self._tables[key] = tuple(t.to(device=device, dtype=dtype) for t in (table, table.permute(1, 2, 0).contiguous()))
+            table = rope_tables(*grid, self.embed_dim)  # (N, 2, C)
+            table_t = table.permute(1, 2, 0).contiguous()  # (2, C, N)
+            table_t[1] = swap_pairs(table_t[1], 0)
+            self._tables[key] = (table.to(device=device, dtype=dtype), table_t.to(device=device, dtype=dtype))
         return self._tables[key]
 
     def patch_embed(self, x: torch.Tensor) -> torch.Tensor:

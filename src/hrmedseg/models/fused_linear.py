@@ -64,6 +64,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.T
     return torch.ops.mkldnn._linear_pointwise(*ops, "none", [], "none")
 
 
+def matmul_nt(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``a @ x^T`` per batch item: a (out, in), x (B, N, in) -> (B, out, N), channel-major.
+
+    On the CPU oneDNN's inner product takes ``x`` as its weights (0.10 ms for a (96, 96) by (4096, 96)
+    bf16 product); ``torch.matmul(a, x.mT)`` first copies ``x.mT`` (0.46 ms).
+    """
+    ops = _operands(x, a)
+    if ops is None:
+        return torch.matmul(a, x.mT)
+    x, a = ops
+    products = [torch.ops.mkldnn._linear_pointwise(a, item, None, "none", [], "none") for item in x]
+    return products[0].unsqueeze(0) if len(products) == 1 else torch.stack(products)
+
+
+def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.silu(F.linear(x, weight, bias))``: x (..., in), weight (out, in) -> (..., out).
+
+    On the CPU the SiLU runs inside the product (oneDNN "swish"): 0.17 instead of 0.25 ms for a
+    (4096, 96) -> 96 bf16 product and an in-place ``silu_``.
+    """
+    ops = _operands(x, weight, bias)
+    if ops is None:
+        return F.silu(F.linear(x, weight, bias))
+    return torch.ops.mkldnn._linear_pointwise(*ops, "swish", [], "none")
+
+
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``F.gelu(F.linear(x, weight, bias))``: x (..., in), weight (out, in) -> (..., out)."""
     ops = _operands(x, weight, bias)
@@ -81,4 +107,4 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, other:
     return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
 
 
-__all__ = ["linear", "linear_add", "linear_gelu", "onednn_linear_available"]
+__all__ = ["linear", "linear_add", "linear_gelu", "linear_silu", "matmul_nt", "onednn_linear_available"]
