@@ -10,7 +10,8 @@ random weights; ``HRMEDSEG_GOLDEN`` names it elsewhere) when present; each fast 
 printed beside its time. MobileSAM's TinyViT (pip package mobilesam-mirror) is built with random
 weights; if timm is not installed, a minimal stand-in for the three timm helpers it imports is used.
 ``--baseline-src`` also times the fast encoders of another checkout's sources (e.g. a ``git
-worktree`` of main), built from the same reference weights, in the same rounds.
+worktree`` of main), built from the same reference weights, in the same rounds (with ``--aot``
+their AOTInductor packages too).
 """
 
 from __future__ import annotations
@@ -134,15 +135,19 @@ def main(argv: list[str] | None = None) -> None:
         from hrmedseg.models.aot_cache import compile_to_cache, load_compiled, aot_key
 
         os.environ.setdefault("HRMEDSEG_CACHE_DIR", tempfile.mkdtemp())
-        for label, module in (("fp32", fast), ("bf16", fast_bf16)):
-            key = aot_key("bench", f"fast-{label}", tuple(x.shape))
+        modules = [("fast fp32", fast), ("fast bf16", fast_bf16)]
+        if args.baseline_src:
+            modules += [(f"{label} (baseline sources)", candidates[f"LGViT + neck, {label} (baseline sources)"])
+                        for label in ("fast fp32", "fast bf16")]
+        for label, module in modules:
+            key = aot_key("bench", label, tuple(x.shape))
             start = time.perf_counter()
             compiled = load_compiled(key)
             if compiled is None:
                 compile_to_cache(module, x, key)
                 compiled = load_compiled(key)
-            print(f"AOTInductor fast {label}: export + compile (or cache load) {time.perf_counter() - start:.1f} s")
-            candidates[f"LGViT + neck, fast {label} + AOTInductor"] = compiled
+            print(f"AOTInductor {label}: export + compile (or cache load) {time.perf_counter() - start:.1f} s")
+            candidates[f"LGViT + neck, {label} + AOTInductor"] = compiled
     if not args.no_mobilesam:
         tinyvit = mobilesam_tinyvit()
         if tinyvit is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hrmedseg.models import EncoderConfig, build_encoder
-from hrmedseg.models.fast_encoder import FastHRMedSegEncoder, block_diagonal, elu_plus_one, rope_tables, swap_pairs
+from hrmedseg.models.fast_encoder import FastHRMedSegEncoder, elu_plus_one, rope_tables, swap_pairs
 from hrmedseg.models.rope import RotaryEmbedding2d
 from hrmedseg.models.runtime import select_backend
 
@@ -75,8 +75,6 @@ def test_rope_table_identity_matches_reference_rotation():
 def test_helpers():
     x = torch.linspace(-5, 5, 101)
     assert torch.allclose(elu_plus_one(x), torch.nn.functional.elu(x) + 1, atol=1e-6)
-    blocks = torch.arange(12.0).view(3, 2, 2)
-    assert torch.equal(block_diagonal(blocks), torch.block_diag(*blocks))
     assert swap_pairs(torch.arange(6), 0).tolist() == [1, 0, 3, 2, 5, 4]
 
 

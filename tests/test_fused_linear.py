@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hrmedseg.models.fused_linear import linear_add, linear_gelu, onednn_linear_available
+from hrmedseg.models.fused_linear import linear, linear_add, linear_gelu, linear_silu, matmul_nt, onednn_linear_available
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -20,6 +20,19 @@ def test_fused_equals_plain_ops(autocast):
     assert fused.dtype == plain.dtype and fused.shape == (2, 300, 384)
     torch.testing.assert_close(fused.float(), plain.float(), **tol)
     torch.testing.assert_close(fused_add.float(), plain_add.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_plain_linear_silu_and_channel_major_product(dtype, batch):
+    torch.manual_seed(1)
+    x, w, b = torch.randn(batch, 300, 96, dtype=dtype), (torch.randn(40, 96) / 10).to(dtype), torch.randn(40, dtype=dtype)
+    tol = dict(rtol=2e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear(x, w, b).float(), F.linear(x, w, b).float(), **tol)
+    torch.testing.assert_close(linear_silu(x, w, b).float(), F.silu(F.linear(x, w, b)).float(), **tol)
+    product = matmul_nt(w, x)  # (batch, 40, 300), channel-major
+    assert product.shape == (batch, 40, 300) and product.dtype == dtype
+    torch.testing.assert_close(product.float(), (w.float() @ x.float().mT), **tol)
 
 
 def test_non_contiguous_residual_and_other_dtypes_take_the_plain_path():

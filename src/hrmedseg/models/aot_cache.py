@@ -32,7 +32,7 @@ from ..atomic import atomic_path
 log = logging.getLogger(__name__)
 
 #: Bumped when the packages' contents change meaning.
-AOT_VERSION = 1
+AOT_VERSION = 2
 
 
 def aot_enabled() -> bool:

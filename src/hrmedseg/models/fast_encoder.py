@@ -9,12 +9,14 @@ fewer passes over memory:
 - BatchNorm is folded into the MBConv convolutions;
 - on the CPU, the bias, GELU and residual adds after matrix products run inside them (oneDNN
   post-ops, :mod:`hrmedseg.models.fused_linear`): one pass over the activations instead of three;
-- per attention block, ``act_proj``, ``qk`` and ``up_proj`` are one matrix product (they all
-  read ``norm1``'s output);
-- RoPE is never materialised: with ``q_rot = q * cos + swap(q * sin')`` (``swap`` exchanges the
-  channels of each rotation pair, ``sin'`` carries the signs), the swap moves into the small
-  per-head ``kv`` matrices, so q and k are multiplied once by one precomputed interleaved
-  cos/sin table and each head's two products are single matrix products;
+- in the linear attention every element-wise op reads a contiguous tensor (a bf16 op on a
+  strided slice is 3-4x slower on the CPU): gate, q, k and the value path are separate products,
+  q token-major (N, C) and k channel-major (C, N), so ``rope(k)^T v`` for all heads is one
+  product of two operands contiguous along the tokens (the off-head blocks masked out);
+- RoPE is never materialised as a rotation: with ``rope(q) = q * cos + swap(q * sin')`` (``swap``
+  exchanges the channels of each rotation pair, ``sin'`` carries the signs) the swap moves into
+  the small ``kv`` matrix, and ``rope(k) = k * cos + swap(k) * swap(sin')`` on the channel-major
+  k, where ``swap`` copies whole rows;
 - the neck's 1x1 conv and first LayerNorm2d fold into its 3x3 conv: the 1x1 conv has only C = 96
   inputs, so the normalised 256-channel map is an affine function of ``x / sigma(x)`` and the
   3x3 conv runs on 96 channels instead of 256 (0.91 instead of 2.5 GMACs at 1024 x 1024); zero
@@ -76,15 +78,6 @@ def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
     """``ELU(x) + 1 = exp(min(x, 0)) + max(x, 0)``, a few times faster than ``F.elu`` (which uses expm1)."""
     pos = F.relu(x)
     return torch.sub(x, pos).exp_().add_(pos)
-
-
-def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
-    """(..., k, r, c) blocks -> (..., k * r, k * c) block-diagonal matrices."""
-    *lead, k, r, c = blocks.shape
-    eye = torch.eye(k, dtype=blocks.dtype, device=blocks.device)
-    # (..., k, r, k, c): block i in row band i and column band i, zeros elsewhere.
-    full = blocks.unsqueeze(-2) * eye.view(k, 1, k, 1)
-    return full.reshape(*lead, k * r, k * c)
 
 
 class FastMBConv(nn.Module):

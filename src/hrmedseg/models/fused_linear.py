@@ -7,8 +7,8 @@ the kernels inductor's CPU backend picks for the same patterns): one pass, the s
 (the product's rounding differs by ~1e-6 relative). Elsewhere (CUDA, MPS, builds without oneDNN,
 mixed dtypes) and under torch.compile / torch.export the plain ops run.
 
-Under CPU autocast (the "fast-bf16" backend) the inputs are cast to the autocast dtype first,
-as autocast does for ``F.linear``.
+Under CPU autocast the inputs are cast to the autocast dtype first (the "fast-bf16" encoder holds
+bf16 weights and runs without autocast), as autocast does for ``F.linear``.
 """
 
 from __future__ import annotations

@@ -133,8 +133,8 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
     """A callable encoder for ``backend`` built from a reference ``HRMedSegEncoder``, on its device.
 
     On a CUDA device the fast backends are replayed as CUDA graphs (``CudaGraphRunner``, one per
-    input shape; ``HRMEDSEG_CUDA_GRAPHS=0`` turns that off), and "fast-bf16" keeps its weights and
-    activations in bfloat16 instead of autocasting float32 ones (half the memory traffic; same
+    input shape; ``HRMEDSEG_CUDA_GRAPHS=0`` turns that off). "fast-bf16" keeps its weights and
+    activations in bfloat16 on every device (no autocast casts: half the memory traffic; same
     error). ``compile=True`` first passes the fast module through ``torch.compile`` (inductor,
     whole graph): on an H100 the fastest encoder at large batches, but the first call of each
     input shape compiles for about a minute (docs/benchmarks.md). On the CPU with
