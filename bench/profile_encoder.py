@@ -6,7 +6,7 @@ Runs the fast LGViT + neck (bf16 by default; ``--fp32`` for float32) on the gold
 (random weights if the golden file is absent), ``--calls`` profiled calls after two warm-up
 calls, and prints (1) self CPU time per operator and input shapes, (2) the same summed into
 kinds: matrix products, convolutions, LayerNorm, element-wise, layout copies, casts, other.
-The profiler adds about 20% to a call (many small operators); compare kinds, not totals.
+The totals are not wall times (the profiler adds its own cost per operator): compare kinds.
 ``--aot`` profiles the AOTInductor-compiled module instead (its generated kernels appear as
 one ``aoti`` region plus the extern oneDNN calls it makes).
 """
