@@ -88,6 +88,11 @@ def load_predictor(choice: str | os.PathLike | Any, device: str = "auto") -> tup
     """
     guard_torch_import()
     from hrmedseg.engine import BoxPredictor
+    from hrmedseg.models.aot_cache import aot_enabled
+
+    # An annotator session is long: its encoder is compiled ahead of time in the background
+    # (once per machine) where a C++ compiler is found, unless HRMEDSEG_AOT=0.
+    aot = aot_enabled(default=True)
 
     if isinstance(choice, str) and choice == UNTRAINED_CHOICE:
         from hrmedseg.models import build_hrmedseg_sam
@@ -95,13 +100,13 @@ def load_predictor(choice: str | os.PathLike | Any, device: str = "auto") -> tup
         return BoxPredictor(build_hrmedseg_sam(), device=device), ModelInfo(name="untrained-random", untrained=True)
     if isinstance(choice, (str, os.PathLike)) and (os.sep in str(choice) or Path(choice).is_file()):
         path = Path(choice).expanduser().resolve()
-        predictor = BoxPredictor(str(path), device=device, disk_cache=True)  # reopened images skip the encoder
+        predictor = BoxPredictor(str(path), device=device, disk_cache=True, aot=aot)  # reopened images skip the encoder
         info = ModelInfo(name=path.name, path=str(path), sha256=sha256_file(path))
     elif isinstance(choice, str):
         from hrmedseg.weights import registry
 
         path = registry.resolve(choice, download=False)
-        predictor = BoxPredictor(choice, device=device, disk_cache=True)
+        predictor = BoxPredictor(choice, device=device, disk_cache=True, aot=aot)
         info = ModelInfo(name=choice, path=str(path), sha256=sha256_file(path))
     else:  # a model object (tests, notebooks)
         predictor = BoxPredictor(choice, device=device)

@@ -8,6 +8,8 @@ import torch
 
 # The on-disk embedding cache is on by default for the CLI and the annotator; tests ask for it explicitly.
 os.environ["HRMEDSEG_DISK_CACHE"] = "0"
+# No background ahead-of-time compiles in test runs (tests that want one turn it on).
+os.environ.setdefault("HRMEDSEG_AOT", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -102,3 +102,39 @@ def test_compiled_once_then_loaded_with_no_wait(monkeypatch):
     second = AotEncoder(FastHRMedSegEncoder.from_reference(reference), "digest", "fast")
     torch.testing.assert_close(second(x), expected, rtol=1e-4, atol=1e-4)
     assert second.compiled is not None and second.thread is None
+
+
+def test_aot_setting_env_then_session_default_and_compiler(monkeypatch):
+    """HRMEDSEG_AOT=1/0 decide; unset, a long session's default holds only where a C++ compiler is found."""
+    found = {"c++": "/usr/bin/c++"}
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(aot_cache.shutil, "which", lambda name: found.get(name))
+    monkeypatch.delenv("HRMEDSEG_AOT", raising=False)
+    assert aot_cache.aot_enabled(default=True) and not aot_cache.aot_enabled()
+    found.clear()
+    assert not aot_cache.aot_enabled(default=True)
+    monkeypatch.setenv("HRMEDSEG_AOT", "1")
+    assert aot_cache.aot_enabled()
+    found["c++"] = "/usr/bin/c++"
+    monkeypatch.setenv("HRMEDSEG_AOT", "0")
+    assert not aot_cache.aot_enabled(default=True)
+
+
+def test_annotator_model_compiles_ahead_of_time_and_cli_default_does_not(monkeypatch, tmp_path):
+    """The dock's loader builds an AotEncoder where a compiler is found; a plain BoxPredictor (the
+    CLI's) keeps the eager fast encoder. Nothing is called, so nothing compiles."""
+    from hrmedseg.engine import BoxPredictor
+    from napari_hrmedseg._model import load_predictor
+
+    monkeypatch.delenv("HRMEDSEG_AOT", raising=False)
+    monkeypatch.setenv("HRMEDSEG_BACKEND", "fast")
+    monkeypatch.setattr(aot_cache, "cxx_compiler_found", lambda: True)
+    bundle = tmp_path / "model.pt"
+    from hrmedseg.models import build_hrmedseg_sam
+    from hrmedseg.weights.bundle import save_bundle
+
+    model = build_hrmedseg_sam()
+    save_bundle(bundle, "hrmedseg_sam", model.state_dict())
+    predictor, _ = load_predictor(str(bundle), device="cpu")
+    assert isinstance(predictor.encoder.image_encoder, AotEncoder)
+    assert not isinstance(BoxPredictor(str(bundle), device="cpu").encoder.image_encoder, AotEncoder)

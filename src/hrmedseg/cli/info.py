@@ -22,7 +22,24 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"weights cache: {cache_dir()}")
     print_cpu_backend(calibrate=not args.no_calibrate)
+    print(aot_summary())
     return 0
+
+
+def aot_summary() -> str:
+    """One line: whether CPU encoders are compiled ahead of time, for the annotator and for CLI calls."""
+    import os
+
+    from ..models.aot_cache import aot_cache_dir, aot_enabled
+
+    setting = os.environ.get("HRMEDSEG_AOT", "")
+    if setting in ("0", "1"):
+        state = f"{'on' if setting == '1' else 'off'} everywhere (HRMEDSEG_AOT={setting})"
+    elif aot_enabled(default=True):
+        state = "on in the napari annotator, off for CLI calls (HRMEDSEG_AOT=1 / 0: on / off everywhere)"
+    else:
+        state = "off (no C++ compiler found: AOTInductor needs one)"
+    return f"ahead-of-time compiled CPU encoder: {state}; packages in {aot_cache_dir()}"
 
 
 def print_cpu_backend(calibrate: bool = True) -> None:

@@ -144,6 +144,9 @@ class BoxPredictor:
         click_mask_prompt: whether the decoder is given the previous logits as SAM's mask prompt
             when there are clicks (always with "sam"). Off by default: box-trained models
             (ours, MedSAM, LiteMedSAM) draw worse masks with it (docs/benchmarks.md, clicks).
+        aot: compile the fast CPU encoder ahead of time, in the background, once per machine
+            (:mod:`hrmedseg.models.aot_cache`); None: as ``HRMEDSEG_AOT`` says (default off). Long
+            sessions pass ``aot_enabled(default=True)`` (the napari annotator does).
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class BoxPredictor:
         prior: str | None = None,
         click_update: str = "local",
         click_mask_prompt: bool = False,
+        aot: bool | None = None,
     ) -> None:
         self.click_update, self.click_mask_prompt = check_click_update(click_update), bool(click_mask_prompt)
         asked_for_prior = prior is not None
@@ -179,7 +183,7 @@ class BoxPredictor:
         self.prior = prior
         self.backend = resolve_backend(backend, self.device, allow_bf16, module)
         self.model = module.eval().to(self.device)
-        self.encoder, default_decoder = build_steps(self.model, self.backend)
+        self.encoder, default_decoder = build_steps(self.model, self.backend, aot=aot)
         if is_sam2_model(self.model):
             self.backend = "reference"  # its plain modules run under every backend
         self.decoder = decoder or default_decoder

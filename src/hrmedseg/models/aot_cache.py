@@ -10,8 +10,11 @@ A package is only valid for what it was compiled for, so it is stored under its
 loaded only when the key written beside it equals the current one: a cache copied from
 another CPU or left by another torch version is never used (it is compiled again).
 
-Opt-in (``HRMEDSEG_AOT=1``): on the 2-core AMD EPYC the compilation took 55-70 s for an
-encoder speed-up of about 10% in float32 and none measurable in bf16 (docs/benchmarks.md).
+When: ``HRMEDSEG_AOT=1`` / ``HRMEDSEG_AOT=0`` turn it on / off everywhere. Unset, it is on
+where a long session asks for it (the napari annotator: a first session pays 20-60 s of
+background compilation on 2 cores, every later one gets the compiled encoder, 0.32x of the
+authors' against 0.40-0.44x eager on an AMX CPU) and a C++ compiler is found (AOTInductor needs
+one), and off for one-shot calls (a CLI call would end before its package is written).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Callable
@@ -35,9 +39,19 @@ log = logging.getLogger(__name__)
 AOT_VERSION = 2
 
 
-def aot_enabled() -> bool:
-    """True when ``HRMEDSEG_AOT=1``: CPU encoders are compiled ahead of time and cached."""
-    return os.environ.get("HRMEDSEG_AOT", "0") == "1"
+def cxx_compiler_found() -> bool:
+    """True when the C++ compiler AOTInductor builds with is on the PATH (``$CXX``, else c++, g++ or clang++)."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    return any(shutil.which(name) for name in names)
+
+
+def aot_enabled(default: bool = False) -> bool:
+    """Whether CPU encoders are compiled ahead of time and cached: ``HRMEDSEG_AOT=1`` / ``0``
+    decide; unset, ``default`` (True for long sessions) where a C++ compiler is found."""
+    setting = os.environ.get("HRMEDSEG_AOT", "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return default and cxx_compiler_found()
 
 
 def aot_cache_dir() -> Path:
@@ -147,9 +161,8 @@ class AotEncoder:
             self.compiled = load_compiled(key)
             if self.compiled is None:
                 example = torch.zeros_like(x)
-                if self.background:
+                if self.background:  # started after this call's eager result: the first box is not slowed
                     self.thread = threading.Thread(target=self._compile, args=(example, key), daemon=True)
-                    self.thread.start()
                 else:
                     self._compile(example, key)
 
@@ -159,7 +172,13 @@ class AotEncoder:
             self._start(x)
         if self.compiled is not None and tuple(x.shape) == self.shape:
             return self.compiled(x)
-        return self.eager(x)
+        out = self.eager(x)
+        thread = self.thread
+        if thread is not None and thread.ident is None:
+            with self._lock:
+                if thread.ident is None:
+                    thread.start()
+        return out
 
 
 __all__ = ["AOT_VERSION", "AotEncoder", "aot_cache_dir", "aot_enabled", "aot_key", "compile_to_cache", "load_compiled", "package_path"]
