@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from eval_default_models import SHARED, val_items
 from PIL import Image
+from prepare_device_payload import light_background  # on the path through eval_default_models
 from report import cpu_name, print_and_save
 
 from hrmedseg.engine import BoxPredictor
@@ -49,10 +50,9 @@ MAIN_BEFORE_FLIPS = {"flips": 1}
 
 
 def modality(rgb: np.ndarray) -> str:
-    """``"light"`` when the median grey level of ``rgb`` (H, W, 3) uint8 is above mid-grey (a
-    light background: stained or brightfield tissue, dark nuclei), else ``"dark"`` (fluorescence).
-    On DSB 2018 the two are far apart (medians <= 31 and >= 137 on every image)."""
-    return "light" if float(np.median(rgb.mean(-1))) > 127.5 else "dark"
+    """``"light"`` or ``"dark"`` background of ``rgb`` (H, W, 3) uint8 (the rule that also picks
+    the oversampled images of scripts/prepare_device_payload.py --nuclei-selection)."""
+    return "light" if light_background(rgb) else "dark"
 
 
 def summary(rows: list[dict], seconds: float) -> dict:

@@ -201,9 +201,11 @@ def in_selection(name: str) -> bool:
     return int(hashlib.sha256(f"select:{name}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < SELECTION_FRACTION
 
 
-def light_background(path: Path) -> bool:
-    """Median grey above mid-grey: stained or brightfield tissue (bench/eval_auto.py's ``modality``)."""
-    return float(np.median(np.asarray(Image.open(path).convert("RGB")).mean(-1))) > 127.5
+def light_background(rgb: np.ndarray) -> bool:
+    """True when the median grey level of ``rgb`` (H, W, 3) uint8 is above mid-grey: a light
+    background (stained or brightfield tissue, dark nuclei); False for fluorescence (dark
+    background). On DSB 2018 the two are far apart (medians <= 31 and >= 137 on every image)."""
+    return float(np.median(rgb.mean(-1))) > 127.5
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -225,7 +227,7 @@ def write_nuclei_selection(shared: Path, out: Path) -> dict[str, int]:
                 "mask": f"../nuclei_train/masks/{name}.png"}
 
     fit = [n for n in split["train"] if not in_selection(n)]
-    light = [n for n in fit if light_background(data / "nuclei_train" / "images" / f"{n}.jpg")]
+    light = [n for n in fit if light_background(np.asarray(Image.open(data / "nuclei_train" / "images" / f"{n}.jpg").convert("RGB")))]
     manifests = {"nuc_fit": [item(n) for n in fit], "nuc_sel": [item(n) for n in split["train"] if in_selection(n)]}
     for times in (3, 5):
         manifests[f"nuc_fit_light{times}"] = manifests["nuc_fit"] + [item(n, k) for k in range(1, times) for n in light]

@@ -28,13 +28,11 @@ def run(args: argparse.Namespace) -> int:
 
 def aot_summary() -> str:
     """One line: whether CPU encoders are compiled ahead of time, for the annotator and for CLI calls."""
-    import os
+    from ..models.aot_cache import aot_cache_dir, aot_enabled, aot_setting
 
-    from ..models.aot_cache import aot_cache_dir, aot_enabled
-
-    setting = os.environ.get("HRMEDSEG_AOT", "")
-    if setting in ("0", "1"):
-        state = f"{'on' if setting == '1' else 'off'} everywhere (HRMEDSEG_AOT={setting})"
+    setting = aot_setting()
+    if setting is not None:
+        state = f"{'on' if setting else 'off'} everywhere (HRMEDSEG_AOT={int(setting)})"
     elif aot_enabled(default=True):
         state = "on in the napari annotator, off for CLI calls (HRMEDSEG_AOT=1 / 0: on / off everywhere)"
     else:

@@ -45,12 +45,17 @@ def cxx_compiler_found() -> bool:
     return any(shutil.which(name) for name in names)
 
 
+def aot_setting() -> bool | None:
+    """``HRMEDSEG_AOT``: True for "1", False for "0", None when unset (or anything else)."""
+    return {"1": True, "0": False}.get(os.environ.get("HRMEDSEG_AOT", ""))
+
+
 def aot_enabled(default: bool = False) -> bool:
     """Whether CPU encoders are compiled ahead of time and cached: ``HRMEDSEG_AOT=1`` / ``0``
     decide; unset, ``default`` (True for long sessions) where a C++ compiler is found."""
-    setting = os.environ.get("HRMEDSEG_AOT", "")
-    if setting in ("0", "1"):
-        return setting == "1"
+    setting = aot_setting()
+    if setting is not None:
+        return setting
     return default and cxx_compiler_found()
 
 
@@ -181,4 +186,4 @@ class AotEncoder:
         return out
 
 
-__all__ = ["AOT_VERSION", "AotEncoder", "aot_cache_dir", "aot_enabled", "aot_key", "compile_to_cache", "load_compiled", "package_path"]
+__all__ = ["AOT_VERSION", "AotEncoder", "aot_cache_dir", "aot_enabled", "aot_setting", "aot_key", "compile_to_cache", "load_compiled", "package_path"]

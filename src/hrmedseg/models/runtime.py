@@ -159,11 +159,7 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
         from .onnx_export import cached_onnx_encoder
 
         return cached_onnx_encoder(reference)
-    bf16 = backend == "fast-bf16"
-    if on_cuda and bf16:
-        encoder = FastHRMedSegEncoder.from_reference(reference).to(torch.bfloat16)
-    else:
-        encoder = FastHRMedSegEncoder.from_reference(reference, bf16=bf16)
+    encoder = FastHRMedSegEncoder.from_reference(reference, bf16=backend == "fast-bf16")
     if compile:
         encoder = torch.compile(encoder, fullgraph=True, dynamic=False)
     elif not on_cuda and (aot_enabled() if aot is None else aot):
