@@ -87,7 +87,7 @@ def test_box_and_clicks_then_mask_prompt_equal_sam_predictor(sam, image, sam_pre
 
 
 def test_clicks_alone_equal_sam_predictor(sam, image, sam_predictor):
-    predictor = BoxPredictor(sam, device="cpu", backend="reference")
+    predictor = BoxPredictor(sam, device="cpu", backend="reference", click_update="local")  # SamPredictor's decode, without the native click fix
     clicks, labels = np.array([[500.0, 500.0], [560.0, 520.0]]), np.array([1, 1])
     obj = next(predictor.predict_boxes(image, None, points=[clicks], point_labels=[labels], object_size=300))
     assert not obj.has_box and obj.crop == Crop(1.0, 0, 0, 1024, 1024)

@@ -258,7 +258,7 @@ class BoxPredictor:
         """
         n_points, has_box, has_mask = prompts.signature(batch[0])
         input_boxes = torch.from_numpy(crop.box_to_input(prompts.boxes[batch])) if has_box else None
-        if click_update == "pixel" and has_box:
+        if click_update == "pixel" and has_box and n_points:
             # A boxed object's logits are its box's alone; its clicks act on the native mask
             # (predict_boxes: fix_clicked_pixels), so box + clicks re-run exactly.
             n_points, has_mask = 0, False
