@@ -72,24 +72,28 @@ def refine(predictor, image, gt: np.ndarray, box: np.ndarray, mask_prompt: bool)
 # name -> (BoxPredictor click_update, click_mask_prompt, previous logits passed as mask_inputs)
 VARIANTS = {
     "local (default)": ("local", False, True),
+    "pixel": ("pixel", False, True),
     "sam, mask prompt": ("sam", True, True),
     "sam, no mask prompt": ("sam", True, False),
 }
 
 
 def evaluate(models: dict[str, str], max_objects: int, max_images: int, device: str,
-             datasets: tuple[str, ...] = ("nuclei_dsb2018", "fundus_drishtigs")) -> dict:
+             datasets: tuple[str, ...] = ("nuclei_dsb2018", "fundus_drishtigs"), variants: tuple[str, ...] = tuple(VARIANTS),
+             val: bool = True) -> dict:
+    """Per model and dataset: Dice after the box and CLICKS clicks and ms per click of each of
+    ``variants`` (the first is the box-time baseline's predictor); ``val`` False: the training split."""
     from hrmedseg.engine import BoxPredictor
 
     results: dict = {}
     for name, spec in models.items():
-        predictors = {v: BoxPredictor(spec, device=device, click_update=u, click_mask_prompt=m) for v, (u, m, _) in VARIANTS.items()}
+        predictors = {v: BoxPredictor(spec, device=device, click_update=VARIANTS[v][0], click_mask_prompt=VARIANTS[v][1]) for v in variants}
         results[name] = {}
         for dataset in datasets:
-            rows: dict[str, dict[str, list]] = {v: {"dice": [], "seconds": []} for v in VARIANTS}
+            rows: dict[str, dict[str, list]] = {v: {"dice": [], "seconds": []} for v in variants}
             box_seconds: list[float] = []
             kinds: list[str] = []
-            for _, image, objs in prompts(dataset, max_objects, max_images):
+            for _, image, objs in prompts(dataset, max_objects, max_images, val=val):
                 for k, (gt, box) in enumerate(objs):
                     kinds.append(("disc", "cup")[k % 2] if dataset == "fundus_drishtigs" else "nucleus")
                     for variant, row in rows.items():
@@ -97,7 +101,7 @@ def evaluate(models: dict[str, str], max_objects: int, max_images: int, device: 
                         row["dice"].append(dice)
                         row["seconds"].extend(seconds)
                     t0 = time.perf_counter()  # the baseline: a box alone on the same cached crop
-                    next(predictors["local (default)"].predict_boxes(image, box[None]))
+                    next(predictors[variants[0]].predict_boxes(image, box[None]))
                     box_seconds.append(time.perf_counter() - t0)
                 for predictor in predictors.values():
                     predictor.clear_cache()
@@ -153,6 +157,8 @@ def main() -> None:
     p.add_argument("--max-objects", type=int, default=10, help="objects per image at most (a fixed random subset; "
                    "--timing-only: the sample's boxes timed)")
     p.add_argument("--images", type=int, default=8, help="the first N held-out images per dataset")
+    p.add_argument("--split", choices=("val", "train"), default="val", help="held-out images (default) or the training split's (for tuning)")
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS), help="click updates to compare (the first times the box baseline)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the result here")
@@ -162,9 +168,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = dict(m.split("=", 1) for m in args.models)
     result = {"models": models, "max_objects": args.max_objects, "images": args.images, "device": args.device, "datasets": args.datasets,
+              "split": args.split, "variants": args.variants,
               "threads": args.threads, "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "result": timing_only(models, args.device, args.max_objects) if args.timing_only else
-              evaluate(models, args.max_objects, args.images, args.device, tuple(args.datasets))}
+              evaluate(models, args.max_objects, args.images, args.device, tuple(args.datasets), tuple(args.variants), args.split == "val")}
     print_and_save(result, args.json)
 
 

@@ -87,7 +87,7 @@ def test_box_and_clicks_then_mask_prompt_equal_sam_predictor(sam, image, sam_pre
 
 
 def test_clicks_alone_equal_sam_predictor(sam, image, sam_predictor):
-    predictor = BoxPredictor(sam, device="cpu", backend="reference")
+    predictor = BoxPredictor(sam, device="cpu", backend="reference", click_update="local")  # SamPredictor's decode, without the native click fix
     clicks, labels = np.array([[500.0, 500.0], [560.0, 520.0]]), np.array([1, 1])
     obj = next(predictor.predict_boxes(image, None, points=[clicks], point_labels=[labels], object_size=300))
     assert not obj.has_box and obj.crop == Crop(1.0, 0, 0, 1024, 1024)
@@ -183,8 +183,8 @@ def test_local_click_update_changes_only_the_clicked_part():
 
 
 def test_local_click_update_keeps_the_previous_logits_away_from_the_click(sam, image):
-    predictor = BoxPredictor(sam, device="cpu", backend="reference")
-    assert predictor.click_update == "local" and not predictor.click_mask_prompt
+    predictor = BoxPredictor(sam, device="cpu", backend="reference", click_update="local")
+    assert BoxPredictor(sam, device="cpu", backend="reference").click_update == "pixel" and not predictor.click_mask_prompt
     first = next(predictor.predict_boxes(image, BOX[None]))
     click = np.array([[BOX[0] + 5.0, BOX[1] + 5.0]])
     again = next(predictor.predict_boxes(image, BOX[None], points=[click], point_labels=[np.array([1])],
@@ -200,3 +200,84 @@ def test_local_click_update_keeps_the_previous_logits_away_from_the_click(sam, i
     recomputed = next(sam_way.predict_boxes(image, BOX[None], points=[click], point_labels=[np.array([1])],
                                             mask_inputs=[first.low_res_logits], crops=[first.crop]))
     assert changed.float().mean() < (recomputed.low_res_logits != first.low_res_logits).float().mean()
+
+
+def _bumpy_logits(shape, seed):
+    """(H, W) float32 smooth logits with a blob in the middle and random bumps (for the click fix)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    blob = 12.0 - np.hypot(yy - shape[0] / 2, xx - shape[1] / 2)
+    return (blob + ndimage.gaussian_filter(rng.normal(0, 30, shape), 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_click_fix_flips_every_clicked_pixel_and_nothing_beyond_its_disc(seed):
+    from hrmedseg.engine.click_update import ClickFix, fix_clicked_pixels
+
+    region = (100, 160, 200, 260)  # native (y0, y1, x0, x1)
+    field = _bumpy_logits((60, 60), seed)
+    logits_at = lambda w: field[w[0] - 100 : w[1] - 100, w[2] - 200 : w[3] - 200]  # noqa: E731
+    mask = field > 0
+    rng = np.random.default_rng(seed)
+    fix = ClickFix(reach=2.0, margin=0.5, max_radius=0.25)
+    box_side = 40.0
+    for _ in range(8):  # one click at a time, as the annotator gives them
+        yx = rng.integers(0, 60, 2)
+        label = int(not mask[yx[0], yx[1]])  # a click says the pixel is wrong
+        click = np.array([[200 + yx[1] + 0.5, 100 + yx[0] + 0.5]])
+        fixed = fix_clicked_pixels(mask, region, logits_at, click, np.array([label]), box_side, fix)
+        assert fixed[yx[0], yx[1]] == bool(label)
+        changed = np.argwhere(fixed != mask)
+        assert (np.hypot(*(changed - yx).T) <= fix.max_radius * box_side + 1e-9).all()
+        assert (fixed[changed[:, 0], changed[:, 1]] == bool(label)).all()  # a positive click only adds, a negative one only removes
+        again = fix_clicked_pixels(mask, region, logits_at, click, np.array([label]), box_side, fix)
+        np.testing.assert_array_equal(fixed, again)  # deterministic
+        mask = fixed
+    # a click on a pixel that already has its label, or outside the region, changes nothing
+    inside = np.argwhere(mask)[0]
+    same = fix_clicked_pixels(mask, region, logits_at, np.array([[200 + inside[1] + 0.5, 100 + inside[0] + 0.5], [10.0, 10.0]]),
+                              np.array([1, 1]), box_side, fix)
+    np.testing.assert_array_equal(same, mask)
+
+
+def test_click_fix_follows_the_logits_near_the_click():
+    """A positive click in a missed band just outside the mask fills the band's part above the clicked pixel's logit, near it."""
+    from hrmedseg.engine.click_update import ClickFix, fix_clicked_pixels
+
+    yy, xx = np.mgrid[:40, :40]
+    field = (10.0 - xx).astype(np.float32)  # the mask: x < 10; the logit falls to the right
+    logits_at = lambda w: field[w[0] : w[1], w[2] : w[3]]  # noqa: E731
+    fixed = fix_clicked_pixels(field > 0, (0, 40, 0, 40), logits_at, np.array([[12.5, 20.5]]), np.array([1]), 40.0, ClickFix(2.0, 0.0, 0.5))
+    added = fixed & ~(field > 0)
+    assert added[20, 12] and added[:, 13:].sum() == 0  # up to the clicked pixel's level, not past it
+    assert added[20, 10:13].all() and not added[:10, 10].any()  # in the disc of 2 depths + 1 around the click only
+
+
+def test_pixel_click_update_flips_the_clicked_pixel_and_reruns_exactly(sam, image):
+    """The "pixel" update: the box's own logits, every click's pixel set on the native mask; the
+    same box and clicks give the same mask with or without the previous logits (a store re-run)."""
+    box_only = BoxPredictor(sam, device="cpu", backend="reference")
+    pixel = BoxPredictor(sam, device="cpu", backend="reference", click_update="pixel")
+    first = next(box_only.predict_boxes(image, BOX[None]))
+    y0, _, x0, _ = first.region
+    wrong = np.argwhere(~first.mask)  # a background pixel inside the box: the click says it is foreground
+    wrong = wrong[(wrong[:, 0] + y0 > BOX[1]) & (wrong[:, 0] + y0 < BOX[3]) & (wrong[:, 1] + x0 > BOX[0]) & (wrong[:, 1] + x0 < BOX[2])][0]
+    click = np.array([[x0 + wrong[1] + 0.5, y0 + wrong[0] + 0.5]])
+    kw = dict(points=[click], point_labels=[np.array([1])])
+    fixed = next(pixel.predict_boxes(image, BOX[None], mask_inputs=[first.low_res_logits], crops=[first.crop], **kw))
+    assert fixed.region == first.region and fixed.mask[tuple(wrong)]
+    assert torch.equal(fixed.low_res_logits, first.low_res_logits)  # the box's logits: the clicks act on the native mask only
+    assert not (first.mask & ~fixed.mask).any()  # a positive click only adds
+    changed = np.argwhere(fixed.mask != first.mask)
+    assert (np.hypot(*(changed - wrong).T) <= 0.5 * (BOX[2] - BOX[0]) + 1e-9).all()  # within the disc's bound
+    rerun = next(pixel.predict_boxes(image, BOX[None], **kw))  # box and clicks alone, as the store keeps them
+    np.testing.assert_array_equal(rerun.mask, fixed.mask)
+    # a negative click on the same pixel afterwards: the later click wins
+    kw2 = dict(points=[np.r_[click, click]], point_labels=[np.array([1, 0])])
+    second = next(pixel.predict_boxes(image, BOX[None], mask_inputs=[fixed.low_res_logits], crops=[fixed.crop], **kw2))
+    assert not second.mask[tuple(wrong)]
+    sam_way = next(pixel.predict_boxes(image, BOX[None], click_update="sam", **kw))  # SAM's update stays SAM's
+    plain_sam = next(box_only.predict_boxes(image, BOX[None], click_update="sam", **kw))
+    np.testing.assert_array_equal(sam_way.mask, plain_sam.mask)

@@ -1,4 +1,4 @@
-"""A click corrects the part of the mask under it: the "local" click update.
+"""A click corrects the part of the mask under it: the "local" and "pixel" click updates.
 
 SAM's predictor (the "sam" update) recomputes the whole mask from the box, all clicks and the
 previous low-res logits as mask prompt. For models trained with boxes only (ours, MedSAM,
@@ -21,17 +21,32 @@ keeps the previous logits, so the next click starts from exactly what the annota
 the disc, 0.788 / 0.783 / 0.783 feeding the mask prompt, and 0.545 / 0.501 / 0.501 for SAM's
 update (box alone 0.917). Held-out figures: docs/benchmarks.md.
 
-All tensors are low-res logits in the decoder's (h, w) output grid of the crop.
+The "pixel" update (:func:`fix_clicked_pixels`, :class:`ClickFix`) does not re-decode a boxed
+object at all: its logits are its box's alone, and each click, in order, moves the mask's
+threshold locally at native resolution: a positive click on a background pixel p adds the pixels
+connected to p whose (bilinearly upsampled) logit is at least p's, within a disc around p of
+``reach`` click depths (bounded by a share of the box side); a negative click removes those at
+most p's. Why: on DSB nuclei most errors left after the box are bands of 1-2 native pixels,
+thinner than the decoder's low-res cell, where the decoder's new mask does not change the
+clicked pixel (docs/benchmarks.md). The clicked pixel always flips, nothing beyond the disc
+changes, and the mask is a function of the box and the clicks alone: a store's re-run, and an
+undo followed by the same click, give the very same mask. Objects of clicks alone (no box) are
+decoded from their clicks with the "local" update, then fixed the same way.
+
+Low-res tensors are logits in the decoder's (h, w) output grid of the crop.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..errors import InputError
 
-CLICK_UPDATES = ("sam", "local")
+CLICK_UPDATES = ("sam", "local", "pixel")
 REACH = 1.5  # the update's disc radius, in click depths (see above)
 BOX_GROWTH = 0.5  # the update region: the box grown by this share of its larger side on every side
 
@@ -101,4 +116,72 @@ def grown_bounds(box_xyxy: np.ndarray, shape_hw: tuple[int, int]) -> tuple[int, 
             max(0, int(np.floor(x0 - pad))), min(w, int(np.ceil(x1 + pad))))
 
 
-__all__ = ["BOX_GROWTH", "CLICK_UPDATES", "REACH", "check_click_update", "clicked_region", "grown_bounds", "local_click_update"]
+@dataclass(frozen=True)
+class ClickFix:
+    """The native click fix: after the update, a click whose pixel still has the wrong label
+    moves the mask's threshold locally (see :func:`fix_clicked_pixels`).
+
+    reach: the disc's radius in click depths (native px from the clicked pixel to the nearest
+    pixel of the click's label), plus one pixel; max_radius: its bound, a share of the object's
+    longer box side; margin: logits this far past the clicked pixel's own still join it.
+    The defaults (reach 3, max_radius 0.5, margin 0) were chosen on 30 DSB *training* nuclei
+    with ``hrmedseg_sam_default`` and LiteMedSAM (docs/benchmarks.md, "The pixel click update").
+    """
+
+    reach: float = 3.0
+    max_radius: float = 0.5
+    margin: float = 0.0
+
+
+def fix_clicked_pixels(
+    mask: np.ndarray,
+    region: tuple[int, int, int, int],
+    logits_at: Callable[[tuple[int, int, int, int]], np.ndarray],
+    clicks_xy: np.ndarray,
+    labels: np.ndarray,
+    box_side: float,
+    fix: ClickFix,
+) -> np.ndarray:
+    """(H, W) bool: ``mask`` (of native ``region`` y0, y1, x0, x1) with every click's pixel given
+    its label, clicks in order (a later click wins).
+
+    A positive click on a background pixel p adds the pixels connected to p whose logit is at
+    least logit(p) - margin, within a disc around p (radius ``fix.reach`` click depths + 1,
+    at most ``fix.max_radius * box_side``); a negative click on a foreground pixel removes those
+    with logit at most logit(p) + margin. That is the mask's own threshold lowered (raised) to
+    the clicked pixel's logit, near the click only: the clicked pixel always flips, no pixel
+    farther than the disc changes, and the result depends on the logits and clicks alone.
+    ``logits_at(window)``: the (h, w) native logits, less the mask threshold, of an absolute
+    native window (y0, y1, x0, x1): the mask is where they are > 0; clicks_xy (P, 2) native xy; labels (P,) 1 / 0. Clicks
+    outside the region are left alone (no pixel there to set).
+    """
+    from scipy import ndimage
+
+    out = mask.copy()
+    ry0, ry1, rx0, rx1 = region
+    cap = max(fix.max_radius * float(box_side), 2.0)
+    half = int(np.ceil(cap)) + 1
+    for (x, y), label in zip(np.asarray(clicks_xy, np.float64), np.asarray(labels)):
+        py, px = int(np.floor(y)), int(np.floor(x))
+        want = bool(label == 1)
+        if not (ry0 <= py < ry1 and rx0 <= px < rx1) or out[py - ry0, px - rx0] == want:
+            continue
+        wy0, wy1, wx0, wx1 = max(ry0, py - half), min(ry1, py + half + 1), max(rx0, px - half), min(rx1, px + half + 1)
+        view = out[wy0 - ry0 : wy1 - ry0, wx0 - rx0 : wx1 - rx0]
+        cy, cx = py - wy0, px - wx0
+        has_label = view == want
+        depth = float(ndimage.distance_transform_edt(~has_label)[cy, cx]) if has_label.any() else cap
+        radius = min(fix.reach * depth + 1.0, cap)
+        logits = logits_at((wy0, wy1, wx0, wx1))
+        level = logits[cy, cx]
+        joins = logits >= level - fix.margin if want else logits <= level + fix.margin
+        yy, xx = np.ogrid[: view.shape[0], : view.shape[1]]
+        joins &= (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+        joins[cy, cx] = True
+        parts, _ = ndimage.label(joins, structure=np.ones((3, 3), bool))
+        view[parts == parts[cy, cx]] = want
+    return out
+
+
+__all__ = ["BOX_GROWTH", "CLICK_UPDATES", "REACH", "ClickFix", "check_click_update", "clicked_region", "fix_clicked_pixels",
+           "grown_bounds", "local_click_update"]

@@ -317,3 +317,16 @@ def logits_to_native_batch(
     sampled = F.grid_sample(lr, grid.to(lr.device), mode="bilinear", padding_mode="border", align_corners=False)
     above = (sampled[:, 0] > threshold).cpu().numpy()
     return [above[i, :h, :w] for i, (h, w) in enumerate(zip(heights, widths))]
+
+
+def native_logits(low_res_logits: torch.Tensor, crop: Crop, window: tuple[int, int, int, int]) -> np.ndarray:
+    """(y1 - y0, x1 - x0) float32 logits at the native pixels of ``window`` (y0, y1, x0, x1).
+
+    The same bilinear sampling per pixel as :func:`logits_to_native_batch` (each pixel's grid
+    coordinate depends on its own index only), so ``native_logits(...) > threshold`` is the mask
+    there; low_res_logits: (h_lr, w_lr), (1, h_lr, w_lr) or (1, 1, h_lr, w_lr).
+    """
+    y0, y1, x0, x1 = window
+    lr = low_res_logits.reshape(1, 1, *low_res_logits.shape[-2:]).float()
+    grid = _sample_grid(_native_grid(x0, x1, crop.x0, crop), _native_grid(y0, y1, crop.y0, crop))[None].to(lr.device)
+    return F.grid_sample(lr, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0].cpu().numpy()

@@ -18,9 +18,9 @@ from ..models.info import LoadedModel, ModelMetadata
 from ..models.prior_gate import GATE_SUFFIX
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
-from .click_update import check_click_update, local_click_update
+from .click_update import ClickFix, check_click_update, fix_clicked_pixels, local_click_update
 from .disk_cache import PERSISTENT_SOURCES, image_identity, model_digest, resolve_disk_cache
-from .crops import Crop, CropPolicy, group_by_crop, logits_to_native_batch, mask_region, plan_crops, read_crop
+from .crops import Crop, CropPolicy, group_by_crop, logits_to_native_batch, mask_region, native_logits, plan_crops, read_crop
 from .decoder import ENGINE_BACKENDS, Sam2Features, BoxDecoder, RegionBoxDecoder, build_steps, is_sam2_model, region_margin
 from .intensity import DEFAULT_INTENSITY, ChannelScaling, IntensityOptions, compute_scaling
 from .labels import ObjectMask, ObjectRecord, SparseLabels, _check_policy, paste_object
@@ -138,15 +138,18 @@ class BoxPredictor:
             A model without a gate runs "model" (``self.prior`` is then "model"; a warning when
             "gate" was asked for by name).
         click_update: how an object with clicks and its previous logits (``mask_inputs``) is
-            recomputed (:mod:`hrmedseg.engine.click_update`): "local" (default) takes the new
+            recomputed (:mod:`hrmedseg.engine.click_update`): "local" takes the new
             mask only in the part the newest click is about and keeps the previous one
-            elsewhere; "sam" takes the whole new mask, as ``SamPredictor`` does.
+            elsewhere; "pixel" (default) keeps a boxed object's box logits and sets each click's pixel
+            on the native mask (``click_fix``: :func:`~hrmedseg.engine.click_update.fix_clicked_pixels`);
+            "sam" takes the whole new mask, as ``SamPredictor`` does.
         click_mask_prompt: whether the decoder is given the previous logits as SAM's mask prompt
             when there are clicks (always with "sam"). Off by default: box-trained models
             (ours, MedSAM, LiteMedSAM) draw worse masks with it (docs/benchmarks.md, clicks).
         aot: compile the fast CPU encoder ahead of time, in the background, once per machine
             (:mod:`hrmedseg.models.aot_cache`); None: as ``HRMEDSEG_AOT`` says (default off). Long
             sessions pass ``aot_enabled(default=True)`` (the napari annotator does).
+        click_fix: the disc and margin of the "pixel" update's native fix.
     """
 
     def __init__(
@@ -163,11 +166,13 @@ class BoxPredictor:
         allow_bf16: bool = True,
         disk_cache: Any = None,
         prior: str | None = None,
-        click_update: str = "local",
+        click_update: str = "pixel",
         click_mask_prompt: bool = False,
         aot: bool | None = None,
+        click_fix: ClickFix = ClickFix(),
     ) -> None:
         self.click_update, self.click_mask_prompt = check_click_update(click_update), bool(click_mask_prompt)
+        self.click_fix = click_fix
         asked_for_prior = prior is not None
         prior = DEFAULT_PRIOR_RULE if prior is None else prior
         if prior not in PRIOR_RULES:
@@ -253,6 +258,10 @@ class BoxPredictor:
         """
         n_points, has_box, has_mask = prompts.signature(batch[0])
         input_boxes = torch.from_numpy(crop.box_to_input(prompts.boxes[batch])) if has_box else None
+        if click_update == "pixel" and has_box and n_points:
+            # A boxed object's logits are its box's alone; its clicks act on the native mask
+            # (predict_boxes: fix_clicked_pixels), so box + clicks re-run exactly.
+            n_points, has_mask = 0, False
         extra: dict[str, Any] = {}
         if n_points:
             xy = np.stack([prompts.points[i] for i in batch])  # (N, P, 2)
@@ -284,7 +293,7 @@ class BoxPredictor:
                 ellipse = ellipse_prior_logits(input_boxes.to(logits.device), logits.shape[-2:], size)
             logits = add_box_prior(logits, input_boxes, size, self.metadata.box_prior, ellipse)
             logits = apply_prior_rule(logits, scores, input_boxes, size, rule, self.metadata.prior_gate, ellipse)
-        if n_points and has_mask and click_update == "local":
+        if n_points and has_mask and click_update in ("local", "pixel"):  # "pixel" here: an object of clicks alone
             logits = self._local_update(logits, prompts, batch, crop, input_boxes, previous)
         return logits, scores
 
@@ -296,6 +305,16 @@ class BoxPredictor:
         positive = np.array([prompts.point_labels[i][-1] == 1 for i in batch])
         boxes = None if input_boxes is None else input_boxes.cpu().numpy() * to_grid
         return local_click_update(logits, previous, clicks, positive, boxes, self.mask_threshold)
+
+    def _fix_clicks(self, logits: torch.Tensor, crop: Crop, region, mask: np.ndarray, prompts: ObjectPrompts, i: int) -> np.ndarray:
+        """Object ``i``'s native ``mask`` with :func:`~hrmedseg.engine.click_update.fix_clicked_pixels`
+        applied to its clicks (unchanged without clicks); logits: its (1, h, w) low-res logits."""
+        if not len(prompts.points[i]):
+            return mask
+        x0, y0, x1, y1 = prompts.extents[i]
+        relative = lambda window: native_logits(logits, crop, window) - self.mask_threshold  # noqa: E731  (the mask: > 0)
+        return fix_clicked_pixels(mask, region, relative, prompts.points[i], prompts.point_labels[i],
+                                  max(x1 - x0, y1 - y0), self.click_fix)
 
     def clear_cache(self) -> None:
         """Forget embeddings (needed after editing an in-memory array in place)."""
@@ -366,6 +385,9 @@ class BoxPredictor:
                     self.decoder_calls += 1
                     regions = [mask_region(prompts.extents[i], crop, self.policy, image.shape_yx) for i in batch]
                     masks = logits_to_native_batch(logits, crop, regions, self.mask_threshold)
+                    if click_update == "pixel":
+                        masks = [self._fix_clicks(logits[j], crop, region, mask, prompts, i)
+                                 for j, (i, region, mask) in enumerate(zip(batch, regions, masks))]
                     kept = logits.detach().float().cpu()
                     for j, (i, region, mask) in enumerate(zip(batch, regions, masks)):
                         ready[i] = ObjectMask(

@@ -1,0 +1,58 @@
+"""Tune the native click fix (hrmedseg.engine.click_update.ClickFix) on DSB *training* nuclei.
+
+One predictor, the variants switched per object on the same cached crop; bench_clicks.py's
+simulated annotator. Prints Dice after the box / 1 / 3 / 5 clicks and ms per click per variant.
+
+Usage: cd bench && HRMEDSEG_SHARED_DATA=... python tune_click_fix.py [--images 6] [--max-objects 5] [--model hrmedseg_sam_default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from bench_clicks import CLICKS, refine
+from eval_zero_shot import prompts
+
+from hrmedseg.engine.click_update import ClickFix
+
+# name -> (click_update, ClickFix or None)
+GRID = {
+    "local (default)": ("local", None),
+    **{f"keep + fix r{r} cap{c}": ("keep", ClickFix(r, max_radius=c)) for r in (1.5, 2.0, 3.0) for c in (0.25, 0.5, 1.0)},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="hrmedseg_sam_default")
+    p.add_argument("--images", type=int, default=6)
+    p.add_argument("--max-objects", type=int, default=5)
+    p.add_argument("--dataset", default="nuclei_dsb2018")
+    p.add_argument("--only", nargs="*", help="variant names to run (default all)")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    from hrmedseg.engine import BoxPredictor
+
+    grid = {k: v for k, v in GRID.items() if not args.only or k in args.only}
+    predictor = BoxPredictor(args.model, device="cpu")
+    dice = {k: [] for k in grid}
+    seconds = {k: [] for k in grid}
+    for _, image, objs in prompts(args.dataset, args.max_objects, args.images, val=False):
+        for gt, box in objs:
+            for name, (update, fix) in grid.items():
+                predictor.click_update, predictor.click_fix = update, fix
+                d, s = refine(predictor, image, gt, box, True)
+                dice[name].append(d)
+                seconds[name].extend(s)
+        predictor.clear_cache()
+    for name in grid:
+        d = np.array(dice[name]).mean(0)
+        print(f"{name:28s} n={len(dice[name])} box {d[0]:.3f} " + " ".join(f"{c}:{d[c]:.3f}" for c in CLICKS)
+              + f"  ms/click {1000 * np.median(seconds[name]):.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
