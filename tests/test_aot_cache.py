@@ -138,3 +138,41 @@ def test_annotator_model_compiles_ahead_of_time_and_cli_default_does_not(monkeyp
     predictor, _ = load_predictor(str(bundle), device="cpu")
     assert isinstance(predictor.encoder.image_encoder, AotEncoder)
     assert not isinstance(BoxPredictor(str(bundle), device="cpu").encoder.image_encoder, AotEncoder)
+
+
+def test_package_that_crashes_its_check_process_is_refused_and_not_compiled_again(monkeypatch):
+    """A package whose loading kills the process (a real crash, in the check child) is never
+    loaded in this process: no key is written, it is deleted, and later sessions stay eager."""
+    torch.manual_seed(0)
+    reference = HRMedSegEncoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))).eval()
+    eager = FastHRMedSegEncoder.from_reference(reference)
+    x = torch.randn(1, 3, 64, 64)
+
+    def write_package(program, package_path):
+        with open(package_path, "wb") as f:
+            f.write(b"a package whose loading crashes")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", write_package)
+    monkeypatch.setattr(aot_cache, "CHECK_SCRIPT", "import os; os.abort()")
+    key = aot_key("digest", "fast", tuple(x.shape))
+    first = AotEncoder(eager, "digest", "fast", background=False)
+    torch.testing.assert_close(first(x), eager(x))
+    path = package_path(key)
+    assert first.compiled is None and not path.exists() and not path.with_suffix(".json").exists()
+    assert aot_cache.refused(key) and not aot_cache.refused(aot_key("other", "fast", tuple(x.shape)))
+
+    def no_compiling(*args):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(aot_cache, "compile_to_cache", no_compiling)
+    second = AotEncoder(FastHRMedSegEncoder.from_reference(reference), "digest", "fast")
+    torch.testing.assert_close(second(x), eager(x))
+    assert second.compiled is None and second.thread is None
+
+
+def test_check_in_child_reports_the_exit_status(tmp_path, monkeypatch):
+    monkeypatch.setattr(aot_cache, "CHECK_SCRIPT", "import sys; sys.exit('cannot load ' + sys.argv[1])")
+    problem = aot_cache.check_in_child(tmp_path / "x.pt2", torch.zeros(1, 3, 8, 8))
+    assert problem is not None and "status 1" in problem and "cannot load" in problem
+    monkeypatch.setattr(aot_cache, "CHECK_SCRIPT", "import sys; assert sys.argv[2:] == ['1,3,8,8', 'bfloat16']")
+    assert aot_cache.check_in_child(tmp_path / "x.pt2", torch.zeros(1, 3, 8, 8, dtype=torch.bfloat16)) is None

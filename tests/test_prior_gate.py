@@ -159,8 +159,9 @@ def test_gate_never_replaces_a_clicked_or_mask_prompted_mask(model_path):
     image = np.random.default_rng(2).integers(0, 255, (300, 400, 3), np.uint8)
     boxes = np.array([[50.0, 60.0, 130.0, 100.0]])
     clicks = dict(points=[np.array([[90.0, 80.0], [60.0, 95.0]])], point_labels=[np.array([1, 0])])
-    gated = BoxPredictor(model_path, device="cpu", backend="reference", prior="gate")
-    plain = BoxPredictor(model_path, device="cpu", backend="reference", prior="model")
+    # "local": clicks re-decode the object (the "pixel" default keeps the box's mask, below).
+    gated = BoxPredictor(model_path, device="cpu", backend="reference", prior="gate", click_update="local")
+    plain = BoxPredictor(model_path, device="cpu", backend="reference", prior="model", click_update="local")
     ellipse = BoxPredictor(model_path, device="cpu", backend="reference", prior="ellipse")
     assert gated.prior == "gate"
     box_only = next(gated.predict_boxes(image, boxes))
@@ -171,3 +172,25 @@ def test_gate_never_replaces_a_clicked_or_mask_prompted_mask(model_path):
     prompted = next(gated.predict_boxes(image, boxes, mask_inputs=[box_only.low_res_logits], crops=[box_only.crop]))
     expected = next(plain.predict_boxes(image, boxes, mask_inputs=[box_only.low_res_logits], crops=[box_only.crop]))
     assert torch.equal(prompted.low_res_logits, expected.low_res_logits)
+
+
+def test_pixel_clicks_correct_the_mask_the_annotator_saw(model_path):
+    # The "pixel" update keeps the box-only mask (the gate's choice included) as its base and
+    # sets each clicked native pixel to its label on top of it.
+    always = PriorGate((0.0,) * 6, 50.0, (0.0,) * 6, (1.0,) * 6)
+    gate_path(model_path).write_text(json.dumps(always.to_dict()))
+    image = np.random.default_rng(2).integers(0, 255, (300, 400, 3), np.uint8)
+    boxes = np.array([[50.0, 60.0, 130.0, 100.0]])
+    gated = BoxPredictor(model_path, device="cpu", backend="reference", prior="gate")
+    assert gated.click_update == "pixel"
+    box_only = next(gated.predict_boxes(image, boxes))
+    inside = box_only.mask.nonzero()
+    outside = (~box_only.mask).nonzero()
+    y0, _, x0, _ = box_only.region
+    neg = [x0 + inside[1][len(inside[1]) // 2] + 0.5, y0 + inside[0][len(inside[0]) // 2] + 0.5]
+    pos = [x0 + outside[1][0] + 0.5, y0 + outside[0][0] + 0.5]
+    for click, label in ((pos, 1), (neg, 0)):
+        clicked = next(gated.predict_boxes(image, boxes, points=[np.array([click])], point_labels=[np.array([label])]))
+        assert torch.equal(clicked.low_res_logits, box_only.low_res_logits)
+        cy0, _, cx0, _ = clicked.region  # the region grows to hold the click
+        assert clicked.mask[int(click[1]) - cy0, int(click[0]) - cx0] == bool(label)

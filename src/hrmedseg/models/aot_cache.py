@@ -10,6 +10,13 @@ A package is only valid for what it was compiled for, so it is stored under its
 loaded only when the key written beside it equals the current one: a cache copied from
 another CPU or left by another torch version is never used (it is compiled again).
 
+A new package is first loaded and run once in a child process (:func:`check_in_child`), and its
+key is written only when that child exits cleanly: on torch 2.11.0+cu130 (the lent GPU machine's
+image) loading a package crashed the process with a segmentation fault, which no ``except`` can
+catch, and in the annotator that would lose unsaved work. A package that fails the check is
+deleted and its key recorded as refused (``.refused``), so the eager encoder serves from then on
+without compiling again.
+
 When: ``HRMEDSEG_AOT=1`` / ``HRMEDSEG_AOT=0`` turn it on / off everywhere. Unset, it is on
 where a long session asks for it (the napari annotator: a first session pays 20-60 s of
 background compilation on 2 cores, every later one gets the compiled encoder, 0.32x of the
@@ -24,6 +31,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -37,6 +46,13 @@ log = logging.getLogger(__name__)
 
 #: Bumped when the packages' contents change meaning.
 AOT_VERSION = 2
+#: What the check process runs: load the package (argv 1) and call it once on zeros of the shape
+#: (argv 2, comma-separated) and dtype (argv 3).
+CHECK_SCRIPT = (
+    "import sys, torch; f = torch._inductor.aoti_load_package(sys.argv[1]); "
+    "f(torch.zeros([int(n) for n in sys.argv[2].split(',')], dtype=getattr(torch, sys.argv[3])))"
+)
+CHECK_TIMEOUT_S = 600
 
 
 def cxx_compiler_found() -> bool:
@@ -104,11 +120,37 @@ def load_compiled(key: dict) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return None
 
 
+def refused(key: dict) -> bool:
+    """True when a package compiled for ``key`` failed :func:`check_in_child` on this machine."""
+    try:
+        return json.loads(package_path(key).with_suffix(".refused").read_text()) == key
+    except (OSError, ValueError):
+        return False
+
+
+def check_in_child(path: Path, example: torch.Tensor) -> str | None:
+    """None when the package at ``path`` loads and runs on zeros like ``example`` in a child
+    process; else why not (its exit status and last stderr line)."""
+    shape = ",".join(str(n) for n in example.shape)
+    dtype = str(example.dtype).removeprefix("torch.")
+    try:
+        done = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, str(path), shape, dtype],
+                              capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"the check process did not finish in {CHECK_TIMEOUT_S} s"
+    if done.returncode == 0:
+        return None
+    last = (done.stderr.strip().splitlines() or [""])[-1]
+    return f"the check process exited with status {done.returncode}" + (f" ({last})" if last else "")
+
+
 def compile_to_cache(module: nn.Module, example: torch.Tensor, key: dict) -> Path:
     """Export ``module`` at ``example``'s shape, compile it with AOTInductor and store it under ``key``.
 
     The package and then its key are each written to a temporary file and renamed, so a crash
-    leaves no package that :func:`load_compiled` would accept.
+    leaves no package that :func:`load_compiled` would accept; the key is written only after
+    :func:`check_in_child` passed. Raises RuntimeError (and records the key as refused) when it
+    did not.
     """
     path = package_path(key)
     with torch.no_grad():
@@ -121,6 +163,12 @@ def compile_to_cache(module: nn.Module, example: torch.Tensor, key: dict) -> Pat
             staged.replace(tmp)
         finally:
             staged.unlink(missing_ok=True)
+    problem = check_in_child(path, example)
+    if problem is not None:
+        path.unlink(missing_ok=True)
+        with atomic_path(path.with_suffix(".refused")) as tmp:
+            tmp.write_text(json.dumps(key, sort_keys=True))
+        raise RuntimeError(f"compiled package {path.name} failed its check: {problem}; the uncompiled encoder is used")
     with atomic_path(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(key, sort_keys=True))
     return path
@@ -164,7 +212,9 @@ class AotEncoder:
             self.shape = tuple(x.shape)
             key = aot_key(self.weights, self.variant, self.shape)
             self.compiled = load_compiled(key)
-            if self.compiled is None:
+            if self.compiled is None and refused(key):
+                log.info("the %s encoder's compiled package failed its check on this machine; running it uncompiled", self.variant)
+            elif self.compiled is None:
                 example = torch.zeros_like(x)
                 if self.background:  # started after this call's eager result: the first box is not slowed
                     self.thread = threading.Thread(target=self._compile, args=(example, key), daemon=True)
@@ -186,4 +236,5 @@ class AotEncoder:
         return out
 
 
-__all__ = ["AOT_VERSION", "AotEncoder", "aot_cache_dir", "aot_enabled", "aot_setting", "aot_key", "compile_to_cache", "load_compiled", "package_path"]
+__all__ = ["AOT_VERSION", "AotEncoder", "aot_cache_dir", "aot_enabled", "aot_setting", "aot_key", "check_in_child", "compile_to_cache",
+           "load_compiled", "package_path", "refused"]
