@@ -16,12 +16,12 @@ import torch
 from bench_clicks import CLICKS, refine
 from eval_zero_shot import prompts
 
-from hrmedseg.engine.click_update import ClickFix
+from hrmedseg.engine.click_update import ClickFix, check_click_update
 
 # name -> (click_update, ClickFix or None)
 GRID = {
-    "local (default)": ("local", None),
-    **{f"keep + fix r{r} cap{c}": ("keep", ClickFix(r, max_radius=c)) for r in (1.5, 2.0, 3.0) for c in (0.25, 0.5, 1.0)},
+    "local (the default before)": ("local", None),
+    **{f"keep + fix r{r} cap{c}": ("pixel", ClickFix(r, max_radius=c)) for r in (1.5, 2.0, 3.0) for c in (0.25, 0.5, 1.0)},
 }
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     for _, image, objs in prompts(args.dataset, args.max_objects, args.images, val=False):
         for gt, box in objs:
             for name, (update, fix) in grid.items():
-                predictor.click_update, predictor.click_fix = update, fix
+                predictor.click_update, predictor.click_fix = check_click_update(update), fix
                 d, s = refine(predictor, image, gt, box, True)
                 dice[name].append(d)
                 seconds[name].extend(s)
