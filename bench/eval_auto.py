@@ -68,6 +68,16 @@ def summary(rows: list[dict], seconds: float) -> dict:
     }
 
 
+def summary_by_modality(rows: list[dict], seconds: list[float], kinds: list[str]) -> dict:
+    """:func:`summary` of ``rows`` (one per image, ``seconds`` each), with one more per modality
+    of ``kinds`` (each image's ``modality``) under its name."""
+    result = summary(rows, sum(seconds))
+    for kind in sorted(set(kinds)):
+        picked = [i for i, k in enumerate(kinds) if k == kind]
+        result[kind] = summary([rows[i] for i in picked], sum(seconds[i] for i in picked))
+    return result
+
+
 def read_rgb(item: dict) -> np.ndarray:
     """(H, W, 3) uint8 image of a manifest item."""
     return np.asarray(Image.open(SHARED / "nuclei_dsb2018" / item["image"]).convert("RGB"))
@@ -142,10 +152,7 @@ def main() -> None:
                     "threads": torch.get_num_threads(), "box_model": args.box_model,
                     "proposer": args.proposer, "split": args.split}
     for name, rs in rows.items():
-        result[name] = summary(rs, sum(seconds[name]))
-        for kind in sorted(set(kinds)):
-            picked = [i for i, k in enumerate(kinds) if k == kind]
-            result[name][kind] = summary([rs[i] for i in picked], sum(seconds[name][i] for i in picked))
+        result[name] = summary_by_modality(rs, seconds[name], kinds)
     print_and_save(result, args.json)
 
 

@@ -266,10 +266,15 @@ def logits_to_native(
     rows = max(1, band_pixels // max(1, x1 - x0))
     for r0 in range(y0, y1, rows):
         r1 = min(r0 + rows, y1)
-        grid = _sample_grid(gx, _native_grid(r0, r1, crop.y0, crop))[None].to(lr.device)
-        band = F.grid_sample(lr, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
-        out[r0 - y0 : r1 - y0] = (band > threshold).cpu().numpy()
+        out[r0 - y0 : r1 - y0] = (_sampled(lr, crop, gx, r0, r1) > threshold).cpu().numpy()
     return out
+
+
+def _sampled(lr: torch.Tensor, crop: Crop, gx: torch.Tensor, y0: int, y1: int) -> torch.Tensor:
+    """(y1 - y0, len(gx)) logits of ``lr`` (1, 1, h_lr, w_lr), bilinearly sampled at the native
+    pixel centres of rows y0..y1-1 and the columns whose grid coordinates are ``gx``."""
+    grid = _sample_grid(gx, _native_grid(y0, y1, crop.y0, crop))[None].to(lr.device)
+    return F.grid_sample(lr, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
 
 
 def _sample_grid(gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
@@ -328,5 +333,4 @@ def native_logits(low_res_logits: torch.Tensor, crop: Crop, window: tuple[int, i
     """
     y0, y1, x0, x1 = window
     lr = low_res_logits.reshape(1, 1, *low_res_logits.shape[-2:]).float()
-    grid = _sample_grid(_native_grid(x0, x1, crop.x0, crop), _native_grid(y0, y1, crop.y0, crop))[None].to(lr.device)
-    return F.grid_sample(lr, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0].cpu().numpy()
+    return _sampled(lr, crop, _native_grid(x0, x1, crop.x0, crop), y0, y1).cpu().numpy()

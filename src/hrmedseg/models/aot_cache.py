@@ -104,14 +104,24 @@ def package_path(key: dict) -> Path:
     return aot_cache_dir() / f"{key['variant']}-{digest}.pt2"
 
 
+def key_file_holds(file: Path, key: dict) -> bool:
+    """True when ``file`` (a package's ``.json`` or ``.refused``) holds exactly ``key``."""
+    try:
+        return json.loads(file.read_text()) == key
+    except (OSError, ValueError):
+        return False
+
+
+def write_key_file(file: Path, key: dict) -> None:
+    """``key`` as JSON into ``file``, through a temporary file and a rename."""
+    with atomic_path(file) as tmp:
+        tmp.write_text(json.dumps(key, sort_keys=True))
+
+
 def load_compiled(key: dict) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The cached package for ``key``, loaded; None when there is none, or its key differs, or it cannot load."""
     path = package_path(key)
-    try:
-        stored = json.loads(path.with_suffix(".json").read_text())
-    except (OSError, ValueError):
-        return None
-    if stored != key or not path.is_file():
+    if not key_file_holds(path.with_suffix(".json"), key) or not path.is_file():
         return None
     try:
         return torch._inductor.aoti_load_package(str(path))
@@ -122,10 +132,7 @@ def load_compiled(key: dict) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 def refused(key: dict) -> bool:
     """True when a package compiled for ``key`` failed :func:`check_in_child` on this machine."""
-    try:
-        return json.loads(package_path(key).with_suffix(".refused").read_text()) == key
-    except (OSError, ValueError):
-        return False
+    return key_file_holds(package_path(key).with_suffix(".refused"), key)
 
 
 def check_in_child(path: Path, example: torch.Tensor) -> str | None:
@@ -166,11 +173,9 @@ def compile_to_cache(module: nn.Module, example: torch.Tensor, key: dict) -> Pat
     problem = check_in_child(path, example)
     if problem is not None:
         path.unlink(missing_ok=True)
-        with atomic_path(path.with_suffix(".refused")) as tmp:
-            tmp.write_text(json.dumps(key, sort_keys=True))
+        write_key_file(path.with_suffix(".refused"), key)
         raise RuntimeError(f"compiled package {path.name} failed its check: {problem}; the uncompiled encoder is used")
-    with atomic_path(path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(key, sort_keys=True))
+    write_key_file(path.with_suffix(".json"), key)
     return path
 
 
