@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
+import resource
 import time
 from unittest import mock
 from datetime import datetime, timezone
@@ -246,10 +247,13 @@ def main() -> None:
     results["cached_box_s"] = {"median": round(float(np.median(times)), 4), "max": round(float(np.max(times)), 4), "n": len(times)}
 
     fresh = BoxPredictor(model, device=device, policy=policy)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     (labels, records), t_all = timed(lambda: fresh.segment(image, boxes), device)
     results["segment_all"] = {
         "boxes": len(boxes),
         "total_s": round(t_all, 3),
+        # pages touched afresh during the call (hrmedseg.models.malloc_tuning: HRMEDSEG_MALLOC_TUNING)
+        "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
         "boxes_per_s": round(len(boxes) / t_all, 2),
         "encoder_calls": fresh.encoder_calls,
         "decoder_calls": fresh.decoder_calls,

@@ -23,6 +23,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"weights cache: {cache_dir()}")
     print_cpu_backend(calibrate=not args.no_calibrate)
     print(aot_summary())
+    from ..models.malloc_tuning import keep_freed_memory
+
+    print(f"CPU memory reuse (malloc tuning, as the engine applies it): {keep_freed_memory()}")
     return 0
 
 

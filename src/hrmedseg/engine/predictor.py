@@ -15,6 +15,7 @@ from ..errors import HRMedSegError, InputError
 from ..io.boxes import box_label
 from ..models.box_prior import DEFAULT_PRIOR_RULE, PRIOR_RULES, add_box_prior, apply_prior_rule, ellipse_prior_logits
 from ..models.info import LoadedModel, ModelMetadata
+from ..models.malloc_tuning import keep_freed_memory
 from ..models.prior_gate import GATE_SUFFIX
 from ..io.readers import LazyImage, object_token, open_image
 from .cache import EmbeddingCache
@@ -178,6 +179,8 @@ class BoxPredictor:
         if prior not in PRIOR_RULES:
             raise InputError(f"unknown prior {prior!r} (use {', '.join(PRIOR_RULES)})")
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # fewer page faults per decoder call (hrmedseg.models.malloc_tuning)
         module, self.metadata = resolve_model(model)
         if prior == "gate" and self.metadata.prior_gate is None:
             # Only a gate asked for by name deserves a warning: by default, models without one
