@@ -17,8 +17,8 @@ from test_engine_predictor import tiny_sam
 GLIBC = malloc_tuning._glibc() is not None
 needs_glibc = pytest.mark.skipif(not GLIBC, reason="glibc only (Linux)")
 
-# 32 MiB of 4 MiB tensors allocated, touched and freed per round: more than glibc's dynamic trim
-# threshold gives back, less than the engine's settings keep.
+# 32 MiB of 4 MiB tensors allocated, touched and freed per round: glibc's default thresholds
+# map and unmap each of them, the engine's settings keep them (under 16 MiB each, 64 MiB in all).
 FAULTS = """
 import json, resource, sys, torch
 from hrmedseg.models.malloc_tuning import keep_freed_memory

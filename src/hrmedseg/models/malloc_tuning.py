@@ -5,7 +5,7 @@ Why: PyTorch's CPU tensors come straight from ``malloc``. glibc serves large blo
 ``M_TRIM_THRESHOLD`` is free, so a decoder call that allocates a few 4 MiB image-side tensors
 touches new pages every time: one page fault per 4 KiB. On the 2-core development VM the 200
 boxes of ``bench/bench_engine.py`` took 115-290 k minor faults per ``segment()`` call (about a
-gigabyte of first touches) and 22-58 k with the settings below, 5-10% of the call's time
+gigabyte of first touches) and 22-58 k with the settings below, which took 6% off the call
 (docs/benchmarks.md, "Fewer page faults").
 
 The settings: blocks under ``MMAP_THRESHOLD_BYTES`` come from the heap, and up to
