@@ -24,7 +24,7 @@ from PIL import Image
 from report import print_and_save
 
 from hrmedseg.engine import BoxPredictor
-from hrmedseg.engine.auto import AutoOptions, propose_objects, resolve_proposer
+from hrmedseg.engine.auto import AutoOptions, chosen_masks, propose_objects, resolve_proposer
 from hrmedseg.engine.predictor import paste_objects
 from hrmedseg.io import open_image
 from hrmedseg.training.metrics import match_instances
@@ -32,8 +32,7 @@ from hrmedseg.training.metrics import match_instances
 
 def labels_at(objects: list, proposals: list, shape_yx: tuple[int, int], agree_iou: float) -> np.ndarray:
     """(H, W) int32 labels of ``segment_auto`` with this threshold, from its box-model ``objects``."""
-    chosen = (obj if proposals[obj.box_index] is None else proposals[obj.box_index].choose(obj, agree_iou) for obj in objects)
-    return paste_objects(chosen, shape_yx, overlap="keep_existing")[0]
+    return paste_objects(chosen_masks(objects, proposals, agree_iou), shape_yx, overlap="keep_existing")[0]
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -664,9 +664,15 @@ def final_masks(
     cancel: Any = None,
 ) -> Iterator[ObjectMask]:
     """The box model's mask of each proposal box (N, 4), or the proposal's own (:meth:`ProposalMask.choose`), in box order."""
-    for obj in predictor.predict_boxes(image, boxes, progress=progress, cancel=cancel):
+    yield from chosen_masks(predictor.predict_boxes(image, boxes, progress=progress, cancel=cancel), masks, options.agree_iou)
+
+
+def chosen_masks(objects: Iterable[ObjectMask], masks: list[ProposalMask | None], agree_iou: float) -> Iterator[ObjectMask]:
+    """Each box-model object, or its proposal's own mask where they disagree (:meth:`ProposalMask.choose`);
+    ``masks[obj.box_index]`` is the object's proposal (None: keep the object)."""
+    for obj in objects:
         proposal = masks[obj.box_index]
-        yield obj if proposal is None else proposal.choose(obj, options.agree_iou)
+        yield obj if proposal is None else proposal.choose(obj, agree_iou)
 
 
 def segment_auto(
@@ -692,6 +698,6 @@ def segment_auto(
     return paste_objects(objects, image.shape_yx, labels, first_id, overlap="keep_existing")
 
 
-__all__ = ["AGREE_IOU", "AutoOptions", "FLIPS_DEFAULT", "FLIP_VIEWS", "PROPOSERS", "ProposalMask", "auto_objects",
+__all__ = ["AGREE_IOU", "AutoOptions", "chosen_masks", "FLIPS_DEFAULT", "FLIP_VIEWS", "PROPOSERS", "ProposalMask", "auto_objects",
            "boxes_with_overlap", "cell_proposals", "final_masks", "flip_averaged_probability", "nms_boxes", "semantic_foreground",
            "fill_small_holes", "merge_wide_necks", "padded_raster_order", "propose", "propose_objects", "proposal_instances", "segment_auto", "split_instances", "tiles", "zones"]
