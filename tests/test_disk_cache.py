@@ -109,6 +109,54 @@ def test_entry_of_another_format_is_recomputed(tmp_path):
     assert not cache.path(("k",)).exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entries_read_straight_from_disk_equal_zarrs_reading(tmp_path, dtype, monkeypatch):
+    import zarr
+
+    cache = DiskEmbeddingCache(tmp_path)
+    value = torch.randn(1, 8, 5, 7).to(dtype)
+    cache.put(("k",), value)
+    with monkeypatch.context() as m:  # what put wrote is read without zarr's reader
+        for name in ("open_group", "open_array", "open"):
+            m.setattr(zarr, name, lambda *a, **k: pytest.fail("zarr's reader was used"))
+        got, _ = cache.get(("k",))
+    assert got.dtype == dtype and torch.equal(got, value)
+    by_zarr = zarr.open_group(str(cache.path(("k",))), mode="r")["t0"][...]
+    np.testing.assert_array_equal(value.view(torch.int16).numpy() if dtype == torch.bfloat16 else value.numpy(), by_zarr)
+
+
+def test_entries_zarr_writes_otherwise_are_read_through_zarr(tmp_path):
+    """An entry whose array is compressed and split in chunks (not what put writes) still reads."""
+    import zarr
+
+    from hrmedseg.engine.disk_cache import FORMAT, _checksum
+
+    cache = DiskEmbeddingCache(tmp_path)
+    value = np.arange(2 * 6 * 10, dtype=np.float32).reshape(2, 6, 10)
+    path = cache.path(("k",))
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("t0", data=value, chunks=(1, 3, 5))  # zarr's default compressor
+    group.attrs.update(format=FORMAT, key=repr(("k",)), kind="tensor", level=0, dtypes=["float32"], checksums=[_checksum(value)])
+    got, _ = cache.get(("k",))
+    np.testing.assert_array_equal(got.numpy(), value)
+
+
+def test_entry_of_zeros_reads_back(tmp_path):
+    """zarr writes no chunk for fill values; the entry still reads."""
+    cache = DiskEmbeddingCache(tmp_path)
+    cache.put(("k",), torch.zeros(3, 4))
+    got, _ = cache.get(("k",))
+    assert torch.equal(got, torch.zeros(3, 4)) and cache.rejected == 0
+
+
+def test_truncated_chunk_is_recomputed_not_trusted(tmp_path):
+    cache = DiskEmbeddingCache(tmp_path)
+    cache.put(("k",), torch.ones(4, 16))
+    chunk = next(p for p in (cache.path(("k",)) / "t0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:-4])
+    assert cache.get(("k",)) is None and cache.rejected == 1
+
+
 def _write_many(root: str, start, n: int) -> None:
     cache = DiskEmbeddingCache(root, max_bytes=6 * 2**20)
     start.wait()

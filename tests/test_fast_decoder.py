@@ -68,6 +68,33 @@ def test_regions_equal_sam_inside_each_box_and_chunking(sam_parts):
     assert torch.allclose(pasted[inside], ref_masks[inside], atol=1e-4, rtol=1e-4)
 
 
+def test_first_single_box_skips_shared_projections_and_matches_later_boxes(sam_parts):
+    """A crop's first box alone is decoded without block 0's shared projections (re-associated);
+    the second call projects them; both paths give SAM's logits."""
+    prompt_encoder, mask_decoder = sam_parts
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = _boxes(2, 7)
+    with torch.no_grad():
+        sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=None)
+        image_pe = prompt_encoder.get_dense_pe()
+        ref_masks, ref_iou = mask_decoder(embedding, image_pe, sparse, dense, False)
+        fast = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
+        crop = fast.prepare(embedding, image_pe)
+        first = fast.predict(sparse[:1])
+        assert crop.k0 is None and crop.q0 is None and crop.v0 is None
+        again = fast.predict(sparse[:1])
+        assert crop.k0 is not None
+        second = fast.predict(sparse[1:])
+        batch = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
+        batch_crop = batch.prepare(embedding, image_pe)
+        both = batch.predict(sparse, chunk_size=1)  # several boxes: projected before the first
+        assert batch_crop.k0 is not None
+    for out, ref in ((first, ref_masks[:1]), (again, ref_masks[:1]), (second, ref_masks[1:]), (both, ref_masks)):
+        assert torch.allclose(out.masks, ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(first.masks, again.masks, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(first.iou_predictions, ref_iou[:1], atol=1e-5)
+
+
 def test_regions_cover_boxes_with_margin():
     boxes = torch.tensor([[100.0, 200.0, 300.0, 260.0], [-5.0, 1000.0, 20.0, 1030.0]])
     regions = regions_from_boxes(boxes, margin=2)

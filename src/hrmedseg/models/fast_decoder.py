@@ -6,7 +6,10 @@ equal to rounding) but is organised for the way box prompting is used: one image
 
 - ``prepare`` runs once per crop: without a mask input the dense prompt is one learned vector,
   so the image side of the first block (keys/values of the first token-to-image attention and
-  queries of the first image-to-token attention, 3 x 134 M MACs) is the same for every box.
+  queries of the first image-to-token attention, 3 x 134 M MACs) is the same for every box. It
+  is projected once the crop serves more than one box (a call with several, or a second call);
+  a crop's first single box takes block 0 re-associated like block 1 (3 x 59 M MACs), so the
+  first box on a crop does not pay for projections only later boxes use.
 - Attention between the 7 prompt tokens and the 4096 image tokens is re-associated so that
   nothing of width 4096 x 128 is ever projected: the token side is folded into the projection
   matrices (``q (W x + b) = (W^T q) x + q b``; value projections applied after the weighted sum,
@@ -39,19 +42,23 @@ class PreparedCrop:
     """Per-crop tensors of the first transformer block (image side), from ``FastMaskDecoder.prepare``.
 
     Shapes with n = h * w image tokens: ``image`` (the embedding), ``src`` (embedding + dense
-    prompt), ``pe``: (1, n, 256); ``dense``: the dense prompt, (1, 256, 1, 1) or (1, 256, h, w); ``k0``, ``v0``: (1, heads, n, d)
-    keys/values of the first token-to-image attention; ``q0``: (1, heads, n, d) queries of the first
-    image-to-token attention; ``grid``: (h, w).
+    prompt), ``pe``, ``src_pe`` (``src + pe``): (1, n, 256); ``dense``: the dense prompt, (1, 256, 1, 1)
+    or (1, 256, h, w); ``grid``: (h, w); ``calls``: prompt batches served so far. Projected when
+    the crop serves a second box (None before): ``k0``, ``v0``: (1, heads, n, d) keys/values of
+    the first token-to-image attention; ``q0``: (1, heads, n, d) queries of the first
+    image-to-token attention.
     """
 
     image: torch.Tensor
     dense: torch.Tensor
     src: torch.Tensor
     pe: torch.Tensor
-    k0: torch.Tensor
-    v0: torch.Tensor
-    q0: torch.Tensor
+    src_pe: torch.Tensor
     grid: tuple[int, int]
+    k0: torch.Tensor | None = None
+    v0: torch.Tensor | None = None
+    q0: torch.Tensor | None = None
+    calls: int = 0
 
 
 @dataclass
@@ -178,14 +185,14 @@ class FastMaskDecoder(nn.Module):
         return cls(mask_decoder, no_mask).to(param.device).eval()
 
     # ----------------------------------------------------------------------------------- crop
-    def _image_side_block0(self, src: torch.Tensor, pe: torch.Tensor):
+    def _image_side_block0(self, src: torch.Tensor, src_pe: torch.Tensor):
         """Keys/values of block 0's token->image and queries of its image->token attention.
 
-        src, pe: (1 or B, n, C) -> k0, v0, q0: (1 or B, heads, n, d) (views into one product).
+        src, src_pe (``src + pe``): (1 or B, n, C) -> k0, v0, q0: (1 or B, heads, n, d) (views into one product).
         """
         layer = self.transformer.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        k0, q0 = F.linear(src + pe, self.block0_kq_w, self.block0_kq_b).split([t2i.internal_dim, i2t.internal_dim], dim=-1)
+        k0, q0 = F.linear(src_pe, self.block0_kq_w, self.block0_kq_b).split([t2i.internal_dim, i2t.internal_dim], dim=-1)
         v0 = t2i.v_proj(src)
         return split_heads(k0, t2i.num_heads), split_heads(v0, t2i.num_heads), split_heads(q0, i2t.num_heads)
 
@@ -218,9 +225,13 @@ class FastMaskDecoder(nn.Module):
         src = image.new_empty(image.shape, dtype=torch.result_type(image, dense_rows))  # a bf16 embedding: float32
         torch.add(image, dense_rows, out=src)
         pe = image_pe.flatten(2).transpose(1, 2).contiguous().expand_as(src)
-        k0, v0, q0 = self._image_side_block0(src, pe)
-        self.crop = PreparedCrop(image, dense_embedding, src, pe, k0, v0, q0, (h, w))
+        self.crop = PreparedCrop(image, dense_embedding, src, pe, src + pe, (h, w))
         return self.crop
+
+    def _project_block0(self, crop: PreparedCrop) -> None:
+        """Fill ``crop``'s shared block-0 projections (k0, v0, q0), once."""
+        if crop.k0 is None:
+            crop.k0, crop.v0, crop.q0 = self._image_side_block0(crop.src, crop.src_pe)
 
     # ------------------------------------------------------------------------- attentions
     @staticmethod
@@ -332,14 +343,20 @@ class FastMaskDecoder(nn.Module):
             regions = torch.as_tensor(regions, dtype=torch.long).cpu()
             if regions.shape != (b, 4):
                 raise ValueError(f"regions must be (B, 4) = ({b}, 4), got {tuple(regions.shape)}")
+        if self.crop is None:
+            raise RuntimeError("FastMaskDecoder.predict called before prepare(image_embedding, image_pe)")
+        # The shared block-0 projections pay for themselves from the second box on a crop.
+        share_block0 = b > 1 or self.crop.calls > 0
+        self.crop.calls += 1
         if b <= chunk_size:
-            return self._predict(sparse_embeddings, dense_embeddings, regions, multimask_output)
+            return self._predict(sparse_embeddings, dense_embeddings, regions, multimask_output, share_block0)
         parts = [
             self._predict(
                 sparse_embeddings[i : i + chunk_size],
                 None if dense_embeddings is None else dense_embeddings[i : i + chunk_size],
                 None if regions is None else regions[i : i + chunk_size],
                 multimask_output,
+                share_block0,
             )
             for i in range(0, b, chunk_size)
         ]
@@ -351,17 +368,19 @@ class FastMaskDecoder(nn.Module):
             masks, torch.cat([p.iou_predictions for p in parts]), torch.cat([p.regions for p in parts])
         )
 
-    def _predict(self, sparse_embeddings, dense_embeddings, regions, multimask_output) -> DecoderOutput:
+    def _predict(self, sparse_embeddings, dense_embeddings, regions, multimask_output, share_block0) -> DecoderOutput:
         crop = self.crop
-        if crop is None:
-            raise RuntimeError("FastMaskDecoder.predict called before prepare(image_embedding, image_pe)")
         b = sparse_embeddings.shape[0]
-        src, pe, k0, v0, q0 = crop.src, crop.pe, crop.k0, crop.v0, crop.q0
+        src, pe = crop.src, crop.pe
         if dense_embeddings is not None and not self._is_shared_dense(dense_embeddings):
             # A mask input: every box has its own dense prompt, so its own image side.
             src = crop.image + dense_embeddings.flatten(2).transpose(1, 2)
             pe = crop.pe.expand(b, -1, -1)
-            k0, v0, q0 = self._image_side_block0(src, pe)
+            k0, v0, q0 = self._image_side_block0(src, src + pe)
+        else:
+            if share_block0:
+                self._project_block0(crop)
+            k0, v0, q0 = crop.k0, crop.v0, crop.q0
 
         decoder, layers = self.decoder, self.transformer.layers
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -370,10 +389,18 @@ class FastMaskDecoder(nn.Module):
 
         # Block 0 (no PE in its self-attention; image side from prepare).
         layer = layers[0]
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         queries = layer.norm1(layer.self_attn(q=tokens, k=tokens, v=tokens))
-        queries = layer.norm2(queries + self._tokens_to_shared_image(layer.cross_attn_token_to_image, queries + tokens_pe, k0, v0))
+        if k0 is None:  # a crop's first single box: block 0 re-associated, as block 1 below
+            attended = self._tokens_to_image(t2i, queries + tokens_pe, src, pe, crop.src_pe)
+        else:
+            attended = self._tokens_to_shared_image(t2i, queries + tokens_pe, k0, v0)
+        queries = layer.norm2(queries + attended)
         queries = layer.norm3(queries + layer.mlp(queries))
-        keys = self._image_to_tokens(layer.cross_attn_image_to_token, q0, queries, queries + tokens_pe, src, True)
+        if k0 is None:
+            keys = self._image_to_tokens(i2t, crop.src_pe, queries, queries + tokens_pe, src, False)
+        else:
+            keys = self._image_to_tokens(i2t, q0, queries, queries + tokens_pe, src, True)
         keys = layer.norm4(keys)  # (B, n, C)
 
         # Block 1.
