@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 BASE=$(cd "${BASE:?BASE: the base commit\'s unpacked src and bench}" && pwd)
 export CUDA_VISIBLE_DEVICES="" PYTHONUNBUFFERED=1
-for f in src/hrmedseg/weights/default/*.pt; do [ -e "$BASE/$f" ] || ln -s "$PWD/$f" "$BASE/$f"; done
+for f in src/hrmedseg/weights/default/*.pt; do [ -f "$BASE/$f" ] && [ ! -L "$BASE/$f" ] || ln -sfn "$PWD/$f" "$BASE/$f"; done
 { lscpu | grep -E "Model name|^CPU\(s\)"; uptime; date -u; } | tee "$OUT/cpu.txt"
 for t in ${THREADS:-2 16}; do for r in $(seq "${ROUNDS:-3}"); do for tree in "$BASE" "$PWD"; do
   json="$OUT/warm_$(basename "$tree")_t${t}_r$r.json"
