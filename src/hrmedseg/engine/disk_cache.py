@@ -131,22 +131,31 @@ def _read_group_attrs(path: Path) -> dict:
     return dict(meta.get("attributes", {}))
 
 
-def _read_array(path: Path) -> np.ndarray:
-    """A zarr array of an entry. What ``put`` writes (one uncompressed chunk: the zarr v3 metadata
-    say so) is read straight from its chunk file: 1 ms for a 4 MiB embedding, where zarr's reader
-    takes 5 ms, a sixth of a warm first box (docs/benchmarks.md). Anything else goes through zarr."""
-    meta = _zarr_metadata(path, "array")
+def _raw_chunk(path: Path, meta: dict | None) -> Path | None:
+    """The chunk file of a zarr v3 array that is one uncompressed little-endian chunk (what
+    ``put`` writes), or None for any other array, or where zarr left the chunk out (fill values)."""
     shape = meta.get("shape") if meta else None
-    raw = (
-        meta is not None and sys.byteorder == "little" and isinstance(shape, list) and len(shape) >= 1
-        and all(meta.get(k) == v for k, v in _ONE_RAW_CHUNK.items())
-        and meta.get("chunk_grid") == {"name": "regular", "configuration": {"chunk_shape": shape}}
-    )
-    chunk = path.joinpath("c", *["0"] * len(shape)) if raw else None
-    if chunk is None or not chunk.is_file():  # zarr leaves out a chunk of fill values: it knows what to return
+    if not (isinstance(shape, list) and shape and sys.byteorder == "little"):
+        return None
+    if any(meta.get(k) != v for k, v in _ONE_RAW_CHUNK.items()):
+        return None
+    if meta.get("chunk_grid") != {"name": "regular", "configuration": {"chunk_shape": shape}}:
+        return None
+    chunk = path.joinpath("c", *["0"] * len(shape))
+    return chunk if chunk.is_file() else None
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """A zarr array of an entry. What ``put`` writes is read straight from its chunk file: 1 ms for
+    a 4 MiB embedding, where zarr's reader takes 5 ms, a sixth of a warm first box
+    (docs/benchmarks.md). Anything else goes through zarr."""
+    meta = _zarr_metadata(path, "array")
+    chunk = _raw_chunk(path, meta)
+    if chunk is None:
         import zarr
 
         return zarr.open_array(str(path), mode="r")[...]
+    shape = meta["shape"]
     a = np.fromfile(chunk, dtype=np.dtype(meta["data_type"]))
     if a.size != math.prod(shape):
         raise ValueError(f"{path.name}: {a.size} values on disk, its shape {tuple(shape)} holds {math.prod(shape)}")
