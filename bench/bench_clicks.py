@@ -7,7 +7,8 @@ larger of the false negatives and the false positives), positive for a missed pa
 a wrong one; every click is decoded with the box, all clicks so far and the
 previous low-res logits on the same cached crop, as the annotator does. Variants (``VARIANTS``):
 the engine's default ``pixel`` click update (the box's logits kept, each click's native pixel set by
-a local threshold shift), the ``local`` update (box + clicks decoded without the mask prompt, the
+a local threshold shift: the model's own click fix, "pixel, disc" the depth disc of ``ClickFix()``
+whatever the model's), the ``local`` update (box + clicks decoded without the mask prompt, the
 result taken only in the part the newest click is about; both :mod:`hrmedseg.engine.click_update`),
 SAM's update with the previous logits as mask prompt (the default before), and SAM's update
 from box + clicks alone. Nuclei: DSB 2018 instances; fundus: the
@@ -51,9 +52,10 @@ def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, int] | Non
     return np.array([x + 0.5, y + 0.5]), label
 
 
-def refine(predictor, image, gt: np.ndarray, box: np.ndarray, mask_prompt: bool) -> tuple[list[float], list[float]]:
-    """Dice after the box and after each of max(CLICKS) clicks, and the seconds of each click."""
-    first = next(predictor.predict_boxes(image, box[None]))
+def refine(predictor, image, gt: np.ndarray, box: np.ndarray, mask_prompt: bool, policy=None) -> tuple[list[float], list[float]]:
+    """Dice after the box and after each of max(CLICKS) clicks, and the seconds of each click
+    (``policy``: the crop planning, default the predictor's own)."""
+    first = next(predictor.predict_boxes(image, box[None], policy=policy))
     dice, seconds, last = [dice_iou(paste(first, gt.shape), gt)[0]], [], first
     xy, labels = np.zeros((0, 2)), np.zeros(0, np.int64)
     for _ in range(max(CLICKS)):
@@ -64,18 +66,20 @@ def refine(predictor, image, gt: np.ndarray, box: np.ndarray, mask_prompt: bool)
         xy, labels = np.r_[xy, click[0][None]], np.r_[labels, click[1]]
         extra = dict(mask_inputs=[last.low_res_logits], crops=[last.crop]) if mask_prompt else dict(crops=[first.crop])
         t0 = time.perf_counter()
-        last = next(predictor.predict_boxes(image, box[None], points=[xy], point_labels=[labels], **extra))
+        last = next(predictor.predict_boxes(image, box[None], points=[xy], point_labels=[labels], policy=policy, **extra))
         seconds.append(time.perf_counter() - t0)
         dice.append(dice_iou(paste(last, gt.shape), gt)[0])
     return dice, seconds
 
 
-# name -> (BoxPredictor click_update, click_mask_prompt, previous logits passed as mask_inputs)
+# name -> (BoxPredictor click_update, click_mask_prompt, previous logits passed as mask_inputs,
+#          click_fix: None for the model's own, e.g. the fade of hrmedseg_sam_default.click_fix.json)
 VARIANTS = {
-    "pixel (default)": ("pixel", False, True),
-    "local": ("local", False, True),
-    "sam, mask prompt": ("sam", True, True),
-    "sam, no mask prompt": ("sam", True, False),
+    "pixel (default)": ("pixel", False, True, None),
+    "pixel, disc": ("pixel", False, True, "disc"),
+    "local": ("local", False, True, None),
+    "sam, mask prompt": ("sam", True, True, None),
+    "sam, no mask prompt": ("sam", True, False, None),
 }
 # The names the variants had in commands recorded in docs/benchmarks.md before "pixel" became the default.
 OLD_NAMES = {"local (default)": "local", "pixel": "pixel (default)"}
@@ -83,14 +87,18 @@ OLD_NAMES = {"local (default)": "local", "pixel": "pixel (default)"}
 
 def evaluate(models: dict[str, str], max_objects: int, max_images: int, device: str,
              datasets: tuple[str, ...] = ("nuclei_dsb2018", "fundus_drishtigs"), variants: tuple[str, ...] = tuple(VARIANTS),
-             val: bool = True) -> dict:
+             val: bool = True, crops: str = "annotator") -> dict:
     """Per model and dataset: Dice after the box and CLICKS clicks and ms per click of each of
-    ``variants`` (the first is the box-time baseline's predictor); ``val`` False: the training split."""
-    from hrmedseg.engine import BoxPredictor
+    ``variants`` (the first is the box-time baseline's predictor); ``val`` False: the training split.
+    ``crops``: "annotator" plans crops as the napari annotator does (``interactive_policy``),
+    "batch" as ``segment()`` does (the predictor's own policy)."""
+    from hrmedseg.engine import BoxPredictor, interactive_policy
+    from hrmedseg.engine.click_update import ClickFix
 
     results: dict = {}
     for name, spec in models.items():
-        predictors = {v: BoxPredictor(spec, device=device, click_update=VARIANTS[v][0], click_mask_prompt=VARIANTS[v][1]) for v in variants}
+        predictors = {v: BoxPredictor(spec, device=device, click_update=VARIANTS[v][0], click_mask_prompt=VARIANTS[v][1],
+                                      click_fix=ClickFix() if VARIANTS[v][3] == "disc" else None) for v in variants}
         results[name] = {}
         for dataset in datasets:
             rows: dict[str, dict[str, list]] = {v: {"dice": [], "seconds": []} for v in variants}
@@ -100,11 +108,12 @@ def evaluate(models: dict[str, str], max_objects: int, max_images: int, device: 
                 for k, (gt, box) in enumerate(objs):
                     kinds.append(("disc", "cup")[k % 2] if dataset == "fundus_drishtigs" else "nucleus")
                     for variant, row in rows.items():
-                        dice, seconds = refine(predictors[variant], image, gt, box, VARIANTS[variant][2])
+                        policy = interactive_policy(predictors[variant].policy) if crops == "annotator" else None
+                        dice, seconds = refine(predictors[variant], image, gt, box, VARIANTS[variant][2], policy)
                         row["dice"].append(dice)
                         row["seconds"].extend(seconds)
                     t0 = time.perf_counter()  # the baseline: a box alone on the same cached crop
-                    next(predictors[variants[0]].predict_boxes(image, box[None]))
+                    next(predictors[variants[0]].predict_boxes(image, box[None], policy=policy))
                     box_seconds.append(time.perf_counter() - t0)
                 for predictor in predictors.values():
                     predictor.clear_cache()
@@ -127,7 +136,7 @@ def evaluate(models: dict[str, str], max_objects: int, max_images: int, device: 
 def timing_only(models: dict[str, str], device: str, repeats: int = 20) -> dict:
     """Median ms per click (box + 1..5 clicks + previous logits, the default click update, cached crop) and per cached box, per model."""
     from hrmedseg.data import load_sample, sample_boxes
-    from hrmedseg.engine import BoxPredictor
+    from hrmedseg.engine import BoxPredictor, interactive_policy
     from hrmedseg.io import read_boxes
 
     image = load_sample("nuclei_fluorescence")
@@ -135,11 +144,12 @@ def timing_only(models: dict[str, str], device: str, repeats: int = 20) -> dict:
     out = {}
     for name, spec in models.items():
         predictor = BoxPredictor(spec, device=device)
+        policy = interactive_policy(predictor.policy)  # the annotator's crops
         clicks, box_only = [], []
         for box in boxes:
-            first = next(predictor.predict_boxes(image, box[None]))  # encodes (or reuses) the crop
+            first = next(predictor.predict_boxes(image, box[None], policy=policy))  # encodes (or reuses) the crop
             t0 = time.perf_counter()
-            next(predictor.predict_boxes(image, box[None]))
+            next(predictor.predict_boxes(image, box[None], policy=policy))
             box_only.append(time.perf_counter() - t0)
             centre = np.array([[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]])
             xy, labels, last = np.zeros((0, 2)), np.zeros(0, np.int64), first
@@ -163,6 +173,8 @@ def main() -> None:
     p.add_argument("--split", choices=("val", "train"), default="val", help="held-out images (default) or the training split's (for tuning)")
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS) + tuple(OLD_NAMES), default=list(VARIANTS),
                    help="click updates to compare (the first times the box baseline)")
+    p.add_argument("--crops", choices=("annotator", "batch"), default="annotator",
+                   help="crop planning: the napari annotator's (interactive_policy, default) or segment()'s")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the result here")
@@ -173,10 +185,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = dict(m.split("=", 1) for m in args.models)
     result = {"models": models, "max_objects": args.max_objects, "images": args.images, "device": args.device, "datasets": args.datasets,
-              "split": args.split, "variants": args.variants,
+              "split": args.split, "variants": args.variants, "crops": args.crops,
               "threads": args.threads, "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "result": timing_only(models, args.device, args.max_objects) if args.timing_only else
-              evaluate(models, args.max_objects, args.images, args.device, tuple(args.datasets), tuple(args.variants), args.split == "val")}
+              evaluate(models, args.max_objects, args.images, args.device, tuple(args.datasets), tuple(args.variants), args.split == "val",
+                       args.crops)}
     print_and_save(result, args.json)
 
 

@@ -1,9 +1,12 @@
 """Tune the native click fix (hrmedseg.engine.click_update.ClickFix) on DSB *training* nuclei.
 
 One predictor, the variants switched per object on the same cached crop; bench_clicks.py's
-simulated annotator. Prints Dice after the box / 1 / 3 / 5 clicks and ms per click per variant.
+simulated annotator, with the annotator's crops (``interactive_policy``; ``--crops batch``:
+``segment()``'s). Prints Dice after the box / 1 / 3 / 5 clicks and ms per click per variant.
+"disc" variants are the depth disc of ``ClickFix``; "fade" ones its fade (``fade=True``).
 
 Usage: cd bench && HRMEDSEG_SHARED_DATA=... python tune_click_fix.py [--images 6] [--max-objects 5] [--model hrmedseg_sam_default]
+  (the fade of hrmedseg_sam_default.click_fix.json: --images 40 --max-objects 8 --only "disc r3 cap0.5" "fade 0.15" "fade 0.25" "fade 0.35" "fade 0.5")
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from hrmedseg.engine.click_update import ClickFix, check_click_update
 # name -> (click_update, ClickFix or None)
 GRID = {
     "local (the default before)": ("local", None),
-    **{f"keep + fix r{r} cap{c}": ("pixel", ClickFix(r, max_radius=c)) for r in (1.5, 2.0, 3.0) for c in (0.25, 0.5, 1.0)},
+    **{f"disc r{r} cap{c}": ("pixel", ClickFix(r, max_radius=c)) for r in (1.5, 2.0, 3.0) for c in (0.25, 0.5, 1.0)},
+    **{f"fade {c}": ("pixel", ClickFix(max_radius=c, fade=True)) for c in (0.15, 0.25, 0.35, 0.5)},
 }
 
 
@@ -32,19 +36,21 @@ def main() -> None:
     p.add_argument("--max-objects", type=int, default=5)
     p.add_argument("--dataset", default="nuclei_dsb2018")
     p.add_argument("--only", nargs="*", help="variant names to run (default all)")
+    p.add_argument("--crops", choices=("annotator", "batch"), default="annotator")
     args = p.parse_args()
     torch.set_num_threads(2)
-    from hrmedseg.engine import BoxPredictor
+    from hrmedseg.engine import BoxPredictor, interactive_policy
 
     grid = {k: v for k, v in GRID.items() if not args.only or k in args.only}
     predictor = BoxPredictor(args.model, device="cpu")
+    policy = interactive_policy(predictor.policy) if args.crops == "annotator" else None
     dice = {k: [] for k in grid}
     seconds = {k: [] for k in grid}
     for _, image, objs in prompts(args.dataset, args.max_objects, args.images, val=False):
         for gt, box in objs:
             for name, (update, fix) in grid.items():
                 predictor.click_update, predictor.click_fix = check_click_update(update), fix
-                d, s = refine(predictor, image, gt, box, True)
+                d, s = refine(predictor, image, gt, box, True, policy)
                 dice[name].append(d)
                 seconds[name].extend(s)
         predictor.clear_cache()

@@ -212,8 +212,9 @@ def _bumpy_logits(shape, seed):
     return (blob + ndimage.gaussian_filter(rng.normal(0, 30, shape), 3)).astype(np.float32)
 
 
+@pytest.mark.parametrize("fade", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_click_fix_flips_every_clicked_pixel_and_nothing_beyond_its_disc(seed):
+def test_click_fix_flips_every_clicked_pixel_and_nothing_beyond_its_disc(seed, fade):
     from hrmedseg.engine.click_update import ClickFix, fix_clicked_pixels
 
     region = (100, 160, 200, 260)  # native (y0, y1, x0, x1)
@@ -221,7 +222,7 @@ def test_click_fix_flips_every_clicked_pixel_and_nothing_beyond_its_disc(seed):
     logits_at = lambda w: field[w[0] - 100 : w[1] - 100, w[2] - 200 : w[3] - 200]  # noqa: E731
     mask = field > 0
     rng = np.random.default_rng(seed)
-    fix = ClickFix(reach=2.0, margin=0.5, max_radius=0.25)
+    fix = ClickFix(reach=2.0, margin=0.5, max_radius=0.25, fade=fade)
     box_side = 40.0
     for _ in range(8):  # one click at a time, as the annotator gives them
         yx = rng.integers(0, 60, 2)
@@ -255,6 +256,22 @@ def test_click_fix_follows_the_logits_near_the_click():
     assert added[20, 10:13].all() and not added[:10, 10].any()  # in the disc of 2 depths + 1 around the click only
 
 
+def test_faded_click_fix_moves_the_boundary_most_at_the_click():
+    """With ``fade`` the threshold falls to the clicked pixel's logit there and back to the mask's
+    own at max_radius box sides: the band of logit -1 joins only near the click, that of 0 far along."""
+    from hrmedseg.engine.click_update import ClickFix, fix_clicked_pixels
+
+    yy, xx = np.mgrid[:40, :40]
+    field = (10.0 - xx).astype(np.float32)  # the mask: x < 10; the logit falls to the right
+    logits_at = lambda w: field[w[0] : w[1], w[2] : w[3]]  # noqa: E731
+    fix = ClickFix(max_radius=0.5, fade=True)  # 20 px for a 40 px box
+    fixed = fix_clicked_pixels(field > 0, (0, 40, 0, 40), logits_at, np.array([[12.5, 20.5]]), np.array([1]), 40.0, fix)
+    added = fixed & ~(field > 0)
+    assert added[20, 12] and added[:, 13:].sum() == 0  # never past the clicked pixel's level
+    assert added[11:30, 11].all() and not added[:8, 11].any() and not added[33:, 11].any()  # logit -1: within 10 px
+    assert added[1:, 10].all() and not added[0, 10]  # logit 0: within the 20 px cap
+
+
 def test_pixel_click_update_flips_the_clicked_pixel_and_reruns_exactly(sam, image):
     """The "pixel" update: the box's own logits, every click's pixel set on the native mask; the
     same box and clicks give the same mask with or without the previous logits (a store re-run)."""
@@ -281,3 +298,35 @@ def test_pixel_click_update_flips_the_clicked_pixel_and_reruns_exactly(sam, imag
     sam_way = next(pixel.predict_boxes(image, BOX[None], click_update="sam", **kw))  # SAM's update stays SAM's
     plain_sam = next(box_only.predict_boxes(image, BOX[None], click_update="sam", **kw))
     np.testing.assert_array_equal(sam_way.mask, plain_sam.mask)
+
+
+def test_a_models_own_click_fix_comes_from_beside_its_weights(tmp_path):
+    """``<weights>.click_fix.json`` sets the predictor's click fix; an explicit one wins; a bad
+    record is an error naming the file; without one the defaults hold."""
+    from hrmedseg.engine.click_update import ClickFix
+    from hrmedseg.errors import WeightsError
+    from hrmedseg.models import EncoderConfig, HRMedSegEncoder
+    from hrmedseg.models.sam import build_hrmedseg_sam, save_hrmedseg_sam
+
+    torch.manual_seed(0)
+    weights = save_hrmedseg_sam(build_hrmedseg_sam(HRMedSegEncoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6)))),
+                                tmp_path / "box.pt")
+    assert BoxPredictor(str(weights), device="cpu").click_fix == ClickFix()
+    sidecar = tmp_path / "box.click_fix.json"
+    sidecar.write_text('{"fade": true, "max_radius": 0.3, "provenance": {"on": "a test"}}')
+    assert BoxPredictor(str(weights), device="cpu").click_fix == ClickFix(max_radius=0.3, fade=True)
+    assert BoxPredictor(str(weights), device="cpu", click_fix=ClickFix(reach=2.0)).click_fix == ClickFix(reach=2.0)
+    sidecar.write_text('{"fade": true, "speed": 2}')
+    with pytest.raises(WeightsError, match=r"box\.click_fix\.json.*speed"):
+        BoxPredictor(str(weights), device="cpu")
+    sidecar.write_text('{"fade": ')
+    with pytest.raises(WeightsError, match=r"box\.click_fix\.json"):
+        BoxPredictor(str(weights), device="cpu")
+
+
+def test_the_shipped_default_model_fades_its_clicks():
+    from hrmedseg.engine.predictor import model_click_fix
+    from hrmedseg.models import load_model_with_metadata
+
+    fix = model_click_fix(load_model_with_metadata("hrmedseg_sam_default").metadata)
+    assert fix.fade and fix.max_radius == 0.35

@@ -92,6 +92,25 @@ def test_masks_are_native_discs_at_every_scale(sam):
         assert o.score == pytest.approx(0.9) and not o.empty
 
 
+def test_interactive_policy_enlarges_small_objects_further_for_one_call(sam):
+    from hrmedseg.engine import CropPolicy, interactive_policy
+
+    image = np.zeros((3000, 2500), np.uint8)
+    boxes = np.array([[100.2, 200.7, 113.9, 214.1], [1000, 1000, 1400, 1300]])
+    p = BoxPredictor(sam, device="cpu", decoder=DiscDecoder())
+    fine = interactive_policy(p.policy)
+    assert fine.max_upscale == 4.0 and fine.input_size == p.policy.input_size
+    assert interactive_policy(CropPolicy(max_upscale=8.0)).max_upscale == 8.0  # a model made for more keeps it
+    objs = list(p.predict_boxes(image, boxes, policy=fine))
+    assert [o.crop.scale for o in objs] == [4.0, 0.5]  # only the small object changes
+    assert [o.crop.scale for o in p.predict_boxes(image, boxes)] == [2.0, 0.5]  # the predictor's own policy
+    box = boxes[0]
+    for o in objs[:1]:
+        assert o.mask.any() and o.region[0] <= box[1] and o.region[1] >= box[3]
+    with pytest.raises(InputError, match="256 px input"):
+        list(p.predict_boxes(image, boxes, policy=CropPolicy(input_size=256)))
+
+
 def test_batched_equals_one_by_one(sam):
     image = (np.random.default_rng(3).random((700, 900)) * 3000).astype(np.uint16)
     boxes = boxes_on(image.shape, 5, seed=3)

@@ -36,6 +36,13 @@ def _click(layer, pos):
     mouse_release_callbacks(layer, read_only_mouse_event(type="mouse_release", position=tuple(pos)))
 
 
+def annotator_box(predictor, image, box):
+    """The engine's mask for one box as the annotator asks for it: crops of ``interactive_policy``."""
+    from hrmedseg.engine import interactive_policy
+
+    return next(predictor.predict_boxes(image, np.asarray(box, float).reshape(1, 4), policy=interactive_policy(predictor.policy)))
+
+
 def _expected_labels(predictor, image, boxes_by_id, shape):
     """Labels the annotator should show: each box's mask pasted in id order (new wins)."""
     from hrmedseg.engine import paste_object
@@ -43,7 +50,7 @@ def _expected_labels(predictor, image, boxes_by_id, shape):
 
     labels = np.zeros(shape, np.uint32)
     for oid, box in sorted(boxes_by_id.items()):
-        paste_object(labels, predictor.predict_box(LayerImage(image), box), oid, overlap="new_wins")
+        paste_object(labels, annotator_box(predictor, LayerImage(image), box), oid, overlap="new_wins")
     return labels
 
 
@@ -293,7 +300,7 @@ def test_nd_stack_uses_the_slice_on_screen(make_napari_viewer, predictor, qtbot)
     expected = np.zeros(base.shape, np.uint32)
     from hrmedseg.engine import paste_object
 
-    paste_object(expected, predictor.predict_box(LayerImage(stack, slice_index=(1,)), obj.box), 1)
+    paste_object(expected, annotator_box(predictor, LayerImage(stack, slice_index=(1,)), obj.box), 1)
     assert expected.any()
     np.testing.assert_array_equal(ann.labels_layer.data[1], expected)
     assert not ann.labels_layer.data[0].any() and not ann.labels_layer.data[2].any()

@@ -43,14 +43,16 @@ def _click(layer, pos, modifiers=()):
 
 
 def _expected(predictor, ann, obj_box, clicks, mask_from=None):  # noqa: F811
-    """The mask the engine gives for these prompts (mask prompt and crop of an earlier result)."""
+    """The mask the engine gives for these prompts (mask prompt and crop of an earlier result),
+    with the annotator's crop planning."""
+    from hrmedseg.engine import interactive_policy
     from napari_hrmedseg._layer_image import LayerImage
 
     extra = {} if mask_from is None else dict(mask_inputs=[mask_from.low_res_logits], crops=[mask_from.crop])
     xy = np.array([c[:2] for c in clicks], float).reshape(-1, 2)
     box = np.array([obj_box if obj_box is not None else [np.nan] * 4], float)
     return next(predictor.predict_boxes(LayerImage(ann.test_image), box, points=[xy], point_labels=[[c[2] for c in clicks]],
-                                        object_size=ann.state.median_box_side(), **extra))
+                                        object_size=ann.state.median_box_side(), policy=interactive_policy(predictor.policy), **extra))
 
 
 def _labels_of(ann, oid, result):
@@ -70,6 +72,7 @@ def test_positive_then_negative_click_refine_on_the_cached_crop(annotator, predi
     assert ann.clicks_layer.name == "nuclei clicks"
     oid, obj = _box_object(ann, qtbot)
     box_result = _expected(predictor, ann, obj.box, [])
+    assert obj.crop == box_result.crop and obj.crop.scale == 4.0  # a 60 px box: the annotator's finer crops
     ann.start_clicks()
     assert ann.viewer.layers.selection.active is ann.clicks_layer and ann.clicks_layer.mode == "add"
     encoder_calls = predictor.encoder_calls

@@ -215,7 +215,10 @@ class Annotator:
         image = layer_plane(self.image_layer, obj.slice_index)
         predictor = self.predictor
         if obj.clicks:
-            prompt = click_prompt(obj, self.state.median_box_side())
+            prompt = click_prompt(obj, self.state.median_box_side()) | box_policy(predictor)
+            predict = lambda: next(iter(predictor.predict_boxes(image, **prompt)))  # noqa: E731
+        elif hasattr(predictor, "predict_boxes"):
+            prompt = dict(boxes=np.asarray(obj.box, np.float64).reshape(1, 4)) | box_policy(predictor)
             predict = lambda: next(iter(predictor.predict_boxes(image, **prompt)))  # noqa: E731
         else:
             box = obj.box
@@ -278,7 +281,7 @@ class Annotator:
                 image = layer_plane(image_layer, lead)
                 objs = [obj for _, _, obj in items]
                 if hasattr(predictor, "predict_boxes"):
-                    prompts = clicks_prompts(objs, object_size)
+                    prompts = clicks_prompts(objs, object_size) | box_policy(predictor)
                     results = predictor.predict_boxes(image, cancel=cancel, **prompts)
                 else:
                     results = (predictor.predict_box(image, o.box) for o in objs)
@@ -380,6 +383,17 @@ def _click_arrays(obj: Any) -> tuple[np.ndarray, np.ndarray]:
     """An object's clicks as ((P, 2) xy, (P,) labels)."""
     xy = np.array([c[:2] for c in obj.clicks], np.float64).reshape(-1, 2)
     return xy, np.array([c[2] for c in obj.clicks], np.int64)
+
+
+def box_policy(predictor: Any) -> dict[str, Any]:
+    """``predict_boxes``' ``policy`` for boxes drawn one at a time: the engine's
+    :func:`~hrmedseg.engine.crops.interactive_policy` of the predictor's own (none for a predictor without one)."""
+    policy = getattr(predictor, "policy", None)
+    if policy is None:
+        return {}
+    from hrmedseg.engine import interactive_policy
+
+    return {"policy": interactive_policy(policy)}
 
 
 def clicks_prompts(objs: list[Any], object_size: float | None) -> dict[str, Any]:

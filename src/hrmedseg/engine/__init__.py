@@ -6,7 +6,7 @@
 """
 
 from .cache import EmbeddingCache
-from .crops import Crop, CropPolicy, logits_to_native, plan_crops, read_crop
+from .crops import INTERACTIVE_MAX_UPSCALE, Crop, CropPolicy, interactive_policy, logits_to_native, plan_crops, read_crop
 from .decoder import BoxDecoder, Sam2BoxDecoder, Sam2Features, Sam2ImageEncoder, SamBoxDecoder, SamImageEncoder
 from .intensity import ChannelScaling, IntensityOptions, compute_scaling
 from .labels import OVERLAP_POLICIES, ObjectMask, ObjectRecord, SparseLabels, paste_object
@@ -14,6 +14,7 @@ from .predictor import DEFAULT_BOX_MODEL, BoxPredictor, resolve_device, resolve_
 
 __all__ = [
     "DEFAULT_BOX_MODEL",
+    "INTERACTIVE_MAX_UPSCALE",
     "OVERLAP_POLICIES",
     "BoxDecoder",
     "BoxPredictor",
@@ -31,6 +32,7 @@ __all__ = [
     "SamImageEncoder",
     "SparseLabels",
     "compute_scaling",
+    "interactive_policy",
     "logits_to_native",
     "paste_object",
     "plan_crops",

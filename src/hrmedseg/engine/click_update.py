@@ -38,13 +38,14 @@ Low-res tensors are logits in the decoder's (h, w) output grid of the crop.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, WeightsError
 
 CLICK_UPDATES = ("sam", "local", "pixel")
 REACH = 1.5  # the update's disc radius, in click depths (see above)
@@ -126,11 +127,32 @@ class ClickFix:
     longer box side; margin: logits this far past the clicked pixel's own still join it.
     The defaults (reach 3, max_radius 0.5, margin 0) were chosen on 30 DSB *training* nuclei
     with ``hrmedseg_sam_default`` and LiteMedSAM (docs/benchmarks.md, "The pixel click update").
+
+    fade: instead of the disc of click depths, the threshold shift fades linearly from the clicked
+    pixel (the full shift to its logit) to none at ``max_radius`` box sides: a click moves the
+    boundary most where it was made and a little along the way (``reach`` unused).
     """
 
     reach: float = 3.0
     max_radius: float = 0.5
     margin: float = 0.0
+    fade: bool = False
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], source: str = "click fix") -> "ClickFix":
+        """A model's click fix record (``ModelMetadata.click_fix``: these fields, and optionally a
+        ``provenance``) -> ClickFix; anything else is a WeightsError naming ``source``."""
+        fields = {k: v for k, v in record.items() if k != "provenance"}
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise WeightsError(f"{source}: unknown click fix settings {sorted(unknown)}")
+        try:
+            fix = cls(**{k: (bool(v) if k == "fade" else float(v)) for k, v in fields.items()})
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{source}: not a click fix ({e})") from e
+        if fix.max_radius <= 0 or fix.reach <= 0:
+            raise WeightsError(f"{source}: reach and max_radius must be positive, got {fix.reach}, {fix.max_radius}")
+        return fix
 
 
 def fix_clicked_pixels(
@@ -169,14 +191,19 @@ def fix_clicked_pixels(
         wy0, wy1, wx0, wx1 = max(ry0, py - half), min(ry1, py + half + 1), max(rx0, px - half), min(rx1, px + half + 1)
         view = out[wy0 - ry0 : wy1 - ry0, wx0 - rx0 : wx1 - rx0]
         cy, cx = py - wy0, px - wx0
-        has_label = view == want
-        depth = float(ndimage.distance_transform_edt(~has_label)[cy, cx]) if has_label.any() else cap
-        radius = min(fix.reach * depth + 1.0, cap)
-        logits = logits_at((wy0, wy1, wx0, wx1))
-        level = logits[cy, cx]
-        joins = logits >= level - fix.margin if want else logits <= level + fix.margin
         yy, xx = np.ogrid[: view.shape[0], : view.shape[1]]
-        joins &= (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+        squared = (yy - cy) ** 2 + (xx - cx) ** 2
+        logits = logits_at((wy0, wy1, wx0, wx1))
+        level = logits[cy, cx] + (-fix.margin if want else fix.margin)
+        if fix.fade:
+            radius = cap
+            level = level * np.clip(1.0 - np.sqrt(squared) / cap, 0.0, 1.0)  # the shift fades out at the cap
+        else:
+            has_label = view == want
+            depth = float(ndimage.distance_transform_edt(~has_label)[cy, cx]) if has_label.any() else cap
+            radius = min(fix.reach * depth + 1.0, cap)
+        joins = (logits >= level) if want else (logits <= level)
+        joins &= squared <= radius**2
         joins[cy, cx] = True
         parts, _ = ndimage.label(joins, structure=np.ones((3, 3), bool))
         view[parts == parts[cy, cx]] = want

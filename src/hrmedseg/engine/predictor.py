@@ -89,6 +89,13 @@ def resolve_model(model: str | nn.Module | LoadedModel) -> LoadedModel:
     return loaded
 
 
+def model_click_fix(metadata: ModelMetadata) -> ClickFix:
+    """The click fix chosen for a model's weights (``metadata.click_fix``), else the defaults."""
+    if metadata.click_fix is None:
+        return ClickFix()
+    return ClickFix.from_record(metadata.click_fix, metadata.click_fix_source or metadata.source)
+
+
 def default_policy(input_size: int, metadata: ModelMetadata) -> CropPolicy:
     """The engine's crop policy for a model: its input size, and its own enlargement if it records one."""
     if metadata.max_upscale:
@@ -150,7 +157,8 @@ class BoxPredictor:
         aot: compile the fast CPU encoder ahead of time, in the background, once per machine
             (:mod:`hrmedseg.models.aot_cache`); None: as ``HRMEDSEG_AOT`` says (default off). Long
             sessions pass ``aot_enabled(default=True)`` (the napari annotator does).
-        click_fix: the disc and margin of the "pixel" update's native fix.
+        click_fix: the disc (or fade) and margin of the "pixel" update's native fix; None (default):
+            the model's own (``metadata.click_fix``, chosen for its weights), else ``ClickFix()``.
     """
 
     def __init__(
@@ -170,10 +178,9 @@ class BoxPredictor:
         click_update: str = "pixel",
         click_mask_prompt: bool = False,
         aot: bool | None = None,
-        click_fix: ClickFix = ClickFix(),
+        click_fix: ClickFix | None = None,
     ) -> None:
         self.click_update, self.click_mask_prompt = check_click_update(click_update), bool(click_mask_prompt)
-        self.click_fix = click_fix
         asked_for_prior = prior is not None
         prior = DEFAULT_PRIOR_RULE if prior is None else prior
         if prior not in PRIOR_RULES:
@@ -182,6 +189,7 @@ class BoxPredictor:
         if self.device.type == "cpu":
             keep_freed_memory()  # fewer page faults per decoder call (hrmedseg.models.malloc_tuning)
         module, self.metadata = resolve_model(model)
+        self.click_fix = click_fix or model_click_fix(self.metadata)
         if prior == "gate" and self.metadata.prior_gate is None:
             # Only a gate asked for by name deserves a warning: by default, models without one
             # (user-trained, SAM2, random test weights) simply keep their own masks.
@@ -252,7 +260,8 @@ class BoxPredictor:
             self.disk_cache.put(disk_key, emb, level)
         return emb, level
 
-    def _decode(self, emb: Any, prompts: ObjectPrompts, batch: list[int], crop: Crop, shape_yx, click_update: str) -> tuple:
+    def _decode(self, emb: Any, prompts: ObjectPrompts, batch: list[int], crop: Crop, shape_yx, click_update: str,
+                policy: CropPolicy) -> tuple:
         """One decoder call for objects ``batch`` of one crop (equal :meth:`ObjectPrompts.signature`).
 
         Prompts go in the crop's input frame; a decoder is given clicks and mask prompts only
@@ -281,7 +290,7 @@ class BoxPredictor:
         extents = prompts.extents[batch]
         with self._decode_lock:
             if isinstance(self.decoder, RegionBoxDecoder):
-                margin = region_margin(extents, crop, self.policy, shape_yx, self.decoder.low_res_size(emb))
+                margin = region_margin(extents, crop, policy, shape_yx, self.decoder.low_res_size(emb))
                 extra["extent"] = torch.from_numpy(crop.box_to_input(extents))
                 logits, scores = self.decoder(emb, input_boxes, margin=margin, **extra)
             else:
@@ -342,6 +351,7 @@ class BoxPredictor:
         crops: Sequence[Crop | None] | None = None,
         object_size: float | None = None,
         click_update: str | None = None,
+        policy: CropPolicy | None = None,
     ) -> Iterator[ObjectMask]:
         """Yield an :class:`ObjectMask` per object, in input order.
 
@@ -356,7 +366,9 @@ class BoxPredictor:
         and decoded ``decode_batch`` at a time (objects with as many clicks together).
         ``click_update``: this call's "local" or "sam" update of objects with clicks and
         ``mask_inputs`` (None: ``self.click_update``); "sam" where the mask input is not this
-        object's own earlier mask (propagation's neighbour slice).
+        object's own earlier mask (propagation's neighbour slice). ``policy``: this call's crop
+        planning (None: ``self.policy``; the annotator passes
+        :func:`~hrmedseg.engine.crops.interactive_policy` of it), same input size.
 
         ``progress(done, total)`` is called after each yielded object; when ``cancel.is_set()``
         becomes true the generator stops before the next decoder call. Every prompt is checked
@@ -367,8 +379,9 @@ class BoxPredictor:
         click_update = check_click_update(click_update or self.click_update)
         prompts = check_prompts(boxes, image.shape_yx, points, point_labels, mask_inputs, object_size)
         total = len(prompts)
+        policy = self._check_policy(policy)
         given = self._check_crops(crops, prompts)
-        planned = plan_crops(prompts.extents, image.shape_yx, self.policy, lambda c: self._cache_key(image, c, self.scaling(image)) in self.cache)
+        planned = plan_crops(prompts.extents, image.shape_yx, policy, lambda c: self._cache_key(image, c, self.scaling(image)) in self.cache)
         plan = [g or c for g, c in zip(given, planned)]
         ready: dict[int, ObjectMask] = {}
         next_out = 0
@@ -384,9 +397,9 @@ class BoxPredictor:
                     if cancel is not None and cancel.is_set():
                         return
                     batch = group[start : start + self.decode_batch]
-                    logits, scores = self._decode(emb, prompts, batch, crop, image.shape_yx, click_update)
+                    logits, scores = self._decode(emb, prompts, batch, crop, image.shape_yx, click_update, policy)
                     self.decoder_calls += 1
-                    regions = [mask_region(prompts.extents[i], crop, self.policy, image.shape_yx) for i in batch]
+                    regions = [mask_region(prompts.extents[i], crop, policy, image.shape_yx) for i in batch]
                     masks = logits_to_native_batch(logits, crop, regions, self.mask_threshold)
                     if click_update == "pixel":
                         masks = [self._fix_clicks(logits[j], crop, region, mask, prompts, i)
@@ -403,6 +416,13 @@ class BoxPredictor:
                         next_out += 1
                         if progress is not None:
                             progress(next_out, total)
+
+    def _check_policy(self, policy: CropPolicy | None) -> CropPolicy:
+        if policy is None:
+            return self.policy
+        if policy.input_size != self.policy.input_size:
+            raise InputError(f"crop policy for a {policy.input_size} px input, but the model takes {self.policy.input_size}")
+        return policy
 
     def _check_crops(self, crops: Sequence[Crop | None] | None, prompts: ObjectPrompts) -> list[Crop | None]:
         """Per-object crops to use (None: plan one); a mask prompt must come with its crop."""

@@ -57,6 +57,10 @@ class ModelMetadata:
         prior_gate: the fitted per-object choice between the model's mask and the ellipse
             (``hrmedseg.models.prior_gate.PriorGate``, the box prior rule "gate"); None when
             the weights come without one.
+        click_fix: the "pixel" click update's settings chosen for these weights (fields of
+            ``hrmedseg.engine.click_update.ClickFix``, from the bundle's ``config["click_fix"]``
+            or a ``<weights>.click_fix.json`` beside the file); None: the engine's defaults.
+        click_fix_source: where ``click_fix`` was read from (for error messages).
     """
 
     kind: str
@@ -67,6 +71,8 @@ class ModelMetadata:
     sam2: Sam2Settings | None = None
     max_upscale: float | None = None
     prior_gate: PriorGate | None = None
+    click_fix: Mapping[str, Any] | None = None
+    click_fix_source: str = ""
 
     @property
     def untrained(self) -> bool:

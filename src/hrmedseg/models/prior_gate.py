@@ -11,7 +11,6 @@ live in a small JSON next to the weights file (``<weights>.prior_gate.json``) or
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import WeightsError
+from .sidecar import find_sidecar, sidecar_path
 
 GATE_FEATURES = ("score", "iou_ellipse", "aspect", "log_box_area", "box_fill", "boundary_margin")
 GATE_SUFFIX = ".prior_gate.json"
@@ -137,22 +137,13 @@ class PriorGate:
 
 def gate_path(weights_path: str | os.PathLike) -> Path:
     """Where the gate of a weights file lives: ``model.pt`` -> ``model.prior_gate.json``."""
-    path = Path(weights_path)
-    return path.with_name(path.stem + GATE_SUFFIX)
+    return sidecar_path(weights_path, GATE_SUFFIX)
 
 
 def find_prior_gate(weights_path: str | os.PathLike | None, config: Mapping[str, Any]) -> PriorGate | None:
     """The gate of a model: its bundle's ``config["prior_gate"]``, else the JSON beside its file, else None."""
-    if config.get("prior_gate") is not None:
-        return PriorGate.from_dict(config["prior_gate"], f"{weights_path}: config['prior_gate']")
-    if weights_path is None or not gate_path(weights_path).is_file():
-        return None
-    path = gate_path(weights_path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{path}: cannot read the prior gate ({e})") from e
-    return PriorGate.from_dict(data, str(path))
+    found = find_sidecar(weights_path, config, "prior_gate", GATE_SUFFIX)
+    return None if found is None else PriorGate.from_dict(*found)
 
 
 __all__ = ["GATE_FEATURES", "GATE_SUFFIX", "PriorGate", "find_prior_gate", "gate_features", "gate_path"]

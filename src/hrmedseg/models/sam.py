@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from .info import LoadedModel, ModelMetadata
 from .neck import EncoderConfig, HRMedSegEncoder
 from .preprocessing import Preprocessing
 from .prior_gate import find_prior_gate
+from .sidecar import find_sidecar
 from .state_dict import load_matching
 
 SAM_DECODER_ARCHITECTURE = "sam_prompt_decoder"
@@ -188,6 +189,16 @@ def save_hrmedseg_sam(
     )
 
 
+#: The JSON beside a weights file with its click fix (``ModelMetadata.click_fix``).
+CLICK_FIX_SUFFIX = ".click_fix.json"
+
+
+def click_fix_fields(weights_path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """``ModelMetadata`` keywords for a model's click fix record, where it has one."""
+    found = find_sidecar(weights_path, config, "click_fix", CLICK_FIX_SUFFIX)
+    return {} if found is None else {"click_fix": dict(found[0]), "click_fix_source": found[1]}
+
+
 def hrmedseg_sam_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild an HRMedSegSAM from a read "hrmedseg_sam" bundle, in eval mode on ``device``.
 
@@ -208,6 +219,7 @@ def hrmedseg_sam_from_checkpoint(checkpoint: Checkpoint, device: str | torch.dev
         box_prior=checkpoint.config.get("box_prior", "none"),
         max_upscale=checkpoint.config.get("max_upscale"),
         prior_gate=find_prior_gate(checkpoint.path, checkpoint.config),
+        **click_fix_fields(checkpoint.path, checkpoint.config),
     )
     return LoadedModel(model.eval().to(device), metadata)
 
