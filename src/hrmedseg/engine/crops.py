@@ -86,7 +86,8 @@ class Crop:
 #: a time gets a crop of its own region either way, so the finer scale costs an annotator little
 #: (more encoder calls only where boxes crowd) and draws small objects' boundaries on a 2x finer
 #: grid: on DSB 2018 *training* nuclei the default box model's Dice went from 0.925 to 0.929 after
-#: the box and from 0.941 to 0.947 after 3 clicks (docs/benchmarks.md, "Finer crops for clicks").
+#: the box and from 0.941 to 0.947 after 3 clicks (docs/benchmarks.md, "Finer crops and a faded
+#: click fix").
 INTERACTIVE_MAX_UPSCALE = 4.0
 
 

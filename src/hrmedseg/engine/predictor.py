@@ -418,6 +418,7 @@ class BoxPredictor:
                             progress(next_out, total)
 
     def _check_policy(self, policy: CropPolicy | None) -> CropPolicy:
+        """A call's crop policy: ``self.policy`` unless one is given, which must be for the model's input size."""
         if policy is None:
             return self.policy
         if policy.input_size != self.policy.input_size:
