@@ -26,15 +26,21 @@ def _boxes(n: int, seed: int) -> torch.Tensor:
     return torch.cat([xy, xy + wh], dim=1)
 
 
+@torch.no_grad()
+def _sam_reference(sam_parts, embedding, boxes, multimask=False):
+    """(sparse, dense, image_pe, masks, iou) of segment-anything's own decoder for ``boxes``."""
+    prompt_encoder, mask_decoder = sam_parts
+    sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=None)
+    image_pe = prompt_encoder.get_dense_pe()
+    return (sparse, dense, image_pe, *mask_decoder(embedding, image_pe, sparse, dense, multimask))
+
+
 @pytest.mark.parametrize("multimask", [False, True])
 def test_full_grid_equals_sam(sam_parts, multimask):
     prompt_encoder, mask_decoder = sam_parts
     embedding = torch.randn(1, 256, 64, 64)
-    boxes = _boxes(3, 1)
+    sparse, dense, image_pe, ref_masks, ref_iou = _sam_reference(sam_parts, embedding, _boxes(3, 1), multimask)
     with torch.no_grad():
-        sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=None)
-        image_pe = prompt_encoder.get_dense_pe()
-        ref_masks, ref_iou = mask_decoder(embedding, image_pe, sparse, dense, multimask)
         fast = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
         fast.prepare(embedding, image_pe)
         out = fast.predict(sparse, dense, multimask_output=multimask)
@@ -73,11 +79,8 @@ def test_first_single_box_skips_shared_projections_and_matches_later_boxes(sam_p
     the second call projects them; both paths give SAM's logits."""
     prompt_encoder, mask_decoder = sam_parts
     embedding = torch.randn(1, 256, 64, 64)
-    boxes = _boxes(2, 7)
+    sparse, _, image_pe, ref_masks, ref_iou = _sam_reference(sam_parts, embedding, _boxes(2, 7))
     with torch.no_grad():
-        sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=None)
-        image_pe = prompt_encoder.get_dense_pe()
-        ref_masks, ref_iou = mask_decoder(embedding, image_pe, sparse, dense, False)
         fast = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
         crop = fast.prepare(embedding, image_pe)
         first = fast.predict(sparse[:1])
