@@ -6,7 +6,8 @@ simulated annotator, with the annotator's crops (``interactive_policy``; ``--cro
 "disc" variants are the depth disc of ``ClickFix``; "fade" ones its fade (``fade=True``).
 
 Usage: cd bench && HRMEDSEG_SHARED_DATA=... python tune_click_fix.py [--images 6] [--max-objects 5] [--model hrmedseg_sam_default]
-  (the fade of hrmedseg_sam_default.click_fix.json: --images 40 --max-objects 8 --only "disc r3 cap0.5" "fade 0.15" "fade 0.25" "fade 0.35" "fade 0.5")
+  (the fade of hrmedseg_sam_default.click_fix.json: --images 40 --max-objects 8 --only "disc r3.0 cap0.5" "fade 0.15" "fade 0.25"
+   "fade 0.35" "fade 0.5", then --only "fade 0.35" "fade 0.35 p0.5" "fade 0.35 p2.0" "fade 0.5 p2.0")
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ GRID = {
     "local (the default before)": ("local", None),
     **{f"disc r{r} cap{c}": ("pixel", ClickFix(r, max_radius=c)) for r in (1.5, 2.0, 3.0) for c in (0.25, 0.5, 1.0)},
     **{f"fade {c}": ("pixel", ClickFix(max_radius=c, fade=True)) for c in (0.15, 0.25, 0.35, 0.5)},
+    **{f"fade {c} p{pw}": ("pixel", ClickFix(max_radius=c, fade=True, fade_power=pw)) for c in (0.35, 0.5) for pw in (0.5, 2.0)},
 }
 
 

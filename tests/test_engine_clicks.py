@@ -256,19 +256,22 @@ def test_click_fix_follows_the_logits_near_the_click():
     assert added[20, 10:13].all() and not added[:10, 10].any()  # in the disc of 2 depths + 1 around the click only
 
 
-def test_faded_click_fix_moves_the_boundary_most_at_the_click():
-    """With ``fade`` the threshold falls to the clicked pixel's logit there and back to the mask's
-    own at max_radius box sides: the band of logit -1 joins only near the click, that of 0 far along."""
+@pytest.mark.parametrize("power, reach_of_minus_one", [(1.0, 10), (0.5, 15)])
+def test_faded_click_fix_moves_the_boundary_most_at_the_click(power, reach_of_minus_one):
+    """With ``fade`` the threshold falls to the clicked pixel's logit (-2) there and back to the
+    mask's own at max_radius box sides: the band of logit -1 joins near the click only (where
+    2 (1 - d / 20) ** power >= 1), that of 0 all along the 20 px."""
     from hrmedseg.engine.click_update import ClickFix, fix_clicked_pixels
 
     yy, xx = np.mgrid[:40, :40]
     field = (10.0 - xx).astype(np.float32)  # the mask: x < 10; the logit falls to the right
     logits_at = lambda w: field[w[0] : w[1], w[2] : w[3]]  # noqa: E731
-    fix = ClickFix(max_radius=0.5, fade=True)  # 20 px for a 40 px box
+    fix = ClickFix(max_radius=0.5, fade=True, fade_power=power)  # 20 px for a 40 px box
     fixed = fix_clicked_pixels(field > 0, (0, 40, 0, 40), logits_at, np.array([[12.5, 20.5]]), np.array([1]), 40.0, fix)
     added = fixed & ~(field > 0)
     assert added[20, 12] and added[:, 13:].sum() == 0  # never past the clicked pixel's level
-    assert added[11:30, 11].all() and not added[:8, 11].any() and not added[33:, 11].any()  # logit -1: within 10 px
+    rows = np.flatnonzero(added[:, 11])  # d = hypot(1, row - 20) <= reach_of_minus_one
+    assert rows.min() == 20 - (reach_of_minus_one - 1) and rows.max() == 20 + (reach_of_minus_one - 1)
     assert added[1:, 10].all() and not added[0, 10]  # logit 0: within the 20 px cap
 
 
@@ -316,6 +319,8 @@ def test_a_models_own_click_fix_comes_from_beside_its_weights(tmp_path):
     sidecar.write_text('{"fade": true, "max_radius": 0.3, "provenance": {"on": "a test"}}')
     assert BoxPredictor(str(weights), device="cpu").click_fix == ClickFix(max_radius=0.3, fade=True)
     assert BoxPredictor(str(weights), device="cpu", click_fix=ClickFix(reach=2.0)).click_fix == ClickFix(reach=2.0)
+    sidecar.write_text('{"fade": true, "fade_power": 0.5}')
+    assert BoxPredictor(str(weights), device="cpu").click_fix == ClickFix(fade=True, fade_power=0.5)
     sidecar.write_text('{"fade": true, "speed": 2}')
     with pytest.raises(WeightsError, match=r"box\.click_fix\.json.*speed"):
         BoxPredictor(str(weights), device="cpu")
@@ -329,4 +334,4 @@ def test_the_shipped_default_model_fades_its_clicks():
     from hrmedseg.models import load_model_with_metadata
 
     fix = model_click_fix(load_model_with_metadata("hrmedseg_sam_default").metadata)
-    assert fix.fade and fix.max_radius == 0.35
+    assert fix.fade and fix.max_radius == 0.35 and fix.fade_power == 0.5

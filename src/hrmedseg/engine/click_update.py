@@ -128,15 +128,17 @@ class ClickFix:
     The defaults (reach 3, max_radius 0.5, margin 0) were chosen on 30 DSB *training* nuclei
     with ``hrmedseg_sam_default`` and LiteMedSAM (docs/benchmarks.md, "The pixel click update").
 
-    fade: instead of the disc of click depths, the threshold shift fades linearly from the clicked
-    pixel (the full shift to its logit) to none at ``max_radius`` box sides: a click moves the
-    boundary most where it was made and a little along the way (``reach`` unused).
+    fade: instead of the disc of click depths, the threshold shift fades from the clicked pixel
+    (the full shift to its logit) to none at ``max_radius`` box sides, as ``(1 - d / r) **
+    fade_power`` at distance d: a click moves the boundary most where it was made and less
+    along the way (``reach`` unused; powers below 1 keep more of the shift farther out).
     """
 
     reach: float = 3.0
     max_radius: float = 0.5
     margin: float = 0.0
     fade: bool = False
+    fade_power: float = 1.0
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], source: str = "click fix") -> "ClickFix":
@@ -150,8 +152,8 @@ class ClickFix:
             fix = cls(**{k: (bool(v) if k == "fade" else float(v)) for k, v in fields.items()})
         except (TypeError, ValueError) as e:
             raise WeightsError(f"{source}: not a click fix ({e})") from e
-        if fix.max_radius <= 0 or fix.reach <= 0:
-            raise WeightsError(f"{source}: reach and max_radius must be positive, got {fix.reach}, {fix.max_radius}")
+        if min(fix.max_radius, fix.reach, fix.fade_power) <= 0:
+            raise WeightsError(f"{source}: reach, max_radius and fade_power must be positive, got {fix.reach}, {fix.max_radius}, {fix.fade_power}")
         return fix
 
 
@@ -197,7 +199,7 @@ def fix_clicked_pixels(
         level = logits[cy, cx] + (-fix.margin if want else fix.margin)
         if fix.fade:
             radius = cap
-            level = level * np.clip(1.0 - np.sqrt(squared) / cap, 0.0, 1.0)  # the shift fades out at the cap
+            level = level * np.clip(1.0 - np.sqrt(squared) / cap, 0.0, 1.0) ** fix.fade_power  # none left at the cap
         else:
             has_label = view == want
             depth = float(ndimage.distance_transform_edt(~has_label)[cy, cx]) if has_label.any() else cap
