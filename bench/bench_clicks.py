@@ -99,6 +99,8 @@ def evaluate(models: dict[str, str], max_objects: int, max_images: int, device: 
     for name, spec in models.items():
         predictors = {v: BoxPredictor(spec, device=device, click_update=VARIANTS[v][0], click_mask_prompt=VARIANTS[v][1],
                                       click_fix=ClickFix() if VARIANTS[v][3] == "disc" else None) for v in variants}
+        # one model, one policy: every variant's predictor plans crops alike
+        policy = interactive_policy(predictors[variants[0]].policy) if crops == "annotator" else None
         results[name] = {}
         for dataset in datasets:
             rows: dict[str, dict[str, list]] = {v: {"dice": [], "seconds": []} for v in variants}
@@ -108,7 +110,6 @@ def evaluate(models: dict[str, str], max_objects: int, max_images: int, device: 
                 for k, (gt, box) in enumerate(objs):
                     kinds.append(("disc", "cup")[k % 2] if dataset == "fundus_drishtigs" else "nucleus")
                     for variant, row in rows.items():
-                        policy = interactive_policy(predictors[variant].policy) if crops == "annotator" else None
                         dice, seconds = refine(predictors[variant], image, gt, box, VARIANTS[variant][2], policy)
                         row["dice"].append(dice)
                         row["seconds"].extend(seconds)

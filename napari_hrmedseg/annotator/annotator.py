@@ -214,11 +214,12 @@ class Annotator:
             return
         image = layer_plane(self.image_layer, obj.slice_index)
         predictor = self.predictor
-        if obj.clicks:
-            prompt = click_prompt(obj, self.state.median_box_side()) | box_policy(predictor)
-            predict = lambda: next(iter(predictor.predict_boxes(image, **prompt)))  # noqa: E731
-        elif hasattr(predictor, "predict_boxes"):
-            prompt = dict(boxes=np.asarray(obj.box, np.float64).reshape(1, 4)) | box_policy(predictor)
+        if obj.clicks or hasattr(predictor, "predict_boxes"):
+            if obj.clicks:
+                prompt = click_prompt(obj, self.state.median_box_side())
+            else:  # a box alone plans its own crop (the box may have moved off the last one)
+                prompt = dict(boxes=np.asarray(obj.box, np.float64).reshape(1, 4))
+            prompt |= box_policy(predictor)
             predict = lambda: next(iter(predictor.predict_boxes(image, **prompt)))  # noqa: E731
         else:
             box = obj.box

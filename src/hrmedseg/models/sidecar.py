@@ -24,9 +24,9 @@ def find_sidecar(weights_path: str | os.PathLike | None, config: Mapping[str, An
     file, else None. An unreadable JSON is a WeightsError naming the file."""
     if config.get(key) is not None:
         return config[key], f"{weights_path}: config[{key!r}]"
-    if weights_path is None or not sidecar_path(weights_path, suffix).is_file():
+    path = None if weights_path is None else sidecar_path(weights_path, suffix)
+    if path is None or not path.is_file():
         return None
-    path = sidecar_path(weights_path, suffix)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
