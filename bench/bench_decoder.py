@@ -4,13 +4,15 @@
 
 Random weights (speed does not depend on them), one 64 x 64 x 256 embedding (a 1024 x 1024
 crop), boxes of random size 16..256 px in the 1024 input (nuclei to organ-sized objects),
-single-mask output. Per-box figures are median wall-clock time divided by the batch size;
+single-mask output; the fast decoder in float32 and in bf16 (with float32 heads, as the CPU's
+"fast-bf16" backend runs it). Per-box figures are median wall-clock time divided by the batch size;
 the reference is measured in the same run. Masks are compared on every run (max abs error).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     embedding = torch.randn(1, 256, 64, 64, generator=g)
     image_pe = prompt_encoder.get_dense_pe()
     fast = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
+    # What FastSamBoxDecoder(dtype=torch.bfloat16) builds: a bf16 copy with float32 heads.
+    bf16 = torch.bfloat16
+    fast16 = FastMaskDecoder.from_sam(copy.deepcopy(mask_decoder), prompt_encoder).to(bf16).float32_heads()
     print(f"threads {args.threads}, torch {torch.__version__}, repeats {args.repeats}")
     print("| path | boxes | ms per box (median) | min | max abs diff to SAM |")
     print("| --- | --- | --- | --- | --- |")
@@ -75,12 +80,24 @@ def main(argv: list[str] | None = None) -> None:
                 err = f"{err:.1e}"
             timing = measure(lambda: fast.predict(sparse, dense, regions), args.repeats)
             row("Fast, box regions", n, timing, err)
+            fast16.prepare(embedding.to(bf16), image_pe.to(bf16))
+            sparse16 = sparse.to(bf16)
+            out16 = fast16.predict(sparse16, None, regions)
+            err16 = max((m16 - m).abs().max().item() for m16, m in zip(out16.masks, out.masks))
+            timing = measure(lambda: fast16.predict(sparse16, None, regions), args.repeats)
+            row("Fast bf16 (the CPU's fast-bf16 backend), box regions", n, timing, f"{err16:.1e} (to float32 Fast)")
             if n == 1:
                 def with_prepare():
                     fast.prepare(embedding, image_pe)
                     return fast.predict(sparse, dense, regions)
 
                 row("Fast, box region, prepare included (new crop)", n, measure(with_prepare, args.repeats), err)
+
+                def with_prepare16():  # bf16 always shares block 0's projections, so pays them here
+                    fast16.prepare(embedding.to(bf16), image_pe.to(bf16))
+                    return fast16.predict(sparse16, None, regions)
+
+                row("Fast bf16, box region, prepare included (new crop)", n, measure(with_prepare16, args.repeats), "")
             if n <= 16:
                 full = fast.predict(sparse, dense, None)
                 err_full = f"{(full.masks - ref_masks).abs().max().item():.1e}" if ref_masks is not None else ""

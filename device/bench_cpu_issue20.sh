@@ -6,7 +6,7 @@
 # 926f6d2 src/hrmedseg bench` unpacked there) and this checkout's, alternately, each tree's own
 # bench script; and issue 13's first box with a warm disk cache (bench_disk_cache.py, 2 threads).
 # This checkout also runs with HRMEDSEG_MALLOC_TUNING=0 (the engine's malloc settings off) as a
-# same-run baseline. SKIP_ENCODER=1 leaves out the encoder part.
+# same-run baseline (UNTUNED=0 leaves that out). SKIP_ENCODER=1 leaves out the encoder part.
 # Usage: bash device/setup_gpu.sh && bash device/bench_cpu_issue20.sh  (carry device_payload/wheels, device_payload/base926)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,8 @@ engine() {  # TREE THREADS ROUND [TAG]: TAG names the run (default: the tree's f
     "$json" "$tag threads $2 round $3"
 }
 for t in 2 16; do for r in 1 2; do
-  engine "$PWD/$BASE" $t $r; HRMEDSEG_MALLOC_TUNING=0 engine "$PWD" $t $r untuned; engine "$PWD" $t $r
+  engine "$PWD/$BASE" $t $r
+  [ "${UNTUNED:-1}" = 0 ] || HRMEDSEG_MALLOC_TUNING=0 engine "$PWD" $t $r untuned
+  engine "$PWD" $t $r
 done; done
 timeout 120 python3 bench/bench_disk_cache.py --repeats 7 --threads 2 --json "$OUT/disk_cache_t2.json" 2>&1 | tail -n 8

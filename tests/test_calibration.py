@@ -146,3 +146,34 @@ def test_info_prints_the_choice_and_why(sam, calibrating, monkeypatch, capsys):
 )
 def test_another_backend_must_beat_float32_by_a_margin(seconds, kept, chosen):
     assert fastest_worth_it(seconds, kept) == chosen
+
+
+@pytest.mark.parametrize("bf16_faster, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_the_decoder_is_bf16_only_where_it_was_measured_faster(sam, calibrating, monkeypatch, bf16_faster, dtype):
+    """With "fast-bf16" chosen, calibration times the float32 and bf16 decoders too; the engine's
+    decoder is bf16 only where that was faster (and agreed), float32 on GPUs and without a choice."""
+    from hrmedseg.models.runtime import Timing, decoder_dtype
+
+    monkeypatch.setattr(calibration, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    monkeypatch.setattr(calibration, "fastest_worth_it", lambda seconds, kept: "fast-bf16")
+    monkeypatch.setattr(calibration, "AGREEMENT_DICE", 0.0)  # random weights: the timing decides here
+
+    def timed(fns, repeats):  # the decoders' timing: bf16 2x faster, or 2x slower
+        for fn in fns.values():
+            fn()
+        if set(fns) != {"float32", "bf16"}:
+            return {name: Timing(0.1, 0.1, (0.1,)) for name in fns}
+        fast, slow = ("bf16", "float32") if bf16_faster else ("float32", "bf16")
+        return {fast: Timing(0.01, 0.01, (0.01,)), slow: Timing(0.02, 0.02, (0.02,))}
+
+    monkeypatch.setattr("hrmedseg.models.runtime.measure_interleaved", timed)
+    assert decoder_dtype("fast-bf16", "cpu") == torch.float32  # nothing measured yet
+    predictor = BoxPredictor(sam, device="cpu")
+    choice = load_choice(calibration_key())
+    assert predictor.backend == choice.backend == "fast-bf16"
+    assert choice.decoder_bf16 is bf16_faster and set(choice.decoder_ms) == {"float32", "bf16"}
+    assert predictor.decoder.dtype == decoder_dtype("fast-bf16", "cpu") == dtype
+    assert "decoder " + ("bf16" if bf16_faster else "float32") in choice.reason()
+    assert decoder_dtype("fast", "cpu") == decoder_dtype("fast-bf16", "cuda") == torch.float32
+    monkeypatch.setenv("HRMEDSEG_CALIBRATE", "0")
+    assert decoder_dtype("fast-bf16", "cpu") == torch.float32

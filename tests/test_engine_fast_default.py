@@ -70,6 +70,8 @@ def test_default_is_fast_on_cpu_bf16_with_amx_and_reference_on_request(sam, monk
     amx = BoxPredictor(sam, device="cpu")
     assert amx.backend == "fast-bf16" and amx.encoder.image_encoder.bf16
     assert isinstance(amx.decoder, FastSamBoxDecoder)
+    # the static rule (no calibration) keeps the decoder float32: bf16 only where it was measured faster
+    assert amx.decoder.dtype == fast.decoder.dtype == torch.float32
     assert BoxPredictor(sam, device="cpu", allow_bf16=False).backend == "fast"
 
     ref = BoxPredictor(sam, device="cpu", backend="reference")

@@ -191,3 +191,52 @@ def test_engine_drop_in_follows_new_prompt_encoder_weights(sam_parts):
     model.mask_decoder.load_state_dict(other.state_dict())
     ref, _ = SamBoxDecoder(model)(embedding, boxes)
     assert torch.allclose(FastSamBoxDecoder(model)(embedding, boxes)[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_decoder_is_close_to_float32_and_leaves_the_model_alone(sam_parts):
+    """dtype=bfloat16 decodes a bf16 copy (float32 heads, float32 logits out), close to float32's
+    logits and masks, for boxes and for clicks with a mask prompt; the model's decoder stays float32."""
+    from hrmedseg.engine.decoder import SamBoxDecoder
+    from hrmedseg.models.fast_decoder import FastSamBoxDecoder
+
+    prompt_encoder, mask_decoder = sam_parts
+    model = torch.nn.Module()
+    model.prompt_encoder, model.mask_decoder = prompt_encoder, mask_decoder
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = _boxes(6, 7)
+    ref, ref_scores = SamBoxDecoder(model)(embedding, boxes)
+    fast = FastSamBoxDecoder(model, dtype=torch.bfloat16)
+    logits, scores = fast(embedding, boxes)
+    assert logits.dtype == scores.dtype == torch.float32
+    assert next(mask_decoder.parameters()).dtype == torch.float32  # a copy was cast, not the model's
+    assert next(fast.fast.decoder.output_hypernetworks_mlps.parameters()).dtype == torch.float32
+    assert next(fast.fast.transformer.parameters()).dtype == torch.bfloat16
+    scale = ref.abs().mean()
+    assert (logits - ref).abs().mean() < 0.02 * scale  # bf16's 8-bit mantissa, not another model
+    assert ((logits > 0) == (ref > 0)).float().mean() > 0.99
+    assert torch.allclose(scores, ref_scores, atol=0.02)
+    # A click and the previous logits as mask prompt take the per-object image side, in bf16 too.
+    points, labels = (boxes[:, None, :2] + boxes[:, None, 2:]) / 2, torch.ones(6, 1)
+    ref_click, _ = SamBoxDecoder(model)(embedding, boxes, points=points, point_labels=labels, mask_inputs=ref)
+    click, _ = fast(embedding, boxes, points=points, point_labels=labels, mask_inputs=logits)
+    assert ((click > 0) == (ref_click > 0)).float().mean() > 0.99
+
+
+
+
+
+def test_bf16_masks_do_not_depend_on_which_box_came_first_on_a_crop(sam_parts):
+    """A box's bf16 logits are the same whether it was its crop's first box or a later one (float32
+    is exact enough for the first box's cheaper path; bf16 rounding is not, so it always shares)."""
+    from hrmedseg.models.fast_decoder import FastSamBoxDecoder
+
+    model = torch.nn.Module()
+    model.prompt_encoder, model.mask_decoder = sam_parts
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = _boxes(3, 8)
+    first = FastSamBoxDecoder(model, margin=4, dtype=torch.bfloat16)
+    alone, _ = first(embedding, boxes[:1])  # the crop's first box
+    later = FastSamBoxDecoder(model, margin=4, dtype=torch.bfloat16)
+    later(embedding, boxes[1:])
+    again, _ = later(embedding, boxes[:1])  # the same box after others on the crop
+    assert torch.equal(alone, again)

@@ -21,7 +21,9 @@
 :func:`build_steps` picks the encoder and decoder of a backend (``hrmedseg.models.runtime``):
 ``"reference"`` keeps the plain PyTorch modules (what the tests compare against); ``"fast"`` and
 ``"fast-bf16"`` use ``FastHRMedSegEncoder`` (when the model's image encoder is an
-``HRMedSegEncoder``) and :class:`RegionBoxDecoder` (when the mask decoder is SAM's two-block one);
+``HRMedSegEncoder``) and :class:`RegionBoxDecoder` (when the mask decoder is SAM's two-block one;
+in bf16 under ``"fast-bf16"`` on a CPU where calibration measured that faster:
+``hrmedseg.models.runtime.decoder_dtype``);
 ``"onnxruntime"`` (CPU) runs that encoder exported to ONNX in ONNX Runtime, with the same decoder.
 SAM2 models have no fast path: they run their plain modules under every backend.
 
@@ -292,7 +294,7 @@ def build_steps(model: nn.Module, backend: str, aot: bool | None = None) -> tupl
     if backend == "reference":
         return SamImageEncoder(model), SamBoxDecoder(model)
     from ..models.neck import HRMedSegEncoder
-    from ..models.runtime import build_fast_encoder
+    from ..models.runtime import build_fast_encoder, decoder_dtype
 
     reference_encoder = model.image_encoder
     if isinstance(reference_encoder, HRMedSegEncoder) and next(reference_encoder.parameters()).dtype == torch.float32:
@@ -301,7 +303,7 @@ def build_steps(model: nn.Module, backend: str, aot: bool | None = None) -> tupl
         log.info("backend %s: image encoder %s has no fast path; using it as is", backend, type(reference_encoder).__name__)
         encoder = SamImageEncoder(model)
     try:
-        decoder: BoxDecoder = RegionBoxDecoder(model)
+        decoder: BoxDecoder = RegionBoxDecoder(model, dtype=decoder_dtype(backend, next(model.parameters()).device))
     except ValueError as err:  # e.g. a mask decoder with another transformer depth
         log.info("backend %s: %s; using the reference decoder", backend, err)
         decoder = SamBoxDecoder(model)

@@ -11,9 +11,12 @@ Candidates (:func:`candidate_backends`): "fast" (float32, exact) always; "fast-b
 the CPU reports bf16 instructions (:data:`BF16_FLAGS`), since elsewhere bf16 is emulated and
 slow; "onnxruntime" when it is installed and the encoder's export is already in the user cache
 (exporting takes about a minute on 2 cores, far over the few seconds calibration may take;
-ONNX Runtime was measured slower than "fast" on both CPUs tried, docs/benchmarks.md). A candidate counts only if the box masks it gives on a
-shipped sample agree with float32's at mean Dice >= :data:`AGREEMENT_DICE` (the bar the shipped
-model's bf16 masks were held to, docs/benchmarks.md).
+ONNX Runtime was measured slower than "fast" on both CPUs tried, docs/benchmarks.md). A
+candidate counts only if the box masks it gives on a shipped sample (with the float32 fast
+decoder) agree with float32's at mean Dice >= :data:`AGREEMENT_DICE` (the bar the shipped model's
+bf16 masks were held to, docs/benchmarks.md). When "fast-bf16" wins, the decoder is timed in
+float32 and bf16 as well, and bf16 kept only where it is faster and the pair still agrees
+(:func:`choose_decoder_dtype`; ``BackendChoice.decoder_bf16``).
 
 ``HRMEDSEG_CALIBRATE=0`` skips the timing (the static rule of
 :func:`hrmedseg.models.runtime.select_backend` applies); ``HRMEDSEG_BACKEND`` overrides both.
@@ -39,7 +42,7 @@ from ..atomic import atomic_path
 log = logging.getLogger(__name__)
 
 #: Bumped when what is measured or how it is chosen changes, so older cached choices are measured again.
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 #: How much faster than float32 ("fast") another backend must be to be chosen. Below it the
 #: difference is timing noise (0.034 vs 0.035 s on the device machine's Xeon at 16 threads), and a
 #: near-tie decided by noise would make masks depend on the thread count: a batch worker with 8
@@ -153,6 +156,10 @@ class BackendChoice:
     dice: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     model: str = ""
+    #: With "fast-bf16": the mask decoder in bf16 too (measured, :func:`choose_decoder_dtype`).
+    decoder_bf16: bool = False
+    #: Median ms per box of the float32 and bf16 decoders, when they were compared.
+    decoder_ms: dict[str, float] = field(default_factory=dict)
 
     def reason(self) -> str:
         """One line for ``hrmedseg info`` and logs."""
@@ -161,6 +168,9 @@ class BackendChoice:
                 f"{self.key['cpu']} at {self.key['threads']} threads ({times})")
         if self.rejected:
             text += "; not kept: " + ", ".join(f"{name} ({why})" for name, why in self.rejected.items())
+        if self.decoder_ms:
+            ms = ", ".join(f"{name} {v:.1f} ms" for name, v in self.decoder_ms.items())
+            text += f"; decoder {'bf16' if self.decoder_bf16 else 'float32'} ({ms} per box)"
         return text
 
 
@@ -267,11 +277,38 @@ def calibrate(model: nn.Module, candidates: list[str], repeats: int = 3, model_n
             if dice[name] < AGREEMENT_DICE:
                 rejected[name] = f"mask Dice {dice[name]:.4f} < {AGREEMENT_DICE}"
         timings = measure_interleaved({name: (lambda e=e: e(x)) for name, e in encoders.items()}, repeats=repeats)
-    seconds = {name: t.median for name, t in timings.items()}
-    backend = fastest_worth_it(seconds, [name for name in seconds if name not in rejected])
-    choice = BackendChoice(backend, calibration_key(), seconds, dice, rejected, model_name)
+        seconds = {name: t.median for name, t in timings.items()}
+        backend = fastest_worth_it(seconds, [name for name in seconds if name not in rejected])
+        decoder_bf16, decoder_ms = False, {}
+        if backend == "fast-bf16":
+            decoder_bf16, decoder_ms = choose_decoder_dtype(model, encoders[backend](x).float().contiguous(), boxes, expected, repeats)
+    choice = BackendChoice(backend, calibration_key(), seconds, dice, rejected, model_name, decoder_bf16, decoder_ms)
     log.info("backend %s chosen: %s", backend, choice.reason())
     return choice
+
+
+def choose_decoder_dtype(model: nn.Module, embedding: torch.Tensor, boxes: torch.Tensor, expected: torch.Tensor,
+                         repeats: int = 3) -> tuple[bool, dict[str, float]]:
+    """Whether the bf16 encoder's pair should decode in bf16 too: (bf16?, ms per box of each).
+
+    The float32 and bf16 fast decoders are timed on ``embedding`` (the bf16 encoder's) and its
+    ``boxes``, round-robin; bf16 is kept if it is :data:`MIN_SPEEDUP` faster and its masks still
+    agree with float32's ``expected`` at :data:`AGREEMENT_DICE`. Which is faster differs by CPU
+    and torch: bf16 took a quarter off on an AVX-512 EPYC (Zen 5, torch 2.14) and was slower on
+    an AMX Xeon (torch 2.11; docs/benchmarks.md).
+    """
+    from .fast_decoder import FastSamBoxDecoder
+    from .runtime import measure_interleaved
+
+    decoders = {"float32": FastSamBoxDecoder(model, margin=8), "bf16": FastSamBoxDecoder(model, margin=8, dtype=torch.bfloat16)}
+    try:
+        agrees = mask_dice(decoders["bf16"](embedding, boxes)[0][:, 0] > 0, expected) >= AGREEMENT_DICE
+        timings = measure_interleaved({name: (lambda d=d: d(embedding, boxes)) for name, d in decoders.items()}, repeats=repeats)
+    except Exception as err:  # noqa: BLE001  (a bf16 decoder that cannot run is not chosen)
+        log.info("bf16 decoder not usable here: %s", err)
+        return False, {}
+    ms = {name: 1000 * t.median / len(boxes) for name, t in timings.items()}
+    return bool(agrees and ms["float32"] >= MIN_SPEEDUP * ms["bf16"]), ms
 
 
 def cpu_choice(model: nn.Module | None = None, path: Path | None = None) -> BackendChoice:
@@ -304,7 +341,7 @@ def calibration_enabled() -> bool:
 
 
 __all__ = [
-    "AGREEMENT_DICE", "BF16_FLAGS", "BackendChoice", "calibrate", "calibration_enabled", "calibration_key",
+    "AGREEMENT_DICE", "BF16_FLAGS", "BackendChoice", "calibrate", "choose_decoder_dtype", "calibration_enabled", "calibration_key",
     "calibration_path", "candidate_backends", "cpu_choice", "cpu_flags", "cpu_has_bf16", "cpu_model",
     "load_choice", "save_choice",
 ]

@@ -27,6 +27,7 @@ the decoder's modules and snapshots the upscaling weights and block 0's key and 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -183,6 +184,18 @@ class FastMaskDecoder(nn.Module):
         no_mask = prompt_encoder.no_mask_embed.weight if prompt_encoder is not None else None
         param = next(mask_decoder.parameters())
         return cls(mask_decoder, no_mask).to(param.device).eval()
+
+    def float32_heads(self) -> "FastMaskDecoder":
+        """Keep what turns the final tokens into logits in float32 (the output upscaling, the
+        hypernetwork MLPs and the IoU head) after a cast of the rest to another dtype: they cost
+        little on region-limited masks, and the logits keep float32's resolution for the native
+        threshold and the click fix (on the shipped model's agreement sample it raised the bf16
+        decoder's mask Dice to float32's from 0.9967 to 0.9970; the transformer is the rest)."""
+        for name in ("up1_w", "up1_b", "norm_w", "norm_b", "up2_w", "up2_b"):
+            setattr(self, name, getattr(self, name).float())
+        self.decoder.output_hypernetworks_mlps.float()
+        self.decoder.iou_prediction_head.float()
+        return self
 
     # ----------------------------------------------------------------------------------- crop
     def _image_side_block0(self, src: torch.Tensor, src_pe: torch.Tensor):
@@ -345,8 +358,11 @@ class FastMaskDecoder(nn.Module):
                 raise ValueError(f"regions must be (B, 4) = ({b}, 4), got {tuple(regions.shape)}")
         if self.crop is None:
             raise RuntimeError("FastMaskDecoder.predict called before prepare(image_embedding, image_pe)")
-        # The shared block-0 projections pay for themselves from the second box on a crop.
-        share_block0 = b > 1 or self.crop.calls > 0
+        # The shared block-0 projections pay for themselves from the second box on a crop. The
+        # first box's re-associated path equals them to float32 rounding only: in bf16 a mask
+        # would then depend on whether its box came first on its crop, so bf16 always shares
+        # (it costs the first box about 0.3 ms there, docs/benchmarks.md).
+        share_block0 = b > 1 or self.crop.calls > 0 or self.crop.src.dtype != torch.float32
         self.crop.calls += 1
         if b <= chunk_size:
             return self._predict(sparse_embeddings, dense_embeddings, regions, multimask_output, share_block0)
@@ -420,7 +436,7 @@ class FastMaskDecoder(nn.Module):
         q_used = queries[:, used]
         final = self.transformer.final_attn_token_to_image
         q_used = q_used + self._tokens_to_image(final, q_used + tokens_pe[:, used], keys, pe)
-        hs = self.transformer.norm_final_attn(q_used)
+        hs = self.transformer.norm_final_attn(q_used).to(self.up1_w.dtype)  # the heads' dtype (float32_heads)
 
         iou = decoder.iou_prediction_head(hs[:, 0])[:, mask_ids]
         hyper = torch.stack(
@@ -451,7 +467,7 @@ class FastMaskDecoder(nn.Module):
         Pixel order (a, b, c, d): row 2a + c, column 2b + d inside the position's 4 x 4 patch.
         """
         p = tokens.shape[0]
-        x = torch.addmm(self.up1_b, tokens, self.up1_w).view(p * 4, -1)  # (P*4, C/4), (a, b) order
+        x = torch.addmm(self.up1_b, tokens.to(self.up1_w.dtype), self.up1_w).view(p * 4, -1)  # (P*4, C/4), (a, b) order
         x = F.gelu(F.layer_norm(x, (x.shape[-1],), self.norm_w, self.norm_b, self.norm_eps))
         x = F.gelu(torch.addmm(self.up2_b, x, self.up2_w))  # (P*4, 4 * C/8), (c, d) order
         return x.view(p, 16, -1)
@@ -467,7 +483,7 @@ class FastMaskDecoder(nn.Module):
         b, n, c = keys.shape
         h, w = grid
         feats = self._upscale_positions(keys.reshape(b * n, c)).view(b, n * 16, -1)
-        masks = torch.matmul(feats, hyper.transpose(1, 2))  # (B, n*16, M)
+        masks = torch.matmul(feats.float(), hyper.float().transpose(1, 2))  # (B, n*16, M), float32 logits whatever the dtype
         return torch.stack([self._to_image(m.view(n, 16, -1), h, w) for m in masks])
 
     def _upscale_regions(self, keys, hyper, grid, regions: torch.Tensor) -> list[torch.Tensor]:
@@ -485,7 +501,7 @@ class FastMaskDecoder(nn.Module):
         feats = self._upscale_positions(keys.reshape(-1, keys.shape[-1]).index_select(0, flat))
         out = []
         for k, (part, (r0, r1, c0, c1), (x0, y0, x1, y1)) in enumerate(zip(feats.split(counts), spans, regions.tolist())):
-            logits = torch.matmul(part, hyper[k].T)  # (P, 16, M)
+            logits = torch.matmul(part.float(), hyper[k].float().T)  # (P, 16, M), float32 logits whatever the dtype
             image = self._to_image(logits, r1 - r0, c1 - c0)
             out.append(image[:, y0 - 4 * r0 : y1 - 4 * r0, x0 - 4 * c0 : x1 - 4 * c0])
         return out
@@ -506,11 +522,23 @@ class FastSamBoxDecoder:
             them only within the box plus ``margin`` low-res pixels (4 input px each) and fills
             the rest with -1e4 (background): several times less work for small boxes, and the same
             mask wherever SAM's mask does not extend beyond that margin.
+        dtype: the decoder's weights and activations (its prompt encoder stays float32, and the
+            logits come out float32). torch.bfloat16 runs the two-way transformer in bf16 on a
+            copy of the mask decoder (the heads stay float32: ``FastMaskDecoder.float32_heads``):
+            a quarter less time per box on an AVX-512 EPYC, more on an AMX Xeon
+            (docs/benchmarks.md): the engine uses it under "fast-bf16" where calibration measured
+            it faster (``hrmedseg.models.runtime.decoder_dtype``).
     """
 
-    def __init__(self, model: nn.Module, multimask: bool = False, margin: int | None = None) -> None:
+    def __init__(self, model: nn.Module, multimask: bool = False, margin: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.prompt_encoder = model.prompt_encoder
-        self.fast = FastMaskDecoder.from_sam(model.mask_decoder, model.prompt_encoder)
+        self.dtype = dtype
+        # Another dtype casts a copy: the model's own mask decoder stays as it is.
+        mask_decoder = model.mask_decoder if dtype == torch.float32 else copy.deepcopy(model.mask_decoder)
+        self.fast = FastMaskDecoder.from_sam(mask_decoder, model.prompt_encoder).to(dtype)
+        if dtype != torch.float32:
+            self.fast.float32_heads()
         self.multimask = multimask
         self.margin = margin
         # The embedding last prepared for; holding the tensor itself (not its id) means a new
@@ -545,10 +573,11 @@ class FastSamBoxDecoder:
         """Prompts as ``hrmedseg.models.prompting.sam_prompt`` (input px); ``extent`` (N, 4): the
         boxes whose regions are computed with a margin (default ``boxes``; with neither, the full grid)."""
         if embedding is not self._prepared_for:
-            self.fast.prepare(embedding, self.dense_pe())
+            self.fast.prepare(embedding.to(self.dtype), self.dense_pe().to(self.dtype))
             self._prepared_for = embedding
         p = prompt_tensors(embedding.device, boxes, points, point_labels, mask_inputs)
         sparse, dense = sam_prompt(self.prompt_encoder, **p)
+        sparse = sparse.to(self.dtype)
         h, w = embedding.shape[-2:]
         input_size = self.prompt_encoder.input_image_size
         regions = None
@@ -556,10 +585,10 @@ class FastSamBoxDecoder:
         if self.margin is not None and extent is not None:
             regions = regions_from_boxes(extent.cpu(), input_size, (4 * h, 4 * w), self.margin)
         # Without a mask prompt every object shares the crop's dense prompt (the fast path).
-        dense = None if mask_inputs is None else dense
+        dense = None if mask_inputs is None else dense.to(self.dtype)
         out = self.fast.predict(sparse, dense, regions, multimask_output=self.multimask)
         logits = out.masks if regions is None else paste_regions(out.masks, regions, (4 * h, 4 * w))
-        iou = out.iou_predictions
+        iou = out.iou_predictions.float()
         if self.multimask:  # keep the best of the three, as the engine's SamBoxDecoder does
             best = iou.argmax(dim=1)
             idx = torch.arange(len(best), device=best.device)

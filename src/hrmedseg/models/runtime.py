@@ -129,6 +129,19 @@ def cuda_graphs_enabled() -> bool:
     return os.environ.get("HRMEDSEG_CUDA_GRAPHS", "1") != "0"
 
 
+def decoder_dtype(backend: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The fast mask decoder's dtype under ``backend``: bf16 for "fast-bf16" on a CPU whose
+    calibration measured the bf16 decoder faster there and agreeing with float32
+    (``BackendChoice.decoder_bf16``, read from the cache, never measured here); float32 otherwise,
+    on GPUs, and wherever no calibration is cached (``HRMEDSEG_CALIBRATE=0``)."""
+    if backend != "fast-bf16" or torch.device(device).type != "cpu":
+        return torch.float32
+    from .calibration import calibration_enabled, calibration_key, load_choice
+
+    choice = load_choice(calibration_key()) if calibration_enabled() else None
+    return torch.bfloat16 if choice is not None and choice.backend == "fast-bf16" and choice.decoder_bf16 else torch.float32
+
+
 def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool = False, aot: bool | None = None):
     """A callable encoder for ``backend`` built from a reference ``HRMedSegEncoder``, on its device.
 
