@@ -28,6 +28,7 @@ GRID = {
     **{f"disc r{r} cap{c}": ("pixel", ClickFix(r, max_radius=c)) for r in (1.5, 2.0, 3.0) for c in (0.25, 0.5, 1.0)},
     **{f"fade {c}": ("pixel", ClickFix(max_radius=c, fade=True)) for c in (0.15, 0.25, 0.35, 0.5)},
     **{f"fade {c} p{pw}": ("pixel", ClickFix(max_radius=c, fade=True, fade_power=pw)) for c in (0.35, 0.5) for pw in (0.5, 2.0)},
+    **{f"fade 0.35 p0.5 m{m}": ("pixel", ClickFix(max_radius=0.35, fade=True, fade_power=0.5, margin=m)) for m in (0.5, 1.0)},
 }
 
 
@@ -39,27 +40,37 @@ def main() -> None:
     p.add_argument("--dataset", default="nuclei_dsb2018")
     p.add_argument("--only", nargs="*", help="variant names to run (default all)")
     p.add_argument("--crops", choices=("annotator", "batch"), default="annotator")
+    p.add_argument("--max-upscale", type=float, nargs="+", help="annotator crops: largest upscales to compare (default the annotator's)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.0], help="mask thresholds (logits) to compare")
     args = p.parse_args()
     torch.set_num_threads(2)
+    from dataclasses import replace
+
     from hrmedseg.engine import BoxPredictor, interactive_policy
 
     grid = {k: v for k, v in GRID.items() if not args.only or k in args.only}
     predictor = BoxPredictor(args.model, device="cpu")
-    policy = interactive_policy(predictor.policy) if args.crops == "annotator" else None
-    dice = {k: [] for k in grid}
-    seconds = {k: [] for k in grid}
+    if args.crops == "batch":
+        policies = {"": None}
+    else:
+        base = interactive_policy(predictor.policy)
+        ups = args.max_upscale or [base.max_upscale]
+        policies = {f" up{u:g}" if args.max_upscale else "": replace(base, max_upscale=u) for u in ups}
+    rows = {(f"{name}{pn}" + (f" t{t:g}" if len(args.thresholds) > 1 else ""), name, pn, t): ([], [])
+            for name in grid for pn in policies for t in args.thresholds}
     for _, image, objs in prompts(args.dataset, args.max_objects, args.images, val=False):
         for gt, box in objs:
-            for name, (update, fix) in grid.items():
-                predictor.click_update, predictor.click_fix = check_click_update(update), fix
-                d, s = refine(predictor, image, gt, box, True, policy)
-                dice[name].append(d)
-                seconds[name].extend(s)
+            for (_, name, pn, t), (dice, seconds) in rows.items():
+                update, fix = grid[name]
+                predictor.click_update, predictor.click_fix, predictor.mask_threshold = check_click_update(update), fix, t
+                d, s = refine(predictor, image, gt, box, True, policies[pn])
+                dice.append(d)
+                seconds.extend(s)
         predictor.clear_cache()
-    for name in grid:
-        d = np.array(dice[name]).mean(0)
-        print(f"{name:28s} n={len(dice[name])} box {d[0]:.3f} " + " ".join(f"{c}:{d[c]:.3f}" for c in CLICKS)
-              + f"  ms/click {1000 * np.median(seconds[name]):.1f}", flush=True)
+    for (label, *_), (dice, seconds) in rows.items():
+        d = np.array(dice).mean(0)
+        print(f"{label:36s} n={len(dice)} box {d[0]:.4f} " + " ".join(f"{c}:{d[c]:.4f}" for c in CLICKS)
+              + f"  ms/click {1000 * np.median(seconds):.1f}", flush=True)
 
 
 if __name__ == "__main__":
