@@ -114,7 +114,7 @@ def test_interactive_policy_enlarges_small_objects_further_for_one_call(sam):
 def test_batched_equals_one_by_one(sam):
     image = (np.random.default_rng(3).random((700, 900)) * 3000).astype(np.uint16)
     boxes = boxes_on(image.shape, 5, seed=3)
-    # float32 ("fast"): the batching logic, not bf16's rounding (which differs with how many boxes share a call)
+    # float32 ("fast") on every CPU: this checks the batching logic, at float32's rounding
     a = BoxPredictor(sam, device="cpu", decode_batch=4, backend="fast")
     batched = list(a.predict_boxes(image, boxes))
     assert a.encoder_calls < len(boxes)

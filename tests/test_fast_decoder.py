@@ -222,9 +222,6 @@ def test_bf16_decoder_is_close_to_float32_and_leaves_the_model_alone(sam_parts):
     assert ((click > 0) == (ref_click > 0)).float().mean() > 0.99
 
 
-
-
-
 def test_bf16_masks_do_not_depend_on_which_box_came_first_on_a_crop(sam_parts):
     """A box's bf16 logits are the same whether it was its crop's first box or a later one (float32
     is exact enough for the first box's cheaper path; bf16 rounding is not, so it always shares)."""

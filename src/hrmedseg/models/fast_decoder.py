@@ -361,7 +361,7 @@ class FastMaskDecoder(nn.Module):
         # The shared block-0 projections pay for themselves from the second box on a crop. The
         # first box's re-associated path equals them to float32 rounding only: in bf16 a mask
         # would then depend on whether its box came first on its crop, so bf16 always shares
-        # (it costs the first box about 0.3 ms there, docs/benchmarks.md).
+        # (a crop's first box in bf16 is still faster than float32's lazy one where bf16 is chosen).
         share_block0 = b > 1 or self.crop.calls > 0 or self.crop.src.dtype != torch.float32
         self.crop.calls += 1
         if b <= chunk_size:
