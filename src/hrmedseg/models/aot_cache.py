@@ -26,6 +26,7 @@ one), and off for one-shot calls (a CLI call would end before its package is wri
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -202,10 +203,10 @@ class AotEncoder:
             raise AttributeError(name)
         return getattr(self.eager, name)
 
-    def _compile(self, example: torch.Tensor, key: dict) -> None:
+    def _compile(self, module: nn.Module, example: torch.Tensor, key: dict) -> None:
         try:
             log.info("compiling the %s encoder for %s ahead of time (once per machine)", self.variant, tuple(example.shape))
-            compile_to_cache(self.eager, example, key)
+            compile_to_cache(module, example, key)
             self.compiled = load_compiled(key)
         except Exception as err:  # noqa: BLE001  (the eager module keeps serving)
             log.warning("ahead-of-time compilation of the %s encoder failed: %s", self.variant, err)
@@ -222,9 +223,13 @@ class AotEncoder:
             elif self.compiled is None:
                 example = torch.zeros_like(x)
                 if self.background:  # started after this call's eager result: the first box is not slowed
-                    self.thread = threading.Thread(target=self._compile, args=(example, key), daemon=True)
+                    # torch.export swaps a module's parameters for fake tensors while it traces, so
+                    # the thread exports its own copy: the served module must never see them (the
+                    # eager calls beside it failed "fake_mode.in_kernel_invocation must be False").
+                    module = copy.deepcopy(self.eager)
+                    self.thread = threading.Thread(target=self._compile, args=(module, example, key), daemon=True)
                 else:
-                    self._compile(example, key)
+                    self._compile(self.eager, example, key)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
