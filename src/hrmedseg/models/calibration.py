@@ -257,13 +257,14 @@ def calibrate(model: nn.Module, candidates: list[str], repeats: int = 3, model_n
     x, boxes = agreement_input(model)
     # The engine's region-limited decoder (box + 8 low-res px): the masks the engine would give.
     decoder = FastSamBoxDecoder(model, margin=8)
-    encoders, rejected, dice = {}, {}, {}
+    encoders, embeddings, rejected, dice = {}, {}, {}, {}
     with torch.no_grad():
         expected = None
         for name in candidates:
             try:
                 encoders[name] = build_fast_encoder(reference, name, aot=False)  # eager: no compile jobs here
-                masks = decoder(encoders[name](x).float().contiguous(), boxes)[0][:, 0] > 0
+                embeddings[name] = encoders[name](x).float().contiguous()
+                masks = decoder(embeddings[name], boxes)[0][:, 0] > 0
             except Exception as err:  # noqa: BLE001  (a candidate that cannot run is not chosen)
                 rejected[name] = f"failed: {type(err).__name__}: {err}"[:120]
                 encoders.pop(name, None)
@@ -281,18 +282,18 @@ def calibrate(model: nn.Module, candidates: list[str], repeats: int = 3, model_n
         backend = fastest_worth_it(seconds, [name for name in seconds if name not in rejected])
         decoder_bf16, decoder_ms = False, {}
         if backend == "fast-bf16":
-            decoder_bf16, decoder_ms = choose_decoder_dtype(model, encoders[backend](x).float().contiguous(), boxes, expected, repeats)
+            decoder_bf16, decoder_ms = choose_decoder_dtype(decoder, model, embeddings[backend], boxes, expected, repeats)
     choice = BackendChoice(backend, calibration_key(), seconds, dice, rejected, model_name, decoder_bf16, decoder_ms)
     log.info("backend %s chosen: %s", backend, choice.reason())
     return choice
 
 
-def choose_decoder_dtype(model: nn.Module, embedding: torch.Tensor, boxes: torch.Tensor, expected: torch.Tensor,
-                         repeats: int = 3) -> tuple[bool, dict[str, float]]:
+def choose_decoder_dtype(float32_decoder, model: nn.Module, embedding: torch.Tensor, boxes: torch.Tensor,
+                         expected: torch.Tensor, repeats: int = 3) -> tuple[bool, dict[str, float]]:
     """Whether the bf16 encoder's pair should decode in bf16 too: (bf16?, ms per box of each).
 
-    The float32 and bf16 fast decoders are timed on ``embedding`` (the bf16 encoder's) and its
-    ``boxes``, round-robin; bf16 is kept if it is :data:`MIN_SPEEDUP` faster and its masks still
+    ``float32_decoder`` (calibration's ``FastSamBoxDecoder``) and a bf16 one for ``model`` are
+    timed on ``embedding`` (the bf16 encoder's) and its ``boxes``, round-robin; bf16 is kept if it is :data:`MIN_SPEEDUP` faster and its masks still
     agree with float32's ``expected`` at :data:`AGREEMENT_DICE`. Which is faster differs by CPU
     and torch: bf16 took a quarter off on an AVX-512 EPYC (Zen 5, torch 2.14) and was slower on
     an AMX Xeon (torch 2.11; docs/benchmarks.md).
@@ -300,7 +301,7 @@ def choose_decoder_dtype(model: nn.Module, embedding: torch.Tensor, boxes: torch
     from .fast_decoder import FastSamBoxDecoder
     from .runtime import measure_interleaved
 
-    decoders = {"float32": FastSamBoxDecoder(model, margin=8), "bf16": FastSamBoxDecoder(model, margin=8, dtype=torch.bfloat16)}
+    decoders = {"float32": float32_decoder, "bf16": FastSamBoxDecoder(model, margin=float32_decoder.margin, dtype=torch.bfloat16)}
     try:
         agrees = mask_dice(decoders["bf16"](embedding, boxes)[0][:, 0] > 0, expected) >= AGREEMENT_DICE
         timings = measure_interleaved({name: (lambda d=d: d(embedding, boxes)) for name, d in decoders.items()}, repeats=repeats)

@@ -179,8 +179,15 @@ class FastMaskDecoder(nn.Module):
         self.crop: PreparedCrop | None = None
 
     @classmethod
-    def from_sam(cls, mask_decoder: nn.Module, prompt_encoder: nn.Module | None = None) -> "FastMaskDecoder":
-        """Wrap a segment-anything ``MaskDecoder``; the ``PromptEncoder`` supplies the no-mask embedding."""
+    def from_sam(cls, mask_decoder: nn.Module, prompt_encoder: nn.Module | None = None,
+                 dtype: torch.dtype = torch.float32) -> "FastMaskDecoder":
+        """Wrap a segment-anything ``MaskDecoder``; the ``PromptEncoder`` supplies the no-mask embedding.
+
+        float32 wraps ``mask_decoder`` itself; another ``dtype`` wraps a cast copy (``mask_decoder``
+        stays as it is) whose heads stay float32 (:meth:`float32_heads`).
+        """
+        if dtype != torch.float32:
+            return cls.from_sam(copy.deepcopy(mask_decoder), prompt_encoder).to(dtype).float32_heads()
         no_mask = prompt_encoder.no_mask_embed.weight if prompt_encoder is not None else None
         param = next(mask_decoder.parameters())
         return cls(mask_decoder, no_mask).to(param.device).eval()
@@ -534,11 +541,7 @@ class FastSamBoxDecoder:
                  dtype: torch.dtype = torch.float32) -> None:
         self.prompt_encoder = model.prompt_encoder
         self.dtype = dtype
-        # Another dtype casts a copy: the model's own mask decoder stays as it is.
-        mask_decoder = model.mask_decoder if dtype == torch.float32 else copy.deepcopy(model.mask_decoder)
-        self.fast = FastMaskDecoder.from_sam(mask_decoder, model.prompt_encoder).to(dtype)
-        if dtype != torch.float32:
-            self.fast.float32_heads()
+        self.fast = FastMaskDecoder.from_sam(model.mask_decoder, model.prompt_encoder, dtype)  # another dtype: a copy
         self.multimask = multimask
         self.margin = margin
         # The embedding last prepared for; holding the tensor itself (not its id) means a new
