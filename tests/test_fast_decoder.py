@@ -98,6 +98,23 @@ def test_first_single_box_skips_shared_projections_and_matches_later_boxes(sam_p
     assert torch.allclose(first.iou_predictions, ref_iou[:1], atol=1e-5)
 
 
+def test_per_crop_tensors_are_laid_out_for_products_without_copies(sam_parts):
+    """Each box's products read the crop's PE and block-0 queries in place: PE rows with a plain
+    batch stride (not .contiguous()'s leftover of a size-1 dim), queries stored transposed."""
+    prompt_encoder, mask_decoder = sam_parts
+    embedding = torch.randn(1, 256, 64, 64)
+    sparse, _, image_pe, ref_masks, _ = _sam_reference(sam_parts, embedding, _boxes(2, 3))
+    with torch.no_grad():
+        fast = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
+        crop = fast.prepare(embedding, image_pe)
+        out = fast.predict(sparse)
+    n, c = 64 * 64, 256
+    assert crop.pe.stride() == (n * c, c, 1)
+    heads = mask_decoder.transformer.layers[0].cross_attn_image_to_token.num_heads
+    assert crop.q0.shape == (1, heads, c // 2 // heads, n) and crop.q0.is_contiguous()
+    assert torch.allclose(out.masks, ref_masks, atol=1e-4, rtol=1e-4)
+
+
 def test_regions_cover_boxes_with_margin():
     boxes = torch.tensor([[100.0, 200.0, 300.0, 260.0], [-5.0, 1000.0, 20.0, 1030.0]])
     regions = regions_from_boxes(boxes, margin=2)

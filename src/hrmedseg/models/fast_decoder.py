@@ -46,8 +46,8 @@ class PreparedCrop:
     prompt), ``pe``, ``src_pe`` (``src + pe``): (1, n, 256); ``dense``: the dense prompt, (1, 256, 1, 1)
     or (1, 256, h, w); ``grid``: (h, w); ``calls``: prompt batches served so far. Projected when
     the crop serves a second box (None before): ``k0``, ``v0``: (1, heads, n, d) keys/values of
-    the first token-to-image attention; ``q0``: (1, heads, n, d) queries of the first
-    image-to-token attention.
+    the first token-to-image attention; ``q0``: (1, heads, d, n) queries of the first
+    image-to-token attention, stored transposed (each box's product then reads them in place).
     """
 
     image: torch.Tensor
@@ -208,13 +208,16 @@ class FastMaskDecoder(nn.Module):
     def _image_side_block0(self, src: torch.Tensor, src_pe: torch.Tensor):
         """Keys/values of block 0's token->image and queries of its image->token attention.
 
-        src, src_pe (``src + pe``): (1 or B, n, C) -> k0, v0, q0: (1 or B, heads, n, d) (views into one product).
+        src, src_pe (``src + pe``): (1 or B, n, C) -> k0, v0: (1 or B, heads, n, d) (views into one
+        product); q0: (1 or B, heads, d, n), contiguous: the per-box products with the tokens' keys
+        read it in place (a transposed view of the product made batched matmuls copy it every box).
         """
         layer = self.transformer.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         k0, q0 = F.linear(src_pe, self.block0_kq_w, self.block0_kq_b).split([t2i.internal_dim, i2t.internal_dim], dim=-1)
         v0 = t2i.v_proj(src)
-        return split_heads(k0, t2i.num_heads), split_heads(v0, t2i.num_heads), split_heads(q0, i2t.num_heads)
+        q0_t = split_heads(q0, i2t.num_heads).transpose(-1, -2).contiguous()
+        return split_heads(k0, t2i.num_heads), split_heads(v0, t2i.num_heads), q0_t
 
     @torch.no_grad()
     def prepare(
@@ -244,7 +247,9 @@ class FastMaskDecoder(nn.Module):
         dense_rows = dense_embedding.flatten(2).transpose(1, 2)
         src = image.new_empty(image.shape, dtype=torch.result_type(image, dense_rows))  # a bf16 embedding: float32
         torch.add(image, dense_rows, out=src)
-        pe = image_pe.flatten(2).transpose(1, 2).contiguous().expand_as(src)
+        # Written into a fresh tensor, not .contiguous(): that keeps a size-1 batch dim's odd stride,
+        # and batched products then copy the (n, C) operand on every box.
+        pe = src.new_empty(src.shape, dtype=image_pe.dtype).copy_(image_pe.flatten(2).transpose(1, 2).expand_as(src))
         self.crop = PreparedCrop(image, dense_embedding, src, pe, src + pe, (h, w))
         return self.crop
 
@@ -289,22 +294,24 @@ class FastMaskDecoder(nn.Module):
         b, _, t, _ = q.shape
         q_img = torch.matmul(q, wk).mul_(self._softmax_scale(attn)).reshape(b, heads * t, -1)  # (B, heads*T, C)
         if keys_pe is not None:
-            logits = torch.matmul(q_img, keys_pe.transpose(1, 2))  # (B, heads*T, n)
+            logits = torch.bmm(q_img, keys_pe.transpose(1, 2))  # (B, heads*T, n)
         else:
-            logits = torch.baddbmm(torch.matmul(q_img, pe.transpose(1, 2)), q_img, keys.transpose(1, 2))
+            logits = torch.baddbmm(torch.bmm(q_img, pe.expand_as(keys).transpose(1, 2)), q_img, keys.transpose(1, 2))
         mixed = torch.matmul(logits.softmax(dim=-1), keys).view(b, heads, t, -1)  # (B, heads, T, C)
         out = torch.matmul(mixed, wv.transpose(1, 2)) + attn.v_proj.bias.view(heads, 1, d)
         return attn.out_proj(merge_heads(out))
 
     def _image_to_tokens(self, attn: nn.Module, q_img: torch.Tensor, tokens: torch.Tensor, tokens_pe: torch.Tensor,
-                         keys: torch.Tensor, projected: bool) -> torch.Tensor:
+                         keys: torch.Tensor, projected: bool, in_place: bool = False) -> torch.Tensor:
         """``keys`` + image->token attention: (B, n, C) image tokens attend to their box's T tokens.
 
-        With ``projected`` q_img is (1 or B, heads, n, d) (block 0, from ``prepare``); otherwise it is
+        With ``projected`` q_img is (1 or B, heads, d, n) (block 0's, transposed); otherwise it is
         the (B, n, C) un-projected ``keys + pe`` and the query projection is folded into the
         tokens' keys. The value and output projections are folded into one (heads*T, C) matrix
         per box, so the n x 128 values are never formed; the output bias joins that matrix
-        (each head's weights sum to one) and the residual ``keys`` is the product's initial value.
+        (each head's weights sum to one) and the residual ``keys`` is the product's initial value:
+        with ``in_place`` the product accumulates into ``keys`` itself (no copy of n x C; only for
+        keys the caller no longer needs).
         """
         heads = attn.num_heads
         d = attn.internal_dim // heads
@@ -317,9 +324,9 @@ class FastMaskDecoder(nn.Module):
         if projected and q_img.shape[0] == 1:
             # Shared crop: one product per head for all boxes.
             k_rows = k.transpose(0, 1).reshape(heads, b * t, d)
-            logits = torch.matmul(k_rows, q_img[0].transpose(1, 2)).view(heads, b, t, -1).transpose(0, 1)
+            logits = torch.bmm(k_rows, q_img[0]).view(heads, b, t, -1).transpose(0, 1)
         elif projected:
-            logits = torch.matmul(k, q_img.transpose(-1, -2))
+            logits = torch.matmul(k, q_img)
         else:
             wq = attn.q_proj.weight.view(heads, d, -1)  # (heads, d, C)
             k_img = torch.matmul(k, wq).reshape(b, heads * t, -1)  # x . (Wq^T k) = (Wq x) . k
@@ -329,6 +336,8 @@ class FastMaskDecoder(nn.Module):
         # Per box: (heads*T, C) = each head's values through its slice of out_proj, + bias / heads.
         wo = attn.out_proj.weight.view(-1, heads, d).permute(1, 2, 0)  # (heads, d, C)
         value_out = torch.matmul(v, wo).add_(attn.out_proj.bias / heads).reshape(b, heads * t, -1)
+        if in_place:
+            return keys.baddbmm_(weights.transpose(1, 2), value_out)
         return torch.baddbmm(keys, weights.transpose(1, 2), value_out)  # (B, n, C)
 
     # ---------------------------------------------------------------------------- predict
@@ -434,7 +443,7 @@ class FastMaskDecoder(nn.Module):
         queries = layer.norm2(queries + self._tokens_to_image(layer.cross_attn_token_to_image, queries + tokens_pe, keys, pe, keys_pe))
         queries = layer.norm3(queries + layer.mlp(queries))
         keys = layer.norm4(
-            self._image_to_tokens(layer.cross_attn_image_to_token, keys_pe, queries, queries + tokens_pe, keys, False)
+            self._image_to_tokens(layer.cross_attn_image_to_token, keys_pe, queries, queries + tokens_pe, keys, False, in_place=True)
         )
 
         # Final token->image attention: only the IoU token and the wanted mask tokens matter.
