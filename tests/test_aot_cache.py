@@ -69,14 +69,40 @@ def test_package_whose_stored_key_differs_is_not_used(loads):
     assert loads == []
 
 
-def test_engine_encoder_is_aot_only_when_asked(monkeypatch):
+def test_engine_encoder_compiles_only_when_asked(monkeypatch):
+    """Unset, the engine reuses packages but compiles none; HRMEDSEG_AOT=1 / aot=True compile, =0 / aot=False never use one."""
     reference = HRMedSegEncoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))).eval()
     monkeypatch.delenv("HRMEDSEG_AOT", raising=False)
-    assert isinstance(build_fast_encoder(reference, "fast"), FastHRMedSegEncoder)
+    reuse = build_fast_encoder(reference, "fast")
+    assert isinstance(reuse, AotEncoder) and not reuse.compile_missing
+    assert build_fast_encoder(reference, "fast", aot=True).compile_missing
+    assert isinstance(build_fast_encoder(reference, "fast", aot=False), FastHRMedSegEncoder)  # calibration's
     monkeypatch.setenv("HRMEDSEG_AOT", "1")
     encoder = build_fast_encoder(reference, "fast-bf16")
-    assert isinstance(encoder, AotEncoder) and encoder.bf16 and encoder.variant == "fast-bf16"
-    assert isinstance(build_fast_encoder(reference, "fast", aot=False), FastHRMedSegEncoder)  # calibration's
+    assert isinstance(encoder, AotEncoder) and encoder.bf16 and encoder.variant == "fast-bf16" and encoder.compile_missing
+    monkeypatch.setenv("HRMEDSEG_AOT", "0")
+    assert isinstance(build_fast_encoder(reference, "fast"), FastHRMedSegEncoder)
+
+
+def test_one_shot_encoder_uses_a_package_compiled_before_and_compiles_none(loads, monkeypatch):
+    """aot=None (a CLI call): the package a long session compiled is loaded; without one, eager and no compile."""
+    monkeypatch.delenv("HRMEDSEG_AOT", raising=False)
+
+    def no_compiling(*args):
+        raise AssertionError("a one-shot call compiled")
+
+    monkeypatch.setattr(aot_cache, "compile_to_cache", no_compiling)
+    reference = HRMedSegEncoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))).eval()
+    x = torch.randn(1, 3, 64, 64)
+    cold = build_fast_encoder(reference, "fast")
+    torch.testing.assert_close(cold(x), cold.eager(x))
+    assert cold.compiled is None and cold.thread is None and loads == []
+    from hrmedseg.models.onnx_export import weights_digest
+
+    fake_package(aot_key(weights_digest(reference)[:20], "fast", tuple(x.shape)))
+    warm = build_fast_encoder(reference, "fast")
+    assert warm(x) is x  # the recorder's "package" returns its input
+    assert len(loads) == 1 and warm.thread is None
 
 
 @pytest.mark.slow
@@ -128,8 +154,8 @@ def test_aot_setting_env_then_session_default_and_compiler(monkeypatch):
 
 
 def test_annotator_model_compiles_ahead_of_time_and_cli_default_does_not(monkeypatch, tmp_path):
-    """The dock's loader builds an AotEncoder where a compiler is found; a plain BoxPredictor (the
-    CLI's) keeps the eager fast encoder. Nothing is called, so nothing compiles."""
+    """The dock's loader builds an AotEncoder that compiles where a compiler is found; a plain
+    BoxPredictor (the CLI's) only reuses packages. Nothing is called, so nothing compiles."""
     from hrmedseg.engine import BoxPredictor
     from napari_hrmedseg._model import load_predictor
 
@@ -144,7 +170,8 @@ def test_annotator_model_compiles_ahead_of_time_and_cli_default_does_not(monkeyp
     save_bundle(bundle, "hrmedseg_sam", model.state_dict())
     predictor, _ = load_predictor(str(bundle), device="cpu")
     assert isinstance(predictor.encoder.image_encoder, AotEncoder)
-    assert not isinstance(BoxPredictor(str(bundle), device="cpu").encoder.image_encoder, AotEncoder)
+    assert predictor.encoder.image_encoder.compile_missing
+    assert not BoxPredictor(str(bundle), device="cpu").encoder.image_encoder.compile_missing
 
 
 def test_package_that_crashes_its_check_process_is_refused_and_not_compiled_again(monkeypatch):

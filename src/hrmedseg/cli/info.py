@@ -37,9 +37,10 @@ def aot_summary() -> str:
     if setting is not None:
         state = f"{'on' if setting else 'off'} everywhere (HRMEDSEG_AOT={int(setting)})"
     elif aot_enabled(default=True):
-        state = "on in the napari annotator, off for CLI calls (HRMEDSEG_AOT=1 / 0: on / off everywhere)"
+        state = ("compiled in the napari annotator; CLI calls use a package compiled earlier and compile none"
+                 " (HRMEDSEG_AOT=1 / 0: compile everywhere / off)")
     else:
-        state = "off (no C++ compiler found: AOTInductor needs one)"
+        state = "none compiled (no C++ compiler found: AOTInductor needs one); packages compiled earlier are used"
     return f"ahead-of-time compiled CPU encoder: {state}; packages in {aot_cache_dir()}"
 
 

@@ -154,9 +154,10 @@ class BoxPredictor:
         click_mask_prompt: whether the decoder is given the previous logits as SAM's mask prompt
             when there are clicks (always with "sam"). Off by default: box-trained models
             (ours, MedSAM, LiteMedSAM) draw worse masks with it (docs/benchmarks.md, clicks).
-        aot: compile the fast CPU encoder ahead of time, in the background, once per machine
-            (:mod:`hrmedseg.models.aot_cache`); None: as ``HRMEDSEG_AOT`` says (default off). Long
-            sessions pass ``aot_enabled(default=True)`` (the napari annotator does).
+        aot: True compiles the fast CPU encoder ahead of time, in the background, once per machine
+            (:mod:`hrmedseg.models.aot_cache`), False never uses a compiled one; None: as
+            ``HRMEDSEG_AOT`` says, unset: use a package compiled earlier on this machine, compile
+            none. Long sessions pass ``aot_enabled(default=True)`` (the napari annotator does).
         click_fix: the disc (or fade) and margin of the "pixel" update's native fix; None (default):
             the model's own (``metadata.click_fix``, chosen for its weights), else ``ClickFix()``.
     """

@@ -17,11 +17,13 @@ catch, and in the annotator that would lose unsaved work. A package that fails t
 deleted and its key recorded as refused (``.refused``), so the eager encoder serves from then on
 without compiling again.
 
-When: ``HRMEDSEG_AOT=1`` / ``HRMEDSEG_AOT=0`` turn it on / off everywhere. Unset, it is on
-where a long session asks for it (the napari annotator: a first session pays 20-60 s of
+When: ``HRMEDSEG_AOT=1`` / ``HRMEDSEG_AOT=0`` turn it on / off everywhere. Unset, packages are
+compiled where a long session asks for it (the napari annotator: a first session pays 20-60 s of
 background compilation on 2 cores, every later one gets the compiled encoder, 0.32x of the
 authors' against 0.40-0.44x eager on an AMX CPU) and a C++ compiler is found (AOTInductor needs
-one), and off for one-shot calls (a CLI call would end before its package is written).
+one); one-shot calls (the CLI, ``BoxPredictor()``) compile none, since they would end before the
+package is written, but use one already compiled on this machine (loading takes about 10 ms;
+:func:`aot_mode`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,16 @@ def aot_enabled(default: bool = False) -> bool:
     if setting is not None:
         return setting
     return default and cxx_compiler_found()
+
+
+def aot_mode(aot: bool | None) -> str:
+    """What an encoder built with ``aot`` does: "compile" (load its package, else build it in the
+    background; ``aot=True`` or ``HRMEDSEG_AOT=1``), "off" (``aot=False`` or ``HRMEDSEG_AOT=0``), or,
+    with ``aot=None`` and ``HRMEDSEG_AOT`` unset, "reuse": load a package compiled earlier on this
+    machine, compile none."""
+    if aot is None:
+        aot = aot_setting()
+    return {True: "compile", False: "off", None: "reuse"}[aot]
 
 
 def aot_cache_dir() -> Path:
@@ -185,14 +197,17 @@ class AotEncoder:
 
     ``encoder(x (1, 3, S, S)) -> same as eager(x)``. If no package matches the key of the first
     input's shape, one is compiled in a background thread (``background=False``: now, in the
-    caller's thread) and used as soon as it is ready; inputs of other shapes run eagerly.
+    caller's thread) and used as soon as it is ready; with ``compile_missing=False`` none is
+    compiled and the eager module serves. Inputs of other shapes run eagerly.
     """
 
-    def __init__(self, eager: nn.Module, weights: str, variant: str, background: bool = True) -> None:
+    def __init__(self, eager: nn.Module, weights: str, variant: str, background: bool = True,
+                 compile_missing: bool = True) -> None:
         self.eager = eager
         self.weights = weights
         self.variant = variant
         self.background = background
+        self.compile_missing = compile_missing
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.shape: tuple[int, ...] | None = None
         self.thread: threading.Thread | None = None
@@ -220,7 +235,7 @@ class AotEncoder:
             self.compiled = load_compiled(key)
             if self.compiled is None and refused(key):
                 log.info("the %s encoder's compiled package failed its check on this machine; running it uncompiled", self.variant)
-            elif self.compiled is None:
+            elif self.compiled is None and self.compile_missing:
                 example = torch.zeros_like(x)
                 if self.background:  # started after this call's eager result: the first box is not slowed
                     # torch.export swaps a module's parameters for fake tensors while it traces, so
@@ -246,5 +261,5 @@ class AotEncoder:
         return out
 
 
-__all__ = ["AOT_VERSION", "AotEncoder", "aot_cache_dir", "aot_enabled", "aot_setting", "aot_key", "check_in_child", "compile_to_cache",
+__all__ = ["AOT_VERSION", "AotEncoder", "aot_cache_dir", "aot_enabled", "aot_mode", "aot_setting", "aot_key", "check_in_child", "compile_to_cache",
            "load_compiled", "package_path", "refused"]

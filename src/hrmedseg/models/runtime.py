@@ -153,11 +153,12 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
     input shape compiles for about a minute (docs/benchmarks.md). On the CPU with
     ``HRMEDSEG_AOT=1`` (or ``aot=True``) the fast module is compiled ahead of time once per machine
     and cached (:class:`hrmedseg.models.aot_cache.AotEncoder`: the eager module serves until it is
-    ready); ``aot=False`` never compiles.
+    ready); ``aot=None`` with ``HRMEDSEG_AOT`` unset uses such a package where one was compiled
+    before and compiles none; ``aot=False`` never uses one (:func:`hrmedseg.models.aot_cache.aot_mode`).
     "onnxruntime" (CPU only) exports the reference once per weights into the user cache and runs it in ONNX Runtime
     (:func:`hrmedseg.models.onnx_export.cached_onnx_encoder`).
     """
-    from .aot_cache import AotEncoder, aot_enabled
+    from .aot_cache import AotEncoder, aot_mode
     from .cuda_graph import CudaGraphRunner
     from .fast_encoder import FastHRMedSegEncoder
 
@@ -175,10 +176,10 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
     encoder = FastHRMedSegEncoder.from_reference(reference, bf16=backend == "fast-bf16")
     if compile:
         encoder = torch.compile(encoder, fullgraph=True, dynamic=False)
-    elif not on_cuda and (aot_enabled() if aot is None else aot):
+    elif not on_cuda and (mode := aot_mode(aot)) != "off":
         from .onnx_export import weights_digest
 
-        encoder = AotEncoder(encoder, weights_digest(reference)[:20], backend)
+        encoder = AotEncoder(encoder, weights_digest(reference)[:20], backend, compile_missing=mode == "compile")
     if on_cuda and cuda_graphs_enabled():
         return CudaGraphRunner(encoder)
     return encoder
