@@ -258,6 +258,8 @@ def main() -> None:
         "encoder_calls": fresh.encoder_calls,
         "decoder_calls": fresh.decoder_calls,
         "empty": sum(r.empty for r in records),
+        # whether its encoder ran an ahead-of-time compiled package (hrmedseg.models.aot_cache)
+        "compiled_encoder": getattr(fresh.encoder.image_encoder, "compiled", None) is not None,
     }
 
     if not args.no_baseline:

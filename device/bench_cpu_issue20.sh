@@ -6,7 +6,9 @@
 # 926f6d2 src/hrmedseg bench` unpacked there) and this checkout's, alternately, each tree's own
 # bench script; and issue 13's first box with a warm disk cache (bench_disk_cache.py, 2 threads).
 # This checkout also runs with HRMEDSEG_MALLOC_TUNING=0 (the engine's malloc settings off) as a
-# same-run baseline (UNTUNED=0 leaves that out). SKIP_ENCODER=1 leaves out the encoder part.
+# same-run baseline (UNTUNED=0 leaves that out). SKIP_ENCODER=1 leaves out the encoder part,
+# SKIP_DISK_CACHE=1 the warm-cache part; PREV=<tree> adds another tree (e.g. main before a change)
+# to each round; ENGINE_THREADS (default "2 16") and ROUNDS (default 2) set the engine runs.
 # Usage: bash device/setup_gpu.sh && bash device/bench_cpu_issue20.sh  (carry device_payload/wheels, device_payload/base926)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,9 +29,10 @@ engine() {  # TREE THREADS ROUND [TAG]: TAG names the run (default: the tree's f
   python3 -c "import json, sys; r = json.load(open(sys.argv[1])); s = r['segment_all']; print(sys.argv[2], 'encoder', r['encoder_alone_s'], 'first box', r['first_box_new_region_s'], '200 boxes', s['total_s'], s['encoder_calls'], s['decoder_calls'])" \
     "$json" "$tag threads $2 round $3"
 }
-for t in 2 16; do for r in 1 2; do
+for t in ${ENGINE_THREADS:-2 16}; do for r in $(seq 1 "${ROUNDS:-2}"); do
   engine "$PWD/$BASE" $t $r
+  [ -z "${PREV:-}" ] || engine "$PWD/$PREV" $t $r prev
   [ "${UNTUNED:-1}" = 0 ] || HRMEDSEG_MALLOC_TUNING=0 engine "$PWD" $t $r untuned
   engine "$PWD" $t $r
 done; done
-timeout 120 python3 bench/bench_disk_cache.py --repeats 7 --threads 2 --json "$OUT/disk_cache_t2.json" 2>&1 | tail -n 8
+[ -n "${SKIP_DISK_CACHE:-}" ] || timeout 120 python3 bench/bench_disk_cache.py --repeats 7 --threads 2 --json "$OUT/disk_cache_t2.json" 2>&1 | tail -n 8

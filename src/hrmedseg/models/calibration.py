@@ -42,7 +42,7 @@ from ..atomic import atomic_path
 log = logging.getLogger(__name__)
 
 #: Bumped when what is measured or how it is chosen changes, so older cached choices are measured again.
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4  # 4: the decoder with in-place products (2026-12-08) changes the bf16 vs float32 decoder timing
 #: How much faster than float32 ("fast") another backend must be to be chosen. Below it the
 #: difference is timing noise (0.034 vs 0.035 s on the device machine's Xeon at 16 threads), and a
 #: near-tie decided by noise would make masks depend on the thread count: a batch worker with 8
