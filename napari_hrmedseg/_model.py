@@ -92,8 +92,8 @@ def load_predictor(choice: str | os.PathLike | Any, device: str = "auto") -> tup
 
     # An annotator session is long: its encoder is compiled ahead of time in the background
     # (once per machine) where a C++ compiler is found, unless HRMEDSEG_AOT=0; without a
-    # compiler, None still uses a package compiled before.
-    aot = True if aot_enabled(default=True) else None
+    # compiler, "reuse" still uses a package compiled before.
+    aot = True if aot_enabled(default=True) else "reuse"
 
     if isinstance(choice, str) and choice == UNTRAINED_CHOICE:
         from hrmedseg.models import build_hrmedseg_sam

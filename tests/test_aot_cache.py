@@ -70,22 +70,27 @@ def test_package_whose_stored_key_differs_is_not_used(loads):
 
 
 def test_engine_encoder_compiles_only_when_asked(monkeypatch):
-    """Unset, the engine reuses packages but compiles none; HRMEDSEG_AOT=1 / aot=True compile, =0 / aot=False never use one."""
+    """Unset, one-shot encoders stay eager and "reuse" compiles none; HRMEDSEG_AOT=1 / aot=True
+    compile, =0 / aot=False never use a package."""
     reference = HRMedSegEncoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))).eval()
     monkeypatch.delenv("HRMEDSEG_AOT", raising=False)
-    reuse = build_fast_encoder(reference, "fast")
+    assert isinstance(build_fast_encoder(reference, "fast"), FastHRMedSegEncoder)
+    reuse = build_fast_encoder(reference, "fast", aot="reuse")
     assert isinstance(reuse, AotEncoder) and not reuse.compile_missing
     assert build_fast_encoder(reference, "fast", aot=True).compile_missing
     assert isinstance(build_fast_encoder(reference, "fast", aot=False), FastHRMedSegEncoder)  # calibration's
     monkeypatch.setenv("HRMEDSEG_AOT", "1")
     encoder = build_fast_encoder(reference, "fast-bf16")
     assert isinstance(encoder, AotEncoder) and encoder.bf16 and encoder.variant == "fast-bf16" and encoder.compile_missing
+    assert build_fast_encoder(reference, "fast", aot="reuse").compile_missing
     monkeypatch.setenv("HRMEDSEG_AOT", "0")
-    assert isinstance(build_fast_encoder(reference, "fast"), FastHRMedSegEncoder)
+    assert isinstance(build_fast_encoder(reference, "fast", aot="reuse"), FastHRMedSegEncoder)
+    with pytest.raises(ValueError, match="reuse"):
+        build_fast_encoder(reference, "fast", aot="sometimes")
 
 
-def test_one_shot_encoder_uses_a_package_compiled_before_and_compiles_none(loads, monkeypatch):
-    """aot=None (a CLI call): the package a long session compiled is loaded; without one, eager and no compile."""
+def test_reuse_loads_a_package_compiled_before_and_compiles_none(loads, monkeypatch):
+    """aot="reuse" (a batch worker): the package a long session compiled is loaded; without one, eager and no compile."""
     monkeypatch.delenv("HRMEDSEG_AOT", raising=False)
 
     def no_compiling(*args):
@@ -94,13 +99,13 @@ def test_one_shot_encoder_uses_a_package_compiled_before_and_compiles_none(loads
     monkeypatch.setattr(aot_cache, "compile_to_cache", no_compiling)
     reference = HRMedSegEncoder(EncoderConfig(embed_dim=48, depths=(1, 1), num_heads=(3, 6))).eval()
     x = torch.randn(1, 3, 64, 64)
-    cold = build_fast_encoder(reference, "fast")
+    cold = build_fast_encoder(reference, "fast", aot="reuse")
     torch.testing.assert_close(cold(x), cold.eager(x))
     assert cold.compiled is None and cold.thread is None and loads == []
     from hrmedseg.models.onnx_export import weights_digest
 
     fake_package(aot_key(weights_digest(reference)[:20], "fast", tuple(x.shape)))
-    warm = build_fast_encoder(reference, "fast")
+    warm = build_fast_encoder(reference, "fast", aot="reuse")
     assert warm(x) is x  # the recorder's "package" returns its input
     assert len(loads) == 1 and warm.thread is None
 
@@ -155,7 +160,7 @@ def test_aot_setting_env_then_session_default_and_compiler(monkeypatch):
 
 def test_annotator_model_compiles_ahead_of_time_and_cli_default_does_not(monkeypatch, tmp_path):
     """The dock's loader builds an AotEncoder that compiles where a compiler is found; a plain
-    BoxPredictor (the CLI's) only reuses packages. Nothing is called, so nothing compiles."""
+    BoxPredictor (the CLI's) keeps the eager fast encoder. Nothing is called, so nothing compiles."""
     from hrmedseg.engine import BoxPredictor
     from napari_hrmedseg._model import load_predictor
 
@@ -171,7 +176,7 @@ def test_annotator_model_compiles_ahead_of_time_and_cli_default_does_not(monkeyp
     predictor, _ = load_predictor(str(bundle), device="cpu")
     assert isinstance(predictor.encoder.image_encoder, AotEncoder)
     assert predictor.encoder.image_encoder.compile_missing
-    assert not BoxPredictor(str(bundle), device="cpu").encoder.image_encoder.compile_missing
+    assert not isinstance(BoxPredictor(str(bundle), device="cpu").encoder.image_encoder, AotEncoder)
 
 
 def test_package_that_crashes_its_check_process_is_refused_and_not_compiled_again(monkeypatch):
@@ -210,3 +215,23 @@ def test_check_in_child_reports_the_exit_status(tmp_path, monkeypatch):
     assert problem is not None and "status 1" in problem and "cannot load" in problem
     monkeypatch.setattr(aot_cache, "CHECK_SCRIPT", "import sys; assert sys.argv[2:] == ['1,3,8,8', 'bfloat16']")
     assert aot_cache.check_in_child(tmp_path / "x.pt2", torch.zeros(1, 3, 8, 8, dtype=torch.bfloat16)) is None
+
+
+def test_batch_worker_reuses_packages_and_compiles_none(monkeypatch, tmp_path):
+    """A batch worker's box predictor loads a package compiled earlier (it encodes many crops)
+    but never compiles one itself; HRMEDSEG_AOT=0 still turns that off."""
+    from hrmedseg.batch import BatchConfig
+    from hrmedseg.batch.tasks import box_predictor
+    from hrmedseg.models import build_hrmedseg_sam
+    from hrmedseg.weights.bundle import save_bundle
+
+    monkeypatch.delenv("HRMEDSEG_AOT", raising=False)
+    monkeypatch.setenv("HRMEDSEG_BACKEND", "fast")
+    bundle = tmp_path / "model.pt"
+    save_bundle(bundle, "hrmedseg_sam", build_hrmedseg_sam().state_dict())
+    encoder = box_predictor(BatchConfig("boxes", str(bundle), device="cpu"))[0].encoder.image_encoder
+    assert isinstance(encoder, AotEncoder) and not encoder.compile_missing
+    monkeypatch.setenv("HRMEDSEG_AOT", "0")
+    other = tmp_path / "other.pt"
+    save_bundle(other, "hrmedseg_sam", build_hrmedseg_sam().state_dict())
+    assert not isinstance(box_predictor(BatchConfig("boxes", str(other), device="cpu"))[0].encoder.image_encoder, AotEncoder)

@@ -126,8 +126,11 @@ def _peak_rss_mib() -> int:
 def box_predictor(cfg: BatchConfig):
     from ..engine import BoxPredictor
 
+    # A worker encodes many crops: a package compiled earlier on this machine (the annotator's)
+    # pays for its 1.2 s load; compiling one in every worker would not (aot_cache.aot_mode).
     return cached(f"box:{cfg.model}:{cfg.device}:{cfg.backend}:{cfg.cache_mb}",
-                  lambda: BoxPredictor(cfg.model, device=cfg.device, cache_bytes=cfg.cache_mb * 2**20, backend=cfg.backend))
+                  lambda: BoxPredictor(cfg.model, device=cfg.device, cache_bytes=cfg.cache_mb * 2**20, backend=cfg.backend,
+                                       aot="reuse"))
 
 
 def semantic_predictor(cfg: BatchConfig):

@@ -37,10 +37,10 @@ def aot_summary() -> str:
     if setting is not None:
         state = f"{'on' if setting else 'off'} everywhere (HRMEDSEG_AOT={int(setting)})"
     elif aot_enabled(default=True):
-        state = ("compiled in the napari annotator; CLI calls use a package compiled earlier and compile none"
-                 " (HRMEDSEG_AOT=1 / 0: compile everywhere / off)")
+        state = ("compiled in the napari annotator; batch workers use a package compiled earlier and compile none;"
+                 " off for other CLI calls (HRMEDSEG_AOT=1 / 0: compile everywhere / off)")
     else:
-        state = "none compiled (no C++ compiler found: AOTInductor needs one); packages compiled earlier are used"
+        state = "none compiled (no C++ compiler found: AOTInductor needs one); the annotator and batch workers use packages compiled earlier"
     return f"ahead-of-time compiled CPU encoder: {state}; packages in {aot_cache_dir()}"
 
 

@@ -276,7 +276,7 @@ def _log_sam2_backend(model: nn.Module, backend: str) -> None:
         log.info("backend %s: %s is a SAM2 model, which has no fast path; running its plain modules", backend, type(model).__name__)
 
 
-def build_steps(model: nn.Module, backend: str, aot: bool | None = None) -> tuple[SamImageEncoder | Sam2ImageEncoder, BoxDecoder]:
+def build_steps(model: nn.Module, backend: str, aot: bool | str | None = None) -> tuple[SamImageEncoder | Sam2ImageEncoder, BoxDecoder]:
     """The engine's (encoder, decoder) for ``backend`` (one of ``ENGINE_BACKENDS``).
 
     Fast modules are built from the model's weights as they are now (copies / snapshots):
@@ -284,7 +284,7 @@ def build_steps(model: nn.Module, backend: str, aot: bool | None = None) -> tupl
     cover (a SAM ViT image encoder, a mask decoder that is not SAM's two-block one) keep the
     plain PyTorch module. SAM2 models (:func:`is_sam2_model`) get :class:`Sam2ImageEncoder` and
     :class:`Sam2BoxDecoder` under every backend (logged once per backend). ``aot``: compile the fast
-    CPU encoder ahead of time (``hrmedseg.models.aot_cache``; None: as ``HRMEDSEG_AOT`` says).
+    CPU encoder ahead of time (``hrmedseg.models.aot_cache.aot_mode``; None: as ``HRMEDSEG_AOT`` says).
     """
     if backend not in ENGINE_BACKENDS:
         raise ValueError(f"unknown engine backend {backend!r}; expected one of {', '.join(ENGINE_BACKENDS)}")

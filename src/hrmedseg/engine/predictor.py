@@ -155,9 +155,10 @@ class BoxPredictor:
             when there are clicks (always with "sam"). Off by default: box-trained models
             (ours, MedSAM, LiteMedSAM) draw worse masks with it (docs/benchmarks.md, clicks).
         aot: True compiles the fast CPU encoder ahead of time, in the background, once per machine
-            (:mod:`hrmedseg.models.aot_cache`), False never uses a compiled one; None: as
-            ``HRMEDSEG_AOT`` says, unset: use a package compiled earlier on this machine, compile
-            none. Long sessions pass ``aot_enabled(default=True)`` (the napari annotator does).
+            (:mod:`hrmedseg.models.aot_cache`), False never uses a compiled one, "reuse" uses a
+            package compiled earlier on this machine and compiles none (batch workers); None: as
+            ``HRMEDSEG_AOT`` says (default off: loading a package costs about 1.2 s). Long
+            sessions pass ``aot_enabled(default=True)`` (the napari annotator does).
         click_fix: the disc (or fade) and margin of the "pixel" update's native fix; None (default):
             the model's own (``metadata.click_fix``, chosen for its weights), else ``ClickFix()``.
     """
@@ -178,7 +179,7 @@ class BoxPredictor:
         prior: str | None = None,
         click_update: str = "pixel",
         click_mask_prompt: bool = False,
-        aot: bool | None = None,
+        aot: bool | str | None = None,
         click_fix: ClickFix | None = None,
     ) -> None:
         self.click_update, self.click_mask_prompt = check_click_update(click_update), bool(click_mask_prompt)

@@ -21,9 +21,11 @@ When: ``HRMEDSEG_AOT=1`` / ``HRMEDSEG_AOT=0`` turn it on / off everywhere. Unset
 compiled where a long session asks for it (the napari annotator: a first session pays 20-60 s of
 background compilation on 2 cores, every later one gets the compiled encoder, 0.32x of the
 authors' against 0.40-0.44x eager on an AMX CPU) and a C++ compiler is found (AOTInductor needs
-one); one-shot calls (the CLI, ``BoxPredictor()``) compile none, since they would end before the
-package is written, but use one already compiled on this machine (loading takes about 10 ms;
-:func:`aot_mode`).
+one); one-shot calls (the CLI, ``BoxPredictor()``) leave it off: they would end before a package
+is written, and loading one costs about 1.2 s (importing torch._inductor 1.1 s, the package 0.15 s
+on the AMD EPYC VM), which a call of a few crops never wins back (14 ms per 1024^2 crop there).
+Batch workers, which encode many crops each, use a package compiled earlier on this machine
+and compile none (``aot="reuse"``, :func:`aot_mode`).
 """
 
 from __future__ import annotations
@@ -78,14 +80,20 @@ def aot_enabled(default: bool = False) -> bool:
     return default and cxx_compiler_found()
 
 
-def aot_mode(aot: bool | None) -> str:
+def aot_mode(aot: bool | str | None) -> str:
     """What an encoder built with ``aot`` does: "compile" (load its package, else build it in the
-    background; ``aot=True`` or ``HRMEDSEG_AOT=1``), "off" (``aot=False`` or ``HRMEDSEG_AOT=0``), or,
-    with ``aot=None`` and ``HRMEDSEG_AOT`` unset, "reuse": load a package compiled earlier on this
-    machine, compile none."""
-    if aot is None:
-        aot = aot_setting()
-    return {True: "compile", False: "off", None: "reuse"}[aot]
+    background), "reuse" (load a package compiled earlier on this machine, compile none) or "off".
+
+    ``aot=True`` / ``False`` decide; ``None`` and ``"reuse"`` follow ``HRMEDSEG_AOT`` (1: compile,
+    0: off) and, unset, are "off" and "reuse"."""
+    if isinstance(aot, bool):
+        return "compile" if aot else "off"
+    if aot not in (None, "reuse"):
+        raise ValueError(f"aot must be True, False, None or 'reuse', got {aot!r}")
+    setting = aot_setting()
+    if setting is not None:
+        return "compile" if setting else "off"
+    return "off" if aot is None else "reuse"
 
 
 def aot_cache_dir() -> Path:

@@ -142,7 +142,7 @@ def decoder_dtype(backend: str, device: str | torch.device = "cpu") -> torch.dty
     return torch.bfloat16 if choice is not None and choice.backend == "fast-bf16" and choice.decoder_bf16 else torch.float32
 
 
-def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool = False, aot: bool | None = None):
+def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool = False, aot: bool | str | None = None):
     """A callable encoder for ``backend`` built from a reference ``HRMedSegEncoder``, on its device.
 
     On a CUDA device the fast backends are replayed as CUDA graphs (``CudaGraphRunner``, one per
@@ -153,8 +153,8 @@ def build_fast_encoder(reference: torch.nn.Module, backend: str, compile: bool =
     input shape compiles for about a minute (docs/benchmarks.md). On the CPU with
     ``HRMEDSEG_AOT=1`` (or ``aot=True``) the fast module is compiled ahead of time once per machine
     and cached (:class:`hrmedseg.models.aot_cache.AotEncoder`: the eager module serves until it is
-    ready); ``aot=None`` with ``HRMEDSEG_AOT`` unset uses such a package where one was compiled
-    before and compiles none; ``aot=False`` never uses one (:func:`hrmedseg.models.aot_cache.aot_mode`).
+    ready); ``aot="reuse"`` (batch workers) loads such a package where one was compiled before and
+    compiles none; ``aot=False`` never uses one (:func:`hrmedseg.models.aot_cache.aot_mode`).
     "onnxruntime" (CPU only) exports the reference once per weights into the user cache and runs it in ONNX Runtime
     (:func:`hrmedseg.models.onnx_export.cached_onnx_encoder`).
     """
