@@ -111,7 +111,7 @@ def test_per_crop_tensors_are_laid_out_for_products_without_copies(sam_parts):
     n, c = 64 * 64, 256
     assert crop.pe.stride() == (n * c, c, 1)
     heads = mask_decoder.transformer.layers[0].cross_attn_image_to_token.num_heads
-    assert crop.q0.shape == (1, heads, c // 2 // heads, n) and crop.q0.is_contiguous()
+    assert crop.q0.shape == crop.k0.shape == (1, heads, c // 2 // heads, n) and crop.q0.is_contiguous() and crop.k0.is_contiguous()
     assert torch.allclose(out.masks, ref_masks, atol=1e-4, rtol=1e-4)
 
 
