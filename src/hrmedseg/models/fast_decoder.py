@@ -267,17 +267,20 @@ class FastMaskDecoder(nn.Module):
 
     def _tokens_to_shared_image(self, attn: nn.Module, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Token->image attention with keys (1 or B, heads, d, n) and values (1 or B, heads, n, d)
-        already projected. Written as two products and a softmax over the last dimension: with only
-        B * 7 query rows, scaled_dot_product_attention's CPU kernel took 1.7x as long."""
+        already projected. On the CPU written as two products and a softmax over the last dimension:
+        with only B * 7 query rows, scaled_dot_product_attention's CPU kernel took 1.7x as long. GPUs
+        keep it (a batch of 256 boxes would otherwise hold 8 x 1792 x n logits)."""
         heads = attn.num_heads
-        q = split_heads(attn.q_proj(q_in), heads).mul_(self._softmax_scale(attn))  # (B, heads, T, d)
+        q = split_heads(attn.q_proj(q_in), heads)  # (B, heads, T, d)
+        b, _, t, d = q.shape
         if k.shape[0] == 1:  # all boxes share the crop: the boxes' tokens are just more query rows
-            b, _, t, d = q.shape
-            rows = q.transpose(0, 1).reshape(heads, b * t, d)
-            out = torch.bmm(torch.bmm(rows, k[0]).softmax(dim=-1), v[0])  # (heads, B * T, d)
-            out = out.view(heads, b, t, d).transpose(0, 1)
+            q = q.transpose(0, 1).reshape(1, heads, b * t, d)
+        if q.device.type == "cpu":
+            out = torch.matmul(torch.matmul(q.mul_(self._softmax_scale(attn)), k).softmax(dim=-1), v)
         else:
-            out = torch.matmul(torch.matmul(q, k).softmax(dim=-1), v)
+            out = F.scaled_dot_product_attention(q, k.transpose(-1, -2), v)
+        if k.shape[0] == 1:
+            out = out.view(heads, b, t, d).transpose(0, 1)  # (B, heads, T, d)
         return attn.out_proj(merge_heads(out))
 
     def _tokens_to_image(self, attn: nn.Module, q_in: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor,
