@@ -76,7 +76,7 @@ def test_regions_equal_sam_inside_each_box_and_chunking(sam_parts):
 
 def test_first_single_box_skips_shared_projections_and_matches_later_boxes(sam_parts):
     """A crop's first box alone is decoded without block 0's shared projections (re-associated);
-    the second call projects them; both paths give SAM's logits."""
+    the second call projects them, laid out for in-place products; both paths give SAM's logits."""
     prompt_encoder, mask_decoder = sam_parts
     embedding = torch.randn(1, 256, 64, 64)
     sparse, _, image_pe, ref_masks, ref_iou = _sam_reference(sam_parts, embedding, _boxes(2, 7))
@@ -87,6 +87,11 @@ def test_first_single_box_skips_shared_projections_and_matches_later_boxes(sam_p
         assert crop.k0 is None and crop.q0 is None and crop.v0 is None
         again = fast.predict(sparse[:1])
         assert crop.k0 is not None
+        # laid out so each box's products read them in place: PE rows with a plain batch stride
+        # (not .contiguous()'s leftover of a size-1 dim), block-0 keys and queries transposed
+        n, c, heads = 64 * 64, 256, mask_decoder.transformer.layers[0].cross_attn_image_to_token.num_heads
+        assert crop.pe.stride() == (n * c, c, 1)
+        assert crop.q0.shape == crop.k0.shape == (1, heads, c // 2 // heads, n) and crop.q0.is_contiguous() and crop.k0.is_contiguous()
         second = fast.predict(sparse[1:])
         batch = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
         batch_crop = batch.prepare(embedding, image_pe)
@@ -96,23 +101,6 @@ def test_first_single_box_skips_shared_projections_and_matches_later_boxes(sam_p
         assert torch.allclose(out.masks, ref, atol=1e-4, rtol=1e-4)
     assert torch.allclose(first.masks, again.masks, atol=1e-5, rtol=1e-5)
     assert torch.allclose(first.iou_predictions, ref_iou[:1], atol=1e-5)
-
-
-def test_per_crop_tensors_are_laid_out_for_products_without_copies(sam_parts):
-    """Each box's products read the crop's PE and block-0 queries in place: PE rows with a plain
-    batch stride (not .contiguous()'s leftover of a size-1 dim), queries stored transposed."""
-    prompt_encoder, mask_decoder = sam_parts
-    embedding = torch.randn(1, 256, 64, 64)
-    sparse, _, image_pe, ref_masks, _ = _sam_reference(sam_parts, embedding, _boxes(2, 3))
-    with torch.no_grad():
-        fast = FastMaskDecoder.from_sam(mask_decoder, prompt_encoder)
-        crop = fast.prepare(embedding, image_pe)
-        out = fast.predict(sparse)
-    n, c = 64 * 64, 256
-    assert crop.pe.stride() == (n * c, c, 1)
-    heads = mask_decoder.transformer.layers[0].cross_attn_image_to_token.num_heads
-    assert crop.q0.shape == crop.k0.shape == (1, heads, c // 2 // heads, n) and crop.q0.is_contiguous() and crop.k0.is_contiguous()
-    assert torch.allclose(out.masks, ref_masks, atol=1e-4, rtol=1e-4)
 
 
 def test_regions_cover_boxes_with_margin():
