@@ -45,10 +45,9 @@ class PreparedCrop:
     Shapes with n = h * w image tokens: ``image`` (the embedding), ``src`` (embedding + dense
     prompt), ``pe``, ``src_pe`` (``src + pe``): (1, n, 256); ``dense``: the dense prompt, (1, 256, 1, 1)
     or (1, 256, h, w); ``grid``: (h, w); ``calls``: prompt batches served so far. Projected when
-    the crop serves a second box (None before): ``k0`` (1, heads, d, n) and ``v0`` (1, heads, n, d)
-    keys/values of the first token-to-image attention; ``q0``: (1, heads, d, n) queries of the
-    first image-to-token attention (keys and queries stored transposed: each box's product then
-    reads them in place).
+    the crop serves a second box (None before): ``k0``, ``v0``: (1, heads, n, d) keys/values of
+    the first token-to-image attention; ``q0``: (1, heads, d, n) queries of the first
+    image-to-token attention, stored transposed (each box's product then reads them in place).
     """
 
     image: torch.Tensor
@@ -209,17 +208,16 @@ class FastMaskDecoder(nn.Module):
     def _image_side_block0(self, src: torch.Tensor, src_pe: torch.Tensor):
         """Keys/values of block 0's token->image and queries of its image->token attention.
 
-        src, src_pe (``src + pe``): (1 or B, n, C) -> k0: (1 or B, heads, d, n), v0: (1 or B, heads,
-        n, d), q0: (1 or B, heads, d, n), each contiguous, so the per-box products read them in place
-        (transposed views of the projections made batched matmuls copy them every box).
+        src, src_pe (``src + pe``): (1 or B, n, C) -> k0, v0: (1 or B, heads, n, d) (views into one
+        product); q0: (1 or B, heads, d, n), contiguous: the per-box products with the tokens' keys
+        read it in place (a transposed view of the product made batched matmuls copy it every box).
         """
         layer = self.transformer.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         k0, q0 = F.linear(src_pe, self.block0_kq_w, self.block0_kq_b).split([t2i.internal_dim, i2t.internal_dim], dim=-1)
         v0 = t2i.v_proj(src)
-        k0_t = split_heads(k0, t2i.num_heads).transpose(-1, -2).contiguous()
         q0_t = split_heads(q0, i2t.num_heads).transpose(-1, -2).contiguous()
-        return k0_t, split_heads(v0, t2i.num_heads).contiguous(), q0_t
+        return split_heads(k0, t2i.num_heads), split_heads(v0, t2i.num_heads), q0_t
 
     @torch.no_grad()
     def prepare(
@@ -266,21 +264,16 @@ class FastMaskDecoder(nn.Module):
         return 1.0 / math.sqrt(attn.internal_dim // attn.num_heads)
 
     def _tokens_to_shared_image(self, attn: nn.Module, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Token->image attention with keys (1 or B, heads, d, n) and values (1 or B, heads, n, d)
-        already projected. On the CPU written as two products and a softmax over the last dimension:
-        with only B * 7 query rows, scaled_dot_product_attention's CPU kernel took 1.7x as long. GPUs
-        keep it (a batch of 256 boxes would otherwise hold 8 x 1792 x n logits)."""
+        """Token->image attention with keys/values (1 or B, heads, n, d) already projected."""
         heads = attn.num_heads
         q = split_heads(attn.q_proj(q_in), heads)  # (B, heads, T, d)
-        b, _, t, d = q.shape
         if k.shape[0] == 1:  # all boxes share the crop: the boxes' tokens are just more query rows
-            q = q.transpose(0, 1).reshape(1, heads, b * t, d)
-        if q.device.type == "cpu":
-            out = torch.matmul(torch.matmul(q.mul_(self._softmax_scale(attn)), k).softmax(dim=-1), v)
+            b, _, t, d = q.shape
+            rows = q.transpose(0, 1).reshape(1, heads, b * t, d)
+            out = F.scaled_dot_product_attention(rows, k, v)  # (1, heads, B * T, d)
+            out = out.reshape(heads, b, t, d).transpose(0, 1)
         else:
-            out = F.scaled_dot_product_attention(q, k.transpose(-1, -2), v)
-        if k.shape[0] == 1:
-            out = out.view(heads, b, t, d).transpose(0, 1)  # (B, heads, T, d)
+            out = F.scaled_dot_product_attention(q, k, v)
         return attn.out_proj(merge_heads(out))
 
     def _tokens_to_image(self, attn: nn.Module, q_in: torch.Tensor, keys: torch.Tensor, pe: torch.Tensor,
