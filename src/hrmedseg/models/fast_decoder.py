@@ -247,9 +247,9 @@ class FastMaskDecoder(nn.Module):
         dense_rows = dense_embedding.flatten(2).transpose(1, 2)
         src = image.new_empty(image.shape, dtype=torch.result_type(image, dense_rows))  # a bf16 embedding: float32
         torch.add(image, dense_rows, out=src)
-        # Written into a fresh tensor, not .contiguous(): that keeps a size-1 batch dim's odd stride,
-        # and batched products then copy the (n, C) operand on every box.
-        pe = src.new_empty(src.shape, dtype=image_pe.dtype).copy_(image_pe.flatten(2).transpose(1, 2).expand_as(src))
+        # A clone with computed strides, not .contiguous(): that keeps get_dense_pe's size-1 batch
+        # dim's odd stride (256), and batched products then copy the (n, C) operand on every box.
+        pe = image_pe.flatten(2).transpose(1, 2).clone(memory_format=torch.contiguous_format)
         self.crop = PreparedCrop(image, dense_embedding, src, pe, src + pe, (h, w))
         return self.crop
 
